@@ -1,0 +1,43 @@
+r"""Command line: train and evaluate, then write the visual report.
+
+  python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs
+  python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs \
+      --mode=report --config.report.rule=guided
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+flags.DEFINE_enum("mode", "train", ["train", "report", "summary"],
+                  "train: train, evaluate, then write the report; report: rebuild the "
+                  "report from the workdir's latest checkpoint; summary: print the model.")
+config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if FLAGS.mode == "summary":
+    from zfnet_jax import models
+    from zfnet_jax import input_pipeline
+    info = input_pipeline.dataset_info(config)
+    print(models.summary(models.from_config(config.model, info.num_classes),
+                         config.dataset.crop_size, info.channels))
+    return
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required for --mode=train and --mode=report")
+  from zfnet_jax import report, train
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(config, FLAGS.workdir)
+  if config.report.enabled or FLAGS.mode == "report":
+    path = report.write_report(config, FLAGS.workdir)
+    logging.info("report: %s", path)
+    print(f"Report written to {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,278 @@
+"""ZFNet and AlexNet in Flax Linen, exact to the paper's layer table (Fig. 3).
+
+One table (``layer_table``) drives both the forward pass and the receptive
+fields, so the two cannot disagree.  Sizes follow cuda-convnet's rules, which
+reproduce every size in the paper:
+
+  conv output = 1 + ceil((2p + N - k) / s)   (nothing padded top/left beyond p;
+                                              the last window may run past the
+                                              bottom/right edge)
+  pool output = ceil((N - size) / s) + 1     (windows start at 0; ceil mode)
+
+For ZFNet at 224x224: conv1 110, pool1 55, conv2 26, pool2 13, conv3-5 13, pool5 6.
+
+Inputs are NHWC floats (mean-subtracted pixels); conv kernels are HWIO, dense
+kernels (in, out).  ``features`` returns every named activation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zfnet_jax import layers
+
+CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
+FC_NAMES = ("fc6", "fc7")
+REMOVABLE = ("conv3", "conv4", "fc6", "fc7")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One row of the layer table.
+
+  kind: "conv", "pool", "norm", "fc".  For conv/pool: ``kernel``, ``stride``,
+  ``pad`` = (top/left, bottom/right) padding in pixels, ``out`` = output side.
+  """
+  name: str
+  kind: str
+  features: int = 0
+  kernel: int = 1
+  stride: int = 1
+  pad: tuple[int, int] = (0, 0)
+  out: int = 0
+
+
+def conv_out(n: int, kernel: int, stride: int, pad: int) -> tuple[int, tuple[int, int]]:
+  """cuda-convnet convolution: (output size, (pad_lo, pad_hi))."""
+  out = 1 + -(-(2 * pad + n - kernel) // stride)
+  hi = (out - 1) * stride + kernel - n - pad
+  return out, (pad, max(hi, 0))
+
+
+def _init(std):
+  if std is None:
+    return nn.initializers.he_normal()
+  return nn.initializers.normal(stddev=std)
+
+
+class PaperNet(nn.Module):
+  """The family of Fig. 3: 5 conv (+pool/norm) layers and 3 fc layers.
+
+  Attributes:
+    num_classes: size of fc8.
+    conv_features: maps of conv1..conv5.
+    conv1_kernel, conv1_stride, conv1_pad, conv2_kernel, conv2_stride, conv2_pad:
+      the first two layers' geometry (ZFNet 7/2/0 and 5/2/0; AlexNet 11/4/0, 5/1/2).
+    fc_features: width of fc6 and fc7.
+    removed: layers left out (Table 3), any of "conv3", "conv4", "fc6", "fc7".
+    contrast_norm: apply contrast normalisation after pool1 and pool2.
+    dropout_rate: dropout after fc6 and fc7 in training.
+    kernel_init_std: weights ~ N(0, std^2) (paper: 1e-2); None = He normal.
+    rule: backward rule of every ReLU ("backprop", "deconvnet", "guided").
+    norm_rule: backward rule of contrast normalisation ("exact", "identity").
+    dtype: compute dtype (parameters stay float32).
+  """
+  num_classes: int = 1000
+  conv_features: Sequence[int] = (96, 256, 384, 384, 256)
+  conv1_kernel: int = 7
+  conv1_stride: int = 2
+  conv1_pad: int = 0
+  conv2_kernel: int = 5
+  conv2_stride: int = 2
+  conv2_pad: int = 0
+  fc_features: int = 4096
+  removed: Sequence[str] = ()
+  contrast_norm: bool = True
+  dropout_rate: float = 0.5
+  kernel_init_std: float | None = 1e-2
+  rule: str = "backprop"
+  norm_rule: str = "exact"
+  dtype: Any = jnp.float32
+
+  # -- the layer table ------------------------------------------------------
+  def layer_table(self, input_size: int) -> list[LayerSpec]:
+    """Every layer in order with its geometry for a square input of this side."""
+    bad = [r for r in self.removed if r not in REMOVABLE]
+    if bad:
+      raise ValueError(f"cannot remove {bad}; removable layers: {', '.join(REMOVABLE)}")
+    geo = {"conv1": (self.conv1_kernel, self.conv1_stride, self.conv1_pad),
+           "conv2": (self.conv2_kernel, self.conv2_stride, self.conv2_pad),
+           "conv3": (3, 1, 1), "conv4": (3, 1, 1), "conv5": (3, 1, 1)}
+    table, n = [], input_size
+    for name, feats in zip(CONV_NAMES, self.conv_features):
+      if name in self.removed:
+        continue
+      k, s, p = geo[name]
+      n, pad = conv_out(n, k, s, p)
+      if n < 1:
+        raise ValueError(f"input size {input_size} is too small: {name} has no output")
+      table.append(LayerSpec(name, "conv", feats, k, s, pad, n))
+      if name in ("conv1", "conv2", "conv5"):
+        idx = name[-1]
+        hi = layers.ceil_pool_padding(n, 3, 2)
+        n = -(-(n - 3) // 2) + 1 if n >= 3 else 1
+        table.append(LayerSpec(f"pool{idx}", "pool", feats, 3, 2, (0, hi), n))
+        if self.contrast_norm and name != "conv5":
+          table.append(LayerSpec(f"norm{idx}", "norm", feats, 1, 1, (0, 0), n))
+    for name in FC_NAMES:
+      if name not in self.removed:
+        table.append(LayerSpec(name, "fc", self.fc_features))
+    table.append(LayerSpec("logits", "fc", self.num_classes))
+    return table
+
+  # -- forward ----------------------------------------------------------------
+  @nn.compact
+  def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """(N, H, W, C) images -> {layer name: activation}.
+
+    conv*, fc6, fc7 are after their ReLU (fc before dropout); pool*, norm* as
+    named; ``logits`` is fc8's output.  Pool switches are sown into the
+    "switches" collection when it is mutable.
+    """
+    if x.ndim != 4 or x.shape[1] != x.shape[2]:
+      raise ValueError(f"expected square NHWC images (N, S, S, C), got shape {x.shape}")
+    out = {}
+    x = x.astype(self.dtype)
+    for spec in self.layer_table(x.shape[1]):
+      if spec.kind == "conv":
+        pad = (spec.pad, spec.pad)
+        x = nn.Conv(spec.features, (spec.kernel, spec.kernel), (spec.stride, spec.stride),
+                    padding=pad, dtype=self.dtype, kernel_init=_init(self.kernel_init_std),
+                    bias_init=nn.initializers.zeros, name=spec.name)(x)
+        x = layers.relu(x, self.rule)
+      elif spec.kind == "pool":
+        if self.is_mutable_collection("switches"):
+          self.sow("switches", spec.name, layers.pool_switches(x, 3, 2),
+                   reduce_fn=lambda _, b: b, init_fn=lambda: None)
+        x = layers.max_pool(x, 3, 2)
+      elif spec.kind == "norm":
+        x = layers.contrast_norm(x, norm_rule=self.norm_rule)
+      elif spec.name == "logits":
+        x = nn.Dense(spec.features, dtype=self.dtype, kernel_init=_init(self.kernel_init_std),
+                     bias_init=nn.initializers.zeros, name="fc8")(x.reshape(x.shape[0], -1))
+      else:
+        x = nn.Dense(spec.features, dtype=self.dtype, kernel_init=_init(self.kernel_init_std),
+                     bias_init=nn.initializers.zeros, name=spec.name)(x.reshape(x.shape[0], -1))
+        x = layers.relu(x, self.rule)
+        out[spec.name] = x
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        continue
+      out[spec.name] = x
+    return out
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """(N, H, W, C) images -> (N, num_classes) logits."""
+    return self.features(x, train)["logits"]
+
+
+class ZFNet(PaperNet):
+  """ZFNet (Fig. 3): conv1 7x7/2, conv2 5x5/2, dense conv3-5."""
+
+
+class AlexNet(PaperNet):
+  """Single-tower AlexNet as the paper compares: conv1 11x11/4, conv2 5x5/1 pad 2."""
+  conv1_kernel: int = 11
+  conv1_stride: int = 4
+  conv2_kernel: int = 5
+  conv2_stride: int = 1
+  conv2_pad: int = 2
+
+
+class ZFNetLowRes(ZFNet):
+  """ZFNet's topology with smaller widths for low-resolution inputs (the quickstart).
+
+  Sizes at 64x64: conv1 30, pool1 15, conv2 6, pool2 3, conv3-5 3, pool5 1.
+  """
+  conv_features: Sequence[int] = (32, 64, 96, 96, 64)
+  fc_features: int = 256
+  kernel_init_std: float | None = None
+
+
+class AlexNetLowRes(AlexNet):
+  """AlexNet's topology at the quickstart's size (for Fig. 6 comparisons)."""
+  conv_features: Sequence[int] = (32, 64, 96, 96, 64)
+  fc_features: int = 256
+  kernel_init_std: float | None = None
+
+
+MODELS: dict[str, Callable[..., PaperNet]] = {
+    "ZFNet": ZFNet, "AlexNet": AlexNet,
+    "ZFNetLowRes": ZFNetLowRes, "AlexNetLowRes": AlexNetLowRes,
+}
+
+
+def create_model(name: str, **kwargs) -> PaperNet:
+  """Build a model by name (``MODELS``) with constructor overrides."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+  return MODELS[name](**kwargs)
+
+
+def summary(model: PaperNet, input_size: int, channels: int = 3) -> str:
+  """A text table: layer, output shape, parameters."""
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, input_size, input_size, channels))))
+  params = variables["params"]
+  feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, input_size, input_size, channels)),
+                                              method="features"), variables)
+  rows = [f"{'layer':<8} {'output':>18} {'params':>12}"]
+  total = 0
+  for spec in model.layer_table(input_size):
+    pname = "fc8" if spec.name == "logits" else spec.name
+    n = count_params(params.get(pname, {}))
+    total += n
+    rows.append(f"{spec.name:<8} {str(tuple(feats[spec.name].shape[1:])):>18} {n:>12,}")
+  rows.append(f"{'total':<8} {'':>18} {total:>12,}")
+  return "\n".join(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceptiveField:
+  """Input-space window of a unit: unit (i, j) sees rows
+  [offset + i * stride, offset + i * stride + size) (and the same for columns),
+  clipped to the image.  ``offset`` is negative where padding lies top/left."""
+  size: int
+  stride: int
+  offset: int
+
+  def window(self, i: int, j: int, input_size: int) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1) of unit (i, j), clipped to the image."""
+    r0, c0 = self.offset + i * self.stride, self.offset + j * self.stride
+    clip = lambda v: min(max(v, 0), input_size)
+    return clip(r0), clip(r0 + self.size), clip(c0), clip(c0 + self.size)
+
+
+def receptive_fields(model: PaperNet, input_size: int) -> dict[str, ReceptiveField]:
+  """Receptive field of every spatial layer, from the layer table.
+
+  Composition rule per layer (kernel k, stride s, top/left pad p):
+  size += (k - 1) * jump; offset -= p * jump; jump *= s.
+  """
+  size, jump, offset, out = 1, 1, 0, {}
+  for spec in model.layer_table(input_size):
+    if spec.kind == "fc":
+      break
+    if spec.kind in ("conv", "pool"):
+      size += (spec.kernel - 1) * jump
+      offset -= spec.pad[0] * jump
+      jump *= spec.stride
+    out[spec.name] = ReceptiveField(size, jump, offset)
+  return out
+
+
+def count_params(tree) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def from_config(model_config, num_classes: int) -> PaperNet:
+  """Build the model a ``config.model`` section describes."""
+  kwargs = dict(model_config)
+  name = kwargs.pop("name")
+  kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
+  kwargs["conv_features"] = tuple(kwargs["conv_features"])
+  kwargs["removed"] = tuple(kwargs["removed"])
+  return create_model(name, num_classes=num_classes, **kwargs)
