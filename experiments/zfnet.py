@@ -1,20 +1,59 @@
-r"""ZFNet (Fig. 3) on ImageNet 2012 with the paper's recipe (Sec. 3).
+r"""ZFNet (Fig. 3) on ImageNet 2012 with the paper's recipe (Sec. 3), and its Table 2/3 rows.
 
-Command:
+Command (default row; pick a variant with ``experiments/zfnet.py:VARIANT``):
   python -m zfnet_jax.main --config=experiments/zfnet.py --workdir=/tmp/zfnet \
       --config.dataset.data_dir=$HOME/tensorflow_datasets
-Variants: --config=experiments/zfnet.py:VARIANT (see VARIANTS below).
+  python -m zfnet_jax.main --config=experiments/zfnet.py:fc8192 --workdir=/tmp/zfnet_fc8192
 
 Needs the ImageNet tarballs in <data_dir>/downloads/manual (see README).
 Expected runtime: ~12 days on one GTX580 (paper); ~1 day on 8 modern GPUs.
-Expected result (paper Table 2, one net): val top-1 error 38.4%, top-5 16.5%.
+
+Variants and the paper's numbers they should reproduce, as error %
+(train top-1 / val top-1 / val top-5; Table 3, Table 2 for the test column):
+
+  variant             change                               paper
+  ""  (default)       Fig. 3                               33.1 / 38.4 / 16.5   (Table 2: val 38.4 / 16.5)
+  fc2048              fc6, fc7 = 2048                      38.2 / 40.2 / 17.6
+  fc8192              fc6, fc7 = 8192                      22.0 / 38.8 / 17.0
+  conv512             conv3, 4, 5 = 512 / 1024 / 512       18.8 / 37.5 / 16.0   (Table 2: test top-5 16.1)
+  fc8192_conv512      both of the above                    10.0 / 38.3 / 16.9
+  no_conv34           without conv3, conv4                 not in the paper (AlexNet only)
+  no_fc7              without fc7                          not in the paper (AlexNet only)
+  no_fc67             without fc6, fc7                     not in the paper (AlexNet only)
+  no_conv34_fc67      without conv3, conv4, fc6, fc7       not in the paper (AlexNet only)
+
+Table 2's "5 convnets" / "6 convnets" rows average the softmax outputs of
+several such nets (the default trained with different seeds, plus conv512);
+they are ensembles of these runs, not separate configs.
 """
 from zfnet_jax import configs
 
+# variant -> (config.model overrides, paper's train top-1 / val top-1 / val top-5 error %)
+VARIANTS = {
+    "": ({}, (33.1, 38.4, 16.5)),
+    "fc2048": ({"fc_features": 2048}, (38.2, 40.2, 17.6)),
+    "fc8192": ({"fc_features": 8192}, (22.0, 38.8, 17.0)),
+    "conv512": ({"conv_features": (96, 256, 512, 1024, 512)}, (18.8, 37.5, 16.0)),
+    "fc8192_conv512": ({"fc_features": 8192, "conv_features": (96, 256, 512, 1024, 512)},
+                       (10.0, 38.3, 16.9)),
+    "no_conv34": ({"removed": ("conv3", "conv4")}, None),
+    "no_fc7": ({"removed": ("fc7",)}, None),
+    "no_fc67": ({"removed": ("fc6", "fc7")}, None),
+    "no_conv34_fc67": ({"removed": ("conv3", "conv4", "fc6", "fc7")}, None),
+}
+
 
 def get_config(variant: str = ""):
+  variant = variant.strip()
+  if variant == "default":
+    variant = ""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of experiments/zfnet.py; allowed: "
+                     + ", ".join(repr(v) for v in VARIANTS))
   c = configs.default_config()
   c.model.name = "ZFNet"
   c.dataset.name = "imagenet2012"
   c.dataset.eval_split = "validation"
+  for key, value in VARIANTS[variant][0].items():
+    c.model[key] = value
   return c

@@ -6,3 +6,44 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+
+# -- tiny_workdir (training helper): a small trained ZFNetLowRes run --------------------
+import pytest  # noqa: E402
+
+
+def tiny_config():
+  """ZFNetLowRes with narrow widths on a 1024-image Fashion-MNIST subset (48 steps)."""
+  from zfnet_jax import configs
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.model.conv_features = (8, 16, 16, 16, 16)
+  c.model.fc_features = 32
+  c.model.kernel_init_std = None
+  c.model.dropout_rate = 0.0
+  c.dataset.name = "fashion_mnist_idx"
+  c.dataset.eval_split = "test"
+  c.dataset.resize_size = 72
+  c.dataset.crop_size = 64
+  c.dataset.max_train_examples = 1024
+  c.dataset.max_eval_examples = 256
+  c.batch_size = 64
+  c.num_epochs = 3.0
+  c.learning_rate = 0.02
+  c.schedule = "cosine"
+  c.eval_batch_size = 128
+  c.evolution_epochs = (1, 2, 3)
+  c.evolution_reference_epochs = 0.0
+  c.checkpoint_every_steps = 1000
+  c.log_every_steps = 16
+  c.report.enabled = False
+  return c
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+  """Path of a workdir with a finished tiny run: checkpoints at epochs 1, 2, 3, results.json."""
+  from zfnet_jax import train
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  train.train_and_evaluate(tiny_config(), workdir)
+  return workdir

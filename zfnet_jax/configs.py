@@ -39,6 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.on_corrupt = "skip"        # folder datasets: "skip" (and count) or "stop"
   c.dataset.shuffle_buffer = 10_000
   c.dataset.prefetch = 2
+  # (training helper) subsets, mean, folder split
+  c.dataset.max_train_examples = -1    # > 0: use only the first N training examples
+  c.dataset.max_eval_examples = -1     # > 0: evaluate on the first N examples only
+  c.dataset.mean_max_examples = -1     # > 0: per-pixel mean over the first N training images
+  c.dataset.folder_eval_fraction = 0.1 # folder without an <eval_split>/ sub-folder: hold out this
 
   # -- optimisation (zfnet_jax.train) ----------------------------------------
   c.batch_size = 128                   # global batch, divided over all devices
@@ -63,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.evolution_epochs = (1, 2, 5, 10, 20, 30, 40, 64)  # kept for Fig. 4; scaled to the run
+  c.evolution_reference_epochs = 70.0  # evolution_epochs are for a run this long (paper: 70);
+                                       # scaled by num_epochs / this. 0 = use them as given
   c.restore_path = ""                  # explicit checkpoint to start from ("" = resume workdir)
   c.log_every_steps = 100
   c.distributed = False                # call jax.distributed.initialize()
@@ -78,4 +85,68 @@ def default_config() -> ml_collections.ConfigDict:
   c.report.max_examples = 10_000       # examples scanned for the top-k (-1 = all)
   c.report.batch_size = 256
   c.report.chunk_size = 64             # projections per batched VJP
+
+  # -- analyses (zfnet_jax.analyses): Sec. 4, Figs. 4-7, Table 1 ------------
+  # Added to the report by report.write_report; sizes in pixels of the model
+  # input; -1 = a default scaled from the paper's 224x224 to dataset.crop_size.
+  c.analyses = ml_collections.ConfigDict()
+  c.analyses.enabled = True
+  c.analyses.split = ""                # images analysed ("" = dataset.eval_split)
+  c.analyses.num_images = 4            # first N examples of the split (occlusion, invariance)
+  c.analyses.image_ids = ()            # or exactly these examples (index in the split)
+  c.analyses.batch_size = 64           # forward passes per jitted batch
+  c.analyses.occlusion = ml_collections.ConfigDict()
+  c.analyses.occlusion.enabled = True
+  c.analyses.occlusion.layer = "conv5"  # map (b)/(c) is this layer's strongest map
+  c.analyses.occlusion.size = -1       # square side (-1: crop_size / 4, 56 at 224)
+  c.analyses.occlusion.stride = -1     # step between square centres (-1: crop_size / 28, 8 at 224)
+  c.analyses.occlusion.fill = -1.0     # square's pixel value 0..255 (-1: training mean = grey)
+  c.analyses.occlusion.chunk_size = 128  # occluded images per forward pass (bounds memory)
+  c.analyses.invariance = ml_collections.ConfigDict()
+  c.analyses.invariance.enabled = True
+  c.analyses.invariance.layers = ("conv1", "fc7")
+  c.analyses.invariance.max_shift = -1.0  # vertical shift range +-px (-1: 60 at 224, scaled)
+  c.analyses.invariance.num_shifts = 13
+  c.analyses.invariance.max_scale = 1.8
+  c.analyses.invariance.num_scales = 9
+  c.analyses.invariance.rotation_step = 10.0  # degrees, 0..360 exclusive
+  c.analyses.correspondence = ml_collections.ConfigDict()
+  c.analyses.correspondence.enabled = True
+  c.analyses.correspondence.boxes = "experiments/correspondence_fashion_mnist.json"
+  c.analyses.correspondence.layers = ("conv5", "fc7")
+  c.analyses.correspondence.repeats = 10   # random-box control repeats (mean +- std)
+  c.analyses.evolution = ml_collections.ConfigDict()
+  c.analyses.evolution.enabled = True
+  c.analyses.evolution.layers = ("conv1", "conv2", "conv3", "conv4", "conv5")
+  c.analyses.evolution.maps = (0, 1, 2, 3, 4, 5)  # channels shown per layer
+  c.analyses.evolution.max_examples = 512  # training examples searched per checkpoint
+  c.analyses.evolution.tensorboard_every_steps = 0  # >0: panels as TensorBoard images
+  c.analyses.evolution.tensorboard_maps = (0, 1, 2, 3)
+  c.analyses.diagnostics = ml_collections.ConfigDict()
+  c.analyses.diagnostics.enabled = True
+  c.analyses.diagnostics.dead_threshold = 0.05  # dead: filter RMS < this x the largest RMS
+  c.analyses.diagnostics.fft_size = 32          # filters zero-padded to this for spectra
+  c.analyses.diagnostics.high_freq = 0.25       # cycles/px: "high" spatial frequency
+  c.analyses.diagnostics.train_comparison = False  # train the other model (AlexNet<->ZFNet)
+  c.analyses.diagnostics.comparison_epochs = -1.0  # its epochs (-1: same as this run)
+  c.analyses.diagnostics.comparison_workdir = ""   # "" = <workdir>/comparison_<model>
+
+  # -- transfer (zfnet_jax.transfer): Sec. 5.2 transfer and Table 7 probes ----
+  c.transfer = ml_collections.ConfigDict()
+  c.transfer.source_workdir = ""       # trained model to transfer ("" = the run's own workdir)
+  c.transfer.dataset = "digits"        # digits (scikit-learn's, offline) | caltech101 | voc2012
+  c.transfer.data_dir = ""             # TFDS data_dir for caltech101 / voc2012 ("" = default)
+  c.transfer.train_per_class = (15, 30)  # training images per class (single-label datasets)
+  c.transfer.test_per_class = 50       # at most this many test images per class
+  c.transfer.folds = 5                 # random train/test splits; mean +- std over them
+  c.transfer.layers = (1, 2, 3, 4, 5, 6, 7)  # probed layers (outputs: norm1 norm2 conv3 conv4 pool5 fc6 fc7)
+  c.transfer.pool_grid = 3             # conv outputs: max over a g x g grid of regions
+  c.transfer.classifiers = ("svm", "softmax")  # LinearSVC and multinomial logistic regression
+  c.transfer.svm_c = 0.1               # LinearSVC C (on standardised features)
+  c.transfer.softmax_c = 0.1           # LogisticRegression C (inverse L2 strength)
+  c.transfer.batch_size = 128          # feature extraction batch
+  c.transfer.scratch_steps = 300       # from-scratch control: SGD steps (0 = skip the control)
+  c.transfer.scratch_batch_size = 32
+  c.transfer.scratch_flip = True       # random horizontal flips (off for digits)
+  c.transfer.scratch_learning_rate = 1e-3  # 1e-2 collapses to one class on 0..255 inputs in 300 steps
   return c

@@ -24,6 +24,7 @@ All arrays are NHWC.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Sequence
 
 import jax
@@ -84,36 +85,110 @@ def relu(x: jax.Array, rule: str = "backprop") -> jax.Array:
 def ceil_pool_padding(n: int, window: int, stride: int) -> int:
   """Bottom/right padding for cuda-convnet's ceil-mode pooling of ``n`` pixels.
 
-  Output size is ceil((n - window) / stride) + 1 with windows starting at 0.
+  Output size is max(ceil((n - window) / stride) + 1, 1) with windows starting
+  at 0 (an input smaller than the window gives one output).
   """
-  out = -(-(n - window) // stride) + 1
+  out = max(-(-(n - window) // stride) + 1, 1)
   return max((out - 1) * stride + window - n, 0)
 
 
-def _window_stack(x, window, stride, pad_hi):
-  """All window offsets as a leading axis: (window*window, N, Ho, Wo, C).
+def _pool_geometry(shape, window_dimensions, window_strides, padding):
+  """Output shape and row-major list of window offsets of a max-pool."""
+  if not (len(shape) == len(window_dimensions) == len(window_strides) == len(padding)):
+    raise ValueError(f"max-pool of a rank-{len(shape)} array needs {len(shape)} window "
+                     f"dimensions, strides and paddings; got {window_dimensions}, "
+                     f"{window_strides}, {padding}")
+  if any(lo < 0 or hi < 0 for lo, hi in padding):
+    raise ValueError(f"negative max-pool padding {padding} is not supported")
+  out = tuple((n + lo + hi - w) // s + 1
+              for n, w, s, (lo, hi) in zip(shape, window_dimensions, window_strides, padding))
+  if any(o < 1 for o in out):
+    raise ValueError(f"max-pool window {window_dimensions} with padding {padding} does not "
+                     f"fit an input of shape {shape}")
+  return out, list(itertools.product(*(range(w) for w in window_dimensions)))
+
+
+def _window_stack(x, window_dimensions, window_strides, padding):
+  """Every window offset as a leading axis: (prod(window), *out_shape).
 
   Offsets are enumerated in row-major order, so argmax over axis 0 breaks ties
-  by the first maximum in row-major order within the window.
+  by the first maximum in row-major order within the window.  Padding holds
+  -inf and is never chosen (unless a whole window is padding).
   """
-  x = jnp.pad(x, ((0, 0), (0, pad_hi[0]), (0, pad_hi[1]), (0, 0)),
-              constant_values=-jnp.inf)
-  h, w = x.shape[1], x.shape[2]
-  ho = (h - window) // stride + 1
-  wo = (w - window) // stride + 1
-  views = []
-  for di in range(window):
-    for dj in range(window):
-      views.append(lax.slice(
-          x, (0, di, dj, 0),
-          (x.shape[0], di + (ho - 1) * stride + 1, dj + (wo - 1) * stride + 1, x.shape[3]),
-          (1, stride, stride, 1)))
+  out, offsets = _pool_geometry(x.shape, window_dimensions, window_strides, padding)
+  x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in padding])
+  views = [lax.slice(x, off, [o + (n - 1) * s + 1 for o, n, s in zip(off, out, window_strides)],
+                     window_strides) for off in offsets]
   return jnp.stack(views)
 
 
-def _pool_pads(x, window, stride):
-  return (ceil_pool_padding(x.shape[1], window, stride),
-          ceil_pool_padding(x.shape[2], window, stride))
+def general_unpool(r: jax.Array, switches: jax.Array, in_shape: Sequence[int],
+                   window_dimensions: Sequence[int], window_strides: Sequence[int],
+                   padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """Put each value of ``r`` back at its switch (index of a row-major window offset).
+
+  Values of overlapping windows that chose the same input add up (as the VJP
+  does).  Returns an array of ``in_shape``; what lands on padding is dropped.
+  """
+  out_shape, offsets = _pool_geometry(tuple(in_shape), window_dimensions, window_strides,
+                                      padding)
+  padded = [n + lo + hi for n, (lo, hi) in zip(in_shape, padding)]
+  zero = jnp.zeros((), r.dtype)
+  out = jnp.zeros(padded, r.dtype)
+  for k, off in enumerate(offsets):
+    part = jnp.where(switches == k, r, zero)
+    # Dilate by the stride (interior padding) and shift to the offset.
+    out = out + lax.pad(part, zero, [(o, p - o - (n - 1) * s - 1, s - 1) for o, p, n, s in
+                                     zip(off, padded, out_shape, window_strides)])
+  return lax.slice(out, [lo for lo, _ in padding],
+                   [lo + n for n, (lo, _) in zip(in_shape, padding)])
+
+
+def _tuple_padding(padding):
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def general_max_pool(x: jax.Array, window_dimensions: tuple[int, ...],
+                     window_strides: tuple[int, ...],
+                     padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """``lax.reduce_window`` max (-inf padding) whose VJP unpools through the switches.
+
+  Any rank and layout; no base or window dilation.  Ties: first maximum in
+  row-major order within the window.  The arguments after ``x`` must be tuples.
+  """
+  return lax.reduce_window(x, -jnp.inf, lax.max, window_dimensions,
+                           window_strides, padding)
+
+
+def _general_max_pool_fwd(x, window_dimensions, window_strides, padding):
+  stack = _window_stack(x, window_dimensions, window_strides, padding)
+  switches = jnp.argmax(stack, axis=0).astype(jnp.int32)
+  # A zero-size array carries the input shape (residuals must be arrays).
+  return jnp.max(stack, axis=0), (switches, jnp.zeros((0,) + x.shape, x.dtype))
+
+
+def _general_max_pool_bwd(window_dimensions, window_strides, padding, res, r):
+  switches, shape_carrier = res
+  return (general_unpool(r, switches, shape_carrier.shape[1:], window_dimensions,
+                         window_strides, padding),)
+
+
+general_max_pool.defvjp(_general_max_pool_fwd, _general_max_pool_bwd)
+
+
+def _nhwc_pool_args(shape, window, stride):
+  ph, pw = (ceil_pool_padding(shape[1], window, stride),
+            ceil_pool_padding(shape[2], window, stride))
+  return (1, window, window, 1), (1, stride, stride, 1), ((0, 0), (0, ph), (0, pw), (0, 0))
+
+
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+  """Ceil-mode (cuda-convnet) max-pool; the VJP unpools through the switches.
+
+  (N, H, W, C) -> (N, max(ceil((H - window) / stride) + 1, 1), ..., C).
+  """
+  return general_max_pool(x, *_nhwc_pool_args(x.shape, window, stride))
 
 
 def pool_switches(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
@@ -126,8 +201,8 @@ def pool_switches(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
     the first maximum (row-major) in each window.  ``switch_positions`` turns
     these into input coordinates.
   """
-  return jnp.argmax(_window_stack(x, window, stride, _pool_pads(x, window, stride)),
-                    axis=0).astype(jnp.int32)
+  stack = _window_stack(x, *_nhwc_pool_args(x.shape, window, stride))
+  return jnp.argmax(stack, axis=0).astype(jnp.int32)
 
 
 def switch_positions(switches: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
@@ -145,47 +220,8 @@ def unpool(r: jax.Array, switches: jax.Array, in_shape: Sequence[int],
   Overlapping windows that chose the same input add up (as the VJP does).
   Returns an array of ``in_shape`` (N, H, W, C).
   """
-  n, h, w, c = in_shape
-  ho, wo = r.shape[1], r.shape[2]
-  hp, wp = (ho - 1) * stride + window, (wo - 1) * stride + window
-  out = jnp.zeros((n, hp, wp, c), r.dtype)
-  zero = jnp.zeros((), r.dtype)
-  for k in range(window * window):
-    di, dj = divmod(k, window)
-    part = jnp.where(switches == k, r, zero)
-    # Dilate by the stride (interior padding) and shift to offset (di, dj).
-    out = out + lax.pad(part, zero, ((0, 0, 0),
-                                     (di, hp - di - ((ho - 1) * stride + 1), stride - 1),
-                                     (dj, wp - dj - ((wo - 1) * stride + 1), stride - 1),
-                                     (0, 0, 0)))
-  return out[:, :h, :w, :]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
-  """Ceil-mode (cuda-convnet) max-pool; the VJP unpools through the switches.
-
-  (N, H, W, C) -> (N, ceil((H - window) / stride) + 1, ..., C).
-  """
-  ph, pw = _pool_pads(x, window, stride)
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1),
-                           (1, stride, stride, 1),
-                           ((0, 0), (0, ph), (0, pw), (0, 0)))
-
-
-def _max_pool_fwd(x, window, stride):
-  stack = _window_stack(x, window, stride, _pool_pads(x, window, stride))
-  switches = jnp.argmax(stack, axis=0).astype(jnp.int32)
-  y = jnp.max(stack, axis=0)
-  return y, (switches, jnp.zeros((0,) + x.shape, x.dtype))
-
-
-def _max_pool_bwd(window, stride, res, r):
-  switches, shape_carrier = res
-  return (unpool(r, switches, shape_carrier.shape[1:], window, stride),)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+  return general_unpool(r, switches, tuple(in_shape),
+                        *_nhwc_pool_args(tuple(in_shape), window, stride))
 
 
 # ----------------------------------------------------------------------------

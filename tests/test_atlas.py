@@ -1,0 +1,220 @@
+"""The feature atlas against independent references: a NumPy sort over every
+activation, receptive fields found by perturbing pixels, and deconv.project."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zfnet_jax import atlas, deconv, figures, models
+
+S = 64  # ZFNetLowRes at 64x64: conv1 30, pool1 15, conv2 6, pool2 3, conv3-5 3, pool5 1
+
+
+def _model(**kw):
+  kw = dict(num_classes=3, conv_features=(4, 6, 8, 8, 6), fc_features=8) | kw
+  return models.ZFNetLowRes(**kw)
+
+
+def _init(model, seed=0):
+  return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, S, S, 1)))
+
+
+def _batches(images, ids, labels, batch_size):
+  """Like input_pipeline.create_eval_iterator: last batch padded, mask False."""
+  for s in range(0, len(ids), batch_size):
+    x, i, l = images[s:s + batch_size], ids[s:s + batch_size], labels[s:s + batch_size]
+    pad = batch_size - len(i)
+    yield {"image": np.concatenate([x, np.full((pad,) + x.shape[1:], 1e4, np.float32)]),
+           "id": np.concatenate([i, -np.ones(pad, np.int64)]),
+           "label": np.concatenate([l, np.zeros(pad, np.int32)]),
+           "mask": np.arange(batch_size) < len(i)}
+
+
+@pytest.fixture(scope="module")
+def data():
+  """21 images with shuffled ids (not ascending in a batch), one exact duplicate."""
+  rng = np.random.default_rng(0)
+  images = rng.normal(0, 50, (21, S, S, 1)).astype(np.float32)
+  images[7] = images[2]                       # a tie across two examples
+  ids = rng.permutation(np.arange(100, 121))
+  labels = rng.integers(0, 3, 21).astype(np.int32)
+  return images, ids, labels
+
+
+def _brute_top_k(feats, ids, k):
+  """NumPy: every (value, id, row, col) of each map, sorted by (-value, id, row*W+col)."""
+  n, h, w, c = feats.shape
+  vals = feats.transpose(3, 0, 1, 2).reshape(c, -1)
+  eid = np.repeat(ids, h * w)
+  pos = np.tile(np.arange(h * w), n)
+  out_v, out_i, out_p = [], [], []
+  for ch in range(c):
+    order = np.lexsort((pos, eid, -vals[ch]))[:k]
+    out_v.append(vals[ch][order])
+    out_i.append(eid[order])
+    out_p.append(np.stack([pos[order] // w, pos[order] % w], -1))
+  return np.array(out_v), np.array(out_i), np.array(out_p)
+
+
+def test_streaming_top_k_equals_brute_force_sort(data):
+  images, ids, labels = data
+  model = _model()
+  variables = _init(model)
+  # conv2 map 0 dead (all zeros): its top-k is decided by the tie rule alone.
+  params = jax.tree_util.tree_map(np.array, variables["params"])
+  params["conv2"]["bias"][0] = -1e4
+  variables = {"params": params}
+  layers = ("conv1", "conv2", "pool2", "conv5")
+  result = atlas.scan(model, variables, _batches(images, ids, labels, 8), layers=layers, k=9,
+                      progress=False)
+  assert result.num_examples == 21
+  feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, images)
+  for layer in layers:
+    v, i, p = _brute_top_k(np.asarray(feats[layer]), ids, 9)
+    got = result.topk[layer]
+    np.testing.assert_array_equal(got.ids, i, err_msg=layer)
+    np.testing.assert_array_equal(got.positions, p, err_msg=layer)
+    np.testing.assert_allclose(got.values, v, rtol=1e-5, atol=1e-5, err_msg=layer)
+  dead = result.topk["conv2"]
+  assert np.all(dead.values[0] == 0)
+  np.testing.assert_array_equal(dead.ids[0], np.full(9, 100))  # the lowest id, then
+  np.testing.assert_array_equal(dead.positions[0], [divmod(p, 6) for p in range(9)])  # row-major
+  # More slots than candidates: pool5 is 1x1, so 21 units fill k = 25, the rest are empty.
+  r = atlas.scan(model, variables, _batches(images, ids, labels, 8), layers=["pool5"], k=25,
+                 progress=False)
+  v, i, _ = _brute_top_k(np.asarray(feats["pool5"]), ids, 21)
+  np.testing.assert_array_equal(r.topk["pool5"].ids[:, :21], i)
+  assert np.all(r.topk["pool5"].ids[:, 21:] == -1)
+  assert np.all(r.topk["pool5"].values[:, 21:] == -np.inf)
+
+
+def _perturbation_windows(model, variables, layer):
+  """Brute force receptive fields: with positive weights and inputs every path
+  is active, so a unit changes iff a pixel it sees changes.  Returns
+  {(i, j): (row0, row1, col0, col1)} bounding box of the pixels that move it."""
+  base = np.full((1, S, S, 1), 10.0, np.float32)
+  f = jax.jit(lambda x: model.apply(variables, x, method="features")[layer][..., 0])
+  ref = np.asarray(f(base))[0]
+  hits = []
+  for start in range(0, S * S, 512):
+    pix = np.arange(start, start + 512)
+    x = np.repeat(base, 512, 0)
+    x[np.arange(512), pix // S, pix % S, 0] += 1000.0
+    hits.append(np.abs(np.asarray(f(x)) - ref) > 1e-3)
+  hits = np.concatenate(hits).reshape(S, S, *ref.shape)  # pixel row, col, unit i, j
+  boxes = {}
+  for i in range(ref.shape[0]):
+    for j in range(ref.shape[1]):
+      rows, cols = np.nonzero(hits[:, :, i, j])
+      boxes[(i, j)] = (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
+  return boxes
+
+
+@pytest.fixture(scope="module")
+def positive():
+  """A model whose weights are all positive (no contrast norm): every unit sees its
+  whole receptive field."""
+  model = _model(conv_features=(2, 2, 2, 2, 2), contrast_norm=False)
+  variables = _init(model, 1)
+  params = jax.tree_util.tree_map(lambda w: np.abs(np.asarray(w)) + 0.01, variables["params"])
+  return model, {"params": params}
+
+
+@pytest.mark.parametrize("layer", ["conv1", "pool1", "conv2", "conv5"])
+def test_receptive_field_windows_match_perturbation(positive, layer):
+  model, variables = positive
+  rf = models.receptive_fields(model, S)[layer]
+  for (i, j), box in _perturbation_windows(model, variables, layer).items():
+    assert rf.window(i, j, S) == box, (layer, i, j)
+
+
+@pytest.fixture(scope="module")
+def built(data):
+  model = _model()
+  variables = _init(model, 2)
+  images, ids, labels = data
+  mean = np.full((S, S, 1), 120.0, np.float32)
+  out, result = atlas.build(model, variables, _batches(images, ids, labels, 8), mean,
+                            layers=("conv1", "pool1", "conv2", "conv5"), k=9, num_maps=3,
+                            rule="guided", chunk_size=16, seed=3, progress=False)
+  return model, variables, out, result, dict(zip(ids.tolist(), images)), mean
+
+
+def test_patches_are_the_receptive_field_crops(built, positive):
+  model, _, out, _, by_id, mean = built
+  for layer in ("conv1", "pool1", "conv2"):
+    boxes = _perturbation_windows(*positive, layer)
+    a = out[layer]
+    t = a.patches.shape[2]
+    assert t == models.receptive_fields(model, S)[layer].size  # RF smaller than the image
+    for m in range(len(a.channels)):
+      for u in (0, 4, 8):
+        r0, r1, c0, c1 = boxes[tuple(a.positions[m, u])]
+        expect = np.clip((by_id[int(a.ids[m, u])][r0:r1, c0:c1] + mean[r0:r1, c0:c1]) / 255, 0, 1)
+        tile = a.patches[m, u]
+        # The part outside the image is grey, on the side where the window was clipped.
+        dr = t - (r1 - r0) if r0 == 0 else 0
+        dc = t - (c1 - c0) if c0 == 0 else 0
+        np.testing.assert_allclose(tile[dr:dr + r1 - r0, dc:dc + c1 - c0], expect, atol=1e-6)
+        assert np.sum(tile == 0.5) >= t * t - (r1 - r0) * (c1 - c0)
+  # conv5 sees more than the 64x64 image: its tile is the whole image.
+  a = out["conv5"]
+  assert a.patches.shape[2] == S
+  np.testing.assert_allclose(a.patches[0, 0], np.clip((by_id[int(a.ids[0, 0])] + mean) / 255,
+                                                      0, 1), atol=1e-6)
+
+
+def test_tiles_are_projections_of_the_recorded_units(built, positive):
+  model, variables, out, result, by_id, _ = built
+  for layer in ("conv2", "conv5"):
+    a = out[layer]
+    topk = result.topk[layer]
+    np.testing.assert_array_equal(a.ids, topk.ids[a.channels])
+    boxes = _perturbation_windows(*positive, layer) if layer == "conv2" else None
+    for m, u in [(0, 0), (1, 4), (2, 8)]:
+      c, (i, j) = int(a.channels[m]), a.positions[m, u]
+      proj = deconv.project(model, variables, jnp.asarray(by_id[int(a.ids[m, u])])[None],
+                            layer=layer, channel=c, position=(int(i), int(j)), rule="guided")
+      img = deconv.to_image(proj)[0]
+      if boxes is None:
+        expect = img  # conv5: the whole image
+      else:
+        r0, r1, c0, c1 = boxes[(int(i), int(j))]
+        t = a.projections.shape[2]
+        expect = np.full((t, t, 1), 0.5, np.float32)
+        dr = t - (r1 - r0) if r0 == 0 else 0
+        dc = t - (c1 - c0) if c0 == 0 else 0
+        expect[dr:dr + r1 - r0, dc:dc + c1 - c0] = img[r0:r1, c0:c1]
+        # Nothing of the projection lies outside the receptive field.
+        outside = np.ones(img.shape[:2], bool)
+        outside[r0:r1, c0:c1] = False
+        np.testing.assert_allclose(img[outside], 0.5, atol=1e-6)
+      np.testing.assert_allclose(a.projections[m, u], expect, atol=1e-5)
+      assert a.values[m, u] == pytest.approx(float(topk.values[c, u]))
+    # The panel shows these tiles: left grid projections, right grid patches.
+    panel = figures.atlas_panel(a.projections, a.patches, a.channels)
+    k, t = 9, a.projections.shape[2]
+    s = figures.tile_scale(t)
+    assert figures.panel_origin(0, 0, "projection", t, k) == (figures.LABEL_H, 0)
+    for m, u in [(0, 0), (1, 4), (2, 8)]:
+      for which, tiles in (("projection", a.projections), ("patch", a.patches)):
+        y, x = figures.panel_origin(m, u, which, t, k)
+        shown = panel[y:y + t * s:s, x:x + t * s:s, 0]
+        np.testing.assert_array_equal(shown, np.round(tiles[m, u, :, :, 0] * 255).astype(np.uint8))
+
+
+def test_bad_options_are_rejected_before_work():
+  model = _model()
+  with pytest.raises(ValueError, match="'conv9'.*allowed: conv1"):
+    atlas.check_options(model, S, layers=["conv1", "conv9"], k=9, rule="deconvnet")
+  with pytest.raises(ValueError, match="'fc6'"):
+    atlas.check_options(model, S, layers=["fc6"], k=9, rule="deconvnet")
+  with pytest.raises(ValueError, match="'magic'.*deconvnet"):
+    atlas.check_options(model, S, layers=["conv1"], k=9, rule="magic")
+  with pytest.raises(ValueError, match="top_k.*0"):
+    atlas.check_options(model, S, layers=["conv1"], k=0, rule="deconvnet")
+  with pytest.raises(ValueError, match="num_maps.*-2"):
+    atlas.check_options(model, S, layers=["conv1"], k=9, rule="deconvnet", num_maps=-2)
+  removed = _model(removed=("conv3",))
+  with pytest.raises(ValueError, match="'conv3'"):
+    atlas.check_options(removed, S, layers=["conv3"], k=9, rule="deconvnet")

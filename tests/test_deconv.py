@@ -1,0 +1,390 @@
+"""The deconvnet against an independent NumPy reference (explicit loops), jax.grad,
+and hand-built CNNs in Linen, NNX and pure JAX."""
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from test_layers import np_lrn, np_pool, np_unpool
+from zfnet_jax import deconv, layers, models
+
+SIZE = 64
+
+
+# ----------------------------------------------------------------------------
+# NumPy reference deconvnet of a PaperNet (one image, HWC, float64).
+# ----------------------------------------------------------------------------
+
+def np_conv(x, w, b, s, p):
+  """cuda-convnet convolution: pad p top/left, whatever the last window needs bottom/right."""
+  n, k = x.shape[0], w.shape[0]
+  out = 1 + -(-(2 * p + n - k) // s)
+  hi = max((out - 1) * s + k - n - p, 0)
+  xp = np.pad(x, ((p, hi), (p, hi), (0, 0)))
+  y = np.zeros((out, out, w.shape[3]))
+  for i, j in itertools.product(range(out), range(out)):
+    y[i, j] = np.tensordot(xp[i * s:i * s + k, j * s:j * s + k], w, axes=3) + b
+  return y
+
+
+def np_conv_down(r, w, s, p, n):
+  """The paper's "filter" step: correlate the stride-dilated signal, fully padded,
+  with the flipped filters (in/out channels swapped); crop the top/left padding."""
+  ho, k = r.shape[0], w.shape[0]
+  d = np.zeros(((ho - 1) * s + 1, (ho - 1) * s + 1, r.shape[2]))
+  d[::s, ::s] = r
+  d = np.pad(d, ((k - 1, k - 1), (k - 1, k - 1), (0, 0)))
+  flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)  # (k, k, out, in)
+  full = (ho - 1) * s + k  # rows of the padded input the windows cover
+  g = np.zeros((full, full, w.shape[2]))
+  for i, j in itertools.product(range(full), range(full)):
+    g[i, j] = np.tensordot(d[i:i + k, j:j + k], flipped, axes=3)
+  out = np.zeros((n, n, w.shape[2]))
+  m = min(n, full - p)
+  out[:m, :m] = g[p:p + m, p:p + m]
+  return out
+
+
+def np_relu_down(r, x, rule):
+  return {"backprop": r * (x > 0), "deconvnet": np.maximum(r, 0),
+          "guided": r * (x > 0) * (r > 0)}[rule]
+
+
+def np_forward(params, img, conv_geometry):
+  """Forward of a PaperNet with contrast norm; records every step for the way down.
+
+  Returns (steps, {layer: activation}, {pool: number of windows with a tie}).
+  """
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  steps, acts, ties, x = [], {}, {}, np.asarray(img, np.float64)
+
+  def mark(name, value):
+    acts[name] = value
+    steps.append(("mark", name))
+    return value
+
+  for name, (k, s, pad) in conv_geometry.items():
+    w, b = p[name]["kernel"], p[name]["bias"]
+    steps.append(("conv", x.shape[0], w, s, pad))
+    x = np_conv(x, w, b, s, pad)
+    steps.append(("relu", x))
+    x = mark(name, np.maximum(x, 0))
+    if name in ("conv1", "conv2", "conv5"):
+      i, n = name[-1], x.shape[0]
+      hi = -(-max(n - 3, 0) // 2) * 2 + 3 - n  # ceil mode: the last window fits
+      y, sw = np_pool(x, pad=((0, hi), (0, hi)))
+      ties[f"pool{i}"] = sum(int((x[a * 2:a * 2 + 3, c * 2:c * 2 + 3, ch] == y[a, c, ch]).sum() > 1)
+                             for a, c, ch in itertools.product(*map(range, y.shape)))
+      steps.append(("pool", x.shape, sw))
+      x = mark(f"pool{i}", y)
+      if name != "conv5":
+        y, vjp = np_lrn(x, 2.0, 5, 1e-4, 0.75)
+        steps.append(("norm", vjp))
+        x = mark(f"norm{i}", y)
+  for name, pname in (("fc6", "fc6"), ("fc7", "fc7"), ("logits", "fc8")):
+    w, b = p[pname]["kernel"], p[pname]["bias"]
+    steps.append(("fc", x.shape, w))
+    x = x.reshape(-1) @ w + b
+    if name != "logits":
+      steps.append(("relu", x))
+      x = np.maximum(x, 0)
+    x = mark(name, x)
+  return steps, acts, ties
+
+
+def np_project(steps, acts, layer, channel, position, rule):
+  """Start from the selected activation's value, go down to the pixels."""
+  a = acts[layer]
+  a3 = a.reshape(1, 1, -1) if a.ndim == 1 else a
+  if position is None:
+    position = np.unravel_index(np.argmax(a3[..., channel]), a3.shape[:2])  # first max
+  r = np.zeros_like(a3)
+  r[position[0], position[1], channel] = a3[position[0], position[1], channel]
+  r = r.reshape(a.shape)
+  for step in reversed(steps[:steps.index(("mark", layer))]):
+    kind = step[0]
+    if kind == "relu":
+      r = np_relu_down(r, step[1], rule)
+    elif kind == "conv":
+      _, n, w, s, pad = step
+      r = np_conv_down(r, w, s, pad, n)
+    elif kind == "pool":
+      r = np_unpool(r, step[2], step[1])
+    elif kind == "norm":
+      r = step[1](r.copy())
+    elif kind == "fc":
+      r = (step[2] @ r).reshape(step[1])
+  return r
+
+
+# ----------------------------------------------------------------------------
+# Fixtures: a tiny ZFNet with many ties in its pools.
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def tiny():
+  model = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
+  x = np.array(jax.random.normal(jax.random.PRNGKey(0), (2, SIZE, SIZE, 3)), np.float32)
+  x[0, :, : SIZE // 2] = 0.0  # flat regions -> equal conv outputs -> tied pool windows
+  x[1, 10:40, 20:50] = 0.0
+  variables = model.init(jax.random.PRNGKey(1), jnp.asarray(x))
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  params = jax.tree_util.tree_map(np.copy, params)
+  params["conv1"]["bias"][:] = [0.3, -50.0, 0.0]  # channel 1 dead: all-zero windows
+  params["conv2"]["bias"][:] = [0.0, -50.0, 0.1, 0.0]
+  params["conv5"]["bias"][:] = [0.0, 0.0, -50.0]
+  params["fc6"]["bias"][:] = 0.1
+  params["fc6"]["kernel"][:, 0] = [0.5, 0.7, -0.3]  # fc6 unit 0: on, and its signal gets down
+  variables = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
+  return model, variables, jnp.asarray(x)
+
+
+GEOMETRY = {"conv1": (7, 2, 0), "conv2": (5, 2, 0), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
+            "conv5": (3, 1, 1)}
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+  model, variables, x = tiny()
+  return [np_forward(variables["params"], x[i], GEOMETRY) for i in range(x.shape[0])]
+
+
+def test_reference_forward_matches_model_and_has_ties():
+  model, variables, x = tiny()
+  feats = model.apply(variables, x, method="features")
+  for i, (_, acts, ties) in enumerate(reference()):
+    for name, a in acts.items():
+      np.testing.assert_allclose(feats[name][i], a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-6,
+                                 err_msg=name)
+    assert all(t > 0 for t in ties.values()), ties  # every pool layer has tied windows
+
+
+@pytest.mark.parametrize("rule,layer,channel,position", [
+    ("deconvnet", "conv5", 0, None),
+    ("deconvnet", "pool2", 2, (1, 0)),
+    ("deconvnet", "fc6", 0, None),
+    ("guided", "conv5", 1, None),
+    ("guided", "norm1", 0, (3, 5)),
+    ("backprop", "conv4", 2, None),
+])
+def test_project_matches_numpy_reference(rule, layer, channel, position):
+  model, variables, x = tiny()
+  got = np.asarray(deconv.project(model, variables, x, layer=layer, channel=channel,
+                                  position=position, rule=rule))
+  assert got.shape == x.shape
+  for i, (steps, acts, _) in enumerate(reference()):
+    want = np_project(steps, acts, layer, channel, position, rule)
+    assert np.abs(want).max() > 0, "degenerate test case"
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_backprop_equals_grad_times_value():
+  model, variables, x = tiny()
+  layer, ch, pos = "conv3", 1, (2, 1)
+  got = deconv.project(model, variables, x, layer=layer, channel=ch, position=pos, rule="backprop")
+  for i in range(x.shape[0]):
+    unit = lambda img: model.apply(variables, img[None], method="features")[layer][0, pos[0], pos[1], ch]
+    value, grad = jax.value_and_grad(unit)(x[i])
+    np.testing.assert_allclose(got[i], value * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_starts_from_value_and_is_linear_in_it():
+  model, variables, x = tiny()
+  fn = deconv.deconvnet_transform(
+      lambda img: model.apply(variables, img, method="features")["conv5"], "deconvnet")
+  act, vjp = jax.vjp(fn, x)
+  i, j = 1, 2
+  onehot = jnp.zeros_like(act).at[:, i, j, 0].set(1.0)
+  base = vjp(onehot)[0]
+  for c in (0.5, 2.0, 7.0):
+    np.testing.assert_allclose(vjp(c * onehot)[0], c * base, rtol=1e-5, atol=1e-7)
+  got = deconv.project(model, variables, x, layer="conv5", channel=0, position=(i, j))
+  np.testing.assert_allclose(got, act[:, i, j, 0][:, None, None, None] * base, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_identical_for_all_rules():
+  model, variables, x = tiny()
+  feats = [model.clone(rule=r).apply(variables, x, method="features") for r in layers.RULES]
+  fn = lambda img: model.apply(variables, img, method="features")
+  feats += [deconv.deconvnet_transform(fn, r)(x) for r in layers.RULES]
+  for f in feats[1:]:
+    for name in f:
+      np.testing.assert_array_equal(f[name], feats[0][name])
+
+
+def test_switches_equal_argmax_with_tie_rule():
+  model, variables, x = tiny()
+  sw = deconv.switches(model, variables, x)
+  assert set(sw) == {"pool1", "pool2", "pool5"}
+  for i, (steps, _, _) in enumerate(reference()):
+    pools = [s for s in steps if s[0] == "pool"]
+    for (_, _, want), name in zip(pools, ("pool1", "pool2", "pool5")):
+      np.testing.assert_array_equal(sw[name][i], want, err_msg=name)
+
+
+def test_project_many_matches_project_and_keeps_order():
+  model, variables, x = tiny()
+  imgs = jnp.concatenate([x, x[::-1], x[:1]])  # 5 requests
+  layer = ["conv5", "conv2", "fc6", "conv5", "conv2"]
+  channels = [0, 2, 0, 1, 0]
+  positions = np.array([[1, 1], [0, 2], [0, 0], [2, 0], [5, 5]])
+  got = deconv.project_many(model, variables, imgs, layer=layer, channels=channels,
+                            positions=positions, rule="guided", chunk_size=2)
+  for r in range(5):
+    want = deconv.project(model, variables, imgs[r:r + 1], layer=layer[r], channel=channels[r],
+                          position=tuple(positions[r]), rule="guided")
+    np.testing.assert_allclose(got[r], want[0], rtol=1e-5, atol=1e-7)
+  strongest = deconv.project_many(model, variables, x, layer="conv5", channels=[1, 1])
+  np.testing.assert_allclose(strongest, deconv.project(model, variables, x, layer="conv5", channel=1),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_project_under_jit_and_per_image():
+  model, variables, x = tiny()
+  f = jax.jit(lambda imgs: deconv.project(model, variables, imgs, layer="conv5", channel=1))
+  batched = f(x)
+  for i in range(x.shape[0]):
+    np.testing.assert_allclose(batched[i], f(x[i:i + 1])[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layer="conv9", channel=0), "'conv9'.*conv1.*logits"),
+    (dict(layer="conv1", channel=3), "channel 3 .*'conv1'.*0..2"),
+    (dict(layer="conv1", channel=-1), "channel -1 .*0..2"),
+    (dict(layer="conv5", channel=0, position=(3, 0)), r"\(3, 0\).*3x3.*'conv5'"),
+    (dict(layer="fc6", channel=0, position=(0, 1)), r"\(0, 1\).*'fc6'"),
+    (dict(layer="conv1", channel=0, rule="lrp"), "'lrp'.*backprop, deconvnet, guided"),
+])
+def test_bad_arguments(kwargs, match):
+  model, variables, x = tiny()
+  with pytest.raises(ValueError, match=match):
+    deconv.project(model, variables, x, **kwargs)
+  many = dict(layer=kwargs["layer"], channels=[kwargs["channel"]] * 2,
+              rule=kwargs.get("rule", "deconvnet"))
+  if "position" in kwargs:
+    many["positions"] = [kwargs["position"]] * 2
+  with pytest.raises(ValueError, match=match):
+    deconv.project_many(model, variables, x, **many)
+
+
+def test_to_image_and_receptive_patch():
+  p = np.zeros((2, 4, 4, 1), np.float32)
+  p[0, 1, 2] = -3.0
+  p[0, 0, 0] = 1.5
+  img = deconv.to_image(p)
+  assert img[0, 1, 2, 0] == 0.0 and img[0, 0, 0, 0] == 0.75 and img[0, 3, 3, 0] == 0.5
+  assert (img[1] == 0.5).all()  # an all-zero projection is flat grey
+  model, _, x = tiny()
+  # conv2 at 64 px: field 27 px, stride 8, offset 0; unit (2, 3) sees rows 16..42, cols 24..50.
+  crop = deconv.receptive_patch(model, x, "conv2", (2, 3))
+  np.testing.assert_array_equal(crop, x[:, 16:43, 24:51])
+  # conv3: field 75, offset -16 -> unit (0, 0) sees rows -16..58; outside is filled.
+  crop = deconv.receptive_patch(model, x[0], "conv3", (0, 0), fill=-9.0)
+  assert crop.shape == (75, 75, 3)
+  assert (crop[:16] == -9.0).all() and (crop[:, :16] == -9.0).all()
+  np.testing.assert_array_equal(crop[16:, 16:], x[0, :59, :59])
+  np.testing.assert_array_equal(deconv.receptive_patch(model, x[0], "conv3", (0, 0), clip=True),
+                                x[0, :59, :59])
+
+
+# ----------------------------------------------------------------------------
+# Any CNN: Linen with plain nn.relu / nn.max_pool, NNX, pure JAX.
+# ----------------------------------------------------------------------------
+
+class PlainCNN(nn.Module):
+  """A small CNN written the ordinary way (nn.relu, nn.max_pool ceil-mode padding)."""
+  ours: bool = False  # use zfnet_jax.layers instead (the same function)
+  rule: str = "backprop"
+
+  @nn.compact
+  def __call__(self, x):
+    relu = (lambda v: layers.relu(v, self.rule)) if self.ours else nn.relu
+    pool = ((lambda v: layers.max_pool(v, 3, 2)) if self.ours else
+            (lambda v: nn.max_pool(v, (3, 3), (2, 2), padding=((0, 1), (0, 1)))))
+    x = pool(relu(nn.Conv(4, (5, 5), (2, 2), padding="VALID", name="c1")(x)))  # 14 -> 7
+    x = pool(relu(nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), name="c2")(x)))  # 7 -> 3
+    return {"c2": x, "out": nn.Dense(3, name="d")(x.reshape(x.shape[0], -1))}
+
+
+def _plain_setup():
+  x = np.array(jax.random.normal(jax.random.PRNGKey(2), (3, 32, 32, 3)), np.float32)
+  x[:, :16] = 0.0  # ties
+  v = PlainCNN().init(jax.random.PRNGKey(3), jnp.asarray(x))
+  v = jax.tree_util.tree_map(lambda a: a + 0.05 if a.ndim == 1 else a, v)  # nonzero biases
+  return jnp.asarray(x), v
+
+
+@pytest.mark.parametrize("rule", layers.RULES)
+def test_transform_matches_our_layers_on_linen(rule):
+  x, v = _plain_setup()
+  got = deconv.project_fn(lambda img: PlainCNN().apply(v, img), x, output="c2", channel=2,
+                          rule=rule)
+  ours = lambda img: PlainCNN(ours=True, rule=rule).apply(v, img)["c2"]
+  act, vjp = jax.vjp(ours, x)
+  flat = act[..., 2].reshape(3, -1)
+  k = jnp.argmax(flat, axis=1)
+  ct = jnp.zeros_like(act).at[jnp.arange(3), k // act.shape[2], k % act.shape[2], 2].set(
+      flat[jnp.arange(3), k])
+  np.testing.assert_allclose(got, vjp(ct)[0], rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(got).max()) > 0
+
+
+def test_transform_on_nnx_and_pure_jax():
+  x, v = _plain_setup()
+  p = v["params"]
+  want = deconv.project_fn(lambda img: PlainCNN().apply(v, img), x, output="out", channel=1)
+
+  def pure(img):
+    conv = lambda a, q, s, pad: jax.lax.conv_general_dilated(
+        a, q["kernel"], (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")) + q["bias"]
+    pool = lambda a: jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                           ((0, 0), (0, 1), (0, 1), (0, 0)))
+    a = pool(jnp.maximum(conv(img, p["c1"], 2, "VALID"), 0))
+    a = pool(jax.nn.relu(conv(a, p["c2"], 1, ((1, 1), (1, 1)))))
+    return a.reshape(a.shape[0], -1) @ p["d"]["kernel"] + p["d"]["bias"]
+
+  class NNXCNN(nnx.Module):
+    def __init__(self, rngs):
+      self.c1 = nnx.Conv(3, 4, (5, 5), (2, 2), padding="VALID", rngs=rngs)
+      self.c2 = nnx.Conv(4, 5, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+      self.d = nnx.Linear(45, 3, rngs=rngs)
+
+    def __call__(self, img):
+      a = nnx.max_pool(nnx.relu(self.c1(img)), (3, 3), (2, 2), padding=((0, 1), (0, 1)))
+      a = nnx.max_pool(nnx.relu(self.c2(a)), (3, 3), (2, 2), padding=((0, 1), (0, 1)))
+      return self.d(a.reshape(a.shape[0], -1))
+
+  net = NNXCNN(nnx.Rngs(0))
+  for mod, name in ((net.c1, "c1"), (net.c2, "c2"), (net.d, "d")):
+    mod.kernel.value = p[name]["kernel"]
+    mod.bias.value = p[name]["bias"]
+  for fn in (pure, net):
+    got = deconv.project_fn(fn, x, channel=1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
+  assert float(jnp.abs(want).max()) > 0
+
+
+def test_transform_names_what_it_cannot_handle():
+  x = jnp.ones((1, 8, 8, 2))
+  cases = {
+      "scan": lambda a: jax.lax.scan(lambda c, _: (jax.nn.relu(c), None), a, None, length=2)[0],
+      "cond": lambda a: jax.lax.cond(True, jax.nn.relu, lambda b: b, a),
+      "window_dilation": lambda a: jax.lax.reduce_window(
+          a, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 1, 1, 1), "VALID",
+          window_dilation=(1, 2, 2, 1)),
+      "init value": lambda a: jax.lax.reduce_window(a, 0.0, jax.lax.max, (1, 2, 2, 1),
+                                                    (1, 1, 1, 1), "VALID"),
+  }
+  for match, fn in cases.items():
+    with pytest.raises(deconv.UnsupportedConstructError, match=match):
+      deconv.deconvnet_transform(fn, "deconvnet")(x)
+  # Not a ReLU: max of two variables keeps its gradient (documented).
+  y = deconv.deconvnet_transform(lambda a: jnp.maximum(a, 2 * a), "deconvnet")(x)
+  np.testing.assert_array_equal(y, 2 * x)
+  with pytest.raises(ValueError, match="'nope'"):
+    deconv.deconvnet_transform(jax.nn.relu, "nope")

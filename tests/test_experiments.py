@@ -1,0 +1,80 @@
+"""Every Table 2/3 config builds a model with the hand-computed parameter count."""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from zfnet_jax import models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def hand_count(arch, conv, fc, removed, classes=1000):
+  """Parameters from the paper's layer table, written out by hand.
+
+  Kernels (k*k*in + 1) * out; at 224x224 both nets end conv5/pool5 at 6x6
+  (ZFNet 110-55-26-13-13-13-13-6; AlexNet 55-27-27-13-13-13-13-6).
+  """
+  k1, k2 = (7, 5) if arch == "ZFNet" else (11, 5)
+  kernels = [k1, k2, 3, 3, 3]
+  names = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+  total, cin = 0, 3
+  for name, k, cout in zip(names, kernels, conv):
+    if name in removed:
+      continue
+    total += (k * k * cin + 1) * cout
+    cin = cout
+  fin = 6 * 6 * cin
+  for name in ("fc6", "fc7"):
+    if name in removed:
+      continue
+    total += (fin + 1) * fc
+    fin = fc
+  return total + (fin + 1) * classes
+
+
+def test_default_zfnet_matches_paper_count():
+  assert hand_count("ZFNet", (96, 256, 384, 384, 256), 4096, ()) == 62_357_608
+
+
+CASES = [("zfnet", v) for v in load("zfnet").VARIANTS] + [("alexnet", v) for v in load("alexnet").VARIANTS]
+
+
+@pytest.mark.parametrize("file,variant", CASES)
+def test_variant_parameter_count(file, variant):
+  module = load(file)
+  config = module.get_config(variant)
+  model = models.from_config(config.model, 1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  got = models.count_params(shapes["params"])
+  expected = hand_count(config.model.name, tuple(config.model.conv_features),
+                        config.model.fc_features, tuple(config.model.removed))
+  assert got == expected
+  # The docstring states the paper's numbers of every variant that has them.
+  paper = module.VARIANTS[variant][1]
+  if paper is not None:
+    assert " / ".join(f"{x:.1f}" for x in paper) in module.__doc__
+
+
+def test_variants_change_what_they_say():
+  z = load("zfnet")
+  assert tuple(z.get_config("conv512").model.conv_features) == (96, 256, 512, 1024, 512)
+  assert z.get_config("fc2048").model.fc_features == 2048
+  assert tuple(load("alexnet").get_config("no_conv34_fc67").model.removed) == (
+      "conv3", "conv4", "fc6", "fc7")
+  assert z.get_config().model.name == "ZFNet" and z.get_config().model.fc_features == 4096
+
+
+@pytest.mark.parametrize("file", ["zfnet", "alexnet"])
+def test_unknown_variant_lists_allowed(file):
+  with pytest.raises(ValueError, match=r"unknown variant 'nope'.*allowed:.*fc8192"):
+    load(file).get_config("nope")

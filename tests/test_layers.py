@@ -1,0 +1,146 @@
+"""Layer-level checks of zfnet_jax.layers against NumPy loops and hand derivations."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zfnet_jax import layers
+
+
+def np_pool(x, window=3, stride=2, pad=((0, 0), (0, 0))):
+  """Max-pool of (H, W, C) by explicit loops; (out, switches (Ho, Wo, C, 2)).
+
+  Padding (top/left, bottom/right) is never chosen; ties go to the first
+  maximum in row-major order within the window (strict > while scanning).
+  """
+  h, w, c = x.shape
+  (pt, pb), (pl, pr) = pad
+  ho = (h + pt + pb - window) // stride + 1
+  wo = (w + pl + pr - window) // stride + 1
+  out = np.zeros((ho, wo, c), x.dtype)
+  sw = np.zeros((ho, wo, c, 2), np.int64)
+  for i, j, ch in itertools.product(range(ho), range(wo), range(c)):
+    best, arg = -np.inf, None
+    for di in range(window):
+      for dj in range(window):
+        r, q = i * stride + di - pt, j * stride + dj - pl
+        if 0 <= r < h and 0 <= q < w and x[r, q, ch] > best:
+          best, arg = x[r, q, ch], (r, q)
+    out[i, j, ch] = best
+    sw[i, j, ch] = arg
+  return out, sw
+
+
+def np_unpool(r, sw, shape):
+  out = np.zeros(shape, r.dtype)
+  ho, wo, c = r.shape
+  for i, j, ch in itertools.product(range(ho), range(wo), range(c)):
+    out[sw[i, j, ch, 0], sw[i, j, ch, 1], ch] += r[i, j, ch]
+  return out
+
+
+def tied_input(key, shape):
+  """Random values with many ties: rounded to 1 decimal, a quarter zeroed."""
+  x = np.round(np.asarray(jax.random.normal(key, shape)), 1)
+  x[..., : shape[-3] // 2, : shape[-2] // 2, :] = 0.0
+  return np.maximum(x, 0).astype(np.float32)  # like a ReLU output
+
+
+def test_relu_rules_by_hand():
+  x = jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+  r = jnp.array([1.0, -1.0, 1.0, -1.0, 3.0])
+  want = {"backprop": [0, 0, 0, -1, 3], "deconvnet": [1, 0, 1, 0, 3], "guided": [0, 0, 0, 0, 3]}
+  for rule, expected in want.items():
+    y, vjp = jax.vjp(lambda v: layers.relu(v, rule), x)
+    np.testing.assert_array_equal(y, [0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(vjp(r)[0], expected)
+  with pytest.raises(ValueError, match="'sigmoid'.*backprop, deconvnet, guided"):
+    layers.relu(x, "sigmoid")
+
+
+@pytest.mark.parametrize("size", [7, 8, 15, 2, 1])
+def test_max_pool_ceil_mode_switches_and_unpool(size):
+  x = tied_input(jax.random.PRNGKey(size), (2, size, size, 3))
+  pad_hi = layers.ceil_pool_padding(size, 3, 2)
+  want_out = -(-max(size - 3, 0) // 2) + 1  # ceil((n - 3) / 2) + 1, at least 1
+  y, vjp = jax.vjp(lambda v: layers.max_pool(v, 3, 2), jnp.asarray(x))
+  assert y.shape == (2, want_out, want_out, 3)
+  r = np.asarray(jax.random.normal(jax.random.PRNGKey(9), y.shape), np.float32)
+  got = np.asarray(vjp(jnp.asarray(r))[0])
+  positions = np.asarray(layers.switch_positions(layers.pool_switches(jnp.asarray(x))))
+  for n in range(2):
+    out, sw = np_pool(x[n], pad=((0, pad_hi), (0, pad_hi)))
+    np.testing.assert_array_equal(y[n], out)
+    np.testing.assert_array_equal(positions[n], sw)
+    np.testing.assert_allclose(got[n], np_unpool(r[n], sw, x[n].shape), rtol=1e-6, atol=1e-6)
+  if size >= 7:  # the test must exercise ties: the first window is all zeros
+    assert (x[:, :3, :3] == 0).all()
+
+
+def test_general_max_pool_any_padding_and_layout():
+  """Top/left padding, NCHW layout: values, switches and unpooling vs loops."""
+  x = tied_input(jax.random.PRNGKey(3), (1, 2, 9, 9))  # NCHW, layout only matters for axes
+  dims, strides, pad = (1, 1, 3, 3), (1, 1, 2, 2), ((0, 0), (0, 0), (1, 1), (1, 0))
+  y, vjp = jax.vjp(lambda v: layers.general_max_pool(v, dims, strides, pad), jnp.asarray(x))
+  np.testing.assert_array_equal(
+      y, jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pad))
+  r = np.asarray(jax.random.normal(jax.random.PRNGKey(4), y.shape), np.float32)
+  got = np.asarray(vjp(jnp.asarray(r))[0])
+  for ch in range(2):
+    img = x[0, ch][..., None]
+    out, sw = np_pool(img, pad=((1, 1), (1, 0)))
+    np.testing.assert_array_equal(y[0, ch], out[..., 0])
+    np.testing.assert_allclose(got[0, ch], np_unpool(r[0, ch][..., None], sw, img.shape)[..., 0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_general_max_pool_without_ties_equals_jax_gradient():
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 10, 11, 3))
+  args = ((1, 3, 2, 1), (1, 2, 3, 1), ((0, 0), (2, 1), (1, 1), (0, 0)))
+  f = lambda v: jnp.sum(jnp.sin(layers.general_max_pool(v, *args)))
+  g = lambda v: jnp.sum(jnp.sin(jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, *args)))
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-6)
+
+
+def np_lrn(a, k, n, alpha, beta):
+  """Forward and exact VJP of AlexNet's LRN over the last axis, by loops."""
+  c = a.shape[-1]
+  nb = lambda ch: range(max(0, ch - n // 2), min(c, ch + (n - 1) // 2 + 1))
+  d = np.zeros_like(a)
+  for ch in range(c):
+    d[..., ch] = k + alpha * sum(a[..., q] ** 2 for q in nb(ch))
+  b = a / d ** beta
+
+  def vjp(r):
+    # db_c/da_j = [c == j] d_c^-beta - 2 alpha beta a_c a_j d_c^(-beta-1) [j in nb(c)]
+    g = r * d ** -beta
+    for ch in range(c):
+      for q in nb(ch):
+        g[..., q] -= 2 * alpha * beta * r[..., ch] * a[..., ch] * a[..., q] * d[..., ch] ** (-beta - 1)
+    return g
+  return b, vjp
+
+
+@pytest.mark.parametrize("n", [5, 4])
+def test_contrast_norm_matches_formula_and_hand_vjp(n):
+  a = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (2, 3, 3, 7)), np.float64) * 2
+  k, alpha, beta = 2.0, 0.3, 0.75  # a large alpha so the normalisation matters
+  want, want_vjp = np_lrn(a, k, n, alpha, beta)
+  r = np.asarray(jax.random.normal(jax.random.PRNGKey(7), a.shape), np.float64)
+  for rule in ("exact", "identity"):
+    y, vjp = jax.vjp(lambda v: layers.contrast_norm(v, k, n, alpha, beta, norm_rule=rule),
+                     jnp.asarray(a, jnp.float32))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    expected = want_vjp(r.copy()) if rule == "exact" else r
+    np.testing.assert_allclose(vjp(jnp.asarray(r, jnp.float32))[0], expected, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="'approx'.*exact, identity"):
+    layers.contrast_norm(jnp.asarray(a), norm_rule="approx")
+
+
+def test_ceil_pool_padding():
+  # cuda-convnet sizes of the paper: 110 -> 55, 26 -> 13, 13 -> 6.
+  for n, out in [(110, 55), (26, 13), (13, 6), (3, 1), (2, 1), (1, 1)]:
+    pad = layers.ceil_pool_padding(n, 3, 2)
+    assert (n + pad - 3) // 2 + 1 == out

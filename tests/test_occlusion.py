@@ -1,0 +1,79 @@
+"""Occlusion maps vs a plain Python loop over square positions, and by hand."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zfnet_jax import models
+from zfnet_jax.analyses import occlusion
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = models.ZFNetLowRes(num_classes=5, conv_features=(4, 6, 6, 6, 8), fc_features=16,
+                             dropout_rate=0.0)
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, S, S, 1))
+  variables = {"params": model.init(jax.random.PRNGKey(0), x)["params"]}
+  return model, variables
+
+
+def test_map_equals_python_loop(tiny):
+  model, variables = tiny
+  image = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (S, S, 1))) * 50
+  fill = np.full((S, S, 1), 7.0, np.float32)
+  s = occlusion.Settings(size=12, stride=8, fill=-1, layer="conv5", chunk_size=5)
+  r = occlusion.scan(model, variables, image, 3, s, fill=fill)
+  f0 = model.apply(variables, image[None], method="features")
+  ch = int(np.argmax(np.asarray(f0["conv5"][0]).sum((0, 1))))
+  assert int(r["channel"]) == ch
+  apply = jax.jit(lambda x: model.apply(variables, x, method="features"))
+  n = -(-S // 8)
+  assert r["activation"].shape == (n, n)
+  for i in range(n):
+    for j in range(n):
+      x = image.copy()
+      ci, cj = i * 8 + 4, j * 8 + 4            # cell centre; square [c-6, c+6) clipped
+      x[max(ci - 6, 0):ci + 6, max(cj - 6, 0):cj + 6] = 7.0
+      f = apply(x[None])
+      p = np.asarray(jax.nn.softmax(f["logits"][0]))
+      np.testing.assert_allclose(r["activation"][i, j], np.asarray(f["conv5"][0, ..., ch]).sum(),
+                                 rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(r["prob_true"][i, j], p[3], rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(r["top_prob"][i, j], p.max(), rtol=1e-4, atol=1e-6)
+      assert r["top_class"][i, j] == np.argmax(p)
+
+
+def test_square_lands_where_the_map_says(tiny):
+  # One bright spot on an all-mean (zero) image; zero biases, so occluding the
+  # spot gives an all-zero input -> zero activation and uniform probabilities.
+  model, variables = tiny
+  image = np.zeros((S, S, 1), np.float32)
+  image[20:22, 9:11] = 100.0
+  s = occlusion.Settings(size=6, stride=4, fill=-1, layer="conv5", chunk_size=64)
+  r = occlusion.scan(model, variables, image, 0, s)
+  assert r["activation0"] > 0
+  covered = np.isclose(r["activation"], 0.0)
+  # By hand: cell (i, j) has centre (4i+2, 4j+2), square rows [4i-1, 4i+5).
+  # It covers rows 20..21 only for i = 5 ([19, 25)) and columns 9..10 only for
+  # j = 2 ([7, 13)); i = 4 gives [15, 21) (row 21 left out), j = 3 gives [11, 17).
+  expected = np.zeros_like(covered)
+  expected[5, 2] = True
+  np.testing.assert_array_equal(covered, expected)
+  np.testing.assert_allclose(r["prob_true"][5, 2], 1 / 5, rtol=1e-5)
+
+
+def test_squares_clip_at_border():
+  np.testing.assert_array_equal(occlusion.squares(10, 4, 3), [[0, 3], [2, 6], [5, 9], [8, 10]])
+
+
+def test_bad_settings(tiny):
+  model, variables = tiny
+  with pytest.raises(ValueError, match="conv9"):
+    occlusion.check(occlusion.Settings(8, 4, -1, "conv9", 8), model, S)
+  with pytest.raises(ValueError, match="size 80"):
+    occlusion.check(occlusion.Settings(80, 4, -1, "conv5", 8), model, S)
+  with pytest.raises(ValueError, match=r"\[9\]"):
+    occlusion.scan(model, variables, np.zeros((S, S, 1)), 0,
+                   occlusion.Settings(8, 4, -1, "conv5", 8), channel=9)

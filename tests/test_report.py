@@ -1,0 +1,266 @@
+"""The HTML report: a panel for every conv layer, escaped text, atomic rewrite,
+extra sections, and a real headless Chromium loading it."""
+import html.parser
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from zfnet_jax import configs, models, report
+
+S = 64
+PAYLOAD = "<script>alert(1)</script>"
+CHROMIUM = "/usr/bin/chromium"
+CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+def _config(**report_opts):
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.dataset.name = "folder"
+  c.dataset.folder = f"/data/{PAYLOAD}"
+  c.dataset.eval_split = "test"
+  c.report.update(dict(layers=CONVS, num_maps=3, top_k=9, batch_size=16, chunk_size=32,
+                       max_examples=-1) | report_opts)
+  return c
+
+
+def _batches(n=20, batch_size=16, fail_at=None):
+  rng = np.random.default_rng(0)
+  images = rng.normal(0, 50, (n, S, S, 1)).astype(np.float32)
+  for b, s in enumerate(range(0, n, batch_size)):
+    if b == fail_at:
+      raise RuntimeError("disk on fire")
+    x = images[s:s + batch_size]
+    pad = batch_size - len(x)
+    yield {"image": np.concatenate([x, np.zeros((pad, S, S, 1), np.float32)]),
+           "label": np.arange(s, s + batch_size, dtype=np.int32) % 3,
+           "mask": np.arange(batch_size) < len(x),
+           "id": np.concatenate([np.arange(s, s + len(x)), -np.ones(pad, np.int64)])}
+
+
+def _fake_workdir(path):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for e in (1, 2, 3):
+      for split in ("train", "eval"):
+        f.write(json.dumps({"step": 10 * e, "epoch": e, "split": split, "loss": 2.0 / e,
+                            "top1_error": 0.6 / e, "top5_error": 0.2 / e}) + "\n")
+    f.write('{"step": 40, "epo')  # a line cut short by a kill
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump({"test_top1_error": 0.25, PAYLOAD: {"note": PAYLOAD}}, f)
+  return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  model = models.ZFNetLowRes(num_classes=3, conv_features=(4, 6, 8, 8, 6), fc_features=8)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 1)))
+  mean = np.full((S, S, 1), 120.0, np.float32)
+  workdir = _fake_workdir(str(tmp_path_factory.mktemp("run")))
+  path = report.render_report(_config(), workdir, model, variables, _batches(), mean,
+                              class_names=["shirt", PAYLOAD, "bag"], total=20, progress=False,
+                              extra_sections=False)
+  return model, variables, mean, workdir, path
+
+
+class _Page(html.parser.HTMLParser):
+  """Sections (id -> img srcs), links, scripts and event-handler attributes."""
+
+  def __init__(self):
+    super().__init__()
+    self.sections, self.links, self.scripts, self.handlers, self.current = {}, [], 0, [], None
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    self.handlers += [k for k in attrs if k.lower().startswith("on")]
+    if tag == "section":
+      self.current = attrs["id"]
+      self.sections[self.current] = []
+    elif tag == "img" and self.current:
+      self.sections[self.current].append(attrs["src"])
+    elif tag == "a":
+      self.links.append(attrs.get("href", ""))
+    elif tag == "script":
+      self.scripts += 1
+
+
+def _parse(path):
+  page = _Page()
+  with open(path, encoding="utf-8") as f:
+    page.feed(f.read())
+  return page
+
+
+def test_report_has_a_panel_for_every_conv_layer(setup):
+  *_, path = setup
+  page = _parse(path)
+  for layer in CONVS:
+    srcs = page.sections[f"layer-{layer}"]
+    assert srcs == [f"atlas_{layer}_0.png"]
+    assert f"#layer-{layer}" in page.links  # table of contents
+    img = Image.open(os.path.join(os.path.dirname(path), srcs[0]))
+    assert img.format == "PNG" and min(img.size) > 50
+  for section, src in (("results", "curves.png"), ("filters", "filters_conv1.png")):
+    assert page.sections[section] == [src]
+  assert sorted(os.listdir(os.path.dirname(os.path.dirname(path)))) == [
+      "metrics.jsonl", "report", "results.json"]  # no temporary directories left
+
+
+def test_text_from_data_and_config_is_escaped(setup):
+  *_, path = setup
+  text = open(path, encoding="utf-8").read()
+  assert PAYLOAD not in text
+  assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+  assert text.count("&lt;script&gt;alert(1)") >= 3  # class table, config, results
+  page = _parse(path)
+  assert page.scripts == 0 and page.handlers == []
+  assert "Content-Security-Policy" in text and "default-src 'none'" in text
+  assert "http://" not in text and "https://" not in text
+
+
+def test_bad_options_fail_before_work_and_keep_the_old_report(setup, monkeypatch):
+  model, variables, mean, workdir, path = setup
+  before = open(path).read()
+  consumed = []
+
+  def spy():
+    consumed.append(1)
+    yield from _batches()
+  for opts, match in [(dict(layers=("conv1", "conv6")), "'conv6'.*allowed"),
+                      (dict(rule="magic"), "'magic'"), (dict(num_maps=0), "num_maps.*0"),
+                      (dict(top_k=-3), "top_k.*-3"), (dict(layers=()), "layers")]:
+    with pytest.raises(ValueError, match=match):
+      report.render_report(_config(**opts), workdir, model, variables, spy(), mean,
+                           progress=False, extra_sections=False)
+  with pytest.raises(ValueError, match="'magic'"):  # before looking for a checkpoint
+    report.write_report(_config(rule="magic"), os.path.join(workdir, "missing"))
+  assert not consumed
+  # A failure half-way leaves the previous report as it was, and no temporary files.
+  with pytest.raises(RuntimeError, match="disk on fire"):
+    report.render_report(_config(), workdir, model, variables, _batches(fail_at=0), mean,
+                         progress=False, extra_sections=False)
+  assert open(path).read() == before
+  assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "report", "results.json"]
+
+
+def test_sections_from_analyses_are_rendered_and_their_errors_raised(setup, monkeypatch,
+                                                                      tmp_path):
+  model, variables, mean, _, _ = setup
+  workdir = _fake_workdir(str(tmp_path / "run"))
+  os.makedirs(os.path.join(workdir, "analyses"))
+  Image.new("RGB", (20, 10), (255, 0, 0)).save(os.path.join(workdir, "analyses", "occ.png"))
+  calls = []
+
+  def report_sections(config, wd, m, v):
+    calls.append((wd, m is model))
+    return [report.Section(f"Occlusion {PAYLOAD}", "occlusion", [PAYLOAD],
+                           [("../analyses/occ.png", f"cap {PAYLOAD}"),  # report-relative
+                            ("analyses/occ.png", "workdir-relative")],
+                           [(["a"], [[PAYLOAD]])])]
+  monkeypatch.setitem(sys.modules, "zfnet_jax.analyses",
+                      types.SimpleNamespace(report_sections=report_sections))
+  config = _config(layers=("conv1",), num_maps=2)
+  path = report.render_report(config, workdir, model, variables, _batches(), mean,
+                              progress=False)
+  assert calls == [(workdir, True)]
+  page = _parse(path)
+  assert page.sections["occlusion"] == ["extra/occ.png", "analyses/occ.png"]
+  for rel in page.sections["occlusion"]:
+    assert os.path.isfile(os.path.join(workdir, "report", rel))
+  text = open(path).read()
+  assert PAYLOAD not in text and "#occlusion" in page.links
+
+  def broken(*args):
+    raise KeyError("analysis bug")
+  monkeypatch.setitem(sys.modules, "zfnet_jax.analyses",
+                      types.SimpleNamespace(report_sections=broken))
+  with pytest.raises(KeyError, match="analysis bug"):
+    report.render_report(config, workdir, model, variables, _batches(), mean, progress=False)
+  assert open(path).read() == text
+
+
+def _chromium(*args, timeout=90):
+  return subprocess.run(
+      [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+       "--disable-component-update", "--no-first-run", "--disable-sync", "--mute-audio",
+       *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+_CHECKER = """<script nonce="zfcheck">
+window.__alerts = []; window.alert = function (m) { window.__alerts.push(String(m)); };
+window.addEventListener("load", function () {
+  var r = {alerts: window.__alerts, scripts: document.scripts.length, images: [], sections: []};
+  for (const im of document.images) r.images.push([im.getAttribute("src"), im.naturalWidth]);
+  for (const s of document.querySelectorAll("section")) r.sections.push(s.id);
+  var pre = document.createElement("pre"); pre.id = "zfcheck";
+  var m = "ZF" + "CHECK"; pre.textContent = m + JSON.stringify(r) + m; document.body.appendChild(pre);
+});</script>"""
+
+
+def _browser_check(report_dir, tmp, name, *, keep_csp=True, inject=""):
+  """Open a copy of index.html (with a checker script allowed by a nonce) in
+  headless Chromium; returns what the checker saw after load."""
+  text = open(os.path.join(report_dir, "index.html"), encoding="utf-8").read()
+  if keep_csp:
+    text = text.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-zfcheck';")
+  else:
+    text = text.replace("Content-Security-Policy", "x-no-csp")
+  text = text.replace("<title>", _CHECKER + "<title>", 1)  # after the CSP
+  text = text.replace("</h1>", "</h1>" + inject, 1)
+  page = os.path.join(report_dir, name)
+  with open(page, "w", encoding="utf-8") as f:
+    f.write(text)
+  out = _chromium(f"--user-data-dir={tmp / ('profile-' + name)}", "--virtual-time-budget=10000",
+                  "--dump-dom", f"file://{page}")
+  assert "ZFCHECK" in out.stdout, out.stderr[-2000:]
+  return json.loads(out.stdout.split("ZFCHECK")[1])
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs /usr/bin/chromium")
+def test_report_in_a_real_browser(setup, tmp_path):
+  *_, path = setup
+  report_dir = str(tmp_path / "report")
+  shutil.copytree(os.path.dirname(path), report_dir)
+  seen = _browser_check(report_dir, tmp_path, "check.html")
+  assert seen["alerts"] == [] and seen["scripts"] == 1  # only the checker ran
+  assert len(seen["images"]) == len(CONVS) + 2
+  assert all(w > 0 for _, w in seen["images"]), seen["images"]
+  assert {f"layer-{l}" for l in CONVS} <= set(seen["sections"])
+  # The harness can fail: an unescaped payload without the CSP does run.
+  control = _browser_check(report_dir, tmp_path, "control.html", keep_csp=False,
+                           inject=PAYLOAD)
+  assert control["alerts"] == ["1"]
+  shot = tmp_path / "report.png"
+  _chromium(f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}",
+            "--window-size=1280,2400", "--hide-scrollbars", f"file://{path}")
+  assert Image.open(shot).size == (1280, 2400)
+  if os.environ.get("ZFNET_SCREENSHOT_DIR"):
+    shutil.copy(shot, os.environ["ZFNET_SCREENSHOT_DIR"])
+
+
+@pytest.mark.slow
+def test_report_of_a_trained_run(tiny_workdir):
+  """End to end: --mode=report's path on the training helper's tiny run."""
+  from zfnet_jax import train
+  _, _, config = train.load_trained(tiny_workdir)
+  config.unlock()
+  config.report.update(dict(layers=CONVS + ("pool2",), num_maps=4, max_examples=128,
+                            rule="guided"))
+  path = report.write_report(config, tiny_workdir)
+  assert path == os.path.join(tiny_workdir, "report", "index.html")
+  page = _parse(path)
+  for layer in CONVS + ("pool2",):
+    assert page.sections[f"layer-{layer}"] == [f"atlas_{layer}_0.png"]
+  assert page.sections["results"] == ["curves.png"]
+  text = open(path).read()
+  assert "T-shirt/top" in text  # class names of the run's dataset

@@ -1,0 +1,99 @@
+"""launch/sweep.py: expansion into commands (dry run) and a real two-run sweep."""
+import csv
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from zfnet_jax import sweeps
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "launch" / "sweep.py")
+
+
+def test_grid_zip_product():
+  assert sweeps.grid(a=[1, 2], b=["x", "y"]) == [
+      {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+  assert sweeps.zip_(a=[1, 2], b=[3, 4]) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+  assert sweeps.product([{"a": 1}, {"a": 2}], [{"b": 0}]) == [{"a": 1, "b": 0}, {"a": 2, "b": 0}]
+  with pytest.raises(ValueError, match="equal length"):
+    sweeps.zip_(a=[1], b=[1, 2])
+
+
+def test_dry_run_lists_commands(tmp_path):
+  sweep = tmp_path / "s.py"
+  sweep.write_text(textwrap.dedent("""
+      from zfnet_jax.sweeps import grid, zip_
+      CONFIG = "experiments/quickstart.py"
+      def get_sweep():
+        return (grid(**{"model.fc_features": [64, 128], "config.learning_rate": [0.1]})
+                + zip_(**{"config": ["experiments/alexnet.py:no_fc7"],
+                          "model.removed": [("fc6", "fc7")], "_paper": ["27.4"]}))
+  """))
+  out = subprocess.run([sys.executable, SCRIPT, f"--sweep={sweep}", "--root=/r", "--dry_run",
+                        "--python=py", "--", "--config.num_train_steps=3"],
+                       cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  expected = [
+      "py -m zfnet_jax.main --config=experiments/quickstart.py "
+      "--workdir=/r/fc_features=64__learning_rate=0.1 --config.model.fc_features=64 "
+      "--config.learning_rate=0.1 --config.num_train_steps=3",
+      "py -m zfnet_jax.main --config=experiments/quickstart.py "
+      "--workdir=/r/fc_features=128__learning_rate=0.1 --config.model.fc_features=128 "
+      "--config.learning_rate=0.1 --config.num_train_steps=3",
+      "py -m zfnet_jax.main --config=experiments/alexnet.py:no_fc7 "
+      "--workdir=/r/alexnet-no_fc7__removed=fc6-fc7 "
+      "'--config.model.removed=('\"'\"'fc6'\"'\"', '\"'\"'fc7'\"'\"')' --config.num_train_steps=3",
+  ]
+  assert out.strip().splitlines() == expected
+
+
+def test_table3_sweep_has_every_paper_row(monkeypatch):
+  runs, _ = sweeps.load_sweep(str(ROOT / "experiments" / "table3_sweep.py"))
+  monkeypatch.chdir(ROOT)
+  planned = sweeps.expand(runs, "/r")
+  assert len(planned) == 12            # 7 AlexNet + 5 ZFNet rows of Table 3
+  by_name = {p["name"]: p for p in planned}
+  assert by_name["alexnet-no_conv34_fc67"]["meta"] == {
+      "paper_train_top1": 71.1, "paper_val_top1": 71.3, "paper_val_top5": 50.1}
+  assert by_name["zfnet-fc8192_conv512"]["meta"]["paper_train_top1"] == 10.0
+
+
+def test_bad_sweep_errors(tmp_path, monkeypatch):
+  with pytest.raises(FileNotFoundError, match="nope.py"):
+    sweeps.load_sweep(str(tmp_path / "nope.py"))
+  monkeypatch.chdir(ROOT)
+  with pytest.raises(FileNotFoundError, match="missing.py"):
+    sweeps.expand([{"config": "experiments/missing.py"}], "/r")
+
+
+@pytest.mark.slow
+def test_real_two_run_sweep(tmp_path):
+  pytest.importorskip("zfnet_jax.train")
+  sweep = tmp_path / "s.py"
+  sweep.write_text(textwrap.dedent("""
+      from zfnet_jax.sweeps import grid
+      CONFIG = "experiments/quickstart.py"
+      def get_sweep():
+        return grid(**{"model.fc_features": [8, 16]})
+  """))
+  tiny = ["--config.model.conv_features=(4, 4, 4, 4, 4)", "--config.num_train_steps=2",
+          "--config.batch_size=8", "--config.eval_batch_size=500", "--config.ten_crop_eval=False",
+          "--config.dataset.resize_size=36", "--config.dataset.crop_size=32",
+          "--config.report.enabled=False", "--config.evolution_epochs=()",
+          "--config.log_every_steps=1"]
+  root = tmp_path / "runs"
+  proc = subprocess.run([sys.executable, SCRIPT, f"--sweep={sweep}", f"--root={root}",
+                         "--parallel=2", "--", *tiny], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(root / "summary.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["run"] for r in rows] == ["fc_features=8", "fc_features=16"]
+  assert [r["fc_features"] for r in rows] == ["8", "16"]
+  for r in rows:
+    assert r["status"] == "ok"
+    assert 0.0 <= float(r["top1_error"]) <= 1.0
+  md = (root / "summary.md").read_text()
+  assert md.startswith("| run | fc_features |") and "fc_features=16" in md

@@ -1,0 +1,212 @@
+"""Training: clipping, schedules, data parallelism, exact resume, evaluation, errors."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zfnet_jax import configs, input_pipeline as ip, models, train
+
+from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
+
+
+@pytest.fixture(scope="module")
+def fmnist_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("fm")
+  make_fmnist(d, n_train=64, n_test=23)
+  ip._fashion_mnist.cache_clear()
+  return str(d)
+
+
+def small_config(fmnist_dir, steps=3, batch=8):
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.model.conv_features = (4, 8, 8, 8, 8)
+  c.model.fc_features = 16
+  c.model.kernel_init_std = 0.05
+  c.model.dropout_rate = 0.0
+  c.dataset.name = "fashion_mnist_idx"
+  c.dataset.fashion_mnist_dir = fmnist_dir
+  c.dataset.eval_split = "test"
+  c.dataset.resize_size, c.dataset.crop_size = 36, 32
+  c.dataset.prefetch = 0
+  c.batch_size = batch
+  c.num_train_steps = steps
+  c.learning_rate = 1e-3
+  c.schedule = "constant"
+  c.eval_every_epochs = 0.0
+  c.eval_batch_size = 8
+  c.ten_crop_eval = False
+  c.evolution_epochs = ()
+  c.log_every_steps = 1
+  c.report.enabled = False
+  return c
+
+
+def params_of(workdir):
+  return jax.tree.map(np.asarray, train.load_trained(workdir)[1]["params"])
+
+
+def test_clip_conv_filters_matches_numpy():
+  rng = np.random.default_rng(0)
+  params = {"conv1": {"kernel": rng.normal(0, 0.3, (3, 3, 2, 5)).astype(np.float32),
+                      "bias": np.ones(5, np.float32)},
+            "fc6": {"kernel": rng.normal(0, 1, (4, 3)).astype(np.float32)}}
+  params["conv1"]["kernel"][..., 0] *= 0.01  # one filter inside the radius
+  out = train.clip_conv_filters(params, 0.1)
+  ref = params["conv1"]["kernel"].copy()
+  for o in range(ref.shape[-1]):
+    rms = np.sqrt(np.mean(ref[..., o].astype(np.float64) ** 2))
+    if rms > 0.1:
+      ref[..., o] *= 0.1 / rms
+  np.testing.assert_allclose(out["conv1"]["kernel"], ref, rtol=1e-6)
+  np.testing.assert_array_equal(out["conv1"]["kernel"][..., 0], params["conv1"]["kernel"][..., 0])
+  np.testing.assert_array_equal(out["conv1"]["bias"], params["conv1"]["bias"])
+  np.testing.assert_array_equal(out["fc6"]["kernel"], params["fc6"]["kernel"])
+
+
+def test_reduce_on_plateau_lowers_rate_when_it_should():
+  vals = {"lr_scale": 1.0, "best_error": np.inf, "bad_evals": 0}
+  scales = []
+  for err in (0.5, 0.4, 0.41, 0.40, 0.39, 0.395, 0.42, 0.45, 0.44):
+    vals = train.plateau_update(vals, err, patience=2, factor=0.1)
+    scales.append(vals["lr_scale"])
+  # improvements at 0.5, 0.4, 0.39; two bad evals after 0.4 (0.41, 0.40) -> x0.1;
+  # after 0.39: 0.395, 0.42 -> x0.1; then 0.45, 0.44 -> x0.1.
+  np.testing.assert_allclose(scales, [1, 1, 1, .1, .1, .1, .01, .01, .001])
+
+
+def test_step_schedule():
+  c = configs.default_config()
+  c.schedule, c.step_epochs, c.learning_rate = "step", (2, 3), 0.5
+  fn = train.learning_rate_fn(c, steps_per_epoch=10, total_steps=40)
+  np.testing.assert_allclose([fn(s) for s in (0, 19, 20, 29, 30, 39)],
+                             [.5, .5, .05, .05, .005, .005], rtol=1e-6)
+  c.schedule = "cosine"
+  fn = train.learning_rate_fn(c, 10, 40)
+  np.testing.assert_allclose([fn(0), fn(20), fn(40)], [.5, .25, 0.], atol=1e-6)
+
+
+def test_one_device_equals_four_devices(fmnist_dir, tmp_path):
+  assert len(jax.devices()) == 4
+  c = small_config(fmnist_dir)
+  train.train_and_evaluate(c, str(tmp_path / "one"), devices=jax.devices()[:1])
+  train.train_and_evaluate(c, str(tmp_path / "four"))
+  one, four = params_of(str(tmp_path / "one")), params_of(str(tmp_path / "four"))
+  init = models.from_config(c.model, 10).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
+  moved = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), one, init["params"])
+  assert max(jax.tree.leaves(moved)) > 1e-4   # it trained
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, four)
+
+
+def test_resume_is_exact_and_outputs(fmnist_dir, tmp_path):
+  c = small_config(fmnist_dir, steps=6)
+  c.model.dropout_rate = 0.5      # the dropout key must be restored too
+  c.checkpoint_every_steps = 3
+  c.learning_rate = 1e-2
+  full = str(tmp_path / "full")
+  res = train.train_and_evaluate(c, full)
+  part = str(tmp_path / "part")
+  c3 = small_config(fmnist_dir, steps=3)
+  c3.model.dropout_rate, c3.learning_rate = 0.5, 1e-2
+  train.train_and_evaluate(c3, part)
+  res2 = train.train_and_evaluate(c, part)   # resumes from step 3
+  jax.tree.map(np.testing.assert_array_equal, params_of(full), params_of(part))
+  assert res["steps"] == res2["steps"] == 6
+  # Outputs.
+  for key in ("top1_error", "top5_error", "top1_error_10crop", "top5_error_10crop",
+              "num_eval_examples", "train_seconds", "steps"):
+    assert key in json.load(open(os.path.join(full, "results.json")))
+  assert res["num_eval_examples"] == 23
+  rows = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+  assert {"loss", "top1_error", "top5_error", "learning_rate", "epoch"} <= set(rows[0])
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(full))
+  assert json.load(open(os.path.join(full, "config.json")))["batch_size"] == 8
+
+
+def test_eval_matches_per_example_reference(fmnist_dir, tmp_path):
+  c = small_config(fmnist_dir, steps=2)
+  c.eval_batch_size = 12        # 23 examples: batches of 12 and 11 (+1 padding)
+  c.ten_crop_eval = True
+  wd = str(tmp_path / "wd")
+  res = train.train_and_evaluate(c, wd)
+  assert res["num_eval_examples"] == 23
+  model, variables, _ = train.load_trained(wd)
+  images, labels = ip._fashion_mnist(fmnist_dir, "test")
+  mean = ip.full_pixel_mean(c, wd)
+  wrong1 = wrong1_10 = 0
+  for x, y in zip(images.astype(np.float32), labels):
+    full = np.asarray(jax.image.resize(x, (36, 36, 1), "linear")) - mean
+    crops = [full[t:t + 32, l:l + 32] for t, l in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))]
+    crops += [cr[:, ::-1] for cr in crops]
+    logits = np.asarray(model.apply(variables, np.stack(crops)))
+    wrong1 += int(np.argmax(logits[4]) != y)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    wrong1_10 += int(np.argmax(probs.mean(0)) != y)
+  assert res["top1_error"] == pytest.approx(wrong1 / 23)
+  assert res["top1_error_10crop"] == pytest.approx(wrong1_10 / 23)
+
+
+def test_nan_guard_names_the_step(fmnist_dir, tmp_path):
+  c = small_config(fmnist_dir, steps=5)
+  c.learning_rate = 1e12
+  c.clip_filters = False
+  c.checkpoint_every_steps = 1
+  with pytest.raises(FloatingPointError, match=r"at step \d"):
+    train.train_and_evaluate(c, str(tmp_path / "nan"))
+  for step in train._checkpoint_manager(str(tmp_path / "nan" / "checkpoints"), 1,
+                                        read_only=True).all_steps():
+    p = train.load_trained(str(tmp_path / "nan"), step)[1]["params"]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
+
+
+def test_bad_batch_and_restore_path_are_errors(fmnist_dir, tmp_path):
+  c = small_config(fmnist_dir, batch=6)
+  with pytest.raises(ValueError, match="batch_size=6"):
+    train.train_and_evaluate(c, str(tmp_path / "a"))
+  c = small_config(fmnist_dir)
+  c.restore_path = str(tmp_path / "does_not_exist")
+  with pytest.raises(FileNotFoundError, match="does_not_exist"):
+    train.train_and_evaluate(c, str(tmp_path / "b"))
+  c = small_config(fmnist_dir)
+  c.evolution_epochs = (50,)
+  c.evolution_reference_epochs = 0.0
+  with pytest.raises(ValueError, match="evolution epoch 50"):
+    train.train_and_evaluate(c, str(tmp_path / "c"))
+
+
+def test_tiny_workdir_fixture(tiny_workdir):
+  assert train.evolution_checkpoints(tiny_workdir) == [(1.0, 16), (2.0, 32), (3.0, 48)]
+  model, variables, config = train.load_trained(tiny_workdir)
+  assert isinstance(model, models.ZFNetLowRes) and config.report.enabled is False
+  early = train.load_trained(tiny_workdir, step=16)[1]
+  assert not np.allclose(early["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
+  assert ip.pixel_mean(config, tiny_workdir).shape == (64, 64, 1)
+
+
+def test_mock_imagenet_full_zfnet_train_and_eval_step(tmp_path):
+  import tensorflow_datasets as tfds
+  c = configs.default_config()
+  c.model.name = "ZFNet"
+  c.dataset.name = "imagenet2012"
+  c.dataset.data_dir = str(tmp_path / "tfds")
+  c.dataset.max_eval_examples = 5
+  c.dataset.prefetch = 0
+  c.dataset.shuffle_buffer = 8
+  c.batch_size = 4
+  c.num_train_steps = 1
+  c.eval_batch_size = 4
+  c.eval_every_epochs = 0.0
+  c.ten_crop_eval = False
+  c.evolution_epochs = ()
+  c.report.enabled = False
+  with tfds.testing.mock_data(num_examples=8):
+    res = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert res["steps"] == 1 and res["num_eval_examples"] == 5
+  assert np.isfinite(res["loss"])
+  p = params_of(str(tmp_path / "wd"))
+  assert p["conv1"]["kernel"].shape == (7, 7, 3, 96) and p["fc8"]["kernel"].shape == (4096, 1000)

@@ -1,0 +1,210 @@
+"""Transfer and per-layer probes (zfnet_jax.transfer) against hand-made references."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zfnet_jax import configs, models, transfer
+
+
+def np_grid_max(x, g):
+  """Reference: explicit loops over the adaptive bins [floor(i n/g), ceil((i+1) n/g))."""
+  n, h, w, c = x.shape
+  gh, gw = min(g, h), min(g, w)
+  out = np.zeros((n, gh, gw, c), x.dtype)
+  for i in range(gh):
+    for j in range(gw):
+      r0, r1 = int(np.floor(i * h / gh)), int(np.ceil((i + 1) * h / gh))
+      c0, c1 = int(np.floor(j * w / gw)), int(np.ceil((j + 1) * w / gw))
+      for a in range(n):
+        for k in range(c):
+          out[a, i, j, k] = max(x[a, r, s, k] for r in range(r0, r1) for s in range(c0, c1))
+  return out.reshape(n, -1)
+
+
+def test_grid_max_pool_by_hand():
+  x = np.arange(25, dtype=np.float32).reshape(1, 5, 5, 1)
+  # g=2 on 5: bins rows/cols [0,3) and [2,5) (they overlap at index 2).
+  np.testing.assert_array_equal(transfer.grid_max_pool(jnp.asarray(x), 2), [[12, 14, 22, 24]])
+  # A 1x1 map stays 1x1 however large the grid.
+  np.testing.assert_array_equal(transfer.grid_max_pool(jnp.ones((2, 1, 1, 3)), 3).shape, (2, 3))
+
+
+@pytest.mark.parametrize("shape,g", [((2, 7, 7, 3), 3), ((1, 6, 6, 2), 3), ((1, 2, 2, 2), 3),
+                                     ((2, 11, 11, 1), 4)])
+def test_grid_max_pool_matches_loops(shape, g):
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(transfer.grid_max_pool(jnp.asarray(x), g)),
+                                np_grid_max(x, g))
+
+
+def test_grid_max_pool_matches_torch_adaptive_pool():
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(1).normal(size=(2, 13, 13, 4)).astype(np.float32)
+  ref = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 3)
+  ref = ref.permute(0, 2, 3, 1).numpy().reshape(2, -1)
+  np.testing.assert_array_equal(np.asarray(transfer.grid_max_pool(jnp.asarray(x), 3)), ref)
+
+
+def test_class_folds():
+  labels = np.repeat(np.arange(4), [40, 35, 31, 60])
+  folds = transfer.class_folds(labels, 30, 50, 3, seed=0)
+  assert len(folds) == 3
+  for tr, te in folds:
+    assert not set(tr) & set(te)
+    np.testing.assert_array_equal(np.bincount(labels[tr]), [30, 30, 30, 30])
+    np.testing.assert_array_equal(np.bincount(labels[te]), [10, 5, 1, 30])
+  assert not np.array_equal(folds[0][0], folds[1][0])
+  with pytest.raises(ValueError, match="class 0 has 40 images"):
+    transfer.class_folds(labels, 40, 50, 1)
+
+
+def test_scores_by_hand():
+  y = np.array([0, 0, 0, 0, 1, 1])
+  p = np.array([0, 0, 0, 1, 0, 1])
+  assert transfer.mean_class_accuracy(y, p) == pytest.approx((3 / 4 + 1 / 2) / 2)
+  # AP of class 0 (scores 0.9, 0.8, 0.7, 0.1 for labels 1, 0, 1, 0): (1/1 + 2/3) / 2.
+  labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+  scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.1, 0.9]])
+  ap1 = (1 / 2 + 2 / 3) / 2      # class 1 ranks: 0.9 (neg), 0.3 (pos), 0.2 (pos), 0.1 (neg)
+  assert transfer.mean_average_precision(labels, scores) == pytest.approx(((1 + 2 / 3) / 2 + ap1) / 2)
+
+
+def test_load_digits():
+  d = transfer.load_digits(32, 3)
+  assert d.images.shape == (1797, 32, 32, 3) and d.labels.shape == (1797,)
+  assert d.images.min() >= 0 and d.images.max() <= 255 and d.images.max() > 250
+  assert np.array_equal(d.images[..., 0], d.images[..., 2])
+  # Upsampling keeps the mean brightness: 8x8 values 0..16 -> 0..255.
+  from sklearn.datasets import load_digits
+  raw = load_digits().images[:50] * 255 / 16
+  np.testing.assert_allclose(d.images[:50, ..., 0].mean((1, 2)), raw.mean((1, 2)), rtol=0.05)
+
+
+TINY = dict(num_classes=10, conv_features=(4, 6, 8, 8, 6), fc_features=16)
+
+
+def tiny_model():
+  m = models.ZFNetLowRes(**TINY)
+  v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
+  return m, v
+
+
+def test_layer_names():
+  m, _ = tiny_model()
+  assert transfer.layer_names(m, 32, range(1, 8)) == {
+      1: "norm1", 2: "norm2", 3: "conv3", 4: "conv4", 5: "pool5", 6: "fc6", 7: "fc7"}
+  m2 = m.clone(contrast_norm=False, removed=("conv3", "fc7"))
+  assert transfer.layer_names(m2, 32, range(1, 8)) == {
+      1: "pool1", 2: "pool2", 4: "conv4", 5: "pool5", 6: "fc6"}
+  with pytest.raises(ValueError, match=r"unknown layers \[8\]"):
+    transfer.layer_names(m, 32, [8])
+
+
+def test_extract_features_equal_direct_apply():
+  m, v = tiny_model()
+  x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 1)).astype(np.float32)
+  mean = np.full((32, 32, 1), 100.0, np.float32)
+  names = transfer.layer_names(m, 32, range(1, 8))
+  got = transfer.extract_features(m, v, x, mean, names, 3, batch_size=2)   # uneven last batch
+  ref = m.apply(v, jnp.asarray(x - mean), method="features")
+  for l, name in names.items():
+    r = np.asarray(ref[name])
+    r = np_grid_max(r, 3) if r.ndim == 4 else r
+    np.testing.assert_allclose(got[l], r, rtol=1e-5, atol=1e-5)
+
+
+def small_tc(**kw):
+  tc = configs.default_config().transfer
+  tc.train_per_class = (10,)
+  tc.test_per_class = 20
+  tc.folds = 2
+  tc.scratch_steps = 0
+  tc.update(kw)
+  return tc
+
+
+def digits_subset(n=400):
+  d = transfer.load_digits(32, 1)
+  d.images, d.labels = d.images[:n], d.labels[:n]
+  return d
+
+
+def test_probes_table_and_transfer_consistent():
+  m, v = tiny_model()
+  data = digits_subset()
+  mean = data.images.mean(0)
+  tc = small_tc(layers=(1, 5, 7))
+  header, rows = transfer.probes(m, v, mean, data, tc, 32)
+  assert header[:5] == ["layer", "output", "dims", "svm 10/class (mean class acc %)",
+                        "softmax 10/class (mean class acc %)"]
+  assert [r[:3] for r in rows] == [["1", "norm1", "36"], ["5", "pool5", "6"], ["7", "fc7", "16"]]
+  acc = {r[0]: float(r[3].split(" ± ")[0]) for r in rows}
+  assert acc["1"] > 30.0                  # far above chance (10%) on digits, even untrained
+  assert all(0.0 <= float(r[k].split(" ± ")[0]) <= 100.0 for r in rows for k in (3, 4))
+  assert rows[0][-2:] == ["44.8", "–"] and rows[2][-2:] == ["85.5", "85.4"]
+  # The transfer table's "pretrained" cell is the softmax probe of fc7 on the same folds.
+  theader, trows = transfer.transfer(m, v, mean, data, tc, 32)
+  assert trows[0][1] == rows[2][4]
+  assert trows[1][1] == "not run"
+
+
+def test_scratch_control_and_multilabel():
+  m, v = tiny_model()
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 255, (60, 32, 32, 1)).astype(np.float32)
+  y = (rng.uniform(size=(60, 3)) < 0.4).astype(np.int32)
+  x[y[:, 0] == 1, :16] += 200             # class 0 visible in the top half
+  data = transfer.TargetData(np.clip(x, 0, 255), y, ["a", "b", "c"], multilabel=True,
+                             split=(np.arange(40), np.arange(40, 60)))
+  tc = small_tc(layers=(2, 7), scratch_steps=3, scratch_batch_size=8)
+  header, rows = transfer.transfer(m, v, x.mean(0), data, tc, 32)
+  assert header == ["model", "all (mAP %)"]
+  for r in rows:
+    assert 0.0 <= float(r[1]) <= 100.0
+  header, rows = transfer.probes(m, v, x.mean(0), data, tc, 32)
+  assert header[3:5] == ["svm all (mAP %)", "softmax all (mAP %)"]
+
+
+def test_bad_config_errors():
+  m, v = tiny_model()
+  data = digits_subset(200)
+  with pytest.raises(ValueError, match="unknown classifiers \\['knn'\\]"):
+    transfer.probes(m, v, data.images.mean(0), data, small_tc(classifiers=("knn",)), 32)
+  with pytest.raises(ValueError, match="unknown transfer dataset 'mnist'.*digits"):
+    transfer.load_target(small_tc(dataset="mnist"), 32, 36, 1)
+
+
+@pytest.mark.slow
+def test_probe_table_from_trained_workdir(tmp_path):
+  train = pytest.importorskip("zfnet_jax.train")
+  import importlib.util
+  root = os.path.join(os.path.dirname(__file__), "..", "experiments", "transfer_digits.py")
+  spec = importlib.util.spec_from_file_location("transfer_digits", root)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.conv_features = (4, 4, 4, 4, 4)
+  config.model.fc_features = 8
+  config.num_train_steps = 2
+  config.batch_size = 8
+  config.ten_crop_eval = False
+  config.dataset.max_train_examples = 64
+  config.dataset.max_eval_examples = 64
+  config.evolution_epochs = ()
+  config.report.enabled = False
+  config.transfer.layers = (1, 7)
+  config.transfer.train_per_class = (5,)
+  config.transfer.folds = 1
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  header, rows = transfer.probe_table(config, workdir)
+  assert [r[1] for r in rows] == ["norm1", "fc7"]
+  csv_text = open(os.path.join(workdir, "transfer", "probes.csv")).read()
+  assert csv_text.splitlines()[0].startswith("layer,output,dims")
+  assert os.path.exists(os.path.join(workdir, "transfer", "probes.md"))
+  sections = transfer.report_sections(config, workdir)
+  assert sections[0].tables[0][1] == rows

@@ -1,0 +1,200 @@
+"""Correspondence analysis (paper Sec. 4.3, Table 1).
+
+For images i = 1..N of one class and a part (e.g. left eye), each image is
+occluded at that part's box and eps_i = f_l(x_i) - f_l(x~_i) is the change of
+the layer-l feature vector.  Delta_l = mean over ordered pairs i != j of
+H(sign(eps_i), sign(eps_j)) / D, the normalised Hamming distance (the fraction
+of the D components whose sign differs; sign(0) = 0 is a sign of its own).
+Lower = the part is represented more consistently across images.  The control
+occludes a random box of the same size (the parts' mean size) at an
+independent, uniformly random place in each image, repeated ``repeats`` times.
+
+Table: parts give Delta +- std over the N(N-1) pairs; the random control gives
+the mean +- std of Delta over the repeats (the paper's "+-" is not defined).
+
+Box file (JSON), e.g. ``experiments/correspondence_fashion_mnist.json``:
+  {"dataset": ..., "split": ..., "units": "source_pixels" | "input_pixels" | "input_fraction",
+   "source_size": 28,  # for source_pixels: side of the dataset's own image
+   "boxes": [{"image": <id in split>, "part": <name>, "box": [row0, col0, row1, col1]}, ...]}
+row1/col1 exclusive.  ``source_pixels`` are mapped like the evaluation
+pipeline maps images: resize to ``dataset.resize_size``, centre crop ``crop_size``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+from zfnet_jax.analyses import common
+
+UNITS = ("source_pixels", "input_pixels", "input_fraction")
+
+
+def delta(eps: np.ndarray) -> tuple[float, float]:
+  """eps (N, ...) -> (Delta = mean normalised Hamming distance of signs over pairs i != j, std)."""
+  s = np.sign(np.asarray(eps, np.float64).reshape(len(eps), -1))
+  n = len(s)
+  if n < 2:
+    raise ValueError(f"Delta needs at least 2 images, got {n}")
+  h = (s[:, None, :] != s[None, :, :]).mean(-1)
+  off = h[~np.eye(n, dtype=bool)]
+  return float(off.mean()), float(off.std())
+
+
+def load_boxes(path: str, input_size: int, resize_size: int | None = None) -> dict:
+  """Read a box file -> {"ids": [N], "parts": {part: (N, 4) int input pixels}, **meta}.
+
+  Every part must have a box in every image.
+  """
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if not os.path.exists(path) and not os.path.isabs(path) and \
+      os.path.exists(os.path.join(repo, path)):
+    path = os.path.join(repo, path)      # relative paths also work from outside the repo
+  if not os.path.exists(path):
+    raise ValueError(f"correspondence box file {path!r} does not exist")
+  with open(path) as f:
+    doc = json.load(f)
+  units = doc.get("units", "input_pixels")
+  if units not in UNITS:
+    raise ValueError(f"unknown box units {units!r} in {path}; allowed: {', '.join(UNITS)}")
+  entries = doc.get("boxes", [])
+  ids = list(dict.fromkeys(int(e["image"]) for e in entries))
+  parts = list(dict.fromkeys(str(e["part"]) for e in entries))
+  if len(ids) < 2 or not parts:
+    raise ValueError(f"{path}: need boxes in at least 2 images, got images {ids}, parts {parts}")
+  table = {p: {} for p in parts}
+  for e in entries:
+    box = np.asarray(e["box"], np.float64)
+    if box.shape != (4,):
+      raise ValueError(f"{path}: box {e['box']} of image {e['image']} is not [row0, col0, row1, col1]")
+    if units == "source_pixels":
+      src = float(doc["source_size"])
+      scale = (resize_size or input_size) / src
+      box = box * scale - ((resize_size or input_size) - input_size) / 2.0
+    elif units == "input_fraction":
+      box = box * input_size
+    box = np.clip(np.round(box), 0, input_size).astype(int)
+    if box[2] <= box[0] or box[3] <= box[1]:
+      raise ValueError(f"{path}: box {e['box']} of image {e['image']} is empty in the "
+                       f"{input_size}x{input_size} input")
+    table[str(e["part"])][int(e["image"])] = box
+  for p in parts:
+    missing = [i for i in ids if i not in table[p]]
+    if missing:
+      raise ValueError(f"{path}: part {p!r} has no box in images {missing}")
+  meta = {k: v for k, v in doc.items() if k != "boxes"}
+  return dict(meta, ids=ids, parts={p: np.stack([table[p][i] for i in ids]) for p in parts})
+
+
+def occlude(images: np.ndarray, boxes: np.ndarray, fill: np.ndarray) -> np.ndarray:
+  """images (N,S,S,C), boxes (N,4) [r0,c0,r1,c1) -> copies with each box set to ``fill`` (S,S,C)."""
+  out = np.array(images, np.float32, copy=True)
+  for x, (r0, c0, r1, c1) in zip(out, boxes):
+    x[r0:r1, c0:c1] = fill[r0:r1, c0:c1]
+  return out
+
+
+def random_boxes(rng: np.random.Generator, n: int, height: int, width: int, size: int) -> np.ndarray:
+  r = rng.integers(0, size - height + 1, n)
+  c = rng.integers(0, size - width + 1, n)
+  return np.stack([r, c, r + height, c + width], 1)
+
+
+def measure(model, variables, images: np.ndarray, parts: dict[str, np.ndarray], layers,
+            fill: np.ndarray | None = None, repeats: int = 10, seed: int = 0,
+            batch_size: int = 64) -> dict:
+  """Table 1: {part or "random": {layer: (mean, std)}} (see the module docstring)."""
+  size = images.shape[1]
+  for layer in layers:
+    common.check_layer(model, size, layer, "correspondence layer")
+  if repeats < 1:
+    raise ValueError(f"correspondence repeats {repeats} not allowed: >= 1")
+  fill = np.zeros(images.shape[1:], np.float32) if fill is None else fill
+  fn = common.features_fn(model, layers)
+  f0 = common.batched(fn, variables, images, batch_size)
+
+  def deltas(boxes):
+    f = common.batched(fn, variables, occlude(images, boxes, fill), batch_size)
+    return {l: delta(f0[l] - f[l]) for l in layers}
+
+  out = {p: deltas(b) for p, b in parts.items()}
+  hw = np.mean([b[:, 2:] - b[:, :2] for b in parts.values()], axis=(0, 1)).round().astype(int)
+  rng = np.random.default_rng(seed)
+  runs = [deltas(random_boxes(rng, len(images), hw[0], hw[1], size)) for _ in range(repeats)]
+  out["random"] = {l: (float(np.mean([r[l][0] for r in runs])), float(np.std([r[l][0] for r in runs])))
+                   for l in layers}
+  return out
+
+
+def table(results: dict, layers) -> tuple[list[str], list[list[str]]]:
+  header = ["occluded"] + [f"Delta {l}" for l in layers]
+  return header, [[p] + [f"{r[l][0]:.3f} ± {r[l][1]:.3f}" for l in layers] for p, r in results.items()]
+
+
+def write_tables(results: dict, layers, prefix: str) -> None:
+  """<prefix>.md (markdown) and <prefix>.csv (mean and std columns)."""
+  header, rows = table(results, layers)
+  with open(prefix + ".md", "w") as f:
+    f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+    f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
+  with open(prefix + ".csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["occluded"] + [f"{l}_{s}" for l in layers for s in ("mean", "std")])
+    for p, r in results.items():
+      w.writerow([p] + [f"{v:.6f}" for l in layers for v in r[l]])
+
+
+def plot_boxes(displays: np.ndarray, ids, parts: dict[str, np.ndarray], path: str) -> str:
+  plt = common.pyplot()
+  from matplotlib import patches
+  fig, axes = plt.subplots(1, len(displays), figsize=(2 * len(displays), 2.2), squeeze=False)
+  colours = plt.get_cmap("tab10")
+  for k, (ax, d) in enumerate(zip(axes[0], displays)):
+    common.imshow(ax, d)
+    ax.set_title(f"image {ids[k]}", fontsize=8)
+    for c, (p, b) in enumerate(parts.items()):
+      r0, c0, r1, c1 = b[k]
+      ax.add_patch(patches.Rectangle((c0 - .5, r0 - .5), c1 - c0, r1 - r0, fill=False,
+                                     ec=colours(c), lw=1.5, label=p))
+  axes[0, -1].legend(loc="center left", bbox_to_anchor=(1, .5), fontsize=8)
+  return common.save(fig, path)
+
+
+def section(config, workdir: str, model, variables, out_dir: str):
+  from zfnet_jax import input_pipeline, report
+  from zfnet_jax.analyses import occlusion
+  cc = config.analyses.correspondence
+  size = config.dataset.crop_size
+  layers = list(cc.layers)
+  for layer in layers:
+    common.check_layer(model, size, layer, "correspondence layer")
+  sec = report.Section("Correspondence analysis", "correspondence")
+  doc = load_boxes(cc.boxes, size, config.dataset.resize_size)
+  if doc.get("dataset") and doc["dataset"] != config.dataset.name:
+    sec.paragraphs.append(f"Skipped: the box file {cc.boxes} is for dataset {doc['dataset']!r}, "
+                          f"this run uses {config.dataset.name!r} (set analyses.correspondence.boxes).")
+    return sec
+  images, labels, ids = common.load_examples(config, workdir, ids=doc["ids"],
+                                             split=doc.get("split") or None)
+  mean = input_pipeline.pixel_mean(config, workdir)
+  fill = occlusion.fill_image(float(config.analyses.occlusion.fill), mean, images.shape[1:])
+  res = measure(model, variables, images, doc["parts"], layers, fill, cc.repeats, config.seed,
+                config.analyses.batch_size)
+  prefix = os.path.join(out_dir, "correspondence")
+  write_tables(res, layers, prefix)
+  plot_boxes(common.to_display(images, mean), [int(i) for i in ids], doc["parts"],
+             prefix + "_boxes.png")
+  header, rows = table(res, layers)
+  sec.paragraphs += [
+      f"{doc.get('description', '')} Boxes: {cc.boxes}.",
+      "Each part is occluded in every image (same fill as the occlusion analysis); "
+      "eps_i = features(original) - features(occluded); Delta = mean over pairs i != j of the "
+      "fraction of components where sign(eps_i) and sign(eps_j) differ (lower = more consistent, "
+      "paper Table 1). Parts: Delta ± std over image pairs; random: a box of the parts' mean size "
+      f"at a random place in each image, mean ± std of Delta over {cc.repeats} repeats. "
+      f"Tables: {common.ref(prefix, workdir)}.md and .csv."]
+  sec.figures.append((common.ref(prefix + "_boxes.png", workdir), "Images and part boxes."))
+  sec.tables.append((header, rows))
+  return sec

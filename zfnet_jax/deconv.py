@@ -1,0 +1,608 @@
+"""The deconvnet of Zeiler & Fergus (Sec. 2.1) as VJPs with custom rules.
+
+To project one activation back to pixels: run the image forward, zero every
+other activation of that layer, and go down starting from the activation's own
+value (as the paper does, not from 1).  Going down is the VJP of the forward
+pass with the rule versions of the layers (``zfnet_jax.layers``):
+
+* max-pool unpools through the switches recorded on the way up (ties: first
+  maximum in row-major order within the window);
+* ReLU passes relu(R) ("deconvnet"), R * 1[X > 0] ("backprop", the gradient)
+  or R * 1[X > 0] * 1[R > 0] ("guided");
+* convolution goes down with its transposed (flipped) filters and no bias,
+  which is exactly its VJP;
+* contrast normalisation goes down with its exact VJP (``norm_rule="exact"``).
+
+Our models switch rule by ``model.clone(rule=...)``.  ``deconvnet_transform``
+does the same for any JAX function (Flax Linen, NNX, pure JAX) by rewriting its
+jaxpr.
+
+Layer names are those of ``PaperNet.features``; fc layers (fc6, fc7, logits)
+count as 1x1 maps, so for them ``channel`` is the unit and the only position is
+(0, 0).  ``position=None`` takes the strongest activation of the map in each
+image (ties: first in row-major order).  All arrays are NHWC.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as xcore
+
+from zfnet_jax import layers
+from zfnet_jax import models
+
+RULES = layers.RULES
+
+
+# ----------------------------------------------------------------------------
+# Validation (before any computation).
+# ----------------------------------------------------------------------------
+
+def layer_shapes(model: models.PaperNet, input_size: int) -> dict[str, tuple[int, int, int]]:
+  """{layer name: (rows, cols, channels)} of every activation ``features`` returns.
+
+  fc layers are (1, 1, units).  Computed from the layer table, no tracing.
+  """
+  out = {}
+  for spec in model.layer_table(input_size):
+    if spec.kind == "fc":
+      out[spec.name] = (1, 1, spec.features)
+    else:
+      out[spec.name] = (spec.out, spec.out, spec.features)
+  return out
+
+
+def _check_images(images, what="images"):
+  shape = getattr(images, "shape", None)
+  if shape is None or len(shape) != 4 or shape[1] != shape[2]:
+    raise ValueError(f"{what} must be square NHWC (N, S, S, C), got shape {shape}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"{what} must be floating point (mean-subtracted pixels), "
+                     f"got dtype {images.dtype}")
+
+
+def _check_layer(model, input_size, layer):
+  shapes = layer_shapes(model, input_size)
+  if not isinstance(layer, str) or layer not in shapes:
+    raise ValueError(f"unknown layer {layer!r}; allowed: {', '.join(shapes)}")
+  return shapes[layer]
+
+
+def _check_channel(layer, shape, channel):
+  c = shape[2]
+  if isinstance(channel, (bool, np.bool_)) or not isinstance(channel, (int, np.integer)):
+    raise ValueError(f"channel must be an int, got {channel!r}")
+  if not 0 <= channel < c:
+    raise ValueError(f"channel {channel} out of range for layer {layer!r}: "
+                     f"allowed 0..{c - 1}")
+
+
+def _check_position(layer, shape, position):
+  if position is None:
+    return
+  try:
+    row, col = (int(v) for v in position)
+    ok = all(float(v) == int(v) for v in position)
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f"position must be None or (row, col) ints, got {position!r}")
+  if not (0 <= row < shape[0] and 0 <= col < shape[1]):
+    raise ValueError(f"position {(row, col)} outside the {shape[0]}x{shape[1]} map of "
+                     f"layer {layer!r}: allowed rows 0..{shape[0] - 1}, "
+                     f"cols 0..{shape[1] - 1}")
+
+
+# ----------------------------------------------------------------------------
+# The projection core: one forward per image, one VJP with one-hot cotangents.
+# ----------------------------------------------------------------------------
+
+def _select(act, channels, positions, strongest):
+  """One-hot cotangent holding each image's selected activation.
+
+  act: (N, H, W, C); channels (N,); positions (N, 2); strongest (N,) bool.
+  Returns (cotangent like act, positions used (N, 2), values (N,)).
+  """
+  n, h, w, c = act.shape
+  maps = jnp.take_along_axis(act, channels[:, None, None, None], axis=3)[..., 0]
+  flat = jnp.where(strongest, jnp.argmax(maps.reshape(n, h * w), axis=1),
+                   positions[:, 0] * w + positions[:, 1])
+  spatial = jax.nn.one_hot(flat, h * w, dtype=act.dtype).reshape(n, h, w, 1)
+  ct = spatial * jax.nn.one_hot(channels, c, dtype=act.dtype)[:, None, None, :] * act
+  values = jnp.take_along_axis(maps.reshape(n, h * w), flat[:, None], axis=1)[:, 0]
+  return ct, jnp.stack([flat // w, flat % w], axis=1), values
+
+
+def _project_core(fn, images, channels, positions, strongest):
+  """Projection through ``fn`` (images -> activation (N,H,W,C) or (N,U))."""
+  act, vjp_fn = jax.vjp(fn, images)
+  act4 = act.reshape(act.shape[0], 1, 1, -1) if act.ndim == 2 else act
+  ct, pos, values = _select(act4, channels, positions, strongest)
+  (proj,) = vjp_fn(ct.reshape(act.shape))
+  return proj, pos, values
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layer"))
+def _project_batch(model, variables, images, channels, positions, strongest, layer):
+  fn = lambda x: model.apply(variables, x, method="features")[layer]
+  return _project_core(fn, images, channels, positions, strongest)
+
+
+def _broadcast_position(position, n):
+  if position is None:
+    return jnp.zeros((n, 2), jnp.int32), jnp.ones((n,), bool)
+  return (jnp.broadcast_to(jnp.asarray(position, jnp.int32), (n, 2)),
+          jnp.zeros((n,), bool))
+
+
+def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
+            channel: int, position: tuple[int, int] | None = None,
+            rule: str = "deconvnet") -> jax.Array:
+  """Projection of one activation per image down to pixel space.
+
+  Args:
+    model: a ``PaperNet`` (its own ``rule`` is replaced by ``rule``).
+    variables: {"params": ...}.
+    images: (N, S, S, C) float, mean-subtracted.
+    layer: a name from ``features`` ("conv1".."conv5", "pool1", "norm1", ...,
+      "fc6", "fc7", "logits").
+    channel: feature map (conv/pool/norm) or unit (fc) to project.
+    position: (row, col) in the map, or None for the strongest activation of
+      the map in each image (first in row-major order on ties).
+    rule: "deconvnet" (Zeiler & Fergus), "guided" or "backprop" (gradient).
+  Returns:
+    (N, S, S, C) projections, the same dtype as the model's compute dtype.
+  Works under ``jax.jit`` (``layer``, ``channel``, ``position``, ``rule`` static).
+  """
+  layers.check_rule(rule)
+  _check_images(images)
+  shape = _check_layer(model, images.shape[1], layer)
+  _check_channel(layer, shape, channel)
+  _check_position(layer, shape, position)
+  n = images.shape[0]
+  positions, strongest = _broadcast_position(position, n)
+  proj, _, _ = _project_batch(model.clone(rule=rule), variables, images,
+                              jnp.full((n,), channel, jnp.int32), positions, strongest,
+                              layer=layer)
+  return proj
+
+
+def strongest(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
+              channel: int) -> tuple[jax.Array, jax.Array]:
+  """((N, 2) int (row, col), (N,) value) of the strongest activation of a map."""
+  _check_images(images)
+  shape = _check_layer(model, images.shape[1], layer)
+  _check_channel(layer, shape, channel)
+  act = model.apply(variables, images, method="features")[layer]
+  act = act.reshape(act.shape[0], 1, 1, -1) if act.ndim == 2 else act
+  maps = act[..., channel].reshape(act.shape[0], -1)
+  flat = jnp.argmax(maps, axis=1)
+  return jnp.stack([flat // act.shape[2], flat % act.shape[2]], 1), jnp.max(maps, axis=1)
+
+
+def project_many(model: models.PaperNet, variables, images: jax.Array, *,
+                 layer: str | Sequence[str], channels, positions=None,
+                 rule: str = "deconvnet", chunk_size: int = 32,
+                 progress: bool = False) -> jax.Array:
+  """Many projections in one call: request r projects (images[r], layer[r],
+  channels[r], positions[r]).
+
+  Args:
+    images: (R, S, S, C), one image per request (repeat an image for several
+      requests on it).
+    layer: one name for all requests or a sequence of R names.
+    channels: (R,) ints.
+    positions: (R, 2) ints (row, col), or None for the strongest activation of
+      each map.  Rows of fc requests must be (0, 0).
+    chunk_size: requests per jitted batch (bounds memory: one forward and one
+      VJP of ``chunk_size`` images at a time).  The last chunk is padded, so
+      every chunk reuses one compilation per layer.
+    progress: show a tqdm bar over chunks.
+  Returns:
+    (R, S, S, C) projections, in request order.
+  """
+  layers.check_rule(rule)
+  _check_images(images)
+  r = images.shape[0]
+  names = [layer] * r if isinstance(layer, str) else list(layer)
+  if len(names) != r:
+    raise ValueError(f"layer has {len(names)} names for {r} images; give one name or {r}")
+  channels = np.asarray(channels)
+  if channels.shape != (r,) or not np.issubdtype(channels.dtype, np.integer):
+    raise ValueError(f"channels must be {r} ints (one per image), got shape "
+                     f"{channels.shape} dtype {channels.dtype}")
+  if positions is not None:
+    positions = np.asarray(positions)
+    if positions.shape != (r, 2) or not np.issubdtype(positions.dtype, np.integer):
+      raise ValueError(f"positions must be None or ({r}, 2) ints, got shape "
+                       f"{positions.shape} dtype {positions.dtype}")
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  for i, name in enumerate(names):
+    shape = _check_layer(model, images.shape[1], name)
+    _check_channel(name, shape, int(channels[i]))
+    _check_position(name, shape, None if positions is None else positions[i])
+
+  model = model.clone(rule=rule)
+  groups = {}
+  for i, name in enumerate(names):
+    groups.setdefault(name, []).append(i)
+  chunks = [(name, idx[s:s + chunk_size]) for name, idx in groups.items()
+            for s in range(0, len(idx), chunk_size)]
+  if progress:
+    import tqdm
+    chunks = tqdm.tqdm(chunks, desc=f"projections ({rule})", unit="chunk")
+  size = min(chunk_size, r)
+  outs, order = [], []
+  for name, idx in chunks:
+    take = np.asarray(idx + [idx[-1]] * (size - len(idx)))  # pad the last chunk
+    pos = (np.zeros((size, 2), np.int32) if positions is None
+           else positions[take].astype(np.int32))
+    proj, _, _ = _project_batch(model, variables, images[take],
+                                jnp.asarray(channels[take], jnp.int32), jnp.asarray(pos),
+                                jnp.full((size,), positions is None), layer=name)
+    outs.append(proj[:len(idx)])
+    order.extend(idx)
+  out = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+  if order != list(range(r)):
+    out = out[np.argsort(np.asarray(order))]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Switches as data.
+# ----------------------------------------------------------------------------
+
+def switches(model: models.PaperNet, variables, images: jax.Array) -> dict[str, jax.Array]:
+  """{pool name: int32 (N, Ho, Wo, C, 2)}: input (row, col) of each window's max.
+
+  Ties go to the first maximum in row-major order within the window; padded
+  positions (ceil-mode windows past the bottom/right edge) are never chosen.
+  """
+  _check_images(images)
+  _, state = model.apply(variables, images, method="features", mutable=["switches"])
+  return {name: layers.switch_positions(s, 3, 2)
+          for name, s in state["switches"].items()}
+
+
+# ----------------------------------------------------------------------------
+# Display.
+# ----------------------------------------------------------------------------
+
+def to_image(projections) -> np.ndarray:
+  """Projections -> float32 images in [0, 1] as the paper shows them.
+
+  Each projection (each leading index of an (N, H, W, C) batch, or a single
+  (H, W, C) array) is scaled on its own by its largest absolute value, with zero
+  at mid-grey 0.5: 0.5 + p / (2 max|p|).  An all-zero projection is flat grey.
+  """
+  p = np.asarray(projections, np.float32)
+  if p.ndim not in (3, 4):
+    raise ValueError(f"projections must be (H, W, C) or (N, H, W, C), got shape {p.shape}")
+  axes = tuple(range(p.ndim - 3, p.ndim))
+  scale = np.max(np.abs(p), axis=axes, keepdims=True)
+  scale = np.where(scale > 0, 2 * scale, 1.0)
+  return np.clip(0.5 + p / scale, 0.0, 1.0)
+
+
+def receptive_patch(model: models.PaperNet, images, layer: str, position, *,
+                    fill: float = 0.0, clip: bool = False):
+  """The part of the input that unit ``position`` of ``layer`` sees.
+
+  Args:
+    images: (N, S, S, C) or (S, S, C); also works on projections.
+    layer: a spatial layer (conv*, pool*, norm*); fc layers see the whole image.
+    position: (row, col), or (N, 2) one per image.
+    fill: value outside the image (0 = the mean pixel for mean-subtracted images).
+    clip: False -> crops of the full receptive-field size (size x size, parts
+      outside the image set to ``fill``), so every crop is centred alike; True ->
+      only the part inside the image (a list for a batch).
+  Returns:
+    (N, size, size, C) (or (size, size, C)) array, or clipped crops.
+  """
+  x = np.asarray(images)
+  single = x.ndim == 3
+  if single:
+    x = x[None]
+  if x.ndim != 4 or x.shape[1] != x.shape[2]:
+    raise ValueError(f"images must be (S, S, C) or (N, S, S, C), got shape {np.shape(images)}")
+  n, s = x.shape[0], x.shape[1]
+  shape = _check_layer(model, s, layer)
+  fields = models.receptive_fields(model, s)
+  if layer not in fields:  # fc: the whole image
+    return [c for c in x] if (clip and not single) else (x[0] if single else x)
+  pos = np.asarray(position)
+  pos = np.broadcast_to(pos, (n, 2)) if pos.shape == (2,) else pos
+  if pos.shape != (n, 2):
+    raise ValueError(f"position must be (row, col) or ({n}, 2), got shape {pos.shape}")
+  for p in pos:
+    _check_position(layer, shape, tuple(p))
+  rf = fields[layer]
+  crops = []
+  for img, (i, j) in zip(x, pos):
+    r0, c0 = rf.offset + int(i) * rf.stride, rf.offset + int(j) * rf.stride
+    if clip:
+      a, b, c, d = rf.window(int(i), int(j), s)
+      crops.append(img[a:b, c:d])
+      continue
+    crop = np.full((rf.size, rf.size, x.shape[3]), fill, x.dtype)
+    a, b, c, d = rf.window(int(i), int(j), s)
+    crop[a - r0:b - r0, c - c0:d - c0] = img[a:b, c:d]
+    crops.append(crop)
+  if clip:
+    return crops[0] if single else crops
+  crops = np.stack(crops)
+  return crops[0] if single else crops
+
+
+# ----------------------------------------------------------------------------
+# Any CNN: rewrite a function's jaxpr so that its VJP follows a rule.
+# ----------------------------------------------------------------------------
+
+class UnsupportedConstructError(NotImplementedError):
+  """``deconvnet_transform`` met a construct it cannot give the rule to."""
+
+
+_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
+           "remat2": "jaxpr", "checkpoint": "jaxpr"}
+_SHAPE_OPS = ("broadcast_in_dim", "convert_element_type", "reshape", "squeeze",
+              "expand_dims", "copy", "copy_p")
+
+
+def _is_max_pool_jaxpr(jaxpr) -> bool:
+  return any(e.primitive is jax.lax.max_p for e in jaxpr.eqns)
+
+
+def _has_target(jaxpr) -> bool:
+  """Could ``jaxpr`` (or any jaxpr inside) hold a ReLU or a max-pool?"""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("max", "reduce_window_max", "select_n", "mul"):
+      return True
+    for sub in xcore.jaxprs_in_params(eqn.params):
+      if _has_target(sub):
+        return True
+  return False
+
+
+def _is_zero_const(value) -> bool:
+  try:
+    return bool(np.all(np.asarray(value) == 0))
+  except Exception:  # a tracer: not a known constant
+    return False
+
+
+def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
+  """Evaluate ``jaxpr`` with ReLUs and max-pools replaced by the rule versions.
+
+  ReLU patterns: max(x, 0) / max(0, x) (jax.nn.relu, jnp.maximum, jnp.clip(x, 0)),
+  select_n(x > 0, 0, x) (jnp.where(x > 0, x, 0)) and x * (x > 0).  Facts about
+  vars (holds zeros; is x > 0; is the float indicator of x > 0) follow values
+  into inlined sub-jaxprs.  ``in_facts``: one (zero, positive, indicator) per invar.
+  """
+  env = {}
+  zeros = set()      # vars known to hold only zeros
+  positive = {}      # var -> x, for var = (x > 0)
+  indicator = {}     # var -> x, for var = float(x > 0)
+
+  def read(v):
+    return v.val if isinstance(v, xcore.Literal) else env[v]
+
+  def is_zero(v):
+    if isinstance(v, xcore.Literal):
+      return _is_zero_const(v.val)
+    return v in zeros
+
+  def facts(v):
+    if isinstance(v, xcore.Literal):
+      return (is_zero(v), None, None)
+    return (v in zeros, positive.get(v), indicator.get(v))
+
+  def as_relu(x, eqn):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return None
+    if tuple(x.shape) != tuple(eqn.outvars[0].aval.shape):
+      raise UnsupportedConstructError(
+          f"a ReLU whose zero is larger than its input ({eqn}); broadcast the input first")
+    return [layers.relu(x, rule)]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+    if _is_zero_const(c):
+      zeros.add(v)
+  for i, (v, a) in enumerate(zip(jaxpr.invars, args)):
+    env[v] = a
+    if in_facts is not None:
+      z, pos, ind = in_facts[i]
+      if z:
+        zeros.add(v)
+      if pos is not None:
+        positive[v] = pos
+      if ind is not None:
+        indicator[v] = ind
+
+  for eqn in jaxpr.eqns:
+    prim, name = eqn.primitive, eqn.primitive.name
+    invals = [read(v) for v in eqn.invars]
+    out = None
+    if name == "max" and len(eqn.invars) == 2 and any(map(is_zero, eqn.invars)):
+      out = as_relu(invals[1] if is_zero(eqn.invars[0]) else invals[0], eqn)
+    elif (name == "select_n" and len(eqn.invars) == 3 and eqn.invars[0] in positive
+          and is_zero(eqn.invars[1]) and invals[2] is positive[eqn.invars[0]]):
+      out = as_relu(invals[2], eqn)
+    elif name == "mul" and len(eqn.invars) == 2 and any(v in indicator for v in eqn.invars
+                                                        if not isinstance(v, xcore.Literal)):
+      a, b = eqn.invars
+      if not isinstance(b, xcore.Literal) and indicator.get(b) is invals[0]:
+        out = as_relu(invals[0], eqn)
+      elif not isinstance(a, xcore.Literal) and indicator.get(a) is invals[1]:
+        out = as_relu(invals[1], eqn)
+    elif name == "reduce_window_max":
+      p = eqn.params
+      if any(d != 1 for d in tuple(p["base_dilation"]) + tuple(p["window_dilation"])):
+        raise UnsupportedConstructError(
+            f"reduce_window_max with base_dilation={p['base_dilation']} "
+            f"window_dilation={p['window_dilation']} (only undilated max-pools are supported)")
+      if jnp.issubdtype(invals[0].dtype, jnp.floating):
+        try:
+          out = [layers.general_max_pool(invals[0], tuple(p["window_dimensions"]),
+                                         tuple(p["window_strides"]),
+                                         layers._tuple_padding(p["padding"]))]
+        except ValueError as e:
+          raise UnsupportedConstructError(f"reduce_window_max: {e}") from None
+    elif name == "reduce_window" and _is_max_pool_jaxpr(eqn.params["jaxpr"]):
+      raise UnsupportedConstructError(
+          "reduce_window with a max computation and an init value other than -inf "
+          "(e.g. lax.reduce_window(x, 0., lax.max, ...)); use -inf as the init value "
+          "(flax.linen.max_pool does)")
+    elif name in _INLINE and _has_target(_sub_jaxpr(eqn.params[_INLINE[name]])):
+      sub = eqn.params[_INLINE[name]]
+      sub_consts = sub.consts if isinstance(sub, xcore.ClosedJaxpr) else ()
+      out = _eval_with_rule(_sub_jaxpr(sub), sub_consts, invals, rule,
+                            [facts(v) for v in eqn.invars])
+    elif any(_has_target(s) for s in xcore.jaxprs_in_params(eqn.params)):
+      raise UnsupportedConstructError(
+          f"primitive {name!r} contains a ReLU or max-pool, and deconvnet_transform "
+          f"cannot rewrite inside it (supported: {', '.join(sorted(_INLINE))}); "
+          f"move the ReLU/max-pool out of the {name}")
+
+    if out is None:
+      bind_params = prim.get_bind_params(eqn.params)
+      with eqn.ctx.manager:
+        ans = prim.bind(*invals, **bind_params)
+      out = ans if prim.multiple_results else [ans]
+      # Track the facts the ReLU patterns need.
+      v0 = eqn.invars[0] if eqn.invars else None
+      if name in _SHAPE_OPS and v0 is not None and is_zero(v0):
+        zeros.add(eqn.outvars[0])
+      elif name == "gt" and is_zero(eqn.invars[1]):
+        positive[eqn.outvars[0]] = invals[0]
+      elif name == "lt" and is_zero(eqn.invars[0]):
+        positive[eqn.outvars[0]] = invals[1]
+      elif (name == "convert_element_type" and not isinstance(v0, xcore.Literal)
+            and v0 in positive):
+        indicator[eqn.outvars[0]] = positive[v0]
+    for v, val in zip(eqn.outvars, out):
+      env[v] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _sub_jaxpr(sub):
+  return sub.jaxpr if isinstance(sub, xcore.ClosedJaxpr) else sub
+
+
+def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
+  """``fn`` with the same forward pass and a VJP that follows ``rule``.
+
+  Works on any JAX function (a Flax Linen ``apply``, an NNX module, pure JAX):
+  traces ``fn`` to a jaxpr and evaluates it with
+    * ``max(x, 0)`` (``jax.nn.relu``, ``flax.linen.relu``, ``nnx.relu``,
+      ``jnp.maximum(x, 0)``) replaced by ``layers.relu(x, rule)``;
+    * ``reduce_window_max`` (``nn.max_pool``, ``lax.reduce_window(x, -inf,
+      lax.max, ...)``, any padding, no dilation) replaced by a max-pool that
+      unpools through its switches (ties: first maximum in row-major order);
+  recursing into jit, closed_call, custom_jvp_call, custom_vjp_call and
+  checkpoint.  Convolutions, dense layers and everything else keep their own
+  VJP (a convolution's is the paper's transposed filters).  ``max(x, y)`` with
+  no zero operand is an ordinary op (not a ReLU) and keeps its gradient.
+  A ReLU or max-pool the rewriter cannot reach (inside scan, while, cond,
+  shard_map, ...; a dilated or non -inf max-pool) raises
+  ``UnsupportedConstructError`` naming it; nothing silently falls back to
+  plain gradients.
+
+  Array arguments (and pytrees of them) are traced; every other argument (bools,
+  strings, modules, Python numbers) is static.  Wrap the result in ``jax.jit``.
+  """
+  layers.check_rule(rule)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dynamic = [isinstance(l, (jax.Array, np.ndarray)) for l in leaves]
+
+    def flat_fn(*values):
+      it = iter(values)
+      full = [next(it) if d else l for l, d in zip(leaves, dynamic)]
+      a, k = jax.tree_util.tree_unflatten(treedef, full)
+      return fn(*a, **k)
+
+    values = [l for l, d in zip(leaves, dynamic) if d]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*values)
+    outs = _eval_with_rule(closed.jaxpr, closed.consts, values, rule)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return wrapped
+
+
+with_rule = deconvnet_transform  # alias
+
+
+def _pick(out, output):
+  if output is None:
+    return out
+  if callable(output):
+    return output(out)
+  return out[output]
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "output", "rule"))
+def _project_fn_jit(fn, images, channels, positions, strongest, output, rule):
+  g = deconvnet_transform(lambda x: _pick(fn(x), output), rule)
+  return _project_core(g, images, channels, positions, strongest)
+
+
+def project_fn(fn: Callable, images: jax.Array, *, channel, position=None,
+               output: Any = None, rule: str = "deconvnet",
+               return_info: bool = False):
+  """Projection of one activation per image of any CNN (see ``deconvnet_transform``).
+
+  Args:
+    fn: images (N, H, W, C) -> the target activation (N, h, w, c) or (N, units),
+      or a pytree of intermediates from which ``output`` picks the target.
+      E.g. ``lambda x: model.apply(variables, x, method="features")`` with
+      ``output="conv3"``; an NNX module's call; a pure JAX function.
+      ``fn`` is a static argument of a jitted function: pass the same object
+      again to reuse the compilation.
+    images: (N, H, W, C).
+    channel: int, or (N,) ints, the map (or fc unit) to project.
+    position: None (strongest activation of the map in each image), (row, col),
+      or (N, 2).
+    output: None, a key of ``fn``'s output, or a callable on it.
+    rule: "deconvnet", "guided" or "backprop".
+    return_info: also return the (N, 2) positions used and the (N,) activation
+      values the projections started from.
+  Returns:
+    (N, H, W, C) projections (and the info, if asked).
+  """
+  layers.check_rule(rule)
+  shape = getattr(images, "shape", None)
+  if shape is None or len(shape) < 2:
+    raise ValueError(f"images must be a batch (N, ...), got shape {shape}")
+  n = shape[0]
+  act = jax.eval_shape(lambda x: _pick(fn(x), output), images)
+  if not hasattr(act, "shape") or act.ndim not in (2, 4) or act.shape[0] != n:
+    raise ValueError(f"the target activation must be (N, h, w, c) or (N, units) with "
+                     f"N={n}, got {jax.tree_util.tree_map(lambda a: a.shape, act)}; "
+                     f"pick it with output=")
+  hwc = (1, 1, act.shape[1]) if act.ndim == 2 else tuple(act.shape[1:])
+  what = f"output {output!r}" if output is not None else "the target"
+  chans = np.asarray(channel)
+  for c in chans.reshape(-1):
+    _check_channel(what, hwc, c.item() if isinstance(c, np.generic) else c)
+  channels = jnp.broadcast_to(jnp.asarray(chans, jnp.int32), (n,))
+  if position is None:
+    positions, strongest = jnp.zeros((n, 2), jnp.int32), jnp.ones((n,), bool)
+  else:
+    pos = np.asarray(position)
+    for p in pos.reshape(-1, 2):
+      _check_position(what, hwc, tuple(p))
+    positions = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (n, 2))
+    strongest = jnp.zeros((n,), bool)
+  proj, pos, values = _project_fn_jit(fn, images, channels, positions, strongest,
+                                      output=output, rule=rule)
+  return (proj, pos, values) if return_info else proj
