@@ -6,7 +6,9 @@ Prints (and writes to --json) the rate one request at a time (``project`` on one
 image), batched (``project_many``), and the cost per projection relative to a
 plain ``jax.vjp`` of the same slice (features up to conv5 written with standard
 JAX ops: jax.nn.relu, lax.reduce_window max, LRN; cotangent one-hot at the unit),
-both for one image per call and for a batch of ``chunk_size`` images per call.
+both for one image per call and for a batch of ``chunk_size`` images per call,
+and to ``jax.vjp`` of the model's own conv5 slice (``model.apply(..., method=
+"features")["conv5"]``, backprop rule: the same switch-unpooling max-pool).
 Compilation is excluded (each function is called once first).  Figures on a
 shared machine are noisy: take the median of --repeats runs.
 """
@@ -86,11 +88,16 @@ def main():
                              for i in range(args.single)], args.repeats) / args.single
   n = min(args.chunk_size, args.requests)
   t_plainb = timeit(lambda: plain(params, images[:n], channels[:n]), args.repeats) / n
+  ours = jax.jit(lambda v, x, ch: _plain_vjp(
+      None, x, ch, lambda img: model.apply(v, img, method="features")["conv5"]))
+  t_oursb = timeit(lambda: ours(variables, images[:n], channels[:n]), args.repeats) / n
   res.update({
       "one_at_a_time_per_s": 1 / t_single, "batched_per_s": 1 / t_batch,
       "plain_vjp_one_image_per_s": 1 / t_plain1, "plain_vjp_batched_per_s": 1 / t_plainb,
       "batched_cost_vs_plain_vjp_one_image": t_batch / t_plain1,
       "batched_cost_vs_plain_vjp_same_batch": t_batch / t_plainb,
+      "model_vjp_batched_per_s": 1 / t_oursb,
+      "batched_cost_vs_model_vjp_same_batch": t_batch / t_oursb,
   })
   width = max(map(len, res))
   for k, v in res.items():
@@ -100,8 +107,8 @@ def main():
       json.dump(res, f, indent=1)
 
 
-def _plain_vjp(params, x, channels):
-  act, vjp = jax.vjp(lambda img: plain_conv5(params, img), x)
+def _plain_vjp(params, x, channels, fn=None):
+  act, vjp = jax.vjp(fn or (lambda img: plain_conv5(params, img)), x)
   maps = jnp.take_along_axis(act, channels[:, None, None, None], axis=3)[..., 0]
   flat = maps.reshape(maps.shape[0], -1)
   k = jnp.argmax(flat, axis=1)

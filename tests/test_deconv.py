@@ -156,7 +156,7 @@ def reference():
 
 def test_reference_forward_matches_model_and_has_ties():
   model, variables, x = tiny()
-  feats = model.apply(variables, x, method="features")
+  feats = jax.jit(lambda v, a: model.apply(v, a, method="features"))(variables, x)
   for i, (_, acts, ties) in enumerate(reference()):
     for name, a in acts.items():
       np.testing.assert_allclose(feats[name][i], a, rtol=1e-4, atol=1e-4 * np.abs(a).max() + 1e-6,
@@ -187,9 +187,10 @@ def test_backprop_equals_grad_times_value():
   model, variables, x = tiny()
   layer, ch, pos = "conv3", 1, (2, 1)
   got = deconv.project(model, variables, x, layer=layer, channel=ch, position=pos, rule="backprop")
+  unit = lambda img: model.apply(variables, img[None], method="features")[layer][0, pos[0], pos[1], ch]
+  value_and_grad = jax.jit(jax.value_and_grad(unit))
   for i in range(x.shape[0]):
-    unit = lambda img: model.apply(variables, img[None], method="features")[layer][0, pos[0], pos[1], ch]
-    value, grad = jax.value_and_grad(unit)(x[i])
+    value, grad = value_and_grad(x[i])
     np.testing.assert_allclose(got[i], value * grad, rtol=1e-5, atol=1e-6)
 
 
@@ -197,21 +198,26 @@ def test_projection_starts_from_value_and_is_linear_in_it():
   model, variables, x = tiny()
   fn = deconv.deconvnet_transform(
       lambda img: model.apply(variables, img, method="features")["conv5"], "deconvnet")
-  act, vjp = jax.vjp(fn, x)
   i, j = 1, 2
-  onehot = jnp.zeros_like(act).at[:, i, j, 0].set(1.0)
-  base = vjp(onehot)[0]
+
+  @jax.jit
+  def down(c):  # the projection of c at unit (i, j) of map 0, and the activation
+    act, vjp = jax.vjp(fn, x)
+    return vjp(c[:, None, None, None] * jnp.zeros_like(act).at[:, i, j, 0].set(1.0))[0], act
+
+  base, act = down(jnp.ones(2))
   for c in (0.5, 2.0, 7.0):
-    np.testing.assert_allclose(vjp(c * onehot)[0], c * base, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(down(jnp.full(2, c))[0], c * base, rtol=1e-5, atol=1e-7)
   got = deconv.project(model, variables, x, layer="conv5", channel=0, position=(i, j))
   np.testing.assert_allclose(got, act[:, i, j, 0][:, None, None, None] * base, rtol=1e-5, atol=1e-7)
 
 
 def test_forward_identical_for_all_rules():
   model, variables, x = tiny()
-  feats = [model.clone(rule=r).apply(variables, x, method="features") for r in layers.RULES]
+  feats = [jax.jit(lambda a, r=r: model.clone(rule=r).apply(variables, a, method="features"))(x)
+           for r in layers.RULES]
   fn = lambda img: model.apply(variables, img, method="features")
-  feats += [deconv.deconvnet_transform(fn, r)(x) for r in layers.RULES]
+  feats += [jax.jit(deconv.deconvnet_transform(fn, r))(x) for r in layers.RULES]
   for f in feats[1:]:
     for name in f:
       np.testing.assert_array_equal(f[name], feats[0][name])
@@ -388,3 +394,89 @@ def test_transform_names_what_it_cannot_handle():
   np.testing.assert_array_equal(y, 2 * x)
   with pytest.raises(ValueError, match="'nope'"):
     deconv.deconvnet_transform(jax.nn.relu, "nope")
+
+
+@pytest.mark.parametrize("name,fn", [
+    ("jnp.maximum(x, 0)", lambda a: jnp.maximum(a, 0)),
+    ("jnp.maximum(0, x)", lambda a: jnp.maximum(0, a)),
+    ("jnp.clip(x, 0)", lambda a: jnp.clip(a, 0)),
+    ("jnp.where(x > 0, x, 0)", lambda a: jnp.where(a > 0, a, 0.0)),
+    ("x * (x > 0)", lambda a: a * (a > 0)),
+    ("jax.nn.relu under jit", jax.jit(jax.nn.relu)),
+    ("relu6", jax.nn.relu6),
+])
+def test_transform_finds_relu_patterns(name, fn):
+  x = jnp.array([[-1.0, 0.0, 2.0, 3.0]])
+  r = jnp.array([[1.0, -1.0, -2.0, 3.0]])
+  want = {"deconvnet": [[1, 0, 0, 3]], "guided": [[0, 0, 0, 3]], "backprop": [[0, 0, -2, 3]]}
+  for rule, expected in want.items():
+    y, vjp = jax.vjp(deconv.deconvnet_transform(fn, rule), x)
+    np.testing.assert_array_equal(y, [[0, 0, 2, 3]], err_msg=name)
+    np.testing.assert_array_equal(vjp(r)[0], expected, err_msg=f"{name} {rule}")
+
+
+def test_transform_keeps_other_gradients():
+  x = jnp.linspace(-2, 2, 7)
+  for fn in (jax.nn.softplus, jax.nn.gelu, lambda a: jnp.maximum(a, a ** 2),
+             lambda a: jax.nn.logsumexp(a) + jnp.sum(a * (a > 1))):  # x*(x>1) is no ReLU
+    g = jax.grad(lambda a: jnp.sum(deconv.deconvnet_transform(fn, "deconvnet")(a)))(x)
+    np.testing.assert_allclose(g, jax.grad(lambda a: jnp.sum(fn(a)))(x), rtol=1e-6)
+
+
+# Shapes of the tiny model at 64 px, written out by hand (rows, cols, channels).
+TINY_SHAPES = {"conv1": (30, 30, 3), "pool1": (15, 15, 3), "norm1": (15, 15, 3),
+               "conv2": (6, 6, 4), "pool2": (3, 3, 4), "norm2": (3, 3, 4), "conv3": (3, 3, 4),
+               "conv4": (3, 3, 4), "conv5": (3, 3, 3), "pool5": (1, 1, 3), "fc6": (1, 1, 5),
+               "fc7": (1, 1, 5), "logits": (1, 1, 4)}
+
+
+def test_api_arguments_property():
+  """Hypothesis: every bad layer/channel/position/rule is a ValueError naming it,
+  raised before any computation; every good combination reaches the computation."""
+  from unittest import mock
+
+  from hypothesis import given, settings, strategies as st
+  model, variables, x = tiny()
+  calls = []
+
+  def fake(*args, **kwargs):
+    calls.append(kwargs["layer"])
+    n = args[2].shape[0]
+    return jnp.zeros_like(args[2]), jnp.zeros((n, 2), jnp.int32), jnp.zeros((n,))
+
+  @settings(max_examples=150, deadline=None)
+  @given(layer=st.sampled_from(list(TINY_SHAPES) + ["conv6", "fc8", "Conv1", ""]),
+         channel=st.integers(-2, 8),
+         position=st.none() | st.tuples(st.integers(-2, 32), st.integers(-2, 32)),
+         rule=st.sampled_from(list(layers.RULES) + ["lrp", "Deconvnet"]),
+         many=st.booleans())
+  def check(layer, channel, position, rule, many):
+    shape = TINY_SHAPES.get(layer)
+    bad = []
+    if rule not in layers.RULES:
+      bad.append(repr(rule))
+    if shape is None:
+      bad.append(repr(layer))
+    else:
+      if not 0 <= channel < shape[2]:
+        bad.append(f"channel {channel}")
+      if position is not None and not (0 <= position[0] < shape[0] and 0 <= position[1] < shape[1]):
+        bad.append(str(position))
+    calls.clear()
+    with mock.patch.object(deconv, "_project_batch", fake):
+      try:
+        if many:
+          deconv.project_many(model, variables, x, layer=layer, channels=[channel] * 2,
+                              positions=None if position is None else [position] * 2, rule=rule)
+        else:
+          deconv.project(model, variables, x, layer=layer, channel=channel, position=position,
+                         rule=rule)
+      except ValueError as e:
+        assert bad, f"unexpected error: {e}"
+        assert any(b in str(e) for b in bad), (str(e), bad)
+        assert not calls  # nothing was computed
+        return
+    assert not bad, f"accepted bad arguments {bad}"
+    assert calls == [layer]
+
+  check()

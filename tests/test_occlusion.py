@@ -77,3 +77,27 @@ def test_bad_settings(tiny):
   with pytest.raises(ValueError, match=r"\[9\]"):
     occlusion.scan(model, variables, np.zeros((S, S, 1)), 0,
                    occlusion.Settings(8, 4, -1, "conv5", 8), channel=9)
+
+
+def test_config_validated_before_work(tiny):
+  from zfnet_jax import analyses, configs
+  model, _ = tiny
+  c = configs.default_config()
+  c.dataset.crop_size = S
+  c.analyses.evolution.maps = (0, 1, 2, 3)         # the tiny model's conv1 has 4 maps
+  analyses.validate(c, model)                      # ImageNet config: Fashion-MNIST boxes skipped
+  c.dataset.name, c.dataset.resize_size = "fashion_mnist_idx", 72
+  analyses.validate(c, model)                      # the defaults are valid
+  for field, value, match in (("occlusion.layer", "fc7", "occlusion layer 'fc7'"),
+                              ("evolution.maps", (0, 8), r"evolution map \[8\]"),
+                              ("invariance.layers", ("conv1", "fc9"), "fc9"),
+                              ("correspondence.boxes", "missing.json", "missing.json"),
+                              ("diagnostics.dead_threshold", 2.0, "2.0")):
+    bad = configs.default_config()
+    bad.dataset.crop_size = S
+    bad.dataset.name, bad.dataset.resize_size = "fashion_mnist_idx", 72
+    bad.analyses.evolution.maps = (0, 1, 2, 3)
+    section, name = field.split(".")
+    bad.analyses[section][name] = value
+    with pytest.raises(ValueError, match=match):
+      analyses.validate(bad, model)

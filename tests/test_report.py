@@ -179,6 +179,19 @@ def test_sections_from_analyses_are_rendered_and_their_errors_raised(setup, monk
   text = open(path).read()
   assert PAYLOAD not in text and "#occlusion" in page.links
 
+  def invalid(config, m):
+    raise ValueError("occlusion.size 99 not allowed")
+  consumed = []
+
+  def spy():
+    consumed.append(1)
+    yield from _batches()
+  monkeypatch.setitem(sys.modules, "zfnet_jax.analyses", types.SimpleNamespace(
+      validate=invalid, report_sections=report_sections))
+  with pytest.raises(ValueError, match="occlusion.size 99"):
+    report.render_report(config, workdir, model, variables, spy(), mean, progress=False)
+  assert not consumed  # their settings are checked before the scan
+
   def broken(*args):
     raise KeyError("analysis bug")
   monkeypatch.setitem(sys.modules, "zfnet_jax.analyses",

@@ -87,14 +87,14 @@ def test_load_digits():
 TINY = dict(num_classes=10, conv_features=(4, 6, 8, 8, 6), fc_features=16)
 
 
-def tiny_model():
+@pytest.fixture(scope="module")
+def tiny():
   m = models.ZFNetLowRes(**TINY)
-  v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
-  return m, v
+  return m, jax.jit(m.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
 
 
 def test_layer_names():
-  m, _ = tiny_model()
+  m = models.ZFNetLowRes(**TINY)
   assert transfer.layer_names(m, 32, range(1, 8)) == {
       1: "norm1", 2: "norm2", 3: "conv3", 4: "conv4", 5: "pool5", 6: "fc6", 7: "fc7"}
   m2 = m.clone(contrast_norm=False, removed=("conv3", "fc7"))
@@ -104,8 +104,8 @@ def test_layer_names():
     transfer.layer_names(m, 32, [8])
 
 
-def test_extract_features_equal_direct_apply():
-  m, v = tiny_model()
+def test_extract_features_equal_direct_apply(tiny):
+  m, v = tiny
   x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 1)).astype(np.float32)
   mean = np.full((32, 32, 1), 100.0, np.float32)
   names = transfer.layer_names(m, 32, range(1, 8))
@@ -133,8 +133,8 @@ def digits_subset(n=400):
   return d
 
 
-def test_probes_table_and_transfer_consistent():
-  m, v = tiny_model()
+def test_probes_table_and_transfer_consistent(tiny):
+  m, v = tiny
   data = digits_subset()
   mean = data.images.mean(0)
   tc = small_tc(layers=(1, 5, 7))
@@ -152,25 +152,38 @@ def test_probes_table_and_transfer_consistent():
   assert trows[1][1] == "not run"
 
 
-def test_scratch_control_and_multilabel():
-  m, v = tiny_model()
+def multilabel_data():
   rng = np.random.default_rng(0)
   x = rng.uniform(0, 255, (60, 32, 32, 1)).astype(np.float32)
   y = (rng.uniform(size=(60, 3)) < 0.4).astype(np.int32)
   x[y[:, 0] == 1, :16] += 200             # class 0 visible in the top half
-  data = transfer.TargetData(np.clip(x, 0, 255), y, ["a", "b", "c"], multilabel=True,
+  return transfer.TargetData(np.clip(x, 0, 255), y, ["a", "b", "c"], multilabel=True,
                              split=(np.arange(40), np.arange(40, 60)))
-  tc = small_tc(layers=(2, 7), scratch_steps=3, scratch_batch_size=8)
-  header, rows = transfer.transfer(m, v, x.mean(0), data, tc, 32)
+
+
+def test_multilabel_probes(tiny):
+  m, v = tiny
+  data = multilabel_data()
+  header, rows = transfer.probes(m, v, data.images.mean(0), data, small_tc(layers=(2, 7)), 32)
+  assert header[3:5] == ["svm all (mAP %)", "softmax all (mAP %)"]
+  assert [r[0] for r in rows] == ["2", "7"]
+  assert all(0.0 <= float(r[k]) <= 100.0 for r in rows for k in (3, 4))
+
+
+@pytest.mark.slow
+def test_scratch_control(tiny):
+  m, v = tiny
+  data = multilabel_data()
+  tc = small_tc(scratch_steps=3, scratch_batch_size=8)
+  header, rows = transfer.transfer(m, v, data.images.mean(0), data, tc, 32)
   assert header == ["model", "all (mAP %)"]
+  assert rows[1][0] == "same architecture from scratch"
   for r in rows:
     assert 0.0 <= float(r[1]) <= 100.0
-  header, rows = transfer.probes(m, v, x.mean(0), data, tc, 32)
-  assert header[3:5] == ["svm all (mAP %)", "softmax all (mAP %)"]
 
 
-def test_bad_config_errors():
-  m, v = tiny_model()
+def test_bad_config_errors(tiny):
+  m, v = tiny
   data = digits_subset(200)
   with pytest.raises(ValueError, match="unknown classifiers \\['knn'\\]"):
     transfer.probes(m, v, data.images.mean(0), data, small_tc(classifiers=("knn",)), 32)

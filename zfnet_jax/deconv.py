@@ -151,8 +151,9 @@ def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
     layer: a name from ``features`` ("conv1".."conv5", "pool1", "norm1", ...,
       "fc6", "fc7", "logits").
     channel: feature map (conv/pool/norm) or unit (fc) to project.
-    position: (row, col) in the map, or None for the strongest activation of
-      the map in each image (first in row-major order on ties).
+    position: (row, col) in the map, (N, 2) one per image, or None for the
+      strongest activation of the map in each image (first in row-major order
+      on ties).
     rule: "deconvnet" (Zeiler & Fergus), "guided" or "backprop" (gradient).
   Returns:
     (N, S, S, C) projections, the same dtype as the model's compute dtype.
@@ -162,8 +163,15 @@ def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
   _check_images(images)
   shape = _check_layer(model, images.shape[1], layer)
   _check_channel(layer, shape, channel)
-  _check_position(layer, shape, position)
   n = images.shape[0]
+  if position is not None and np.ndim(position) == 2:  # one (row, col) per image
+    if np.shape(position) != (n, 2):
+      raise ValueError(f"position must be None, (row, col) or ({n}, 2), got shape "
+                       f"{np.shape(position)}")
+    for p in np.asarray(position):
+      _check_position(layer, shape, tuple(p))
+  else:
+    _check_position(layer, shape, position)
   positions, strongest = _broadcast_position(position, n)
   proj, _, _ = _project_batch(model.clone(rule=rule), variables, images,
                               jnp.full((n,), channel, jnp.int32), positions, strongest,
@@ -177,6 +185,11 @@ def strongest(model: models.PaperNet, variables, images: jax.Array, *, layer: st
   _check_images(images)
   shape = _check_layer(model, images.shape[1], layer)
   _check_channel(layer, shape, channel)
+  return _strongest(model, variables, images, channel, layer=layer)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layer"))
+def _strongest(model, variables, images, channel, layer):
   act = model.apply(variables, images, method="features")[layer]
   act = act.reshape(act.shape[0], 1, 1, -1) if act.ndim == 2 else act
   maps = act[..., channel].reshape(act.shape[0], -1)
@@ -264,6 +277,11 @@ def switches(model: models.PaperNet, variables, images: jax.Array) -> dict[str, 
   positions (ceil-mode windows past the bottom/right edge) are never chosen.
   """
   _check_images(images)
+  return _switches(model, variables, images)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _switches(model, variables, images):
   _, state = model.apply(variables, images, method="features", mutable=["switches"])
   return {name: layers.switch_positions(s, 3, 2)
           for name, s in state["switches"].items()}
@@ -351,6 +369,9 @@ _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
            "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
            "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
            "remat2": "jaxpr", "checkpoint": "jaxpr"}
+# custom_jvp functions made only of these are clamps (jax.nn.relu, relu6): rewritten.
+_CLAMP_PRIMS = {"max", "min", "jit", "pjit", "convert_element_type", "broadcast_in_dim"}
+_NOT_RELU = ("logaddexp",)  # custom_jvp functions with a max that are no ReLU (softplus)
 _SHAPE_OPS = ("broadcast_in_dim", "convert_element_type", "reshape", "squeeze",
               "expand_dims", "copy", "copy_p")
 
@@ -359,15 +380,33 @@ def _is_max_pool_jaxpr(jaxpr) -> bool:
   return any(e.primitive is jax.lax.max_p for e in jaxpr.eqns)
 
 
-def _has_target(jaxpr) -> bool:
-  """Could ``jaxpr`` (or any jaxpr inside) hold a ReLU or a max-pool?"""
+def _prims(jaxpr, acc=None) -> set:
+  """Names of all primitives in ``jaxpr`` and the jaxprs inside it."""
+  acc = set() if acc is None else acc
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("max", "reduce_window_max", "select_n", "mul"):
-      return True
+    acc.add(eqn.primitive.name)
     for sub in xcore.jaxprs_in_params(eqn.params):
-      if _has_target(sub):
-        return True
-  return False
+      _prims(sub, acc)
+  return acc
+
+
+def _has_target(jaxpr, incoming_pred=False) -> bool:
+  """Could ``jaxpr`` hold a ReLU or a max-pool (so it must be rewritten)?
+
+  max / reduce_window_max always count; select_n or mul only with a comparison
+  in the jaxpr or a comparison result coming in (``incoming_pred``).
+  """
+  names = _prims(_sub_jaxpr(jaxpr))
+  if names & {"max", "reduce_window_max"}:
+    return True
+  return bool(names & {"select_n", "mul"}) and (incoming_pred or bool(names & {"gt", "lt"}))
+
+
+def _jvp_name(eqn) -> str | None:
+  """Name of the Python function behind a custom_jvp_call (from its debug info)."""
+  info = getattr(_sub_jaxpr(eqn.params["call_jaxpr"]), "debug_info", None)
+  src = getattr(info, "func_src_info", None) or ""
+  return src.split(" ")[0] or None
 
 
 def _is_zero_const(value) -> bool:
@@ -460,12 +499,24 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
           "reduce_window with a max computation and an init value other than -inf "
           "(e.g. lax.reduce_window(x, 0., lax.max, ...)); use -inf as the init value "
           "(flax.linen.max_pool does)")
-    elif name in _INLINE and _has_target(_sub_jaxpr(eqn.params[_INLINE[name]])):
+    elif name == "custom_jvp_call" and _jvp_name(eqn) in _NOT_RELU:
+      pass  # e.g. softplus's logaddexp(x, 0): a max with zero that is no ReLU
+    elif (name == "custom_jvp_call"
+          and not _prims(_sub_jaxpr(eqn.params["call_jaxpr"])) <= _CLAMP_PRIMS
+          and _prims(_sub_jaxpr(eqn.params["call_jaxpr"])) & {"max", "reduce_window_max"}):
+      raise UnsupportedConstructError(
+          f"custom_jvp function {_jvp_name(eqn)!r} contains a max among other ops; "
+          f"deconvnet_transform cannot tell whether it is a ReLU (it rewrites custom_jvp "
+          f"functions made of max/min only, e.g. jax.nn.relu, relu6; and keeps "
+          f"{', '.join(_NOT_RELU)})")
+    elif name in _INLINE and _has_target(
+        eqn.params[_INLINE[name]],
+        any(f[1] is not None or f[2] is not None for f in map(facts, eqn.invars))):
       sub = eqn.params[_INLINE[name]]
       sub_consts = sub.consts if isinstance(sub, xcore.ClosedJaxpr) else ()
       out = _eval_with_rule(_sub_jaxpr(sub), sub_consts, invals, rule,
                             [facts(v) for v in eqn.invars])
-    elif any(_has_target(s) for s in xcore.jaxprs_in_params(eqn.params)):
+    elif any(_prims(s) & {"max", "reduce_window_max"} for s in xcore.jaxprs_in_params(eqn.params)):
       raise UnsupportedConstructError(
           f"primitive {name!r} contains a ReLU or max-pool, and deconvnet_transform "
           f"cannot rewrite inside it (supported: {', '.join(sorted(_INLINE))}); "

@@ -57,9 +57,10 @@ def grid(tiles: np.ndarray, cols: int, scale: int = 1, gap: int = GAP) -> np.nda
 
 
 def atlas_panel(projections: np.ndarray, patches: np.ndarray, channels: Sequence[int],
-                *, maps_per_row: int = 4, scale: int | None = None) -> np.ndarray:
+                *, titles: Sequence[str] | None = None, maps_per_row: int = 4,
+                scale: int | None = None) -> np.ndarray:
   """Fig. 2 panel: per map, a sqrt(k) x sqrt(k) grid of projections beside the
-  grid of the corresponding image patches, labelled "map c".
+  grid of the corresponding image patches, labelled "map c" (or ``titles``).
 
   projections, patches: (M, k, t, t, C) in [0, 1] -> uint8 (H, W, 3).
   Map m sits in row m // maps_per_row, column m % maps_per_row of a block
@@ -76,7 +77,8 @@ def atlas_panel(projections: np.ndarray, patches: np.ndarray, channels: Sequence
     blk[LABEL_H:, :left.shape[1]] = left
     blk[LABEL_H:, left.shape[1] + GRID_GAP:] = right
     img = Image.fromarray(blk)
-    ImageDraw.Draw(img).text((0, 1), f"map {int(channels[i])}", fill=(0, 0, 0))
+    title = titles[i] if titles is not None else f"map {int(channels[i])}"
+    ImageDraw.Draw(img).text((0, 1), title, fill=(0, 0, 0))
     blocks.append(np.asarray(img))
   bh, bw = blocks[0].shape[:2]
   rows = math.ceil(m / maps_per_row)

@@ -6,15 +6,18 @@ goes *down* (the VJP) changes:
 * ``relu(x, rule)``: ``"backprop"`` passes R * 1[X > 0] (the gradient),
   ``"deconvnet"`` passes ``rectify(R)`` = relu(R) (the paper's forward
   rectification of the reconstruction), ``"guided"`` passes R * 1[X > 0] * 1[R > 0].
-* ``max_pool``: records the *switches* (argmax of each window) and ``unpool``\\ s
-  through them on the way down.  Ties go to the first maximum in row-major order
-  within the window, as cuda-convnet and PyTorch do; padded positions (ceil-mode
-  windows that run past the bottom/right edge) hold -inf and are never chosen.
+* ``max_pool`` (cuda-convnet ceil mode) and ``general_max_pool`` (any
+  ``lax.reduce_window`` max: any rank, layout and padding): record the
+  *switches* (argmax of each window) and ``unpool`` through them on the way
+  down.  Ties go to the first maximum in row-major order within the window, as
+  cuda-convnet and PyTorch do; padded positions hold -inf and are never chosen.
+  The forward value is ``lax.reduce_window``'s; the same in every rule.
 * convolution needs nothing special: its VJP *is* the paper's "filter" step
   (the transposed, i.e. flipped, filters; biases play no part in a VJP).
 * ``contrast_norm`` (local response normalisation across maps) goes down with
-  its exact VJP (``norm_rule="exact"``, the default: the deconvnet then inverts
-  exactly the function the forward pass computed) or unchanged
+  its exact VJP (``norm_rule="exact"``, the default: the signal goes down
+  through the transpose of exactly the function the forward pass computed, like
+  every other layer) or unchanged
   (``norm_rule="identity"``, an approximation some deconvnet ports use; with
   AlexNet's small alpha the two differ only by a per-unit rescaling close to
   k^-beta).

@@ -141,6 +141,9 @@ def render_report(config, workdir: str, model: models.PaperNet, variables,
   size, channels = pixel_mean.shape[0], pixel_mean.shape[-1]
   atlas_lib.check_options(model, size, layers=opts.layers, k=opts.top_k, rule=opts.rule,
                           num_maps=opts.num_maps, chunk_size=opts.chunk_size)
+  analyses = _analyses_module() if extra_sections else None
+  if analyses is not None and hasattr(analyses, "validate") and _analyses_enabled(config):
+    analyses.validate(config, model)  # their settings, before any long work
   final = os.path.join(workdir, "report")
   tmp = tempfile.mkdtemp(prefix=".report-tmp-", dir=workdir)
   try:
@@ -150,8 +153,8 @@ def render_report(config, workdir: str, model: models.PaperNet, variables,
     sections += run[1:]
     sections += _atlas_sections(config, opts, model, variables, batches, pixel_mean,
                                 class_names, total, progress, tmp)
-    if extra_sections:
-      for s in _analyses_sections(config, workdir, model, variables):
+    if analyses is not None:
+      for s in _analyses_sections(analyses, config, workdir, model, variables):
         sections.append(_adopt_figures(s, final, workdir, tmp))
     title = f"zfnet_jax report: {config.model.name} on {config.dataset.name}"
     note = (f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in {time.time() - t0:.0f} s "
@@ -262,7 +265,9 @@ def _atlas_sections(config, opts, model, variables, batches, pixel_mean, class_n
     k = a.projections.shape[1]
     for p, start in enumerate(range(0, len(a.channels), MAPS_PER_IMAGE)):
       sl = slice(start, start + MAPS_PER_IMAGE)
-      img = figures.atlas_panel(a.projections[sl], a.patches[sl], a.channels[sl])
+      titles = [f"map {int(c)}" + (" (never fires)" if v <= 0 else "")
+                for c, v in zip(a.channels[sl], a.values[sl, 0])]
+      img = figures.atlas_panel(a.projections[sl], a.patches[sl], a.channels[sl], titles=titles)
       fname = f"atlas_{layer}_{p}.png"
       figures.save_png(img, os.path.join(out_dir, fname))
       chans = a.channels[sl]
@@ -276,14 +281,23 @@ def _atlas_sections(config, opts, model, variables, batches, pixel_mean, class_n
   return sections
 
 
-def _analyses_sections(config, workdir, model, variables) -> list[Section]:
-  """Sections of zfnet_jax.analyses.report_sections, if that function exists."""
+def _analyses_module():
+  """zfnet_jax.analyses, or None if it does not exist (its own import errors raise)."""
   try:
-    mod = importlib.import_module("zfnet_jax.analyses")
+    return importlib.import_module("zfnet_jax.analyses")
   except ModuleNotFoundError as e:
-    if e.name in ("zfnet_jax.analyses",):
-      return []
+    if e.name == "zfnet_jax.analyses":
+      return None
     raise
+
+
+def _analyses_enabled(config) -> bool:
+  a = config.get("analyses")
+  return a is None or bool(a.get("enabled", True))
+
+
+def _analyses_sections(mod, config, workdir, model, variables) -> list[Section]:
+  """Sections of ``mod.report_sections`` if that function exists."""
   fn = getattr(mod, "report_sections", None)
   if fn is None:
     return []

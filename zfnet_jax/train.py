@@ -254,8 +254,10 @@ def _checkpoint_manager(ckpt_dir, keep, keep_steps=(), read_only=False):
   from orbax.checkpoint import checkpoint_managers as cm
   policy = cm.AnyPreservationPolicy([cm.LatestN(max(1, keep))] +
                                     ([cm.CustomSteps(list(keep_steps))] if keep_steps else []))
+  # Synchronous saves: a returned save() is on disk (simplest to reason about on
+  # preemption); the blocking time is small next to an epoch.
   opts = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
-                                      read_only=read_only)
+                                      read_only=read_only, enable_async_checkpointing=False)
   return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=opts,
                                item_names=("state", "meta"))
 

@@ -278,7 +278,8 @@ def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
   clipping of conv filters; batches drawn at random without replacement.
   """
   tx, step, clip = _scratch_step(model, float(learning_rate), bool(multilabel), bool(flip))
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *images.shape[1:])))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed),
+                               jnp.zeros((1, *images.shape[1:])))["params"]
   params = clip(params)
   opt_state = tx.init(params)
   rng = np.random.default_rng(seed)

@@ -46,7 +46,8 @@ def validate(config, model) -> None:
       common.check_layer(model, size, layer, "correspondence layer")
     if a.correspondence.repeats < 1:
       raise ValueError(f"correspondence.repeats {a.correspondence.repeats} not allowed: >= 1")
-    correspondence.load_boxes(a.correspondence.boxes, size, config.dataset.resize_size)
+    if correspondence.box_file_dataset(a.correspondence.boxes) in (None, config.dataset.name):
+      correspondence.load_boxes(a.correspondence.boxes, size, config.dataset.resize_size)
   if a.evolution.enabled:
     evolution.check(model, size, list(a.evolution.layers), list(a.evolution.maps))
     if a.evolution.max_examples < 1:

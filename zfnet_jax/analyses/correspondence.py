@@ -43,17 +43,29 @@ def delta(eps: np.ndarray) -> tuple[float, float]:
   return float(off.mean()), float(off.std())
 
 
+def _resolve(path: str) -> str:
+  """``path``, or the same relative path inside the repository (works from any directory)."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if not os.path.exists(path) and not os.path.isabs(path) and \
+      os.path.exists(os.path.join(repo, path)):
+    return os.path.join(repo, path)
+  if not os.path.exists(path):
+    raise ValueError(f"correspondence box file {path!r} does not exist")
+  return path
+
+
+def box_file_dataset(path: str) -> str | None:
+  """The ``dataset`` a box file is for (None if it does not say)."""
+  with open(_resolve(path)) as f:
+    return json.load(f).get("dataset")
+
+
 def load_boxes(path: str, input_size: int, resize_size: int | None = None) -> dict:
   """Read a box file -> {"ids": [N], "parts": {part: (N, 4) int input pixels}, **meta}.
 
   Every part must have a box in every image.
   """
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if not os.path.exists(path) and not os.path.isabs(path) and \
-      os.path.exists(os.path.join(repo, path)):
-    path = os.path.join(repo, path)      # relative paths also work from outside the repo
-  if not os.path.exists(path):
-    raise ValueError(f"correspondence box file {path!r} does not exist")
+  path = _resolve(path)
   with open(path) as f:
     doc = json.load(f)
   units = doc.get("units", "input_pixels")
@@ -171,11 +183,13 @@ def section(config, workdir: str, model, variables, out_dir: str):
   for layer in layers:
     common.check_layer(model, size, layer, "correspondence layer")
   sec = report.Section("Correspondence analysis", "correspondence")
-  doc = load_boxes(cc.boxes, size, config.dataset.resize_size)
-  if doc.get("dataset") and doc["dataset"] != config.dataset.name:
-    sec.paragraphs.append(f"Skipped: the box file {cc.boxes} is for dataset {doc['dataset']!r}, "
-                          f"this run uses {config.dataset.name!r} (set analyses.correspondence.boxes).")
+  for_dataset = box_file_dataset(cc.boxes)
+  if for_dataset not in (None, config.dataset.name):
+    sec.paragraphs.append(f"Skipped: the box file {cc.boxes} is for dataset {for_dataset!r}, "
+                          f"this run uses {config.dataset.name!r} "
+                          "(set analyses.correspondence.boxes).")
     return sec
+  doc = load_boxes(cc.boxes, size, config.dataset.resize_size)
   images, labels, ids = common.load_examples(config, workdir, ids=doc["ids"],
                                              split=doc.get("split") or None)
   mean = input_pipeline.pixel_mean(config, workdir)
