@@ -63,7 +63,8 @@ def test_box_file(tmp_path):
   np.testing.assert_array_equal(doc["parts"]["left sleeve"][0], [4, 4, 24, 19])
   p = tmp_path / "b.json"
   p.write_text(json.dumps({"units": "input_pixels", "boxes": [
-      {"image": 1, "part": "eye", "box": [0, 0, 4, 4]}, {"image": 2, "part": "nose", "box": [0, 0, 4, 4]}]}))
+      {"image": 1, "part": "eye", "box": [0, 0, 4, 4]},
+      {"image": 2, "part": "nose", "box": [0, 0, 4, 4]}]}))
   with pytest.raises(ValueError, match="'eye' has no box in images \\[2\\]"):
     correspondence.load_boxes(str(p), 64)
   p.write_text(json.dumps({"units": "cm", "boxes": []}))

@@ -132,7 +132,7 @@ def tiny():
   x = np.array(jax.random.normal(jax.random.PRNGKey(0), (2, SIZE, SIZE, 3)), np.float32)
   x[0, :, : SIZE // 2] = 0.0  # flat regions -> equal conv outputs -> tied pool windows
   x[1, 10:40, 20:50] = 0.0
-  variables = model.init(jax.random.PRNGKey(1), jnp.asarray(x))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.asarray(x[:1]))
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
   params = jax.tree_util.tree_map(np.copy, params)
   params["conv1"]["bias"][:] = [0.3, -50.0, 0.0]  # channel 1 dead: all-zero windows
@@ -320,7 +320,7 @@ class PlainCNN(nn.Module):
 def _plain_setup():
   x = np.array(jax.random.normal(jax.random.PRNGKey(2), (3, 32, 32, 3)), np.float32)
   x[:, :16] = 0.0  # ties
-  v = PlainCNN().init(jax.random.PRNGKey(3), jnp.asarray(x))
+  v = jax.jit(PlainCNN().init)(jax.random.PRNGKey(3), jnp.asarray(x[:1]))
   v = jax.tree_util.tree_map(lambda a: a + 0.05 if a.ndim == 1 else a, v)  # nonzero biases
   return jnp.asarray(x), v
 

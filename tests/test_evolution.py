@@ -47,7 +47,27 @@ def test_grids_come_from_evolution_checkpoints(tiny_workdir):
     model, variables, _ = train.load_trained(tiny_workdir, step)
     for k, layer in enumerate(("conv1", "conv2")):
       for m in range(3):
-        np.testing.assert_allclose(g[layer][e][m], brute_force_tile(model, variables, images, layer, m),
-                                   atol=2e-3)
+        want = brute_force_tile(model, variables, images, layer, m)
+        np.testing.assert_allclose(g[layer][e][m], want, atol=2e-3)
   # training changed the features: the first and last epochs' tiles differ
   assert np.abs(g["conv1"][0] - g["conv1"][-1]).max() > 0.01
+
+
+def test_tensorboard_hook_writes_images(tiny_workdir, tmp_path):
+  import glob
+  import tensorflow as tf
+  from clu import metric_writers
+  model, variables, config = train.load_trained(tiny_workdir)
+  assert evolution.tensorboard_hook(config, tiny_workdir, model) is None   # off by default
+  with config.unlocked():
+    config.analyses.evolution.tensorboard_every_steps = 5
+    config.analyses.evolution.layers = ("conv1", "conv2")
+    config.analyses.evolution.tensorboard_maps = (0, 1)
+  hook = evolution.tensorboard_hook(config, tiny_workdir, model, num_images=8)
+  writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
+  hook(3, variables["params"], writer)      # not a multiple of 5: nothing
+  hook(10, variables["params"], writer)
+  writer.close()
+  tags = [(e.step, v.tag) for f in glob.glob(str(tmp_path / "events.out.tfevents.*"))
+          for e in tf.compat.v1.train.summary_iterator(f) for v in e.summary.value]
+  assert tags == [(10, "evolution/projections")]

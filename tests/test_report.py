@@ -215,7 +215,8 @@ window.addEventListener("load", function () {
   for (const im of document.images) r.images.push([im.getAttribute("src"), im.naturalWidth]);
   for (const s of document.querySelectorAll("section")) r.sections.push(s.id);
   var pre = document.createElement("pre"); pre.id = "zfcheck";
-  var m = "ZF" + "CHECK"; pre.textContent = m + JSON.stringify(r) + m; document.body.appendChild(pre);
+  var m = "ZF" + "CHECK"; pre.textContent = m + JSON.stringify(r) + m;
+  document.body.appendChild(pre);
 });</script>"""
 
 

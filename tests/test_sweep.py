@@ -82,7 +82,8 @@ def test_real_two_run_sweep(tmp_path):
           "--config.batch_size=8", "--config.eval_batch_size=500", "--config.ten_crop_eval=False",
           "--config.dataset.resize_size=36", "--config.dataset.crop_size=32",
           "--config.report.enabled=False", "--config.evolution_epochs=()",
-          "--config.log_every_steps=1"]
+          "--config.log_every_steps=1", "--config.dataset.max_train_examples=64",
+          "--config.dataset.max_eval_examples=64"]
   root = tmp_path / "runs"
   proc = subprocess.run([sys.executable, SCRIPT, f"--sweep={sweep}", f"--root={root}",
                          "--parallel=2", "--", *tiny], cwd=ROOT, capture_output=True, text=True,
@@ -91,9 +92,9 @@ def test_real_two_run_sweep(tmp_path):
   with open(root / "summary.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["run"] for r in rows] == ["fc_features=8", "fc_features=16"]
-  assert [r["fc_features"] for r in rows] == ["8", "16"]
+  assert [r["model.fc_features"] for r in rows] == ["8", "16"]
   for r in rows:
     assert r["status"] == "ok"
     assert 0.0 <= float(r["top1_error"]) <= 1.0
   md = (root / "summary.md").read_text()
-  assert md.startswith("| run | fc_features |") and "fc_features=16" in md
+  assert md.startswith("| run | model.fc_features |") and "fc_features=16" in md

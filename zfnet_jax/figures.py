@@ -87,7 +87,8 @@ def atlas_panel(projections: np.ndarray, patches: np.ndarray, channels: Sequence
                 BACKGROUND, np.uint8)
   for i, blk in enumerate(blocks):
     r, c = divmod(i, maps_per_row)
-    out[r * (bh + MAP_GAP):r * (bh + MAP_GAP) + bh, c * (bw + MAP_GAP):c * (bw + MAP_GAP) + bw] = blk
+    y, x = r * (bh + MAP_GAP), c * (bw + MAP_GAP)
+    out[y:y + bh, x:x + bw] = blk
   return out
 
 

@@ -27,7 +27,6 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
 from zfnet_jax import atlas as atlas_lib
 from zfnet_jax import figures
@@ -90,7 +89,9 @@ def options(config) -> Options:
   layers = tuple(layers)
   if not layers:
     raise ValueError("config.report.layers is empty; give at least one layer, e.g. conv1")
-  layers_lib.check_rule(r.rule)
+  if r.rule not in layers_lib.RULES:
+    raise ValueError(f"config.report.rule {r.rule!r} unknown; allowed: "
+                     f"{', '.join(layers_lib.RULES)}")
   split = r.split or config.dataset.eval_split
   return Options(split, layers, pos_int("num_maps", True), pos_int("top_k"), r.rule,
                  pos_int("max_examples", True), pos_int("batch_size"), pos_int("chunk_size"))

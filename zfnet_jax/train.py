@@ -288,14 +288,11 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def create_train_state(config, model, info, tx, mesh) -> TrainState:
-  """A replicated fresh state (params initialised from config.seed)."""
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, run_rng = jax.random.split(rng)
+def _init_fn(config, model, info, tx):
+  """() -> a fresh TrainState (params initialised from config.seed)."""
+  init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   shape = (1, info.input_size, info.input_size, info.channels)
-  replicated = NamedSharding(mesh, P())
 
-  @jax.jit
   def init():
     params = model.init(init_rng, jnp.zeros(shape, jnp.float32))["params"]
     if config.clip_filters:
@@ -304,7 +301,12 @@ def create_train_state(config, model, info, tx, mesh) -> TrainState:
                       rng=run_rng, lr_scale=jnp.float32(1.0), best_error=jnp.float32(np.inf),
                       bad_evals=jnp.int32(0), nonfinite_step=jnp.int32(-1),
                       nonfinite_loss=jnp.float32(0.0))
-  return jax.jit(init, out_shardings=replicated)()
+  return init
+
+
+def create_train_state(config, model, info, tx, mesh) -> TrainState:
+  """A fresh state, replicated over the mesh."""
+  return jax.jit(_init_fn(config, model, info, tx), out_shardings=NamedSharding(mesh, P()))()
 
 
 def _global(batch, sharding):
@@ -430,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, meta = _restore(other, step, abstract)
     print(f"Starting from {config.restore_path} step {step}", flush=True)
   start = int(jax.device_get(state.step))
-  if start != int(jax.device_get(state.step)) or start > num_steps:
+  if start > num_steps:
     logging.warning("checkpoint step %d is past the run's %d steps", start, num_steps)
 
   p_train = jax.jit(jax.shard_map(
@@ -508,8 +510,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.checkpoint_every_steps == 0 or step in evo or step == num_steps:
         save(step)
     train_seconds = time.time() - t0
-    if start == num_steps and latest is None:
-      save(num_steps)
     check_finite(state, step)
     res = evaluate(config, workdir, state, model, mesh, ten_crop=config.ten_crop_eval)
     if not config.ten_crop_eval:
@@ -569,8 +569,7 @@ def load_trained(workdir: str, step: int | None = None):
   import orbax.checkpoint as ocp
   config = load_config(workdir)
   with open(os.path.join(workdir, "dataset_info.json")) as f:
-    num_classes = json.load(f)["num_classes"]
-  model = models.from_config(config.model, num_classes)
+    model = models.from_config(config.model, json.load(f)["num_classes"])
   mngr = _checkpoint_manager(os.path.join(workdir, "checkpoints"), 1, read_only=True)
   steps = mngr.all_steps()
   if not steps:
@@ -580,11 +579,11 @@ def load_trained(workdir: str, step: int | None = None):
   if step not in steps:
     raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; "
                      f"available: {sorted(steps)}")
-  meta = mngr.item_metadata(step)["state"]
+  with open(os.path.join(workdir, "dataset_info.json")) as f:
+    info = input_pipeline.DatasetInfo(**json.load(f))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))["state"]
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+                          jax.eval_shape(_init_fn(config, model, info, make_optimizer(config))))
+  restored, _ = _restore(mngr, step, abstract)
   mngr.close()
-  params = restored["params"] if isinstance(restored, dict) else restored.params
-  return model, {"params": params}, config
+  return model, {"params": restored.params}, config

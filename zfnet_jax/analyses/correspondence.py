@@ -80,7 +80,8 @@ def load_boxes(path: str, input_size: int, resize_size: int | None = None) -> di
   for e in entries:
     box = np.asarray(e["box"], np.float64)
     if box.shape != (4,):
-      raise ValueError(f"{path}: box {e['box']} of image {e['image']} is not [row0, col0, row1, col1]")
+      raise ValueError(f"{path}: box {e['box']} of image {e['image']} is not "
+                       "[row0, col0, row1, col1]")
     if units == "source_pixels":
       src = float(doc["source_size"])
       scale = (resize_size or input_size) / src
@@ -108,7 +109,9 @@ def occlude(images: np.ndarray, boxes: np.ndarray, fill: np.ndarray) -> np.ndarr
   return out
 
 
-def random_boxes(rng: np.random.Generator, n: int, height: int, width: int, size: int) -> np.ndarray:
+def random_boxes(rng: np.random.Generator, n: int, height: int, width: int,
+                 size: int) -> np.ndarray:
+  """(n, 4) boxes of height x width at uniformly random places inside a size x size image."""
   r = rng.integers(0, size - height + 1, n)
   c = rng.integers(0, size - width + 1, n)
   return np.stack([r, c, r + height, c + width], 1)
@@ -135,14 +138,17 @@ def measure(model, variables, images: np.ndarray, parts: dict[str, np.ndarray], 
   hw = np.mean([b[:, 2:] - b[:, :2] for b in parts.values()], axis=(0, 1)).round().astype(int)
   rng = np.random.default_rng(seed)
   runs = [deltas(random_boxes(rng, len(images), hw[0], hw[1], size)) for _ in range(repeats)]
-  out["random"] = {l: (float(np.mean([r[l][0] for r in runs])), float(np.std([r[l][0] for r in runs])))
-                   for l in layers}
+  out["random"] = {}
+  for l in layers:
+    d = [r[l][0] for r in runs]
+    out["random"][l] = (float(np.mean(d)), float(np.std(d)))
   return out
 
 
 def table(results: dict, layers) -> tuple[list[str], list[list[str]]]:
   header = ["occluded"] + [f"Delta {l}" for l in layers]
-  return header, [[p] + [f"{r[l][0]:.3f} ± {r[l][1]:.3f}" for l in layers] for p, r in results.items()]
+  rows = [[p] + [f"{r[l][0]:.3f} ± {r[l][1]:.3f}" for l in layers] for p, r in results.items()]
+  return header, rows
 
 
 def write_tables(results: dict, layers, prefix: str) -> None:

@@ -24,7 +24,6 @@ recipe on the same data (the other model is trained in a sub-workdir when
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import numpy as np
@@ -94,7 +93,8 @@ def high_freq_fraction(images: np.ndarray, cutoff: float = 0.25, fft_size: int =
 
 def layer2_projections(model, variables, images: np.ndarray, num_maps: int = 16,
                        rule: str = "deconvnet", layer: str = "conv2") -> np.ndarray:
-  """(M, S, S, C) projections of the strongest activation of maps 0..M-1 of ``layer`` over ``images``."""
+  """(M, S, S, C): projection of the strongest activation over ``images`` of each of
+  maps 0..M-1 of ``layer``."""
   from zfnet_jax import deconv
   size = images.shape[1]
   common.check_layer(model, size, layer, "aliasing layer", common.spatial_layers(model, size))
@@ -249,7 +249,8 @@ def section(config, workdir: str, model, variables, out_dir: str):
                    ocfg.model.name: results[ocfg.model.name]}
         notes.append(f"{config.model.name} is also shown at its epoch-{at:g} evolution "
                      f"checkpoint, as long as {ocfg.model.name} was trained.")
-    notes.append(f"{ocfg.model.name}: trained in {sub} for {epochs:g} epochs with this run's recipe.")
+    notes.append(f"{ocfg.model.name}: trained in {sub} for {epochs:g} epochs with this run's "
+                 "recipe.")
   else:
     other = COUNTERPART.get(config.model.name, "the other model")
     notes.append(f"No {other} run to compare with: set --config.analyses.diagnostics."

@@ -28,7 +28,8 @@ TILE = 48  # side of a tile in pixels (receptive-field crops are resized to it)
 def check(model, input_size: int, layers: Sequence[str], maps: Sequence[int]) -> None:
   """ValueError for an unknown/non-spatial layer or a map out of range in any layer."""
   if not layers or not maps:
-    raise ValueError(f"evolution needs layers and maps, got layers={list(layers)} maps={list(maps)}")
+    raise ValueError(f"evolution needs layers and maps, got layers={list(layers)} "
+                     f"maps={list(maps)}")
   for layer in layers:
     common.check_layer(model, input_size, layer, "evolution layer",
                        common.spatial_layers(model, input_size))
@@ -109,6 +110,30 @@ def tensorboard_panel(model, variables, images, layers: Sequence[str], maps: Seq
   from zfnet_jax import figures
   t = tiles(model, variables, np.asarray(images, np.float32), layers, maps, rule, tile=tile)
   return figures.grid(np.concatenate([t[l] for l in layers]), len(maps), 1, gap=2)
+
+
+def tensorboard_hook(config, workdir: str, model, num_images: int = 64):
+  """For the training loop: None when ``analyses.evolution.tensorboard_every_steps`` is 0,
+  else ``hook(step, params, writer)`` that writes ``tensorboard_panel`` of the first
+  ``num_images`` training examples (maps ``tensorboard_maps`` of ``evolution.layers``) as
+  the image "evolution/projections" every that many steps (a clu metric writer)."""
+  ec = config.analyses.evolution
+  every = int(ec.tensorboard_every_steps)
+  if every <= 0:
+    return None
+  layers, maps = list(ec.layers), [int(m) for m in ec.tensorboard_maps]
+  check(model, config.dataset.crop_size, layers, maps)
+  images, _, _ = common.load_examples(config, workdir, num_images,
+                                      split=config.dataset.train_split)
+
+  def hook(step: int, params, writer) -> None:
+    if step % every:
+      return
+    panel = tensorboard_panel(model, {"params": jax.device_get(params)}, images, layers, maps,
+                              config.report.rule)
+    writer.write_images(int(step), {"evolution/projections": panel[None]})
+    writer.flush()
+  return hook
 
 
 def grids(workdir: str, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],

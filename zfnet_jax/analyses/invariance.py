@@ -26,7 +26,8 @@ import numpy as np
 from zfnet_jax.analyses import common
 
 TRANSFORMS = ("translation", "scale", "rotation")
-UNITS = {"translation": "vertical shift (px)", "scale": "scale factor", "rotation": "rotation (deg)"}
+UNITS = {"translation": "vertical shift (px)", "scale": "scale factor",
+         "rotation": "rotation (deg)"}
 
 
 def amounts(config, input_size: int) -> dict[str, np.ndarray]:

@@ -145,7 +145,7 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
   """One row of Fig. 7: (a) image + square, (b) activation map, (c) projection,
   (d) P(true class) map, (e) most probable class map with a legend."""
   plt = common.pyplot()
-  from matplotlib import colors, patches
+  from matplotlib import patches
   size = display.shape[0]
   sq, n = result["squares"], len(result["squares"])
   stride = int(result["stride"])
@@ -182,7 +182,8 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
   axes[4].set_xticks([])
   axes[4].set_yticks([])
   axes[4].set_title(f"(e) most probable class (unoccluded: {names[top0]})", fontsize=9)
-  axes[4].legend(handles=[patches.Patch(color=cmap(k), label=names[c]) for k, c in enumerate(classes)],
+  handles = [patches.Patch(color=cmap(k), label=names[c]) for k, c in enumerate(classes)]
+  axes[4].legend(handles=handles,
                  loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
   return common.save(fig, path)
 
@@ -196,16 +197,16 @@ def section(config, workdir: str, model, variables, out_dir: str):
   images, labels, ids = common.analysed_examples(config, workdir)
   mean = input_pipeline.pixel_mean(config, workdir)
   fill = fill_image(s.fill, mean, images.shape[1:])
+  fill_text = "the training mean, mid-grey" if s.fill < 0 else f"pixel value {s.fill:g}"
   sec = report.Section(
       "Occlusion sensitivity", "occlusion",
       paragraphs=[
-          f"A square of {s.size}x{s.size} px (fill: "
-          f"{'the training mean, mid-grey' if s.fill < 0 else f'pixel value {s.fill:g}'}) slides over "
-          f"each {size}x{size} input with its centre on a grid of stride {s.stride} px, clipped at the "
-          f"border. Per position: (b) total activation of the {s.layer} map that is strongest on the "
-          "unoccluded image, (c) that map's deconvnet projection, (d) probability of the true class, "
-          "(e) most probable class (paper Fig. 7). Each map cell is drawn over the pixels whose "
-          "occlusion it measures. Arrays: "
+          f"A square of {s.size}x{s.size} px (fill: {fill_text}) slides over each "
+          f"{size}x{size} input with its centre on a grid of stride {s.stride} px, clipped at "
+          f"the border. Per position: (b) total activation of the {s.layer} map that is "
+          "strongest on the unoccluded image, (c) that map's deconvnet projection, "
+          "(d) probability of the true class, (e) most probable class (paper Fig. 7). Each "
+          "map cell is drawn over the pixels whose occlusion it measures. Arrays: "
           f"{common.ref(os.path.join(out_dir, 'occlusion_<id>.npz'), workdir)}."])
   rows = []
   for image, label, i in zip(images, labels, ids):
