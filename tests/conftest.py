@@ -19,7 +19,7 @@ def tiny_config():
   c.model.name = "ZFNetLowRes"
   c.model.conv_features = (8, 16, 16, 16, 16)
   c.model.fc_features = 32
-  c.model.kernel_init_std = None
+  c.model.kernel_init_std = 0.03
   c.model.dropout_rate = 0.0
   c.dataset.name = "fashion_mnist_idx"
   c.dataset.eval_split = "test"
@@ -29,7 +29,7 @@ def tiny_config():
   c.dataset.max_eval_examples = 256
   c.batch_size = 64
   c.num_epochs = 3.0
-  c.learning_rate = 0.02
+  c.learning_rate = 0.05
   c.schedule = "cosine"
   c.eval_batch_size = 128
   c.evolution_epochs = (1, 2, 3)
@@ -44,6 +44,21 @@ def tiny_config():
 def tiny_workdir(tmp_path_factory):
   """Path of a workdir with a finished tiny run: checkpoints at epochs 1, 2, 3, results.json."""
   from zfnet_jax import train
+  config = tiny_config()
+  if not os.path.exists(os.path.join(config.dataset.fashion_mnist_dir,
+                                     "train-images-idx3-ubyte.gz")):
+    # No Debian package here: random IDX files (tests never download).
+    import gzip
+    import struct
+    import numpy as np
+    d = str(tmp_path_factory.mktemp("fmnist"))
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 1024), ("t10k", 256)):
+      for kind, shape in (("images-idx3", (n, 28, 28)), ("labels-idx1", (n,))):
+        a = rng.integers(0, 10 if kind.startswith("labels") else 256, shape).astype(np.uint8)
+        with gzip.open(os.path.join(d, f"{prefix}-{kind}-ubyte.gz"), "wb") as f:
+          f.write(bytes([0, 0, 8, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
+    config.dataset.fashion_mnist_dir = d
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  train.train_and_evaluate(tiny_config(), workdir)
+  train.train_and_evaluate(config, workdir)
   return workdir

@@ -126,15 +126,26 @@ def np_project(steps, acts, layer, channel, position, rule):
 # Fixtures: a tiny ZFNet with many ties in its pools.
 # ----------------------------------------------------------------------------
 
+def random_params(model, x, seed):
+  """He-normal kernels, zero biases, of the shapes ``model.init`` would make
+  (abstract init only: nothing is compiled)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+  rng = np.random.default_rng(seed)
+
+  def make(a):
+    if len(a.shape) == 1:
+      return np.zeros(a.shape, np.float32)
+    return (rng.normal(size=a.shape) * np.sqrt(2.0 / np.prod(a.shape[:-1]))).astype(np.float32)
+  return jax.tree_util.tree_map(make, shapes)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny():
   model = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
   x = np.array(jax.random.normal(jax.random.PRNGKey(0), (2, SIZE, SIZE, 3)), np.float32)
   x[0, :, : SIZE // 2] = 0.0  # flat regions -> equal conv outputs -> tied pool windows
   x[1, 10:40, 20:50] = 0.0
-  variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.asarray(x[:1]))
-  params = jax.tree_util.tree_map(np.asarray, variables["params"])
-  params = jax.tree_util.tree_map(np.copy, params)
+  params = random_params(model, x[:1], seed=1)
   params["conv1"]["bias"][:] = [0.3, -50.0, 0.0]  # channel 1 dead: all-zero windows
   params["conv2"]["bias"][:] = [0.0, -50.0, 0.1, 0.0]
   params["conv5"]["bias"][:] = [0.0, 0.0, -50.0]
@@ -166,7 +177,7 @@ def test_reference_forward_matches_model_and_has_ties():
 
 @pytest.mark.parametrize("rule,layer,channel,position", [
     ("deconvnet", "conv5", 0, None),
-    ("deconvnet", "pool2", 2, (1, 0)),
+    ("deconvnet", "pool2", 0, (1, 2)),
     ("deconvnet", "fc6", 0, None),
     ("guided", "conv5", 1, None),
     ("guided", "norm1", 0, (3, 5)),
@@ -256,6 +267,14 @@ def test_project_under_jit_and_per_image():
   batched = f(x)
   for i in range(x.shape[0]):
     np.testing.assert_allclose(batched[i], f(x[i:i + 1])[0], rtol=1e-5, atol=1e-7)
+  # The strongest unit: first maximum in row-major order of the map.
+  pos, val = deconv.strongest(model, variables, x, layer="conv5", channel=1)
+  for i, (_, acts, _) in enumerate(reference()):
+    a = acts["conv5"][..., 1]
+    assert tuple(pos[i]) == np.unravel_index(np.argmax(a), a.shape)
+    np.testing.assert_allclose(val[i], a.max(), rtol=1e-4)
+  by_pos = deconv.project(model, variables, x, layer="conv5", channel=1, position=np.asarray(pos))
+  np.testing.assert_allclose(by_pos, batched, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -320,7 +339,7 @@ class PlainCNN(nn.Module):
 def _plain_setup():
   x = np.array(jax.random.normal(jax.random.PRNGKey(2), (3, 32, 32, 3)), np.float32)
   x[:, :16] = 0.0  # ties
-  v = jax.jit(PlainCNN().init)(jax.random.PRNGKey(3), jnp.asarray(x[:1]))
+  v = {"params": random_params(PlainCNN(), x[:1], seed=3)}
   v = jax.tree_util.tree_map(lambda a: a + 0.05 if a.ndim == 1 else a, v)  # nonzero biases
   return jnp.asarray(x), v
 

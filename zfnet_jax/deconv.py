@@ -552,19 +552,22 @@ def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
 
   Works on any JAX function (a Flax Linen ``apply``, an NNX module, pure JAX):
   traces ``fn`` to a jaxpr and evaluates it with
-    * ``max(x, 0)`` (``jax.nn.relu``, ``flax.linen.relu``, ``nnx.relu``,
-      ``jnp.maximum(x, 0)``) replaced by ``layers.relu(x, rule)``;
+    * ReLUs -- ``max(x, 0)`` (``jax.nn.relu``, ``flax.linen.relu``,
+      ``nnx.relu``, ``relu6``, ``jnp.maximum(x, 0)``, ``jnp.clip(x, 0)``),
+      ``jnp.where(x > 0, x, 0)`` and ``x * (x > 0)`` -- replaced by
+      ``layers.relu(x, rule)``;
     * ``reduce_window_max`` (``nn.max_pool``, ``lax.reduce_window(x, -inf,
       lax.max, ...)``, any padding, no dilation) replaced by a max-pool that
       unpools through its switches (ties: first maximum in row-major order);
   recursing into jit, closed_call, custom_jvp_call, custom_vjp_call and
   checkpoint.  Convolutions, dense layers and everything else keep their own
   VJP (a convolution's is the paper's transposed filters).  ``max(x, y)`` with
-  no zero operand is an ordinary op (not a ReLU) and keeps its gradient.
-  A ReLU or max-pool the rewriter cannot reach (inside scan, while, cond,
-  shard_map, ...; a dilated or non -inf max-pool) raises
-  ``UnsupportedConstructError`` naming it; nothing silently falls back to
-  plain gradients.
+  no zero operand is an ordinary op (not a ReLU) and keeps its gradient, as
+  does softplus (``logaddexp(x, 0)``).  A ReLU or max-pool the rewriter cannot
+  reach raises ``UnsupportedConstructError`` naming the construct: a max inside
+  scan, while, cond, shard_map, ...; a dilated max-pool or one with an init
+  value other than -inf; a ``custom_jvp`` function that mixes a max with other
+  ops.  Nothing silently falls back to plain gradients.
 
   Array arguments (and pytrees of them) are traced; every other argument (bools,
   strings, modules, Python numbers) is static.  Wrap the result in ``jax.jit``.

@@ -93,12 +93,16 @@ def scan(model, variables, image: np.ndarray, label: int, s: Settings,
   fill = jnp.zeros_like(image) if fill is None else jnp.asarray(fill, jnp.float32)
   sq = squares(size, s.size, s.stride)
   n = len(sq)
+  check(s, model, size)
+  if not 0 <= int(label) < model.num_classes:
+    raise ValueError(f"label {label} out of range: allowed 0..{model.num_classes - 1}")
+  if channel is not None:
+    common.check_channels(model, size, s.layer, [channel])
   feats = common.features_fn(model, [s.layer])
   f0 = jax.device_get(feats(variables, image[None]))
   totals = f0[s.layer][0].reshape(-1, f0[s.layer].shape[-1]).sum(0)
   if channel is None:
     channel = int(np.argmax(totals))
-  common.check_channels(model, size, s.layer, [channel])
   p0 = common.softmax(f0["logits"][0].astype(np.float64))
   out = _scan_fn(model, s.layer, s.chunk_size)(variables, image, fill, jnp.asarray(sq),
                                                  jnp.int32(label), jnp.int32(channel))
