@@ -221,3 +221,18 @@ def test_probe_table_from_trained_workdir(tmp_path):
   assert os.path.exists(os.path.join(workdir, "transfer", "probes.md"))
   sections = transfer.report_sections(config, workdir)
   assert sections[0].tables[0][1] == rows
+
+
+def test_tfds_loaders_on_mock_data():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  tc = configs.default_config().transfer
+  with tfds.testing.mock_data(num_examples=4):
+    tc.dataset = "caltech101"
+    d = transfer.load_target(tc, 32, 36, 3)
+    assert d.images.shape == (8, 32, 32, 3) and d.split is None    # train + test merged
+    assert len(d.class_names) == 102 and d.labels.max() < 102
+    tc.dataset = "voc2012"
+    d = transfer.load_target(tc, 32, 36, 1)
+    assert d.images.shape == (8, 32, 32, 1) and d.labels.shape == (8, 20) and d.multilabel
+    assert [len(s) for s in d.split] == [4, 4] and not set(d.split[0]) & set(d.split[1])
+    assert 0 <= d.images.min() and d.images.max() <= 255

@@ -2,7 +2,10 @@
 
 The train step is written for one device: gradients and metrics are averaged
 with ``lax.pmean`` over the mesh axis ``"data"``; ``jax.shard_map`` under
-``jax.jit`` maps it over a 1-D mesh of every device of every process.  The
+``jax.jit`` maps it over a 1-D mesh of every device of every process
+(``check_vma=False``: per-device gradients as under pmap, so the explicit
+``pmean`` is the one reduction; with varying-manual-axes checking JAX would
+already sum the gradients of the replicated parameters).  The
 state is replicated, the batch sharded on its leading axis, the state buffers
 donated.  The dropout key is the run's key folded with the step and the device
 index.
@@ -327,7 +330,7 @@ def evaluate(config, workdir, state, model, mesh, *, ten_crop: bool, split=None,
   fn = jax.jit(jax.shard_map(
       lambda p, b: eval_step(p, b, model=model, crop_size=config.dataset.crop_size,
                              ten_crop=ten_crop),
-      mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
+      mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))
   sharding = NamedSharding(mesh, P(AXIS))
   totals = None
   for b in input_pipeline.create_eval_iterator(
@@ -438,7 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   p_train = jax.jit(jax.shard_map(
       lambda s, b: train_step(s, b, model=model, tx=tx, lr_fn=lr_fn,
                               clip_radius=config.clip_radius if config.clip_filters else 0.0),
-      mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P())), donate_argnums=(0,))
+      mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False),
+      donate_argnums=(0,))
   batch_sharding = NamedSharding(mesh, P(AXIS))
   logger = _Logger(workdir)
   eval_every = max(1, int(round(config.eval_every_epochs * spe))) \

@@ -90,14 +90,16 @@ def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label
       img = tf.image.rgb_to_grayscale(img)
     return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8), label_fn(ex)
 
-  images, labels = [], []
+  images, labels, counts = [], [], []
   for split in splits:
     ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False)
+    n0 = sum(map(len, images))
     for img, lab in tqdm(tfds.as_numpy(ds.map(prep, num_parallel_calls=8).batch(256)),
                          desc=f"{name}:{split}", unit="batch"):
       images.append(img)
       labels.append(lab)
-  return np.concatenate(images), np.concatenate(labels), [len(x) for x in labels]
+    counts.append(sum(map(len, images)) - n0)
+  return np.concatenate(images), np.concatenate(labels), counts
 
 
 def load_target(tc, input_size: int, resize_size: int, channels: int) -> TargetData:
@@ -115,12 +117,10 @@ def load_target(tc, input_size: int, resize_size: int, channels: int) -> TargetD
   if tc.dataset == "voc2012":
     import tensorflow as tf
     multi_hot = lambda ex: tf.reduce_max(tf.one_hot(ex["labels"], 20, dtype=tf.int32), axis=0)
-    x, y, _ = _tfds_images("voc/2012", ("train", "validation"), tc.data_dir, resize_size,
-                           input_size, channels, multi_hot)
+    x, y, (n_train, _) = _tfds_images("voc/2012", ("train", "validation"), tc.data_dir,
+                                      resize_size, input_size, channels, multi_hot)
     names = tfds.builder("voc/2012", data_dir=tc.data_dir or None).info.features[
         "labels"].feature.names
-    n_train = tfds.builder("voc/2012", data_dir=tc.data_dir or None).info.splits[
-        "train"].num_examples
     idx = np.arange(len(x))
     return TargetData(x.astype(np.float32), y, names, multilabel=True,
                       split=(idx[:n_train], idx[n_train:]))
