@@ -134,6 +134,7 @@ def default_config() -> ml_collections.ConfigDict:
   # -- transfer (zfnet_jax.transfer): Sec. 5.2 transfer and Table 7 probes ----
   c.transfer = ml_collections.ConfigDict()
   c.transfer.source_workdir = ""       # trained model to transfer ("" = the run's own workdir)
+  c.transfer.in_report = False         # write_report computes the tables if missing and shows them
   c.transfer.dataset = "digits"        # digits (scikit-learn's, offline) | caltech101 | voc2012
   c.transfer.data_dir = ""             # TFDS data_dir for caltech101 / voc2012 ("" = default)
   c.transfer.train_per_class = (15, 30)  # training images per class (single-label datasets)

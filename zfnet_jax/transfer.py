@@ -440,11 +440,19 @@ def _read(path):
   return rows[0], rows[1:]
 
 
-def report_sections(config, workdir: str) -> list:
-  """Report sections from the tables already written in <workdir>/transfer (computes nothing)."""
+def report_sections(config, workdir: str, compute: bool = False) -> list:
+  """Report sections from the tables in <workdir>/transfer.
+
+  compute: first run ``probe_table`` (and ``transfer_table`` when
+  ``transfer.scratch_steps`` > 0) for the tables not yet written.
+  """
   from zfnet_jax import report
   d = os.path.join(workdir, "transfer")
   tc = config.transfer
+  if compute and not os.path.exists(os.path.join(d, "probes.csv")):
+    probe_table(config, workdir)
+  if compute and tc.scratch_steps > 0 and not os.path.exists(os.path.join(d, "transfer.csv")):
+    transfer_table(config, workdir)
   sections = []
   if os.path.exists(os.path.join(d, "probes.csv")):
     sections.append(report.Section(
