@@ -157,6 +157,9 @@ def render_report(config, workdir: str, model: models.PaperNet, variables,
     if analyses is not None:
       for s in _analyses_sections(analyses, config, workdir, model, variables):
         sections.append(_adopt_figures(s, final, workdir, tmp))
+    if extra_sections and config.transfer.in_report:
+      from zfnet_jax import transfer  # Table 7 probes and Sec. 5.2 transfer, offline data
+      sections += transfer.report_sections(config, workdir, compute=True)
     title = f"zfnet_jax report: {config.model.name} on {config.dataset.name}"
     note = (f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in {time.time() - t0:.0f} s "
             f"from {os.path.abspath(workdir)}.")

@@ -324,9 +324,8 @@ def evaluate(config, workdir, state, model, mesh, *, ten_crop: bool, split=None,
              max_examples=-1) -> dict:
   """Errors over a split, every example counted once (padded batches are masked)."""
   ndev = mesh.devices.size
-  batch = -(-config.eval_batch_size // ndev) * ndev
+  batch = -(-config.eval_batch_size // ndev) * ndev   # rounded up to a multiple of devices
   pc = jax.process_count()
-  batch = -(-batch // (ndev * pc)) * ndev * pc if batch % pc else batch
   fn = jax.jit(jax.shard_map(
       lambda p, b: eval_step(p, b, model=model, crop_size=config.dataset.crop_size,
                              ten_crop=ten_crop),

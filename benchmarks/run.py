@@ -1,0 +1,446 @@
+"""Every hot path of zfnet_jax, one table (run by hand, never in the test suite).
+
+  python benchmarks/run.py [--quick] [--json benchmarks/results/latest.json]
+                           [--batch 64] [--no_torch] [--only train,forward,...]
+
+Full-size ZFNet at 224x224 (fp32 on CPU, bf16 compute on GPU/TPU), synthetic
+data unless stated:
+
+* train: ``zfnet_jax.train.train_step`` (momentum SGD, weight decay, feature
+  scale clipping, dropout) jitted under ``shard_map`` exactly as
+  ``train_and_evaluate`` does; images/s; and forward (inference) images/s.
+  On CPU both also run compiled with jaxlib's default CPU options
+  (``conv.DEFAULT_CPU_COMPILER_OPTIONS``: YNNPACK convolutions) -- the "before".
+* matmul peak: a large ``jnp.dot`` in the compute dtype, measured in this run;
+  the model's FLOPs per image counted from ``layer_table`` (multiply-adds x 2;
+  training = forward + weight gradients + input gradients of all but conv1);
+  model FLOP utilisation = images/s x FLOPs / peak.
+* deconvnet: conv5 projections/s, batched (``deconv.project_many``), and the
+  cost per projection relative to a plain ``jax.vjp`` of the same slice on the
+  same batch (``benchmarks/bench_deconv.py``'s reference).
+* occlusion positions/s (``analyses.occlusion.scan``), top-9 scan images/s
+  (``atlas.scan`` over conv1..conv5).
+* input pipeline images/s (``input_pipeline.create_train_iterator``): offline
+  Fashion-MNIST, and a folder of 256x256 JPEGs generated here (decode, resize,
+  random crop, flip).
+* PyTorch (when importable): the same model and train step (SGD momentum),
+  interleaved with the JAX runs; ratios JAX / PyTorch.
+
+Times are medians over repeats after a warm-up call (compilation excluded).
+On a shared machine, look at the reported load average.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import zfnet_jax  # first: sets the CPU convolution flag before JAX initialises
+from zfnet_jax import conv, models, train  # pylint: disable=g-bad-import-order
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+import numpy as np
+
+from zfnet_jax import configs, deconv, input_pipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_deconv  # pylint: disable=g-import-not-at-top
+
+ROWS: list[tuple[str, float | str, str, str]] = []  # (name, value, unit, note)
+
+
+def report(name, value, unit="", note=""):
+  ROWS.append((name, value, unit, note))
+  v = f"{value:,.3f}" if isinstance(value, float) else str(value)
+  print(f"  {name:<56} {v:>12} {unit:<12} {note}", flush=True)
+
+
+def block(x):
+  return jax.block_until_ready(x)
+
+
+def median_time(fn, repeats: int) -> float:
+  """Median wall time of fn() over ``repeats`` calls after one warm-up call."""
+  block(fn())
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    block(fn())
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+  """Median time of each fn, the fns called in turn (A B C A B C ...) after warm-ups."""
+  for f in fns.values():
+    block(f())
+  ts = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      t = time.perf_counter()
+      block(f())
+      ts[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in ts.items()}
+
+
+# ----------------------------------------------------------------------------
+# FLOPs from the layer table.
+# ----------------------------------------------------------------------------
+
+def model_flops(model, input_size: int, channels: int = 3) -> dict[str, int]:
+  """FLOPs per image (2 x multiply-adds) of convs and dense layers.
+
+  forward: sum over layers; train: forward + weight gradients (same count)
+  + input gradients (same count, except the first layer, which needs none).
+  Pooling, LRN, ReLU and the optimiser are not counted.
+  """
+  per_layer, c, n, first = {}, channels, input_size, None
+  for spec in model.layer_table(input_size):
+    if spec.kind == "conv":
+      per_layer[spec.name] = 2 * spec.out ** 2 * spec.kernel ** 2 * c * spec.features
+      c, n = spec.features, spec.out
+    elif spec.kind == "pool":
+      n = spec.out
+    elif spec.kind == "fc":
+      per_layer[spec.name] = 2 * c * n * n * spec.features
+      c, n = spec.features, 1
+    if first is None and spec.name in per_layer:
+      first = spec.name
+  fwd = sum(per_layer.values())
+  return {"forward": fwd, "train": 3 * fwd - per_layer[first], **per_layer}
+
+
+# ----------------------------------------------------------------------------
+# The parts.
+# ----------------------------------------------------------------------------
+
+def setup_train(config, model, batch, compiler_options=None):
+  """(step fn, state, batch) for zfnet_jax.train.train_step on all local devices."""
+  devices = np.array(jax.devices())
+  mesh = Mesh(devices, (train.AXIS,))
+  info = input_pipeline.DatasetInfo(model.num_classes, 3, 224, (), batch, batch)
+  tx = train.make_optimizer(config)
+  lr_fn = train.learning_rate_fn(config, 100, 100)
+  step = jax.jit(jax.shard_map(
+      lambda s, b: train.train_step(s, b, model=model, tx=tx, lr_fn=lr_fn,
+                                    clip_radius=config.clip_radius),
+      mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P())),
+      donate_argnums=(0,), compiler_options=compiler_options)
+  state = train.create_train_state(config, model, info, tx, mesh)
+  rng = np.random.default_rng(0)
+  data = {"image": jnp.asarray(rng.normal(0, 50, (batch, 224, 224, 3)), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)}
+  return step, state, data
+
+
+def bench_model(args, model, config, flops, peak, torch_fns):
+  """Train step and forward images/s (JAX now, JAX with jaxlib's default CPU
+  options, PyTorch), interleaved."""
+  b = args.batch
+  on_cpu = jax.default_backend() == "cpu"
+  variants = {"jax": None}
+  if on_cpu and conv.xla_cpu_configured():
+    variants["jax_default_xla"] = conv.DEFAULT_CPU_COMPILER_OPTIONS
+  fns_train, fns_fwd = {}, {}
+  for name, opts in variants.items():
+    step, state, data = setup_train(config, model, b, opts)
+    holder = {"s": state}
+
+    def run_step(step=step, holder=holder, data=data):
+      holder["s"], m = step(holder["s"], data)
+      return m["loss"]
+    fns_train[name] = run_step
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x), compiler_options=opts)
+    fns_fwd[name] = (lambda fwd=fwd, holder=holder, data=data:
+                     fwd(holder["s"].params, data["image"]))
+  if torch_fns:
+    fns_train["torch"], fns_fwd["torch"] = torch_fns
+  out = {}
+  if "train" in args.only:
+    t = interleaved(fns_train, args.repeats)
+    for k, v in t.items():
+      out[f"train_{k}"] = b / v
+  if "forward" in args.only:
+    t = interleaved(fns_fwd, args.repeats)
+    for k, v in t.items():
+      out[f"forward_{k}"] = b / v
+  for k, v in out.items():
+    kind = k.split("_")[0]
+    note = ""
+    if peak:
+      note = f"MFU {v * flops[kind] / peak:.1%} of matmul peak"
+    report(f"{k} (batch {b})", v, "images/s", note)
+  for kind in ("train", "forward"):
+    if f"{kind}_jax" in out and f"{kind}_torch" in out:
+      report(f"{kind}: JAX / PyTorch", out[f"{kind}_jax"] / out[f"{kind}_torch"], "x")
+    if f"{kind}_jax" in out and f"{kind}_jax_default_xla" in out:
+      report(f"{kind}: JAX / JAX with jaxlib default CPU options",
+             out[f"{kind}_jax"] / out[f"{kind}_jax_default_xla"], "x")
+  return out
+
+
+def torch_model_fns(batch, threads):
+  """(train step fn, forward fn) of a straightforward PyTorch ZFNet, or None."""
+  try:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+  except ImportError:
+    return None
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+
+  class ZFNet(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.c1, self.c2 = nn.Conv2d(3, 96, 7, 2), nn.Conv2d(96, 256, 5, 2)
+      self.c3, self.c4 = nn.Conv2d(256, 384, 3, 1, 1), nn.Conv2d(384, 384, 3, 1, 1)
+      self.c5 = nn.Conv2d(384, 256, 3, 1, 1)
+      self.f6, self.f7, self.f8 = nn.Linear(9216, 4096), nn.Linear(4096, 4096), nn.Linear(4096, 1000)
+      # zfnet_jax's LRN: alpha not divided by n (PyTorch divides by size).
+      self.lrn = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+
+    def forward(self, x):
+      x = F.pad(x, (0, 1, 0, 1))  # conv1 output 110 (cuda-convnet geometry)
+      x = self.lrn(F.max_pool2d(F.relu(self.c1(x)), 3, 2, ceil_mode=True))
+      x = self.lrn(F.max_pool2d(F.relu(self.c2(x)), 3, 2, ceil_mode=True))
+      x = F.relu(self.c5(F.relu(self.c4(F.relu(self.c3(x))))))
+      x = F.max_pool2d(x, 3, 2, ceil_mode=True).flatten(1)
+      x = F.dropout(F.relu(self.f6(x)), 0.5, self.training)
+      x = F.dropout(F.relu(self.f7(x)), 0.5, self.training)
+      return self.f8(x)
+
+  m = ZFNet()
+  opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  x = torch.randn(batch, 3, 224, 224) * 50
+  y = torch.randint(0, 1000, (batch,))
+
+  def step():
+    m.train()
+    opt.zero_grad()
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    opt.step()
+    return None
+
+  def forward():
+    m.eval()
+    with torch.no_grad():
+      m(x)
+    return None
+  return step, forward
+
+
+def bench_matmul(n: int, dtype, repeats: int) -> float:
+  """FLOP/s of an (n, n) @ (n, n) jnp.dot."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=dtype))
+  return 2 * n ** 3 / median_time(lambda: f(a), repeats)
+
+
+def bench_deconvnet(args, model, variables):
+  r = args.requests
+  images = 50.0 * jax.random.normal(jax.random.PRNGKey(2), (r, 224, 224, 3))
+  channels = np.arange(r) % 256
+  params = variables["params"]
+  plain = jax.jit(bench_deconv._plain_vjp)  # pylint: disable=protected-access
+  ours = jax.jit(lambda v, x, ch: bench_deconv._plain_vjp(  # pylint: disable=protected-access
+      None, x, ch, lambda img: model.apply(v, img, method="features")["conv5"]))
+  t = interleaved({
+      "project_many": lambda: deconv.project_many(model, variables, images, layer="conv5",
+                                                  channels=channels, chunk_size=r),
+      "plain_vjp": lambda: plain(params, images, jnp.asarray(channels)),
+      "model_vjp": lambda: ours(variables, images, jnp.asarray(channels)),
+  }, args.repeats)
+  report(f"deconvnet conv5 projections (batch {r})", r / t["project_many"], "proj/s")
+  report("  cost vs plain jax.vjp of the slice", t["project_many"] / t["plain_vjp"], "x",
+         "target <= 1.3")
+  report("  cost vs jax.vjp of the model's slice", t["project_many"] / t["model_vjp"], "x",
+         "same switch max-pool, backprop rule")
+
+
+def bench_occlusion(args, model, variables, fwd_rate):
+  try:
+    from zfnet_jax.analyses import occlusion
+    settings = occlusion.Settings(size=56, stride=args.occlusion_stride, fill=-1.0,
+                                  layer="conv5", chunk_size=args.batch)
+    scan = occlusion.scan
+  except (ImportError, AttributeError, TypeError) as e:
+    report("occlusion", "n/a", "", f"zfnet_jax.analyses.occlusion API missing: {e}")
+    return
+  image = np.asarray(50.0 * jax.random.normal(jax.random.PRNGKey(3), (224, 224, 3)))
+  n = len(occlusion.squares(224, settings.size, settings.stride)) ** 2
+  t = median_time(lambda: scan(model, variables, image, 0, settings)["activation"],
+                  max(1, args.repeats // 2))
+  report(f"occlusion positions (stride {settings.stride}, {n} positions)", n / t, "positions/s",
+         f"{n / t / fwd_rate:.2f}x forward rate" if fwd_rate else "")
+
+
+def bench_scan(args, model, variables, fwd_rate):
+  from zfnet_jax import atlas
+  b, nb = args.batch, args.scan_batches
+  rng = np.random.default_rng(4)
+  batches = [{"image": rng.normal(0, 50, (b, 224, 224, 3)).astype(np.float32),
+              "id": np.arange(i * b, (i + 1) * b), "label": np.zeros(b, np.int32)}
+             for i in range(nb)]
+  layers = list(models.CONV_NAMES)
+  atlas.scan(model, variables, batches[:1], layers=layers, k=9, progress=False)  # compile
+  t = median_time(lambda: atlas.scan(model, variables, batches, layers=layers, k=9,
+                                     progress=False).topk["conv5"].values, 1)
+  rate = nb * b / t
+  report(f"top-9 scan conv1..conv5 ({nb * b} images)", rate, "images/s",
+         f"{rate / fwd_rate:.2f}x forward rate" if fwd_rate else "")
+
+
+def make_jpeg_folder(root: str, n: int, size: int = 256):
+  """n random 256x256 RGB JPEGs in two class folders (smooth noise + gradient)."""
+  from PIL import Image
+  rng = np.random.default_rng(5)
+  yy, xx = np.mgrid[:size, :size]
+  for i in range(n):
+    d = os.path.join(root, f"class{i % 2}")
+    os.makedirs(d, exist_ok=True)
+    small = rng.integers(0, 256, (size // 8, size // 8, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((size, size), Image.BILINEAR), np.float32)
+    img = 0.7 * img + 0.3 * ((xx + yy * (i % 5))[..., None] % 256)
+    Image.fromarray(img.astype(np.uint8)).save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
+
+
+def bench_pipeline(args, train_rate):
+  b = args.batch
+  nb = args.pipeline_batches
+  with tempfile.TemporaryDirectory() as tmp:
+    cases = {}
+    c = configs.default_config()
+    c.batch_size = b
+    c.dataset.name = "fashion_mnist_idx"
+    c.dataset.mean_max_examples = 1000
+    c.dataset.eval_split = "test"
+    cases["Fashion-MNIST (28 -> 256, crop 224)"] = c
+    c = configs.default_config()
+    c.batch_size = b
+    c.dataset.name = "folder"
+    c.dataset.folder = os.path.join(tmp, "jpegs")
+    c.dataset.mean_max_examples = 64
+    c.dataset.shuffle_buffer = 256
+    make_jpeg_folder(c.dataset.folder, (nb + 2) * b + b)
+    cases[f"JPEG folder (256x256, crop 224, {(nb + 3) * b} files)"] = c
+    for name, c in cases.items():
+      if not os.path.isdir(c.dataset.fashion_mnist_dir) and c.dataset.name == "fashion_mnist_idx":
+        report(f"input pipeline {name}", "n/a", "", f"{c.dataset.fashion_mnist_dir} missing")
+        continue
+      work = os.path.join(tmp, name.split()[0])
+      it = input_pipeline.create_train_iterator(c, work)
+      next(it)  # start-up: mean, file listing, tf.data graph
+      t = time.perf_counter()
+      for _ in range(nb):
+        next(it)
+      rate = nb * b / (time.perf_counter() - t)
+      report(f"input pipeline {name}", rate, "images/s",
+             f"{rate / train_rate:.1f}x train step rate (target >= 1)" if train_rate else "")
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller scans")
+  ap.add_argument("--json", default="", help="also write the results here")
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=0, help="0: 5 (3 with --quick)")
+  ap.add_argument("--no_torch", action="store_true")
+  ap.add_argument("--only", default="matmul,train,forward,deconv,occlusion,scan,pipeline")
+  args = ap.parse_args(argv)
+  args.only = set(args.only.split(","))
+  args.repeats = args.repeats or (3 if args.quick else 5)
+  args.requests = 8 if args.quick else 32
+  args.occlusion_stride = 28 if args.quick else 8
+  args.scan_batches = 2 if args.quick else 4
+  args.pipeline_batches = 3 if args.quick else 8
+
+  backend = jax.default_backend()
+  on_cpu = backend == "cpu"
+  dtype = "float32" if on_cpu else "bfloat16"
+  config = configs.default_config()
+  config.batch_size = args.batch
+  config.model.dtype = dtype
+  model = models.from_config(config.model, 1000)
+  flops = model_flops(model, 224)
+  load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+  meta = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "backend": backend, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+      "processor": _cpu_name(), "load_average": [round(x, 2) for x in load],
+      "jax": jax.__version__, "compute_dtype": dtype, "batch": args.batch,
+      "xla_cpu_conv_flag": conv.xla_cpu_configured(), "quick": args.quick,
+  }
+  print("zfnet_jax benchmarks")
+  for k, v in meta.items():
+    print(f"  {k:<18} {v}")
+  print(f"  FLOPs per image (2 x MACs, from layer_table): forward {flops['forward'] / 1e9:.3f} G, "
+        f"train step {flops['train'] / 1e9:.3f} G")
+  print("  per layer (forward, G): " + ", ".join(
+      f"{k} {v / 1e9:.3f}" for k, v in flops.items() if k not in ("forward", "train")))
+  report("model FLOPs per image, forward", flops["forward"] / 1e9, "GFLOP")
+  report("model FLOPs per image, train step", flops["train"] / 1e9, "GFLOP")
+
+  peak = 0.0
+  if "matmul" in args.only:
+    n = 4096 if on_cpu else 8192
+    peak = bench_matmul(n, jnp.dtype(dtype), args.repeats)
+    report(f"matmul peak ({n}^3 {dtype} jnp.dot)", peak / 1e9, "GFLOP/s")
+
+  torch_fns = None
+  if not args.no_torch and on_cpu and ({"train", "forward"} & args.only):
+    torch_fns = torch_model_fns(args.batch, os.cpu_count())
+    if torch_fns is None:
+      print("  (torch not importable: no PyTorch comparison)")
+  rates = {}
+  if {"train", "forward"} & args.only:
+    rates = bench_model(args, model, config, flops, peak, torch_fns)
+  fwd_rate, train_rate = rates.get("forward_jax"), rates.get("train_jax")
+
+  variables = None
+  if {"deconv", "occlusion", "scan"} & args.only:
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 224, 224, 3)))
+  if "deconv" in args.only:
+    bench_deconvnet(args, model, variables)
+  if "occlusion" in args.only:
+    bench_occlusion(args, model, variables, fwd_rate)
+  if "scan" in args.only:
+    bench_scan(args, model, variables, fwd_rate)
+  if "pipeline" in args.only:
+    bench_pipeline(args, train_rate)
+
+  meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+  print(f"  load average at the end: {meta['load_average_end']}")
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump({"meta": meta, "flops_per_image": flops, "peak_flops": peak,
+                 "rows": [{"name": n, "value": v, "unit": u, "note": no}
+                          for n, v, u, no in ROWS]}, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+if __name__ == "__main__":
+  main()

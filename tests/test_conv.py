@@ -1,0 +1,129 @@
+"""The CPU convolution routing of zfnet_jax/conv.py: same maths, other kernels.
+
+Convolutions compiled with ``conv.CPU_COMPILER_OPTIONS`` (what importing
+zfnet_jax sets for the whole process) must not go to YNNPACK, and their value
+and VJPs must equal NumPy loop references -- the input VJP being the
+transposed convolution is what the deconvnet's "filter" step relies on.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from zfnet_jax import conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+GEOMETRIES = [  # (input side, kernel, stride, (pad_lo, pad_hi)) as in the layer table
+    (9, 3, 2, (0, 1)),   # conv1-like: stride 2, extra bottom/right padding
+    (8, 3, 1, (1, 1)),   # conv3-like
+    (11, 5, 2, (0, 0)),  # conv2-like
+]
+
+
+def np_conv(x, w, s, pad):
+  """Direct convolution: y[b,i,j,o] = sum x_pad[b, i*s+di, j*s+dj, c] w[di,dj,c,o]."""
+  k = w.shape[0]
+  xp = np.pad(x, ((0, 0), pad, pad, (0, 0)))
+  n = (xp.shape[1] - k) // s + 1
+  y = np.zeros((x.shape[0], n, n, w.shape[3]))
+  for i in range(n):
+    for j in range(n):
+      patch = xp[:, i * s:i * s + k, j * s:j * s + k, :]
+      y[:, i, j] = np.einsum("bhwc,hwco->bo", patch, w)
+  return y
+
+
+def np_conv_vjp(x, w, g, s, pad):
+  """(dx, dw) of np_conv by scattering every output's cotangent back."""
+  k = w.shape[0]
+  xp = np.pad(x, ((0, 0), pad, pad, (0, 0)))
+  dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+  for i in range(g.shape[1]):
+    for j in range(g.shape[2]):
+      patch = xp[:, i * s:i * s + k, j * s:j * s + k, :]
+      dxp[:, i * s:i * s + k, j * s:j * s + k, :] += np.einsum("bo,hwco->bhwc", g[:, i, j], w)
+      dw += np.einsum("bhwc,bo->hwco", patch, g[:, i, j])
+  n = x.shape[1]
+  return dxp[:, pad[0]:pad[0] + n, pad[0]:pad[0] + n], dw
+
+
+def _fns(s, pad, options):
+  f = lambda x, w: lax.conv_general_dilated(x, w, (s, s), (pad, pad), dimension_numbers=DN)
+  fwd = jax.jit(f, compiler_options=options)
+  vjp = jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g), compiler_options=options)
+  return fwd, vjp
+
+
+@pytest.mark.parametrize("size,k,s,pad", GEOMETRIES)
+def test_routed_conv_matches_numpy(size, k, s, pad):
+  rng = np.random.default_rng(size)
+  x = rng.normal(size=(2, size, size, 3))
+  w = rng.normal(size=(k, k, 3, 4))
+  fwd, vjp = _fns(s, pad, conv.CPU_COMPILER_OPTIONS)
+  want = np_conv(x, w, s, pad)
+  got = fwd(jnp.float32(x), jnp.float32(w))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  g = rng.normal(size=want.shape)
+  dx, dw = vjp(jnp.float32(x), jnp.float32(w), jnp.float32(g))
+  want_dx, want_dw = np_conv_vjp(x, w, g, s, pad)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels only")
+def test_options_route_convolutions_away_from_ynnpack():
+  # (YNNPACK takes only convolutions big enough: 64 channels.)
+  x, w = jnp.ones((2, 13, 13, 64)), jnp.ones((3, 3, 64, 64))
+  g = jnp.ones((2, 6, 6, 64))
+  texts = {}
+  for name, opts in [("fast", conv.CPU_COMPILER_OPTIONS),
+                     ("default", conv.DEFAULT_CPU_COMPILER_OPTIONS)]:
+    fwd, vjp = _fns(2, (0, 1), opts)
+    texts[name] = (fwd.lower(x, w).compile().as_text() + vjp.lower(x, w, g).compile().as_text())
+  assert "__ynn_fusion" not in texts["fast"]
+  assert "convolution(" in texts["fast"]
+  if conv._jaxlib_version() in conv.KNOWN_JAXLIB:  # pylint: disable=protected-access
+    assert "__ynn_fusion" in texts["default"]  # the option is what makes the difference
+
+
+_CHILD = """
+import os, sys, json
+import zfnet_jax
+from zfnet_jax import conv
+import jax, jax.numpy as jnp
+from jax import lax
+f = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+text = f.lower(jnp.ones((2, 13, 13, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
+late = conv.configure_xla_cpu()  # backends are up now: must not touch XLA_FLAGS again
+print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "ynn": "__ynn_fusion" in text,
+                  "configured": conv.xla_cpu_configured(), "late": late}))
+"""
+
+
+def _child(env_updates):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "ZFNET_XLA_CPU_DEFAULTS")}
+  env.update(env_updates, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
+                       text=True, timeout=120, check=True)
+  import json
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(conv._jaxlib_version() not in conv.KNOWN_JAXLIB,  # pylint: disable=protected-access
+                    reason="flag only added for measured jaxlib versions")
+def test_import_sets_flag_unless_opted_out():
+  on = _child({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert on["configured"] and not on["ynn"]
+  assert "--xla_force_host_platform_device_count=2" in on["flags"]  # user's flags kept
+  assert on["flags"].count(conv.FLAG) == 1  # added once, not again after start-up
+  off = _child({"ZFNET_XLA_CPU_DEFAULTS": "1"})
+  assert not off["configured"] and off["ynn"] and conv.FLAG not in off["flags"]
+  user = _child({"XLA_FLAGS": f"--{conv.FLAG}={conv.DEFAULT_VALUE}"})
+  assert not user["configured"] and user["ynn"]  # the user's own setting wins
