@@ -239,10 +239,16 @@ def torch_model_fns(batch, threads):
 
 
 def bench_matmul(n: int, dtype, repeats: int) -> float:
-  """FLOP/s of an (n, n) @ (n, n) jnp.dot."""
+  """Peak FLOP/s of an (n, n) @ (n, n) jnp.dot: the best of ``repeats`` calls."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=dtype))
-  return 2 * n ** 3 / median_time(lambda: f(a), repeats)
+  block(f(a))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    block(f(a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
 
 
 def bench_deconvnet(args, model, variables):
@@ -291,12 +297,22 @@ def bench_scan(args, model, variables, fwd_rate):
               "id": np.arange(i * b, (i + 1) * b), "label": np.zeros(b, np.int32)}
              for i in range(nb)]
   layers = list(models.CONV_NAMES)
-  atlas.scan(model, variables, batches[:1], layers=layers, k=9, progress=False)  # compile
-  t = median_time(lambda: atlas.scan(model, variables, batches, layers=layers, k=9,
-                                     progress=False).topk["conv5"].values, 1)
-  rate = nb * b / t
-  report(f"top-9 scan conv1..conv5 ({nb * b} images)", rate, "images/s",
-         f"{rate / fwd_rate:.2f}x forward rate" if fwd_rate else "")
+  run = lambda bs: atlas.scan(model, variables, bs, layers=layers, k=9,
+                              progress=False).topk["conv5"].values
+  # Each scan() call traces and compiles its step afresh: time 1 batch and nb
+  # batches; the difference is the steady per-batch rate.
+  t1 = min(_timed(run, batches[:1]) for _ in range(2))
+  tn = _timed(run, batches)
+  rate = (nb - 1) * b / max(tn - t1, 1e-9)
+  report(f"top-9 scan conv1..conv5 (steady, {nb} batches of {b})", rate, "images/s",
+         (f"{rate / fwd_rate:.2f}x forward rate; " if fwd_rate else "")
+         + f"+{t1 - b / rate:.1f} s per scan() call")
+
+
+def _timed(fn, *a):
+  t = time.perf_counter()
+  block(fn(*a))
+  return time.perf_counter() - t
 
 
 def make_jpeg_folder(root: str, n: int, size: int = 256):
@@ -394,9 +410,11 @@ def main(argv=None):
 
   peak = 0.0
   if "matmul" in args.only:
-    n = 4096 if on_cpu else 8192
-    peak = bench_matmul(n, jnp.dtype(dtype), args.repeats)
-    report(f"matmul peak ({n}^3 {dtype} jnp.dot)", peak / 1e9, "GFLOP/s")
+    for n in ((2048, 4096) if on_cpu else (4096, 8192)):
+      rate = bench_matmul(n, jnp.dtype(dtype), args.repeats)
+      report(f"matmul ({n}^3 {dtype} jnp.dot, best of {args.repeats})", rate / 1e9, "GFLOP/s")
+      peak = max(peak, rate)
+    report("matmul peak (the larger)", peak / 1e9, "GFLOP/s")
 
   torch_fns = None
   if not args.no_torch and on_cpu and ({"train", "forward"} & args.only):

@@ -65,6 +65,40 @@ def _check_images(images, what="images"):
                      f"got dtype {images.dtype}")
 
 
+MAX_ABS_PIXEL = 255.0  # mean-subtracted 0..255 pixels lie in [-255, 255]
+
+
+def check_images(model: models.PaperNet, variables, images, what="images"):
+  """ValueError unless ``images`` fit the model: (N, S, S, C) float, C the model's
+  input channels, S the size its fc layers were built for, and (when not traced)
+  finite mean-subtracted pixels in [-255, 255]."""
+  _check_images(images, what)
+  params = variables.get("params", {}) if hasattr(variables, "get") else {}
+  kernel = params.get("conv1", {}).get("kernel") if hasattr(params, "get") else None
+  size, channels = images.shape[1], images.shape[3]
+  if kernel is not None and kernel.shape[2] != channels:
+    raise ValueError(f"{what} have {channels} channels; the model takes {kernel.shape[2]} "
+                     f"(shape {tuple(images.shape)})")
+  fc = next((params[n]["kernel"] for n in ("fc6", "fc7", "fc8") if n in params), None)
+  if fc is not None:
+    try:
+      h, w, c = layer_shapes(model, size)["pool5"]
+      ok = h * w * c == fc.shape[0]
+    except Exception:  # pylint: disable=broad-except  (too small for the layer table)
+      ok = False
+    if not ok:
+      raise ValueError(f"{what} are {size}x{size}, not the input size the model's "
+                       f"parameters were trained for (fc input {fc.shape[0]} features)")
+  if not isinstance(images, jax.core.Tracer):
+    x = np.asarray(images)
+    if not np.isfinite(x).all():
+      raise ValueError(f"{what} contain NaN or infinite values")
+    top = float(np.abs(x).max()) if x.size else 0.0
+    if top > MAX_ABS_PIXEL * 1.01:
+      raise ValueError(f"{what} have values up to {top:.4g}; allowed: mean-subtracted "
+                       f"pixels (0..255 minus the pixel mean), within +-{MAX_ABS_PIXEL:g}")
+
+
 def _check_layer(model, input_size, layer):
   shapes = layer_shapes(model, input_size)
   if not isinstance(layer, str) or layer not in shapes:
@@ -160,7 +194,7 @@ def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
   Works under ``jax.jit`` (``layer``, ``channel``, ``position``, ``rule`` static).
   """
   layers.check_rule(rule)
-  _check_images(images)
+  check_images(model, variables, images)
   shape = _check_layer(model, images.shape[1], layer)
   _check_channel(layer, shape, channel)
   n = images.shape[0]
@@ -182,7 +216,7 @@ def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
 def strongest(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
               channel: int) -> tuple[jax.Array, jax.Array]:
   """((N, 2) int (row, col), (N,) value) of the strongest activation of a map."""
-  _check_images(images)
+  check_images(model, variables, images)
   shape = _check_layer(model, images.shape[1], layer)
   _check_channel(layer, shape, channel)
   return _strongest(model, variables, images, channel, layer=layer)
@@ -219,7 +253,7 @@ def project_many(model: models.PaperNet, variables, images: jax.Array, *,
     (R, S, S, C) projections, in request order.
   """
   layers.check_rule(rule)
-  _check_images(images)
+  check_images(model, variables, images)
   r = images.shape[0]
   names = [layer] * r if isinstance(layer, str) else list(layer)
   if len(names) != r:
@@ -276,7 +310,7 @@ def switches(model: models.PaperNet, variables, images: jax.Array) -> dict[str, 
   Ties go to the first maximum in row-major order within the window; padded
   positions (ceil-mode windows past the bottom/right edge) are never chosen.
   """
-  _check_images(images)
+  check_images(model, variables, images)
   return _switches(model, variables, images)
 
 

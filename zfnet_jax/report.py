@@ -108,6 +108,7 @@ def write_report(config, workdir: str) -> str:
   dataset and report options from ``config``.  Returns the path of index.html.
   """
   from zfnet_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  train.validate_config(config)
   opts = options(config)
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} does not exist")

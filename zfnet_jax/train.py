@@ -24,6 +24,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -40,6 +43,7 @@ import optax
 from zfnet_jax import input_pipeline, models
 
 AXIS = "data"
+EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
 PAPER_EPOCHS = 70.0
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 
@@ -218,15 +222,56 @@ def maybe_initialize_distributed(config) -> None:
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-def _check_config(config, num_devices):
-  if config.batch_size < 1 or config.batch_size % num_devices:
-    raise ValueError(f"global batch_size={config.batch_size} does not divide by the "
-                     f"{num_devices} devices; use a multiple of {num_devices}")
-  if config.dataset.crop_size < 1 or config.dataset.resize_size < config.dataset.crop_size:
-    raise ValueError(f"need 1 <= crop_size <= resize_size, got {config.dataset.crop_size}, "
-                     f"{config.dataset.resize_size}")
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f"unknown schedule {config.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+def validate_config(config, num_devices: int | None = None) -> None:
+  """ValueError naming the first impossible value (and what is allowed), before any work.
+
+  ``num_devices``: check that the global batch divides over them (None: skip).
+  Evolution epochs beyond the run are checked by ``evolution_steps`` (it needs
+  the dataset size).
+  """
+  def need(ok, msg):
+    if not ok:
+      raise ValueError(msg)
+  def positive(name, value, allow_zero=False):
+    need(isinstance(value, (int, float)) and not isinstance(value, bool) and
+         math.isfinite(value) and (value >= 0 if allow_zero else value > 0),
+         f"{name}={value!r}; allowed: a {'non-negative' if allow_zero else 'positive'} number")
+  m, d = config.model, config.dataset
+  need(m.name in models.MODELS, f"model.name={m.name!r}; allowed: {', '.join(models.MODELS)}")
+  need(len(m.conv_features) == 5 and all(isinstance(f, int) and f > 0 for f in m.conv_features),
+       f"model.conv_features={tuple(m.conv_features)!r}; allowed: 5 positive ints")
+  positive("model.fc_features", m.fc_features)
+  bad = [r for r in m.removed if r not in ("conv3", "conv4", "fc6", "fc7")]
+  need(not bad, f"model.removed has {bad}; allowed: conv3, conv4, fc6, fc7")
+  need(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate!r}; allowed: 0 <= x < 1")
+  need(d.crop_size >= 1 and d.resize_size >= d.crop_size,
+       f"need 1 <= dataset.crop_size <= dataset.resize_size, got crop_size={d.crop_size}, "
+       f"resize_size={d.resize_size}")
+  need(d.on_corrupt in ("skip", "stop"), f"dataset.on_corrupt={d.on_corrupt!r}; allowed: skip, stop")
+  need(d.name != "folder" or d.folder, "dataset.name='folder' needs --config.dataset.folder=DIR")
+  need(config.batch_size >= 1, f"batch_size={config.batch_size}; allowed: a positive int")
+  if num_devices:
+    need(config.batch_size % num_devices == 0,
+         f"global batch_size={config.batch_size} does not divide by the {num_devices} "
+         f"devices; use a multiple of {num_devices}")
+  for name in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+               "log_every_steps"):
+    need(config[name] >= 1, f"{name}={config[name]}; allowed: a positive int")
+  need(config.num_train_steps > 0 or config.num_epochs > 0,
+       f"num_epochs={config.num_epochs}, num_train_steps={config.num_train_steps}; one must "
+       "be positive")
+  positive("learning_rate", config.learning_rate, allow_zero=True)
+  positive("weight_decay", config.weight_decay, allow_zero=True)
+  need(0.0 <= config.momentum <= 1.0, f"momentum={config.momentum!r}; allowed: 0 <= x <= 1")
+  positive("eval_every_epochs", config.eval_every_epochs, allow_zero=True)
+  need(config.schedule in SCHEDULES,
+       f"unknown schedule {config.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+  need(config.optimizer in ("sgd", "adam"),
+       f"unknown optimizer {config.optimizer!r}; allowed: sgd, adam")
+  bad = [e for e in config.evolution_epochs if not e > 0]
+  need(not bad, f"evolution_epochs has {bad}; allowed: positive epochs")
+  need(config.report.rule in ("backprop", "deconvnet", "guided"),
+       f"unknown report.rule {config.report.rule!r}; allowed: backprop, deconvnet, guided")
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -272,6 +317,47 @@ def _restore(mngr, step, abstract_state):
   return out["state"], out["meta"]
 
 
+def _restore_latest(mngr, abstract_state, ckpt_dir):
+  """(state, meta, step) of the newest checkpoint that restores, or None if there is none.
+
+  Orbax writes each step to a temporary directory and renames it when complete,
+  so a step killed mid-write never appears.  A step that exists but fails to
+  restore (e.g. a truncated file) is reported, moved to ``<ckpt_dir>_damaged/``
+  and the next older step is used.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  damaged = []
+  for step in steps:
+    try:
+      state, meta = _restore(mngr, step, abstract_state)
+      if int(jax.device_get(state.step)) != step:
+        raise ValueError(f"it holds step {int(jax.device_get(state.step))}")
+    except Exception as e:  # pylint: disable=broad-except
+      msg = (f"checkpoint step {step} in {ckpt_dir} is damaged or unreadable "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
+      logging.warning(msg)
+      print(f"WARNING: {msg}", flush=True)
+      damaged.append((step, e))
+      continue
+    if damaged:
+      aside = f"{ckpt_dir}_damaged"
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        for bad, _ in damaged:
+          shutil.move(os.path.join(ckpt_dir, str(bad)),
+                      os.path.join(aside, f"{bad}.{int(time.time())}"))
+      mngr.reload()
+      print(f"WARNING: falling back to checkpoint step {step}; damaged step(s) "
+            f"{[b for b, _ in damaged]} moved to {aside}", flush=True)
+    return state, meta, step
+  raise ValueError(
+      f"no checkpoint in {ckpt_dir} can be restored (steps {steps}; last error "
+      f"{type(damaged[-1][1]).__name__}: {str(damaged[-1][1])[:300]}). If the model or "
+      "optimiser config changed since they were written, use a new workdir.")
+
+
 def _resolve_restore_path(path):
   """An explicit restore path: a checkpoints dir (latest step) or one step's dir."""
   path = os.path.abspath(path)
@@ -288,6 +374,13 @@ def _write_json(path, obj):
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _write_json_lines(path, lines):
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(lines)
   os.replace(tmp, path)
 
 
@@ -373,6 +466,22 @@ class _Logger:
     self.writer.write_scalars(int(step), {f"{split}/{k}": float(v) for k, v in metrics.items()})
     self.writer.flush()
 
+  def drop_after(self, step):
+    """Forget rows past ``step`` (logged after the checkpoint a resumed run starts from)."""
+    if not (self.active and os.path.exists(self.path)):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        if json.loads(line)["step"] <= step:
+          keep.append(line)
+      except (ValueError, KeyError):   # a line cut short by a kill
+        pass
+    if len(keep) != len(lines):
+      _write_json_lines(self.path, keep)
+
   def close(self):
     if self.active:
       self.writer.close()
@@ -392,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   maybe_initialize_distributed(config)
   workdir = os.path.abspath(workdir)
   devices = np.array(jax.devices() if devices is None else list(devices))
-  _check_config(config, devices.size)
+  validate_config(config, devices.size)
   if config.restore_path:
     restore_dir, restore_step = _resolve_restore_path(config.restore_path)
   try:
@@ -421,9 +530,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mngr = _checkpoint_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
                              tuple(evo))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  latest = mngr.latest_step()
-  if latest is not None:
-    state, meta = _restore(mngr, latest, abstract)
+  restored = _restore_latest(mngr, abstract, os.path.join(workdir, "checkpoints"))
+  if restored is not None:
+    state, meta, latest = restored
     logging.info("Resuming from %s/checkpoints step %d", workdir, latest)
     print(f"Resuming from checkpoint step {latest} in {workdir}/checkpoints", flush=True)
   elif config.restore_path:
@@ -444,6 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       donate_argnums=(0,))
   batch_sharding = NamedSharding(mesh, P(AXIS))
   logger = _Logger(workdir)
+  logger.drop_after(start)
   eval_every = max(1, int(round(config.eval_every_epochs * spe))) \
       if config.eval_every_epochs > 0 else 0
 
@@ -459,9 +569,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if bad >= 0:
       mngr.wait_until_finished()
       raise FloatingPointError(
-          f"non-finite loss {float(jax.device_get(state.nonfinite_loss))} at step {bad} "
-          f"(training stopped; the last good checkpoint is step {mngr.latest_step()} in "
-          f"{workdir}/checkpoints)")
+          f"non-finite loss or gradient at step {bad + 1} (loss "
+          f"{float(jax.device_get(state.nonfinite_loss))}; training stopped before applying it; "
+          f"the last good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints)")
 
   it = input_pipeline.create_train_iterator(config, workdir, start)
   t0, t_log, step_log, train_seconds = time.time(), time.time(), start, 0.0
@@ -470,6 +580,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f"({spe} per epoch), global batch {config.batch_size} over {devices.size} device(s)",
         flush=True)
   step = start
+  # SIGTERM (preemption): finish the current step, save it, return {"preempted": True}.
+  preempted = []
+  old_handler = None
+  if threading.current_thread() is threading.main_thread():
+    old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
   try:
     for step in range(start + 1, num_steps + 1):
       batch = _global(next(it), batch_sharding)
@@ -512,6 +627,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 f"top5_err {res['top5_error']:.4f}", flush=True)
       if step % config.checkpoint_every_steps == 0 or step in evo or step == num_steps:
         save(step)
+      if preempted:
+        if mngr.latest_step() != step:
+          save(step)
+        mngr.wait_until_finished()
+        msg = (f"SIGTERM: stopped after step {step} and saved checkpoint step {step} in "
+               f"{workdir}/checkpoints; rerun the same command to resume")
+        logging.warning(msg)
+        print(msg, flush=True)
+        return {"preempted": True, "steps": step}
     train_seconds = time.time() - t0
     check_finite(state, step)
     res = evaluate(config, workdir, state, model, mesh, ten_crop=config.ten_crop_eval)
@@ -525,6 +649,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print("results: " + json.dumps(res), flush=True)
     return res
   finally:
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
     mngr.wait_until_finished()
     mngr.close()
     logger.close()

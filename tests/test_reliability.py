@@ -1,0 +1,200 @@
+"""Reliability: SIGKILL / SIGTERM mid-run then resume, damaged checkpoints, non-finite loss.
+
+Training runs in a subprocess through ``zfnet_jax.main`` (a tiny ZFNetLowRes on
+a random Fashion-MNIST-format subset, one CPU device; each batch slowed down by
+a sleep so the kill lands mid-run) and is killed from outside; the reruns must
+end with exactly the parameters of an uninterrupted run.
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from zfnet_jax import input_pipeline as ip, train
+
+from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+STEPS, EVERY = 24, 4
+
+
+def tiny_config(fmnist_dir, steps=STEPS):
+  from zfnet_jax import configs
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.model.conv_features = (4, 8, 8, 8, 8)
+  c.model.fc_features = 16
+  c.model.kernel_init_std = 0.05
+  c.model.dropout_rate = 0.5          # the dropout key must survive the restart too
+  c.dataset.name = "fashion_mnist_idx"
+  c.dataset.fashion_mnist_dir = fmnist_dir
+  c.dataset.eval_split = "test"
+  c.dataset.resize_size, c.dataset.crop_size = 36, 32
+  c.dataset.prefetch = 0
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.learning_rate = 1e-2
+  c.schedule = "constant"
+  c.eval_every_epochs = 0.0
+  c.eval_batch_size = 8
+  c.ten_crop_eval = False
+  c.evolution_epochs = ()
+  c.checkpoint_every_steps = EVERY
+  c.keep_checkpoints = 2
+  c.log_every_steps = 1
+  c.report.enabled = False
+  return c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """(fmnist dir, workdir of an uninterrupted run, its final params)."""
+  d = str(tmp_path_factory.mktemp("fm"))
+  make_fmnist(d, n_train=64, n_test=8)
+  ip._fashion_mnist.cache_clear()
+  full = str(tmp_path_factory.mktemp("full"))
+  run(tiny_config(d), full)
+  return d, full, params_of(full)
+
+
+def run(config, workdir):
+  """In-process training on one device (as the subprocesses)."""
+  return train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+
+def params_of(workdir):
+  return jax.tree.map(np.asarray, train.load_trained(workdir)[1]["params"])
+
+
+def assert_same(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def steps_on_disk(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def start_main(tmp_path, fmnist_dir, workdir, delay):
+  """``python -m zfnet_jax.main`` on the tiny config, each training batch delayed."""
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {TESTS!r})
+      from test_reliability import tiny_config
+      def get_config():
+        return tiny_config({fmnist_dir!r})
+      """))
+  runner = tmp_path / "run_main.py"
+  runner.write_text(textwrap.dedent(f"""
+      import sys, time
+      from absl import app
+      from zfnet_jax import input_pipeline, main
+      make = input_pipeline.create_train_iterator
+      def slow(*args, **kwargs):
+        for batch in make(*args, **kwargs):
+          time.sleep({delay})
+          yield batch
+      input_pipeline.create_train_iterator = slow
+      sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
+      app.run(main.main)
+      """))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen([sys.executable, str(runner)], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for_step(proc, workdir, step, timeout=120):
+  t0 = time.time()
+  while step not in steps_on_disk(workdir):
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() - t0 < timeout, "no checkpoint appeared"
+    time.sleep(0.02)
+
+
+def test_sigterm_then_sigkill_then_rerun_resumes_exactly(data, tmp_path, capsys):
+  fmnist_dir, _, full = data
+  wd = str(tmp_path / "wd")
+  # 1. SIGTERM: finishes the step, saves it, exits with EXIT_PREEMPTED, no traceback.
+  proc = start_main(tmp_path, fmnist_dir, wd, delay=0.15)
+  wait_for_step(proc, wd, EVERY)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == train.EXIT_PREEMPTED, out[-3000:]
+  saved = max(steps_on_disk(wd))
+  assert f"SIGTERM: stopped after step {saved} and saved checkpoint step {saved}" in out
+  assert EVERY <= saved < STEPS - 2 * EVERY and "Traceback" not in out
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  # 2. The same command again: resumes from it; SIGKILL mid-run.
+  proc = start_main(tmp_path, fmnist_dir, wd, delay=0.15)
+  target = (saved // EVERY + 1) * EVERY
+  wait_for_step(proc, wd, target)
+  proc.send_signal(signal.SIGKILL)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == -signal.SIGKILL
+  assert f"Resuming from checkpoint step {saved}" in out
+  assert not os.path.exists(os.path.join(wd, "results.json"))   # it really was mid-run
+  latest = max(steps_on_disk(wd))
+  assert target <= latest < STEPS
+  # 3. Again: loses only the steps after the last checkpoint, ends exactly as uninterrupted.
+  res = run(tiny_config(fmnist_dir), wd)
+  assert f"Resuming from checkpoint step {latest}" in capsys.readouterr().out
+  assert res["steps"] == STEPS
+  assert_same(params_of(wd), full)
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, STEPS + 1))
+
+
+def test_damaged_latest_checkpoint_falls_back_and_says_so(data, tmp_path, capsys):
+  fmnist_dir, full_wd, full = data
+  wd = str(tmp_path / "wd")
+  shutil.copytree(full_wd, wd)
+  assert steps_on_disk(wd) == [STEPS - EVERY, STEPS]
+  # Truncate the newest checkpoint's array files (as a disk-full or torn copy would).
+  for f in glob.glob(os.path.join(wd, "checkpoints", str(STEPS), "state", "**", "*"),
+                     recursive=True):
+    if os.path.isfile(f) and os.path.getsize(f) > 1000:
+      with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+  # A step killed while being written: Orbax's temporary directory, never a step.
+  partial = os.path.join(wd, "checkpoints", f"{STEPS + EVERY}.orbax-checkpoint-tmp-123")
+  os.makedirs(os.path.join(partial, "state"))
+  open(os.path.join(partial, "state", "_METADATA"), "w").write('{"tree": ')
+  res = run(tiny_config(fmnist_dir), wd)
+  out = capsys.readouterr().out
+  assert f"checkpoint step {STEPS} in {wd}/checkpoints is damaged" in out
+  assert f"falling back to checkpoint step {STEPS - EVERY}" in out
+  assert os.listdir(os.path.join(wd, "checkpoints_damaged"))
+  assert res["steps"] == STEPS and steps_on_disk(wd) == [STEPS - EVERY, STEPS]
+  assert_same(params_of(wd), full)
+
+
+def test_non_finite_loss_stops_naming_step_and_keeps_last_good(data, tmp_path, monkeypatch):
+  fmnist_dir = data[0]
+  make = ip.create_train_iterator
+
+  def poisoned(*args, **kwargs):
+    for i, b in enumerate(make(*args, **kwargs), start=args[2] + 1):  # i = the step
+      if i == 7:
+        b = dict(b, image=np.full_like(b["image"], np.nan))
+      yield b
+  monkeypatch.setattr(ip, "create_train_iterator", poisoned)
+  c = tiny_config(fmnist_dir, steps=12)
+  c.checkpoint_every_steps = 2
+  wd = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"at step 7 \(loss nan.*last good checkpoint "
+                                               r"is step 6"):
+    run(c, wd)
+  assert max(steps_on_disk(wd)) == 6
+  p = params_of(wd)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(p))
