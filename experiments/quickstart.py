@@ -12,21 +12,25 @@ from zfnet_jax import configs
 def get_config(variant: str = ""):
   c = configs.default_config()
   c.model.name = "ZFNetLowRes"
-  c.model.conv_features = (32, 64, 96, 96, 64)
+  # pool5 is 1x1 at 64 px, so conv3-5 get more maps than in ZFNet's ratio.
+  c.model.conv_features = (32, 64, 128, 128, 128)
   c.model.fc_features = 256
   c.model.kernel_init_std = 0.05       # N(0, 0.05^2): logits ~1 at init on raw +-128 pixels
-  c.model.dropout_rate = 0.0           # a 6-epoch run does not overfit; dropout only slows it
+  c.model.dropout_rate = 0.0           # a 5-epoch run underfits; dropout only slows it
   c.dataset.name = "fashion_mnist_idx"
   c.dataset.eval_split = "test"
-  c.dataset.resize_size = 72
-  c.dataset.crop_size = 64
+  c.dataset.resize_size = 64           # 28 -> 64 px; no crop jitter (flips only): the
+  c.dataset.crop_size = 64             # short run underfits, so less augmentation wins
   c.batch_size = 128
-  c.num_epochs = 6.0
-  c.learning_rate = 0.02
+  c.num_epochs = 5.0
+  c.optimizer = "adam"                 # reaches 91% in minutes; the paper's SGD needs ~3x longer
+  c.learning_rate = 1e-3
+  c.weight_decay = 0.0
   c.schedule = "cosine"
   c.eval_batch_size = 500
-  c.evolution_epochs = (0.25, 0.5, 1, 2, 4, 6)
+  c.evolution_epochs = (0.25, 0.5, 1, 2, 3, 5)
   c.evolution_reference_epochs = 0.0  # the epochs above are this run's own
   c.checkpoint_every_steps = 500
   c.log_every_steps = 50
+  c.analyses.evolution.tensorboard_every_steps = 500  # watch features form in TensorBoard
   return c

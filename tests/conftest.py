@@ -37,6 +37,7 @@ def tiny_config():
   c.checkpoint_every_steps = 1000
   c.log_every_steps = 16
   c.report.enabled = False
+  c.analyses.evolution.tensorboard_every_steps = 24  # Fig. 4 panels live in TensorBoard
   return c
 
 

@@ -1,4 +1,6 @@
 """Feature-evolution grids come from the evolution checkpoints (Fig. 4)."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -71,3 +73,22 @@ def test_tensorboard_hook_writes_images(tiny_workdir, tmp_path):
   tags = [(e.step, v.tag) for f in glob.glob(str(tmp_path / "events.out.tfevents.*"))
           for e in tf.compat.v1.train.summary_iterator(f) for v in e.summary.value]
   assert tags == [(10, "evolution/projections")]
+
+
+def test_training_writes_projection_images_to_tensorboard(tiny_workdir):
+  """The training loop calls the evolution hook: the event file holds image summaries."""
+  import glob
+  from tensorboard.backend.event_processing import event_accumulator
+  events = glob.glob(os.path.join(tiny_workdir, "events.out.tfevents.*"))
+  assert events
+  acc = event_accumulator.EventAccumulator(tiny_workdir, size_guidance={"images": 0, "tensors": 0})
+  acc.Reload()
+  tags = acc.Tags()
+  image_steps = []
+  for tag in tags.get("tensors", []):
+    if tag.startswith("evolution/projections"):
+      image_steps += [e.step for e in acc.Tensors(tag)]
+  for tag in tags.get("images", []):
+    if tag.startswith("evolution/projections"):
+      image_steps += [e.step for e in acc.Images(tag)]
+  assert sorted(set(image_steps)) == [24, 48], tags

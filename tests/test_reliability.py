@@ -109,7 +109,10 @@ def start_main(tmp_path, fmnist_dir, workdir, delay):
       sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
       app.run(main.main)
       """))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             # The reruns reuse the first run's compiled steps.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen([sys.executable, str(runner)], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env)
 

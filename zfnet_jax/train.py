@@ -496,6 +496,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Results (also ``<workdir>/results.json``): top1_error, top5_error (centre
   crop), top1_error_10crop, top5_error_10crop, num_eval_examples,
   train_seconds, steps, plus loss and the learning-rate factor.
+
+  Faults: on SIGTERM it finishes the current step, saves it and returns
+  ``{"preempted": True, "steps": n}`` (rerun to resume); a damaged newest
+  checkpoint is reported and the previous one used; a non-finite loss or
+  gradient raises FloatingPointError naming the step (nothing after the last
+  good checkpoint is saved).
   """
   import orbax.checkpoint as ocp
   maybe_initialize_distributed(config)
@@ -554,6 +560,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch_sharding = NamedSharding(mesh, P(AXIS))
   logger = _Logger(workdir)
   logger.drop_after(start)
+  # Fig. 4 live: projections of a few maps as TensorBoard images every N steps.
+  from zfnet_jax.analyses import evolution as evolution_lib
+  tb_hook = evolution_lib.tensorboard_hook(config, workdir, model) if logger.active else None
   eval_every = max(1, int(round(config.eval_every_epochs * spe))) \
       if config.eval_every_epochs > 0 else 0
 
@@ -590,6 +599,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       batch = _global(next(it), batch_sharding)
       state, metrics = p_train(state, batch)
       pending.append(metrics)
+      if tb_hook:
+        tb_hook(step, state.params, logger.writer)
       if step % config.log_every_steps == 0 or step == num_steps:
         check_finite(state, step)
         m = jax.device_get(pending)
