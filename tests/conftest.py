@@ -23,13 +23,15 @@ def tiny_config():
   c.model.dropout_rate = 0.0
   c.dataset.name = "fashion_mnist_idx"
   c.dataset.eval_split = "test"
-  c.dataset.resize_size = 72
+  c.dataset.resize_size = 64
   c.dataset.crop_size = 64
   c.dataset.max_train_examples = 1024
   c.dataset.max_eval_examples = 256
   c.batch_size = 64
   c.num_epochs = 3.0
-  c.learning_rate = 0.05
+  c.optimizer = "adam"                 # the quickstart's recipe: learns in a few dozen steps
+  c.learning_rate = 3e-3
+  c.weight_decay = 0.0
   c.schedule = "cosine"
   c.eval_batch_size = 128
   c.evolution_epochs = (1, 2, 3)
