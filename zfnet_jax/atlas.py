@@ -22,6 +22,7 @@ valid example filled (fewer than k candidates) have id -1 and value -inf.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -132,7 +133,9 @@ def _merge(state, act, ids, mask):
   return -neg[:, :k], all_ids[:, :k], all_pos[:, :k]
 
 
+@functools.lru_cache(maxsize=16)
 def _make_step(model, layer_names):
+  """One jitted scan step per (model, layers): repeated scans do not recompile."""
   @jax.jit
   def step(state, variables, images, ids, mask):
     feats = model.apply(variables, images, method="features")
