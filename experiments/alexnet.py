@@ -32,16 +32,4 @@ VARIANTS = {
 
 
 def get_config(variant: str = ""):
-  variant = variant.strip()
-  if variant == "default":
-    variant = ""
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of experiments/alexnet.py; allowed: "
-                     + ", ".join(repr(v) for v in VARIANTS))
-  c = configs.default_config()
-  c.model.name = "AlexNet"
-  c.dataset.name = "imagenet2012"
-  c.dataset.eval_split = "validation"
-  for key, value in VARIANTS[variant][0].items():
-    c.model[key] = value
-  return c
+  return configs.imagenet_variant("AlexNet", VARIANTS, variant, "experiments/alexnet.py")

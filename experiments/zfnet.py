@@ -44,16 +44,4 @@ VARIANTS = {
 
 
 def get_config(variant: str = ""):
-  variant = variant.strip()
-  if variant == "default":
-    variant = ""
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of experiments/zfnet.py; allowed: "
-                     + ", ".join(repr(v) for v in VARIANTS))
-  c = configs.default_config()
-  c.model.name = "ZFNet"
-  c.dataset.name = "imagenet2012"
-  c.dataset.eval_split = "validation"
-  for key, value in VARIANTS[variant][0].items():
-    c.model[key] = value
-  return c
+  return configs.imagenet_variant("ZFNet", VARIANTS, variant, "experiments/zfnet.py")

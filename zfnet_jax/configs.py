@@ -151,3 +151,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.transfer.scratch_flip = True       # random horizontal flips (off for digits)
   c.transfer.scratch_learning_rate = 1e-3  # 1e-2 collapses to one class on 0..255 inputs in 300 steps
   return c
+
+
+def imagenet_variant(model_name: str, variants: dict, variant: str, where: str):
+  """The paper's ImageNet recipe for ``model_name`` with a variant's model overrides.
+
+  variants: {name: (config.model overrides, paper's numbers)}; "" is the default.
+  """
+  variant = variant.strip()
+  if variant == "default":
+    variant = ""
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r} of {where}; allowed: "
+                     + ", ".join(repr(v) for v in variants))
+  c = default_config()
+  c.model.name = model_name
+  c.dataset.name = "imagenet2012"
+  c.dataset.eval_split = "validation"
+  for key, value in variants[variant][0].items():
+    c.model[key] = value
+  return c
