@@ -41,9 +41,14 @@ def _main(argv):
   if FLAGS.mode == "summary":
     from zfnet_jax import models
     from zfnet_jax import input_pipeline
-    info = input_pipeline.dataset_info(config)
-    print(models.summary(models.from_config(config.model, info.num_classes),
-                         config.dataset.crop_size, info.channels))
+    try:
+      info = input_pipeline.dataset_info(config)
+      num_classes, channels = info.num_classes, info.channels
+    except ValueError:  # data not prepared here: the paper's ImageNet head
+      num_classes, channels = 1000, 3
+      print(f"({config.dataset.name} is not available: 1000 classes, 3 channels)")
+    print(models.summary(models.from_config(config.model, num_classes),
+                         config.dataset.crop_size, channels))
     return
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required for --mode=train and --mode=report")
