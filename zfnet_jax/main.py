@@ -44,7 +44,7 @@ def _main(argv):
     try:
       info = input_pipeline.dataset_info(config)
       num_classes, channels = info.num_classes, info.channels
-    except ValueError:  # data not prepared here: the paper's ImageNet head
+    except (ValueError, OSError):  # data not prepared here: the paper's ImageNet head
       num_classes, channels = 1000, 3
       print(f"({config.dataset.name} is not available: 1000 classes, 3 channels)")
     print(models.summary(models.from_config(config.model, num_classes),
