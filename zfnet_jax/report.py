@@ -27,6 +27,7 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+import threadpoolctl
 
 from zfnet_jax import atlas as atlas_lib
 from zfnet_jax import figures
@@ -153,8 +154,11 @@ def render_report(config, workdir: str, model: models.PaperNet, variables,
     run = _run_sections(config, workdir, model, variables, tmp)
     sections = run[:1] + [_overview(config, workdir, model, size, channels, class_names)]
     sections += run[1:]
-    sections += _atlas_sections(config, opts, model, variables, batches, pixel_mean,
-                                class_names, total, progress, tmp)
+    # Batches are resized by NumPy (BLAS) in a prefetch thread beside XLA's
+    # scan: one BLAS thread keeps OpenBLAS's spinning workers off XLA's cores.
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+      sections += _atlas_sections(config, opts, model, variables, batches, pixel_mean,
+                                  class_names, total, progress, tmp)
     if analyses is not None:
       for s in _analyses_sections(analyses, config, workdir, model, variables):
         sections.append(_adopt_figures(s, final, workdir, tmp))

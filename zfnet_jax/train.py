@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
+import threadpoolctl
 
 from zfnet_jax import input_pipeline, models
 
@@ -592,6 +593,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # SIGTERM (preemption): finish the current step, save it, return {"preempted": True}.
   preempted = []
   old_handler = None
+  # The NumPy preprocessing (resizes are BLAS matmuls) runs beside XLA on the
+  # same cores, and OpenBLAS's idle workers spin: on one thread the quickstart
+  # trains at 9.7 instead of 7.0 steps/s on 2 cores.
+  blas = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
   if threading.current_thread() is threading.main_thread():
     old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
   try:
@@ -660,6 +665,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print("results: " + json.dumps(res), flush=True)
     return res
   finally:
+    blas.restore_original_limits()
     if old_handler is not None:
       signal.signal(signal.SIGTERM, old_handler)
     mngr.wait_until_finished()
