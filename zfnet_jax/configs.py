@@ -22,6 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.contrast_norm = True
   c.model.dropout_rate = 0.5
   c.model.kernel_init_std = 1e-2       # paper: weights 1e-2; None -> He normal
+  c.model.conv1_init_std = ml_collections.config_dict.placeholder(float)  # None: kernel_init_std
   c.model.dtype = "float32"            # bfloat16 for mixed precision on GPU/TPU
 
   # -- data (zfnet_jax.input_pipeline) ---------------------------------------

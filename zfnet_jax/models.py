@@ -72,6 +72,7 @@ class PaperNet(nn.Module):
     contrast_norm: apply contrast normalisation after pool1 and pool2.
     dropout_rate: dropout after fc6 and fc7 in training.
     kernel_init_std: weights ~ N(0, std^2) (paper: 1e-2); None = He normal.
+    conv1_init_std: conv1's weights ~ N(0, std^2) instead (None: as the others).
     rule: backward rule of every ReLU ("backprop", "deconvnet", "guided").
     norm_rule: backward rule of contrast normalisation ("exact", "identity").
     dtype: compute dtype (parameters stay float32).
@@ -89,6 +90,7 @@ class PaperNet(nn.Module):
   contrast_norm: bool = True
   dropout_rate: float = 0.5
   kernel_init_std: float | None = 1e-2
+  conv1_init_std: float | None = None
   rule: str = "backprop"
   norm_rule: str = "exact"
   dtype: Any = jnp.float32
@@ -140,8 +142,11 @@ class PaperNet(nn.Module):
     for spec in self.layer_table(x.shape[1]):
       if spec.kind == "conv":
         pad = (spec.pad, spec.pad)
+        std = self.kernel_init_std
+        if spec.name == "conv1" and self.conv1_init_std is not None:
+          std = self.conv1_init_std
         x = nn.Conv(spec.features, (spec.kernel, spec.kernel), (spec.stride, spec.stride),
-                    padding=pad, dtype=self.dtype, kernel_init=_init(self.kernel_init_std),
+                    padding=pad, dtype=self.dtype, kernel_init=_init(std),
                     bias_init=nn.initializers.zeros, name=spec.name)(x)
         x = layers.relu(x, self.rule)
       elif spec.kind == "pool":
