@@ -105,6 +105,19 @@ def test_initialisation_scale():
   assert np.all(np.asarray(v["params"]["conv2"]["bias"]) == 0)
 
 
+def test_conv1_init_std_only_changes_conv1():
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.model.kernel_init_std = 0.05
+  c.model.conv1_init_std = 0.001          # as the quickstart sets it
+  model = models.from_config(c.model, 10)
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 1)))["params"]
+  stds = {k: float(np.asarray(v[k]["kernel"]).std()) for k in ("conv1", "conv2", "conv5", "fc6")}
+  assert abs(stds["conv1"] - 1e-3) < 2e-4, stds
+  for k in ("conv2", "conv5", "fc6"):
+    assert abs(stds[k] - 0.05) < 5e-3, stds
+
+
 @pytest.mark.parametrize("model_cls", [models.ZFNet, models.AlexNet])
 def test_receptive_fields_equal_brute_force(model_cls):
   """A NaN put in one input pixel spreads to exactly the units whose window holds it."""
