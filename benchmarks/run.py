@@ -308,8 +308,8 @@ def bench_scan(args, model, variables, fwd_rate):
   layers = list(models.CONV_NAMES)
   run = lambda bs: atlas.scan(model, variables, bs, layers=layers, k=9,
                               progress=False).topk["conv5"].values
-  # Each scan() call traces and compiles its step afresh: time 1 batch and nb
-  # batches; the difference is the steady per-batch rate.
+  # Time 1 batch and nb batches; the difference is the steady per-batch rate
+  # (the set-up of each scan() call cancels).
   t1 = min(_timed(run, batches[:1]) for _ in range(2))
   tn = _timed(run, batches)
   rate = (nb - 1) * b / max(tn - t1, 1e-9)

@@ -56,7 +56,8 @@ def _brute_top_k(feats, ids, k):
   return np.array(out_v), np.array(out_i), np.array(out_p)
 
 
-def test_streaming_top_k_equals_brute_force_sort(data):
+@pytest.mark.parametrize("batch_size,k", [(8, 9), (16, 4)])  # k < batch: maps are preselected
+def test_streaming_top_k_equals_brute_force_sort(data, batch_size, k):
   images, ids, labels = data
   model = _model()
   variables = _init(model)
@@ -65,20 +66,20 @@ def test_streaming_top_k_equals_brute_force_sort(data):
   params["conv2"]["bias"][0] = -1e4
   variables = {"params": params}
   layers = ("conv1", "conv2", "pool2", "conv5")
-  result = atlas.scan(model, variables, _batches(images, ids, labels, 8), layers=layers, k=9,
-                      progress=False)
+  result = atlas.scan(model, variables, _batches(images, ids, labels, batch_size), layers=layers,
+                      k=k, progress=False)
   assert result.num_examples == 21
   feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, images)
   for layer in layers:
-    v, i, p = _brute_top_k(np.asarray(feats[layer]), ids, 9)
+    v, i, p = _brute_top_k(np.asarray(feats[layer]), ids, k)
     got = result.topk[layer]
     np.testing.assert_array_equal(got.ids, i, err_msg=layer)
     np.testing.assert_array_equal(got.positions, p, err_msg=layer)
     np.testing.assert_allclose(got.values, v, rtol=1e-5, atol=1e-5, err_msg=layer)
   dead = result.topk["conv2"]
   assert np.all(dead.values[0] == 0)
-  np.testing.assert_array_equal(dead.ids[0], np.full(9, 100))  # the lowest id, then
-  np.testing.assert_array_equal(dead.positions[0], [divmod(p, 6) for p in range(9)])  # row-major
+  np.testing.assert_array_equal(dead.ids[0], np.full(k, 100))  # the lowest id, then
+  np.testing.assert_array_equal(dead.positions[0], [divmod(p, 6) for p in range(k)])  # row-major
   # More slots than candidates: pool5 is 1x1, so 21 units fill k = 25, the rest are empty.
   r = atlas.scan(model, variables, _batches(images, ids, labels, 8), layers=["pool5"], k=25,
                  progress=False)
@@ -87,6 +88,20 @@ def test_streaming_top_k_equals_brute_force_sort(data):
   assert np.all(r.topk["pool5"].ids[:, 21:] == -1)
   assert np.all(r.topk["pool5"].values[:, 21:] == -np.inf)
 
+
+
+def test_merge_tie_goes_to_the_lower_id_not_the_larger_maximum():
+  """Hand case: id 1 has the largest maximum (5) and also a 3; id 0's maximum is 3.
+  By (-value, id, position) the top 2 are (5, id 1, col 0) and (3, id 0, col 0)."""
+  act = jnp.asarray([[3.0, 0.0], [5.0, 3.0], [0.0, 0.0]]).reshape(3, 1, 2, 1)
+  empty = np.iinfo(np.int32).max
+  state = (jnp.full((1, 2), -jnp.inf), jnp.full((1, 2), empty, jnp.int32),
+           jnp.zeros((1, 2), jnp.int32))
+  values, ids, pos = atlas._merge(state, act, jnp.arange(3, dtype=jnp.int32),
+                                  jnp.ones(3, bool))
+  np.testing.assert_array_equal(values, [[5.0, 3.0]])
+  np.testing.assert_array_equal(ids, [[1, 0]])
+  np.testing.assert_array_equal(pos, [[0, 0]])
 
 def _perturbation_windows(model, variables, layer):
   """Brute force receptive fields: with positive weights and inputs every path

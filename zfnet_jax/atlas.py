@@ -114,18 +114,28 @@ def _merge(state, act, ids, mask):
 
   state: (values (C, k), ids (C, k), flat positions (C, k)); act (B, H, W, C);
   ids int32 (B,) ascending; mask bool (B,).
+
+  Only the k examples with the largest maxima of a map can hold its top k
+  values (any other example is beaten by k maxima that rank before it, ties
+  included), so those k maps are gathered and searched, never the whole batch.
   """
   values, run_ids, run_pos = state
   k = values.shape[1]
   b, h, w, c = act.shape
   v = act.astype(jnp.float32)
   v = jnp.where(v == 0, 0.0, v)  # -0.0 -> 0.0: one total order for ties
-  v = jnp.where(mask[:, None, None, None], v, -jnp.inf)
-  v = v.transpose(3, 0, 1, 2).reshape(c, b * h * w)
+  v = jnp.where(mask[:, None, None, None], v, -jnp.inf).reshape(b, h * w, c)
+  kb = min(k, b)
+  # The kb examples with the largest maxima per map (top_k prefers the lower
+  # index among ties), put back in ascending example order.
+  best = jnp.sort(lax.top_k(jnp.max(v, axis=1).T, kb)[1], axis=1)          # (C, kb)
+  maps = jnp.take_along_axis(v, best.T[:, None, :], axis=0)                  # (kb, HW, C)
+  maps = maps.transpose(2, 0, 1).reshape(c, kb * h * w)
   # Candidates in (example, row, col) order; top_k breaks ties by the lower
   # index, i.e. (with ascending ids) by the lower id, then the lower position.
-  top, idx = lax.top_k(v, min(k, b * h * w))
-  cand_ids = jnp.where(top > -jnp.inf, ids[idx // (h * w)], _EMPTY)
+  top, idx = lax.top_k(maps, min(k, kb * h * w))
+  example = jnp.take_along_axis(best, idx // (h * w), axis=1)
+  cand_ids = jnp.where(top > -jnp.inf, ids[example], _EMPTY)
   cand_pos = (idx % (h * w)).astype(jnp.int32)
   neg, all_ids, all_pos = lax.sort(
       (jnp.concatenate([-values, -top], 1), jnp.concatenate([run_ids, cand_ids], 1),
