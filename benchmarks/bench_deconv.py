@@ -45,6 +45,7 @@ def plain_conv5(params, x):
 
 
 def timeit(fn, repeats):
+  """Median wall time of fn() over ``repeats`` calls after one warm-up call."""
   jax.block_until_ready(fn())  # compile / warm up
   times = []
   for _ in range(repeats):

@@ -69,17 +69,6 @@ def block(x):
   return jax.block_until_ready(x)
 
 
-def median_time(fn, repeats: int) -> float:
-  """Median wall time of fn() over ``repeats`` calls after one warm-up call."""
-  block(fn())
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    block(fn())
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
-
-
 def interleaved(fns: dict, repeats: int) -> dict:
   """Median time of each fn, the fns called in turn (A B C A B C ...) after warm-ups."""
   for f in fns.values():
@@ -292,7 +281,7 @@ def bench_occlusion(args, model, variables, fwd_rate):
     return
   image = np.asarray(50.0 * jax.random.normal(jax.random.PRNGKey(3), (224, 224, 3)))
   n = len(occlusion.squares(224, settings.size, settings.stride)) ** 2
-  t = median_time(lambda: scan(model, variables, image, 0, settings)["activation"],
+  t = bench_deconv.timeit(lambda: scan(model, variables, image, 0, settings)["activation"],
                   max(1, args.repeats // 2))
   report(f"occlusion positions (stride {settings.stride}, {n} positions)", n / t, "positions/s",
          f"{n / t / fwd_rate:.2f}x forward rate" if fwd_rate else "")

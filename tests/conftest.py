@@ -51,16 +51,9 @@ def tiny_workdir(tmp_path_factory):
   if not os.path.exists(os.path.join(config.dataset.fashion_mnist_dir,
                                      "train-images-idx3-ubyte.gz")):
     # No Debian package here: random IDX files (tests never download).
-    import gzip
-    import struct
-    import numpy as np
+    from test_input_pipeline import make_fmnist  # pylint: disable=g-import-not-at-top
     d = str(tmp_path_factory.mktemp("fmnist"))
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 1024), ("t10k", 256)):
-      for kind, shape in (("images-idx3", (n, 28, 28)), ("labels-idx1", (n,))):
-        a = rng.integers(0, 10 if kind.startswith("labels") else 256, shape).astype(np.uint8)
-        with gzip.open(os.path.join(d, f"{prefix}-{kind}-ubyte.gz"), "wb") as f:
-          f.write(bytes([0, 0, 8, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
+    make_fmnist(d, n_train=1024, n_test=256)
     config.dataset.fashion_mnist_dir = d
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   train.train_and_evaluate(config, workdir)

@@ -21,6 +21,7 @@ import pytest
 from zfnet_jax import configs, deconv, input_pipeline as ip, models, train
 
 from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
+from test_train import small_config  # pylint: disable=wrong-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,25 +128,6 @@ def test_empty_or_missing_folder_dataset(tmp_path):
     ip.dataset_info(c)
 
 
-def _small(fmnist_dir):
-  c = configs.default_config()
-  c.model.name = "ZFNetLowRes"
-  c.model.conv_features = (4, 4, 4, 4, 4)
-  c.model.fc_features = 8
-  c.dataset.name = "fashion_mnist_idx"
-  c.dataset.fashion_mnist_dir = fmnist_dir
-  c.dataset.eval_split = "test"
-  c.dataset.resize_size, c.dataset.crop_size = 36, 32
-  c.dataset.prefetch = 0
-  c.batch_size, c.eval_batch_size = 8, 8
-  c.num_train_steps = 2
-  c.eval_every_epochs = 0.0
-  c.ten_crop_eval = False
-  c.evolution_epochs = ()
-  c.report.enabled = False
-  return c
-
-
 def test_failed_runs_leave_a_workdir_the_next_run_can_use(tmp_path):
   good, bad = str(tmp_path / "fm"), str(tmp_path / "fm_bad")
   make_fmnist(good, n_train=16, n_test=8)
@@ -159,19 +141,19 @@ def test_failed_runs_leave_a_workdir_the_next_run_can_use(tmp_path):
   wd = str(tmp_path / "wd")
   one = jax.devices()[:1]
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is truncated"):
-    train.train_and_evaluate(_small(bad), wd, devices=one)
-  c = _small(good)
+    train.train_and_evaluate(small_config(bad, steps=2), wd, devices=one)
+  c = small_config(good, steps=2)
   c.evolution_epochs, c.evolution_reference_epochs = (3,), 0.0
   with pytest.raises(ValueError, match="evolution epoch 3 "):
     train.train_and_evaluate(c, wd, devices=one)
-  c = _small(good)
+  c = small_config(good, steps=2)
   c.restore_path = str(tmp_path / "no_such_run")
   with pytest.raises(FileNotFoundError, match="no_such_run"):
     train.train_and_evaluate(c, wd, devices=one)
-  res = train.train_and_evaluate(_small(good), wd, devices=one)
+  res = train.train_and_evaluate(small_config(good, steps=2), wd, devices=one)
   assert res["steps"] == 2 and res["num_eval_examples"] == 8
   # A workdir that cannot be created (here: under a file) is named.
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(PermissionError, match="file/wd.*not writable"):
-    train.train_and_evaluate(_small(good), str(blocker / "wd"), devices=one)
+    train.train_and_evaluate(small_config(good, steps=2), str(blocker / "wd"), devices=one)

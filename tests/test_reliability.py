@@ -22,6 +22,7 @@ import pytest
 from zfnet_jax import input_pipeline as ip, train
 
 from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
+from test_train import small_config  # pylint: disable=wrong-import-order
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -29,30 +30,11 @@ STEPS, EVERY = 24, 4
 
 
 def tiny_config(fmnist_dir, steps=STEPS):
-  from zfnet_jax import configs
-  c = configs.default_config()
-  c.model.name = "ZFNetLowRes"
-  c.model.conv_features = (4, 8, 8, 8, 8)
-  c.model.fc_features = 16
-  c.model.kernel_init_std = 0.05
+  c = small_config(fmnist_dir, steps)
   c.model.dropout_rate = 0.5          # the dropout key must survive the restart too
-  c.dataset.name = "fashion_mnist_idx"
-  c.dataset.fashion_mnist_dir = fmnist_dir
-  c.dataset.eval_split = "test"
-  c.dataset.resize_size, c.dataset.crop_size = 36, 32
-  c.dataset.prefetch = 0
-  c.batch_size = 8
-  c.num_train_steps = steps
   c.learning_rate = 1e-2
-  c.schedule = "constant"
-  c.eval_every_epochs = 0.0
-  c.eval_batch_size = 8
-  c.ten_crop_eval = False
-  c.evolution_epochs = ()
   c.checkpoint_every_steps = EVERY
   c.keep_checkpoints = 2
-  c.log_every_steps = 1
-  c.report.enabled = False
   return c
 
 

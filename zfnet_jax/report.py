@@ -27,10 +27,10 @@ from typing import Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-import threadpoolctl
 
 from zfnet_jax import atlas as atlas_lib
 from zfnet_jax import figures
+from zfnet_jax import input_pipeline
 from zfnet_jax import layers as layers_lib
 from zfnet_jax import models
 
@@ -108,7 +108,7 @@ def write_report(config, workdir: str) -> str:
   The model and parameters come from the run (``train.load_trained``); the
   dataset and report options from ``config``.  Returns the path of index.html.
   """
-  from zfnet_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from zfnet_jax import train  # pylint: disable=g-import-not-at-top
   train.validate_config(config)
   opts = options(config)
   if not os.path.isdir(workdir):
@@ -154,9 +154,7 @@ def render_report(config, workdir: str, model: models.PaperNet, variables,
     run = _run_sections(config, workdir, model, variables, tmp)
     sections = run[:1] + [_overview(config, workdir, model, size, channels, class_names)]
     sections += run[1:]
-    # Batches are resized by NumPy (BLAS) in a prefetch thread beside XLA's
-    # scan: one BLAS thread keeps OpenBLAS's spinning workers off XLA's cores.
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+    with input_pipeline.single_thread_blas():  # the batches' resizes run beside the scan
       sections += _atlas_sections(config, opts, model, variables, batches, pixel_mean,
                                   class_names, total, progress, tmp)
     if analyses is not None:

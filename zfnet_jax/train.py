@@ -39,7 +39,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-import threadpoolctl
 
 from zfnet_jax import input_pipeline, models
 
@@ -371,18 +370,16 @@ def _resolve_restore_path(path):
   return path, None
 
 
+def _write_text(path, text):
+  """Write via a temporary file and a rename: a reader never sees half a file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def _write_json(path, obj):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def _write_json_lines(path, lines):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(lines)
-  os.replace(tmp, path)
+  _write_text(path, json.dumps(obj, indent=2))
 
 
 def _init_fn(config, model, info, tx):
@@ -481,7 +478,7 @@ class _Logger:
       except (ValueError, KeyError):   # a line cut short by a kill
         pass
     if len(keep) != len(lines):
-      _write_json_lines(self.path, keep)
+      _write_text(self.path, "".join(keep))
 
   def close(self):
     if self.active:
@@ -593,10 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # SIGTERM (preemption): finish the current step, save it, return {"preempted": True}.
   preempted = []
   old_handler = None
-  # The NumPy preprocessing (resizes are BLAS matmuls) runs beside XLA on the
-  # same cores, and OpenBLAS's idle workers spin: on one thread the quickstart
-  # trains at 9.7 instead of 7.0 steps/s on 2 cores.
-  blas = threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+  blas = input_pipeline.single_thread_blas()
   if threading.current_thread() is threading.main_thread():
     old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
   try:
