@@ -17,11 +17,15 @@ import json
 import platform
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from zfnet_jax import conv  # pylint: disable=g-bad-import-order
 
-from zfnet_jax import deconv, layers, models
+conv.configure_xla_cpu()   # before JAX initialises: CPU convolutions on XLA's kernels
+
+import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from zfnet_jax import deconv, layers, models, rundir  # pylint: disable=g-import-not-at-top
 
 
 def plain_conv5(params, x):
@@ -77,7 +81,8 @@ def main():
                              atol=1e-3 * float(jnp.abs(want).max()))
 
   res = {"device": jax.devices()[0].device_kind, "cpu_count": __import__("os").cpu_count(),
-         "platform": platform.platform(), "requests": args.requests,
+         "platform": platform.platform(), "versions": rundir.versions(),
+         "requests": args.requests,
          "chunk_size": args.chunk_size}
   t_single = timeit(lambda: [deconv.project(model, variables, images[i:i + 1], layer="conv5",
                                             channel=int(channels[i]))

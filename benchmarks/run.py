@@ -44,14 +44,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data start-up chatter
 
-import zfnet_jax  # first: sets the CPU convolution flag before JAX initialises
-from zfnet_jax import conv, models, train  # pylint: disable=g-bad-import-order
+from zfnet_jax import conv  # pylint: disable=g-bad-import-order
+
+conv.configure_xla_cpu()   # before JAX initialises: CPU convolutions on XLA's kernels
+
+from zfnet_jax import models, train, train_state  # pylint: disable=g-bad-import-order
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
 
-from zfnet_jax import configs, deconv, input_pipeline
+from zfnet_jax import configs, deconv, input_pipeline, rundir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_deconv  # pylint: disable=g-import-not-at-top
@@ -117,15 +120,16 @@ def setup_train(config, model, batch, compiler_options=None):
   """(step fn, state, batch) for zfnet_jax.train.train_step on all local devices."""
   devices = np.array(jax.devices())
   mesh = Mesh(devices, (train.AXIS,))
-  info = input_pipeline.DatasetInfo(model.num_classes, 3, 224, (), batch, batch)
-  tx = train.make_optimizer(config)
-  lr_fn = train.learning_rate_fn(config, 100, 100)
+  tx = train_state.optimizer_from_config(config)
+  lr_fn = train_state.learning_rate_fn(config, 100, 100)
   step = jax.jit(jax.shard_map(
       lambda s, b: train.train_step(s, b, model=model, tx=tx, lr_fn=lr_fn,
                                     clip_radius=config.clip_radius),
       mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P())),
       donate_argnums=(0,), compiler_options=compiler_options)
-  state = train.create_train_state(config, model, info, tx, mesh)
+  init = train_state.init_fn(model, (1, 224, 224, 3), tx, seed=config.seed,
+                             clip_radius=train_state.clip_radius(config))
+  state = jax.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
   rng = np.random.default_rng(0)
   data = {"image": jnp.asarray(rng.normal(0, 50, (batch, 224, 224, 3)), jnp.float32),
           "label": jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)}
@@ -396,7 +400,7 @@ def main(argv=None):
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "backend": backend, "cpu_count": os.cpu_count(), "platform": platform.platform(),
       "processor": _cpu_name(), "load_average": [round(x, 2) for x in load],
-      "jax": jax.__version__, "compute_dtype": dtype, "batch": args.batch,
+      "versions": rundir.versions(), "compute_dtype": dtype, "batch": args.batch,
       "xla_cpu_conv_flag": conv.xla_cpu_configured(), "quick": args.quick,
   }
   print("zfnet_jax benchmarks")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what zfnet_jax needs on a fresh machine: Debian's Fashion-MNIST
 # package (the offline default dataset) and, with --test, Chromium for the
-# browser test of the report; then the Python package (editable).
+# browser test of the report; then the Python package (editable), with the
+# versions pinned in constraints.txt (launch/pin_versions.py says how to update).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -20,7 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 if [ "${1:-}" = "--test" ]; then
-  python -m pip install -q -e '.[test]'
+  python -m pip install -q -c constraints.txt -e '.[test]'
 else
-  python -m pip install -q -e .
+  python -m pip install -q -c constraints.txt -e .
 fi

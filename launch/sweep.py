@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zfnet_jax import sweeps  # noqa: E402
+from zfnet_jax import sections, sweeps  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep().")
@@ -47,7 +47,7 @@ def main(argv):
                 indent=1, default=str)
     status = sweeps.execute(planned, FLAGS.parallel, FLAGS.devices_per_run, FLAGS.rerun)
   header, rows = sweeps.collect(planned, FLAGS.root, status)
-  print(sweeps.markdown_table(header, rows))
+  print(sections.markdown_table(header, rows))
   print(f"Summary: {os.path.join(FLAGS.root, 'summary.csv')} and summary.md")
   failed = [r[0] for r in rows if r[-1] != "ok"]
   if failed:

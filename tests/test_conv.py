@@ -93,8 +93,11 @@ def test_options_route_convolutions_away_from_ynnpack():
 
 _CHILD = """
 import os, sys, json
+before = os.environ.get("XLA_FLAGS")
 import zfnet_jax
 from zfnet_jax import conv
+assert os.environ.get("XLA_FLAGS") == before   # importing the package changes nothing
+first = conv.configure_xla_cpu()  # what the entry points call before JAX starts
 import jax, jax.numpy as jnp
 from jax import lax
 f = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
@@ -102,7 +105,7 @@ f = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
 text = f.lower(jnp.ones((2, 13, 13, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
 late = conv.configure_xla_cpu()  # backends are up now: must not touch XLA_FLAGS again
 print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "ynn": "__ynn_fusion" in text,
-                  "configured": conv.xla_cpu_configured(), "late": late}))
+                  "configured": conv.xla_cpu_configured(), "late": late, "first": first}))
 """
 
 
@@ -118,12 +121,13 @@ def _child(env_updates):
 
 @pytest.mark.skipif(conv._jaxlib_version() not in conv.KNOWN_JAXLIB,  # pylint: disable=protected-access
                     reason="flag only added for measured jaxlib versions")
-def test_import_sets_flag_unless_opted_out():
+def test_configure_sets_flag_unless_opted_out():
   on = _child({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  assert on["configured"] and not on["ynn"]
+  assert on["first"] and on["configured"] and not on["ynn"]
   assert "--xla_force_host_platform_device_count=2" in on["flags"]  # user's flags kept
   assert on["flags"].count(conv.FLAG) == 1  # added once, not again after start-up
   off = _child({"ZFNET_XLA_CPU_DEFAULTS": "1"})
-  assert not off["configured"] and off["ynn"] and conv.FLAG not in off["flags"]
+  assert not off["first"] and not off["configured"] and off["ynn"]
+  assert conv.FLAG not in off["flags"]
   user = _child({"XLA_FLAGS": f"--{conv.FLAG}={conv.DEFAULT_VALUE}"})
   assert not user["configured"] and user["ynn"]  # the user's own setting wins

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from test_layers import np_lrn, np_pool, np_unpool
-from zfnet_jax import deconv, layers, models
+from helpers import np_lrn, np_pool, np_unpool
+from zfnet_jax import deconv, layers, models, rewrite
 
 SIZE = 64
 
@@ -207,7 +207,7 @@ def test_backprop_equals_grad_times_value():
 
 def test_projection_starts_from_value_and_is_linear_in_it():
   model, variables, x = tiny()
-  fn = deconv.deconvnet_transform(
+  fn = rewrite.deconvnet_transform(
       lambda img: model.apply(variables, img, method="features")["conv5"], "deconvnet")
   i, j = 1, 2
 
@@ -228,7 +228,7 @@ def test_forward_identical_for_all_rules():
   feats = [jax.jit(lambda a, r=r: model.clone(rule=r).apply(variables, a, method="features"))(x)
            for r in layers.RULES]
   fn = lambda img: model.apply(variables, img, method="features")
-  feats += [jax.jit(deconv.deconvnet_transform(fn, r))(x) for r in layers.RULES]
+  feats += [jax.jit(rewrite.deconvnet_transform(fn, r))(x) for r in layers.RULES]
   for f in feats[1:]:
     for name in f:
       np.testing.assert_array_equal(f[name], feats[0][name])
@@ -406,13 +406,13 @@ def test_transform_names_what_it_cannot_handle():
                                                     (1, 1, 1, 1), "VALID"),
   }
   for match, fn in cases.items():
-    with pytest.raises(deconv.UnsupportedConstructError, match=match):
-      deconv.deconvnet_transform(fn, "deconvnet")(x)
+    with pytest.raises(rewrite.UnsupportedConstructError, match=match):
+      rewrite.deconvnet_transform(fn, "deconvnet")(x)
   # Not a ReLU: max of two variables keeps its gradient (documented).
-  y = deconv.deconvnet_transform(lambda a: jnp.maximum(a, 2 * a), "deconvnet")(x)
+  y = rewrite.deconvnet_transform(lambda a: jnp.maximum(a, 2 * a), "deconvnet")(x)
   np.testing.assert_array_equal(y, 2 * x)
   with pytest.raises(ValueError, match="'nope'"):
-    deconv.deconvnet_transform(jax.nn.relu, "nope")
+    rewrite.deconvnet_transform(jax.nn.relu, "nope")
 
 
 @pytest.mark.parametrize("name,fn", [
@@ -429,7 +429,7 @@ def test_transform_finds_relu_patterns(name, fn):
   r = jnp.array([[1.0, -1.0, -2.0, 3.0]])
   want = {"deconvnet": [[1, 0, 0, 3]], "guided": [[0, 0, 0, 3]], "backprop": [[0, 0, -2, 3]]}
   for rule, expected in want.items():
-    y, vjp = jax.vjp(deconv.deconvnet_transform(fn, rule), x)
+    y, vjp = jax.vjp(rewrite.deconvnet_transform(fn, rule), x)
     np.testing.assert_array_equal(y, [[0, 0, 2, 3]], err_msg=name)
     np.testing.assert_array_equal(vjp(r)[0], expected, err_msg=f"{name} {rule}")
 
@@ -438,7 +438,7 @@ def test_transform_keeps_other_gradients():
   x = jnp.linspace(-2, 2, 7)
   for fn in (jax.nn.softplus, jax.nn.gelu, lambda a: jnp.maximum(a, a ** 2),
              lambda a: jax.nn.logsumexp(a) + jnp.sum(a * (a > 1))):  # x*(x>1) is no ReLU
-    g = jax.grad(lambda a: jnp.sum(deconv.deconvnet_transform(fn, "deconvnet")(a)))(x)
+    g = jax.grad(lambda a: jnp.sum(rewrite.deconvnet_transform(fn, "deconvnet")(a)))(x)
     np.testing.assert_allclose(g, jax.grad(lambda a: jnp.sum(fn(a)))(x), rtol=1e-6)
 
 

@@ -1,7 +1,11 @@
 """Dead filters, radial spectra and the high-frequency indicator on hand-made filters."""
+import jax
 import numpy as np
 import pytest
 
+from zfnet_jax import configs, models, sections
+
+import helpers
 from zfnet_jax.analyses import diagnostics
 
 
@@ -51,3 +55,119 @@ def test_high_freq_fraction():
   np.testing.assert_allclose(diagnostics.high_freq_fraction(sig, 0.25), [0, 1, 0, 0.5], atol=1e-12)
   with pytest.raises(ValueError, match="high_freq 0"):
     diagnostics.high_freq_fraction(sig, 0.0)
+
+
+# -- on a hand-built CNN (not one of our models) -------------------------------------
+
+def _plain(scale_filter=1):
+  """The plain CNN with filter ``scale_filter`` of c1 shrunk to 1% (dead at 0.05)."""
+  net, variables = helpers.plain_network()
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  kernel = np.array(params["c1"]["kernel"])
+  kernel[..., scale_filter] *= 0.01
+  params["c1"] = {**params["c1"], "kernel": kernel}
+  return net, {"params": params}
+
+
+def _images(n=6, seed=6):
+  return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n, 32, 32, 1))) * 40
+
+
+def test_measure_of_a_hand_built_cnn_by_numpy():
+  """Dead filters and spectrum from the c1 kernel by NumPy; aliasing from backprop
+  projections of c2 computed with jax.vjp of the plain features (backprop = gradient times
+  the activation)."""
+  net, variables = _plain()
+  cnn = helpers.PlainCNN()
+  images = _images()
+  r = diagnostics.measure(net, variables, images, dead_threshold=0.05, fft_size=16,
+                          high_freq=0.25, rule="backprop", first_layer="c1", second_layer="c2")
+  kernel = np.asarray(variables["params"]["c1"]["kernel"], np.float64)   # (5, 5, 1, 4)
+  rms = np.sqrt((kernel ** 2).sum((0, 1, 2)) / 25)
+  np.testing.assert_array_equal(r["dead"], rms < 0.05 * rms.max())
+  assert r["dead_fraction"] == 0.25
+  # spectrum: each filter zero-padded to 16x16, |FFT|^2, normalised, binned by radius
+  n = 16
+  spectra = []
+  for f in range(4):
+    padded = np.zeros((n, n))
+    padded[:5, :5] = kernel[:, :, 0, f]
+    p = np.abs(np.fft.fft2(padded)) ** 2
+    p /= p.sum()
+    b = np.zeros(12)
+    for u in range(n):
+      for w in range(n):
+        fu, fw = (u if u < n / 2 else u - n) / n, (w if w < n / 2 else w - n) / n
+        b[int(round(np.hypot(fu, fw) * n))] += p[u, w]
+    spectra.append(b)
+  want = np.mean(spectra, 0)
+  np.testing.assert_allclose(r["spectrum"], want, atol=1e-12)
+  np.testing.assert_allclose(r["frequencies"], np.arange(12) / 16)
+  np.testing.assert_allclose(r["filter_high_freq"], want[4:].sum(), atol=1e-12)
+  np.testing.assert_allclose(r["filter_low_freq"], want[:2].sum(), atol=1e-12)
+  # aliasing: c2 has 6 maps; per map the image with the strongest activation, its argmax
+  feats = lambda x: cnn.apply(variables, x, method="features")
+  c2 = np.asarray(feats(images)["c2"])
+  assert r["projections"].shape == (6, 32, 32, 1) and r["aliasing"].shape == (6,)
+  for m in range(6):
+    k, i, j = np.unravel_index(np.argmax(c2[..., m]), c2[..., m].shape)
+    out, vjp = jax.vjp(lambda x: feats(x)["c2"], images[k:k + 1])
+    cot = np.zeros(out.shape, np.float32)
+    cot[0, i, j, m] = c2[k, i, j, m]          # the activation itself is projected
+    g = np.asarray(vjp(cot)[0][0, ..., 0], np.float64)
+    g -= g.mean()
+    np.testing.assert_allclose(r["projections"][m, ..., 0], g, atol=1e-5)
+    p = np.abs(np.fft.fft2(g)) ** 2
+    fr = np.fft.fftfreq(32)
+    high = np.hypot(fr[:, None], fr[None, :]) >= 0.25
+    np.testing.assert_allclose(r["aliasing"][m], p[high].sum() / p.sum(), atol=1e-5)
+  np.testing.assert_allclose(r["aliasing_mean"], r["aliasing"].mean())
+  assert "aliasing" not in diagnostics.measure(net, variables, None, first_layer="c1")
+  with pytest.raises(ValueError, match="conv1"):
+    diagnostics.measure(net, variables, None)          # the plain CNN has no conv1
+
+
+def test_sections_of_a_hand_built_cnn(tmp_path):
+  net, variables = _plain()
+  other, other_vars = helpers.plain_network(seed=1)
+  data = sections.Data("plain", 32, 32, 1)
+  options = diagnostics.Options(0.05, 16, 0.25, first_layer="c1", second_layer="c2")
+  base = dict(net=net, variables=variables, images=_images(4), labels=np.zeros(4, int),
+              ids=np.arange(4), pixel_mean=np.zeros((32, 32, 1), np.float32),
+              class_names=("a", "b", "c"), data=data)
+  (sec,) = diagnostics.sections(sections.Context(out_dir=str(tmp_path / "alone"), **base),
+                                options)
+  assert (sec.title, sec.anchor) == ("Architecture diagnostics", "diagnostics")
+  assert [f for f, _ in sec.figures] == ["diagnostics.png", "diagnostics_c2.png"]
+  assert all((tmp_path / "alone" / f).is_file() for f, _ in sec.figures)
+  assert sec.paragraphs[-1] == ("No comparison model: set --config.analyses.diagnostics."
+                                "train_comparison=True to train one.")
+  header, rows = sec.tables[0]
+  assert len(header) == 6 and [r[:3] for r in rows] == [["PlainCNN", "5x5", "0.250"]]
+  ctx = sections.Context(out_dir=str(tmp_path), comparisons={
+      "Other": (other, other_vars, "Other: another seed.")}, **base)
+  (sec,) = diagnostics.sections(ctx, options)
+  assert sec.paragraphs[1:] == ["Other: another seed."]
+  assert [r[0] for r in sec.tables[0][1]] == ["PlainCNN", "Other"]
+  saved = np.load(tmp_path / "diagnostics.npz")
+  assert saved["PlainCNN/dead_fraction"] == 0.25 and saved["Other/projections"].shape[0] == 6
+  want = diagnostics.measure(other, other_vars, base["images"], fft_size=16, first_layer="c1",
+                             second_layer="c2")
+  np.testing.assert_allclose(saved["Other/spectrum"], want["spectrum"])
+
+
+def test_validate():
+  net, _ = helpers.plain_network()
+  model = models.ZFNetLowRes(num_classes=3, conv_features=(4, 6, 6, 6, 8), fc_features=8)
+  data = sections.Data("plain", 32, 32, 1)
+  o = configs.default_config().analyses.diagnostics
+  assert diagnostics.validate(o, model, data) == diagnostics.Options(0.05, 32, 0.25)
+  with pytest.raises(ValueError, match="diagnostics need a conv1 layer"):
+    diagnostics.validate(o, net, data)
+  for field, value, match in (("dead_threshold", 1.5, "dead_threshold 1.5"),
+                              ("high_freq", 0.0, "high_freq 0"),
+                              ("fft_size", -1, r"diagnostics.fft_size -1 not allowed: >= 0")):
+    bad = configs.default_config().analyses.diagnostics
+    bad[field] = value
+    with pytest.raises(ValueError, match=match):
+      diagnostics.validate(bad, model, data)

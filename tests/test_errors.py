@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, deconv, input_pipeline as ip, models, train
+from zfnet_jax import configs, deconv, input_pipeline as ip, models, report, train
 
-from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
-from test_train import small_config  # pylint: disable=wrong-import-order
+from helpers import make_fmnist, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,16 +75,18 @@ def test_impossible_config_values(field, value, names):
   for p in parents:
     node = node[p]
   node[leaf] = value
+  validate = report.check_rule if field.startswith("report.") else (
+      lambda config: train.validate(config, 4))
   with pytest.raises(ValueError, match=r".*".join(map(__import__("re").escape, [names]))):
-    train.validate_config(c, 4)
+    validate(c)
 
 
 def test_batch_must_divide_over_devices():
   c = configs.default_config()
   c.batch_size = 30
   with pytest.raises(ValueError, match="batch_size=30 does not divide by the 4 devices"):
-    train.validate_config(c, 4)
-  train.validate_config(c, 2)
+    train.validate(c, 4)
+  train.validate(c, 2)
 
 
 def _tiny():

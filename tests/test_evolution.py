@@ -1,11 +1,18 @@
 """Feature-evolution grids come from the evolution checkpoints (Fig. 4)."""
+import glob
 import os
+import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
+from clu import metric_writers
 
-from zfnet_jax import deconv, models, train
+from zfnet_jax import checkpoints, deconv, input_pipeline, models, rundir, sections
+
+import helpers
 from zfnet_jax.analyses import evolution
 
 
@@ -15,6 +22,13 @@ def brute_force_tile(model, variables, images, layer, ch):
   n, i, j = np.unravel_index(np.argmax(f), f.shape)
   p = deconv.project(model, variables, images[n:n + 1], layer=layer, channel=ch, position=(i, j))
   return deconv.to_image(deconv.receptive_patch(model, np.asarray(p[0]), layer, (i, j)))
+
+
+def train_images(workdir, n):
+  """The first ``n`` training examples of a run (its cached pixel mean subtracted)."""
+  config = checkpoints.load_config(workdir)
+  batch = next(input_pipeline.create_eval_iterator(config, workdir, split="train", batch_size=n))
+  return np.asarray(batch["image"])
 
 
 def test_strongest_equals_numpy_argmax():
@@ -37,40 +51,84 @@ def test_strongest_equals_numpy_argmax():
   assert panel.dtype == np.uint8 and panel.shape == (2 * 48 + 2, 3 * 48 + 2 * 2, 3)
 
 
+def test_strongest_and_tiles_of_a_hand_built_cnn():
+  """On a Flax CNN that is not ours: the strongest activations by a NumPy argmax, and
+  the backprop tiles by jax.vjp of its features, cropped to the hand-made fields."""
+  net, variables = helpers.plain_network()
+  cnn = helpers.PlainCNN()
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (5, 32, 32, 1))) * 40
+  feats = lambda x: cnn.apply(variables, x, method="features")
+  f = jax.tree_util.tree_map(np.asarray, feats(images))
+  layers, maps = ["c1", "c2", "p2"], [0, 3]
+  best = evolution.strongest(net, variables, images, layers, maps, batch_size=2)
+  t = evolution.tiles(net, variables, images, layers, maps, rule="backprop", batch_size=3,
+                      tile=None)
+  for layer in layers:
+    rf = helpers.PLAIN_FIELDS[layer]
+    assert t[layer].shape == (len(maps), rf.size, rf.size, 1)
+    for k, ch in enumerate(maps):
+      a = f[layer][..., ch]
+      n, i, j = np.unravel_index(np.argmax(a), a.shape)
+      assert (best[layer][0][k], *best[layer][1][k]) == (n, i, j)
+      np.testing.assert_allclose(best[layer][2][k], a.max(), rtol=1e-5)
+      out, vjp = jax.vjp(lambda x: feats(x)[layer], images[n:n + 1])
+      (grad,) = vjp(_one_hot(out.shape, (0, i, j, ch)) * a.max())   # the activation projected
+      grad = np.asarray(grad[0])
+      crop = np.zeros((rf.size, rf.size, 1), np.float32)
+      r0, c0 = rf.offset + i * rf.stride, rf.offset + j * rf.stride
+      for r in range(rf.size):
+        for c in range(rf.size):
+          if 0 <= r0 + r < 32 and 0 <= c0 + c < 32:
+            crop[r, c] = grad[r0 + r, c0 + c]
+      want = np.clip(0.5 + crop / (2 * np.abs(crop).max()), 0, 1)
+      np.testing.assert_allclose(t[layer][k], want, atol=1e-5)
+  resized = evolution.tiles(net, variables, images, ["c1"], [0], rule="backprop", tile=20)
+  assert resized["c1"].shape == (1, 20, 20, 1)
+
+
+def _one_hot(shape, index):
+  x = np.zeros(shape, np.float32)
+  x[index] = 1.0
+  return x
+
+
 def test_grids_come_from_evolution_checkpoints(tiny_workdir):
-  from zfnet_jax.analyses import common
-  from conftest import tiny_config
-  images, _, _ = common.load_examples(tiny_config(), tiny_workdir, 32, split="train")
-  ckpts = train.evolution_checkpoints(tiny_workdir)
+  images = train_images(tiny_workdir, 32)
+  ckpts = rundir.evolution_checkpoints(tiny_workdir)
   assert len(ckpts) >= 2
-  epochs, g = evolution.grids(tiny_workdir, images, ["conv1", "conv2"], [0, 1, 2], tile=None)
+  model, _, _ = checkpoints.load_trained(tiny_workdir)
+  loaders = [(e, (lambda s=s: checkpoints.load_trained(tiny_workdir, s)[1])) for e, s in ckpts]
+  epochs, g = evolution.grids(model, loaders, images, ["conv1", "conv2"], [0, 1, 2], tile=None,
+                              progress=False)
   assert epochs == [e for e, _ in ckpts]
   for e, (_, step) in enumerate(ckpts):
-    model, variables, _ = train.load_trained(tiny_workdir, step)
+    model, variables, _ = checkpoints.load_trained(tiny_workdir, step)
     for k, layer in enumerate(("conv1", "conv2")):
       for m in range(3):
         want = brute_force_tile(model, variables, images, layer, m)
         np.testing.assert_allclose(g[layer][e][m], want, atol=2e-3)
   # training changed the features: the first and last epochs' tiles differ
   assert np.abs(g["conv1"][0] - g["conv1"][-1]).max() > 0.01
+  # variables given directly: the same grids
+  _, variables, _ = checkpoints.load_trained(tiny_workdir, ckpts[-1][1])
+  _, g2 = evolution.grids(model, [(ckpts[-1][0], variables)], images, ["conv1"], [0, 1, 2],
+                          tile=None, progress=False)
+  np.testing.assert_allclose(g2["conv1"][0], g["conv1"][-1])
 
 
 def test_tensorboard_hook_writes_images(tiny_workdir, tmp_path):
-  import glob
-  import tensorflow as tf
-  from clu import metric_writers
-  model, variables, config = train.load_trained(tiny_workdir)
-  with config.unlocked():
-    config.analyses.evolution.tensorboard_every_steps = 0
-  assert evolution.tensorboard_hook(config, tiny_workdir, model) is None   # 0 = off
-  with config.unlocked():
-    config.analyses.evolution.tensorboard_every_steps = 5
-    config.analyses.evolution.layers = ("conv1", "conv2")
-    config.analyses.evolution.tensorboard_maps = (0, 1)
-  hook = evolution.tensorboard_hook(config, tiny_workdir, model, num_images=8)
+  model, variables, _ = checkpoints.load_trained(tiny_workdir)
+  images = train_images(tiny_workdir, 8)
+  assert evolution.tensorboard_hook(model, images, layers=("conv1", "conv2"), maps=(0, 1),
+                                    every=0) is None   # 0 = off
+  with pytest.raises(ValueError, match=r"evolution map \[99\]"):
+    evolution.tensorboard_hook(model, images, layers=("conv1",), maps=(99,), every=0)
+  hook = evolution.tensorboard_hook(model, images, layers=("conv1", "conv2"), maps=(0, 1),
+                                    every=5)
+  state = types.SimpleNamespace(params=variables["params"])
   writer = metric_writers.create_default_writer(str(tmp_path), asynchronous=False)
-  hook(3, variables["params"], writer)      # not a multiple of 5: nothing
-  hook(10, variables["params"], writer)
+  hook(3, state, writer)      # not a multiple of 5: nothing
+  hook(10, state, writer)
   writer.close()
   tags = [(e.step, v.tag) for f in glob.glob(str(tmp_path / "events.out.tfevents.*"))
           for e in tf.compat.v1.train.summary_iterator(f) for v in e.summary.value]
@@ -79,9 +137,59 @@ def test_tensorboard_hook_writes_images(tiny_workdir, tmp_path):
 
 def test_training_writes_projection_images_to_tensorboard(tiny_workdir):
   """The training loop calls the evolution hook (every 24 of the 48 steps in tiny_config)."""
-  import glob
-  import tensorflow as tf
   tags = [(e.step, v.tag) for f in glob.glob(os.path.join(tiny_workdir, "events.out.tfevents.*"))
           for e in tf.compat.v1.train.summary_iterator(f) for v in e.summary.value
           if v.tag.startswith("evolution/")]
   assert tags == [(24, "evolution/projections"), (48, "evolution/projections")]
+
+
+def _options(**kw):
+  o = ml_collections.ConfigDict(dict(enabled=True, layers=("c1", "c2"), maps=(0, 1),
+                                     max_examples=4, tensorboard_every_steps=0,
+                                     tensorboard_maps=(0, 1, 2, 3)))
+  o.update(kw)
+  return o
+
+
+def test_sections_of_a_hand_built_cnn(tmp_path):
+  net, v1 = helpers.plain_network(seed=0)
+  _, v2 = helpers.plain_network(seed=1)
+  data = sections.Data("plain", 32, 32, 1)
+  options = evolution.validate(_options(), net, data)
+  assert options == evolution.Options(("c1", "c2"), (0, 1), 4)
+  for kw, match in ((dict(maps=(0, 5)), r"evolution map \[5\] out of range for c1"),
+                    (dict(layers=("logits",)), "evolution layer 'logits'"),
+                    (dict(max_examples=0), "evolution.max_examples 0 not allowed: >= 1"),
+                    (dict(tensorboard_every_steps=10, tensorboard_maps=(4,)),
+                     r"evolution map \[4\] out of range for c1")):
+    with pytest.raises(ValueError, match=match):
+      evolution.validate(_options(**kw), net, data)
+  evolution.validate(_options(tensorboard_maps=(4,)), net, data)   # TensorBoard off: unchecked
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (6, 32, 32, 1))) * 40
+  asked = []
+
+  def train_images_fn(n):
+    asked.append(n)
+    return images[:n]
+  ctx = sections.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
+                         ids=np.array([0, 1]), pixel_mean=np.zeros((32, 32, 1), np.float32),
+                         class_names=("a", "b", "c"), out_dir=str(tmp_path), data=data,
+                         train_images=train_images_fn, checkpoints=[(1.0, v1), (2.5, lambda: v2)],
+                         progress=False)
+  (sec,) = evolution.sections(ctx, options)
+  assert asked == [4]
+  assert (sec.title, sec.anchor) == ("Feature evolution", "evolution")
+  assert [f for f, _ in sec.figures] == ["evolution_c1.png", "evolution_c2.png"]
+  assert all((tmp_path / f).is_file() for f, _ in sec.figures)
+  assert "epochs 1, 2.5" in sec.paragraphs[0] and "first 4 training" in sec.paragraphs[0]
+  saved = np.load(tmp_path / "evolution.npz")
+  np.testing.assert_allclose(saved["epochs"], [1.0, 2.5])
+  np.testing.assert_array_equal(saved["maps"], [0, 1])
+  assert saved["c1"].shape == saved["c2"].shape == (2, 2, evolution.TILE, evolution.TILE, 1)
+  want = evolution.tiles(net, v2, images[:4], ["c2"], [0, 1])["c2"]
+  np.testing.assert_allclose(saved["c2"][1], want)
+  empty = sections.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
+                           ids=np.array([0, 1]), pixel_mean=None, class_names=(),
+                           out_dir=str(tmp_path / "empty"), data=data)
+  (sec,) = evolution.sections(empty, options)
+  assert not sec.figures and "No evolution checkpoints" in sec.paragraphs[0]

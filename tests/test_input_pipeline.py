@@ -10,38 +10,7 @@ from PIL import Image
 
 from zfnet_jax import configs, input_pipeline as ip
 
-
-def write_idx(path, array):
-  """Write uint8 ``array`` as a gzipped IDX file (independent of the reader)."""
-  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
-def make_fmnist(directory, n_train=40, n_test=10, seed=0):
-  rng = np.random.default_rng(seed)
-  os.makedirs(directory, exist_ok=True)
-  out = {}
-  for split, n in (("train", n_train), ("test", n_test)):
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, n, dtype=np.uint8)
-    img_file, lab_file = ip.FASHION_MNIST_FILES[split]
-    write_idx(os.path.join(directory, img_file), images)
-    write_idx(os.path.join(directory, lab_file), labels)
-    out[split] = (images, labels)
-  return out
-
-
-def fmnist_config(directory, resize=12, crop=10, batch=8):
-  c = configs.default_config()
-  c.dataset.name = "fashion_mnist_idx"
-  c.dataset.fashion_mnist_dir = str(directory)
-  c.dataset.eval_split = "test"
-  c.dataset.resize_size = resize
-  c.dataset.crop_size = crop
-  c.dataset.prefetch = 1
-  c.batch_size = batch
-  return c
+from helpers import fmnist_config, make_fmnist
 
 
 @pytest.fixture
@@ -102,6 +71,22 @@ def test_pixel_mean_matches_resized_images(fmnist, tmp_path):
   # Reused from the workdir: a changed file is what comes back.
   np.save(os.path.join(wd, "pixel_mean.npy"), full + 1)
   np.testing.assert_allclose(ip.full_pixel_mean(c, wd), full + 1)
+
+
+@pytest.mark.parametrize("size", [64, 12])   # upsampling (the quickstart) and downsampling
+def test_resize_is_independent_of_the_batch(size):
+  """The same image resized alone, in batches of any size and in any order: bit-identical."""
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (33, 28, 28, 1), dtype=np.uint8)
+  alone = np.stack([ip._np_resize_centre(x[None], size)[0] for x in images])
+  for batch in (2, 4, 8, 16, 33):
+    perm = rng.permutation(len(images))
+    for start in range(0, len(images), batch):
+      idx = perm[start:start + batch]
+      np.testing.assert_array_equal(ip._np_resize_centre(images[idx], size), alone[idx])
+  # And it is jax.image.resize's linear resize (an independent implementation).
+  ref = np.asarray(jax.image.resize(images[:4].astype(np.float32), (4, size, size, 1), "linear"))
+  np.testing.assert_allclose(alone[:4], ref, rtol=1e-5, atol=1e-3)
 
 
 def test_train_batches_deterministic_resumable_and_split_by_process(fmnist, tmp_path):

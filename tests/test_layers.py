@@ -8,37 +8,7 @@ import pytest
 
 from zfnet_jax import layers
 
-
-def np_pool(x, window=3, stride=2, pad=((0, 0), (0, 0))):
-  """Max-pool of (H, W, C) by explicit loops; (out, switches (Ho, Wo, C, 2)).
-
-  Padding (top/left, bottom/right) is never chosen; ties go to the first
-  maximum in row-major order within the window (strict > while scanning).
-  """
-  h, w, c = x.shape
-  (pt, pb), (pl, pr) = pad
-  ho = (h + pt + pb - window) // stride + 1
-  wo = (w + pl + pr - window) // stride + 1
-  out = np.zeros((ho, wo, c), x.dtype)
-  sw = np.zeros((ho, wo, c, 2), np.int64)
-  for i, j, ch in itertools.product(range(ho), range(wo), range(c)):
-    best, arg = -np.inf, None
-    for di in range(window):
-      for dj in range(window):
-        r, q = i * stride + di - pt, j * stride + dj - pl
-        if 0 <= r < h and 0 <= q < w and x[r, q, ch] > best:
-          best, arg = x[r, q, ch], (r, q)
-    out[i, j, ch] = best
-    sw[i, j, ch] = arg
-  return out, sw
-
-
-def np_unpool(r, sw, shape):
-  out = np.zeros(shape, r.dtype)
-  ho, wo, c = r.shape
-  for i, j, ch in itertools.product(range(ho), range(wo), range(c)):
-    out[sw[i, j, ch, 0], sw[i, j, ch, 1], ch] += r[i, j, ch]
-  return out
+from helpers import np_lrn, np_pool, np_unpool
 
 
 def tied_input(key, shape):
@@ -102,25 +72,6 @@ def test_general_max_pool_without_ties_equals_jax_gradient():
   f = lambda v: jnp.sum(jnp.sin(layers.general_max_pool(v, *args)))
   g = lambda v: jnp.sum(jnp.sin(jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, *args)))
   np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-6)
-
-
-def np_lrn(a, k, n, alpha, beta):
-  """Forward and exact VJP of AlexNet's LRN over the last axis, by loops."""
-  c = a.shape[-1]
-  nb = lambda ch: range(max(0, ch - n // 2), min(c, ch + (n - 1) // 2 + 1))
-  d = np.zeros_like(a)
-  for ch in range(c):
-    d[..., ch] = k + alpha * sum(a[..., q] ** 2 for q in nb(ch))
-  b = a / d ** beta
-
-  def vjp(r):
-    # db_c/da_j = [c == j] d_c^-beta - 2 alpha beta a_c a_j d_c^(-beta-1) [j in nb(c)]
-    g = r * d ** -beta
-    for ch in range(c):
-      for q in nb(ch):
-        g[..., q] -= 2 * alpha * beta * r[..., ch] * a[..., ch] * a[..., q] * d[..., ch] ** (-beta - 1)
-    return g
-  return b, vjp
 
 
 @pytest.mark.parametrize("n", [5, 4])

@@ -9,15 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import input_pipeline as ip, train
+from zfnet_jax import checkpoints, input_pipeline as ip, train
 
-from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
-from test_train import small_config  # pylint: disable=wrong-import-order
+from helpers import make_fmnist, small_config
 
 WORKER = r"""
 import json, sys
 sys.path.insert(0, {tests!r})
-from test_train import small_config
+from helpers import small_config
 from zfnet_jax import train
 c = small_config({fm!r}, steps=3)
 c.distributed = True
@@ -68,7 +67,7 @@ def test_two_processes_equal_one(tmp_path):
   multi_res = json.load(open(os.path.join(multi, "results.json")))
   assert multi_res["num_eval_examples"] == res["num_eval_examples"] == 23
   assert multi_res["top1_error"] == pytest.approx(res["top1_error"])
-  a = train.load_trained(multi)[1]["params"]
-  b = train.load_trained(single)[1]["params"]
+  a = checkpoints.load_trained(multi)[1]["params"]
+  b = checkpoints.load_trained(single)[1]["params"]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
                                                        rtol=1e-5, atol=1e-7), a, b)

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import models
+from zfnet_jax import configs, models, report, sections
+
+import helpers
 from zfnet_jax.analyses import occlusion
 
 S = 64
@@ -79,15 +81,21 @@ def test_bad_settings(tiny):
                    occlusion.Settings(8, 4, -1, "conv5", 8), channel=9)
 
 
+def _validate(config, model):
+  """The report's validation of every analysis (what runs before any long work)."""
+  data = sections.Data(config.dataset.name, S, config.dataset.resize_size, 1)
+  analyses = [e for e in report.REGISTRY if e.analysis]
+  return report.validate(config, model, data, analyses)
+
+
 def test_config_validated_before_work(tiny):
-  from zfnet_jax import analyses, configs
   model, _ = tiny
   c = configs.default_config()
   c.dataset.crop_size = S
   c.analyses.evolution.maps = (0, 1, 2, 3)         # the tiny model's conv1 has 4 maps
-  analyses.validate(c, model)                      # ImageNet config: Fashion-MNIST boxes skipped
+  _validate(c, model)                              # ImageNet config: Fashion-MNIST boxes skipped
   c.dataset.name, c.dataset.resize_size = "fashion_mnist_idx", 72
-  analyses.validate(c, model)                      # the defaults are valid
+  _validate(c, model)                              # the defaults are valid
   for field, value, match in (("occlusion.layer", "fc7", "occlusion layer 'fc7'"),
                               ("evolution.maps", (0, 8), r"evolution map \[8\]"),
                               ("invariance.layers", ("conv1", "fc9"), "fc9"),
@@ -100,4 +108,49 @@ def test_config_validated_before_work(tiny):
     section, name = field.split(".")
     bad.analyses[section][name] = value
     with pytest.raises(ValueError, match=match):
-      analyses.validate(bad, model)
+      _validate(bad, model)
+
+
+def test_occlusion_of_a_hand_built_cnn_equals_a_python_loop():
+  """The analysis on a Flax CNN that is not ours (no config, no workdir)."""
+  net, variables = helpers.plain_network()
+  cnn = helpers.PlainCNN()
+  image = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (32, 32, 1))) * 40
+  s = occlusion.Settings(size=8, stride=8, fill=-1, layer="c2", chunk_size=3)
+  r = occlusion.scan(net, variables, image, 2, s)
+  feats = lambda x: cnn.apply(variables, x[None], method="features")
+  ch = int(np.argmax(np.asarray(feats(image)["c2"][0]).sum((0, 1))))
+  assert int(r["channel"]) == ch
+  for i in range(4):
+    for j in range(4):
+      x = image.copy()
+      x[i * 8:i * 8 + 8, j * 8:j * 8 + 8] = 0.0     # centre 8i+4, square [8i, 8i+8)
+      f = feats(x)
+      p = np.asarray(jax.nn.softmax(f["logits"][0]))
+      np.testing.assert_allclose(r["activation"][i, j], np.asarray(f["c2"][0, ..., ch]).sum(),
+                                 rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(r["prob_true"][i, j], p[2], rtol=1e-4, atol=1e-6)
+      assert r["top_class"][i, j] == np.argmax(p)
+
+
+def test_sections_on_a_hand_built_cnn(tmp_path):
+  net, variables = helpers.plain_network()
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (2, 32, 32, 1))) * 40
+  data = sections.Data("toy", 32, 32, 1)
+  options = occlusion.validate(_occlusion_options("c2"), net, data)
+  ctx = sections.Context(net=net, variables=variables, images=images, labels=np.array([0, 2]),
+                         ids=np.array([7, 9]), pixel_mean=np.full((32, 32, 1), 100.0, np.float32),
+                         class_names=("a", "b", "c"), out_dir=str(tmp_path), data=data)
+  (sec,) = occlusion.sections(ctx, options)
+  assert (sec.title, sec.anchor) == ("Occlusion sensitivity", "occlusion")
+  assert [f for f, _ in sec.figures] == ["occlusion_7.png", "occlusion_9.png"]
+  assert [row[:2] for row in sec.tables[0][1]] == [["7", "a"], ["9", "c"]]
+  saved = np.load(tmp_path / "occlusion_9.npz")
+  assert saved["projection"].shape == (32, 32, 1) and int(saved["label"]) == 2
+  assert (options.size, options.stride) == (8, 1)   # 56 and 8 px at 224, scaled to 32
+
+
+def _occlusion_options(layer):
+  o = configs.default_config().analyses.occlusion
+  o.layer = layer
+  return o

@@ -19,23 +19,15 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import input_pipeline as ip, train
+from zfnet_jax import checkpoints, input_pipeline as ip, train
 
-from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
-from test_train import small_config  # pylint: disable=wrong-import-order
+import helpers
+from helpers import make_fmnist
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-STEPS, EVERY = 24, 4
-
-
-def tiny_config(fmnist_dir, steps=STEPS):
-  c = small_config(fmnist_dir, steps)
-  c.model.dropout_rate = 0.5          # the dropout key must survive the restart too
-  c.learning_rate = 1e-2
-  c.checkpoint_every_steps = EVERY
-  c.keep_checkpoints = 2
-  return c
+STEPS, EVERY = helpers.RELIABILITY_STEPS, helpers.RELIABILITY_EVERY
+tiny_config = helpers.reliability_config
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def run(config, workdir):
 
 
 def params_of(workdir):
-  return jax.tree.map(np.asarray, train.load_trained(workdir)[1]["params"])
+  return jax.tree.map(np.asarray, checkpoints.load_trained(workdir)[1]["params"])
 
 
 def assert_same(a, b):
@@ -73,9 +65,9 @@ def start_main(tmp_path, fmnist_dir, workdir, delay):
   cfg.write_text(textwrap.dedent(f"""
       import sys
       sys.path.insert(0, {TESTS!r})
-      from test_reliability import tiny_config
+      from helpers import reliability_config
       def get_config():
-        return tiny_config({fmnist_dir!r})
+        return reliability_config({fmnist_dir!r})
       """))
   runner = tmp_path / "run_main.py"
   runner.write_text(textwrap.dedent(f"""

@@ -6,8 +6,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zfnet_jax import configs, models, report
+from zfnet_jax import checkpoints, configs, models, report, sections
 
 S = 64
 PAYLOAD = "<script>alert(1)</script>"
@@ -153,52 +151,60 @@ def test_bad_options_fail_before_work_and_keep_the_old_report(setup, monkeypatch
   assert sorted(os.listdir(workdir)) == ["metrics.jsonl", "report", "results.json"]
 
 
-def test_sections_from_analyses_are_rendered_and_their_errors_raised(setup, monkeypatch,
-                                                                      tmp_path):
+def test_sections_from_a_registered_contributor_are_rendered_and_their_errors_raised(
+    setup, tmp_path):
   model, variables, mean, _, _ = setup
   workdir = _fake_workdir(str(tmp_path / "run"))
-  os.makedirs(os.path.join(workdir, "analyses"))
-  Image.new("RGB", (20, 10), (255, 0, 0)).save(os.path.join(workdir, "analyses", "occ.png"))
   calls = []
 
-  def report_sections(config, wd, m, v):
-    calls.append((wd, m is model))
-    return [report.Section(f"Occlusion {PAYLOAD}", "occlusion", [PAYLOAD],
-                           [("../analyses/occ.png", f"cap {PAYLOAD}"),  # report-relative
-                            ("analyses/occ.png", "workdir-relative")],
-                           [(["a"], [[PAYLOAD]])])]
-  monkeypatch.setitem(sys.modules, "zfnet_jax.analyses",
-                      types.SimpleNamespace(report_sections=report_sections))
+  class Fake:
+    """A contributor as an analysis is one: validate, then sections from the context."""
+
+    @staticmethod
+    def validate(options, net, data):
+      if options["size"] > data.input_size:
+        raise ValueError(f"occlusion.size {options['size']} not allowed")
+      return options["size"]
+
+    @staticmethod
+    def sections(context, size):
+      calls.append((context.net.module is model, size, context.data.input_size))
+      Image.new("RGB", (20, 10), (255, 0, 0)).save(context.path("analyses/occ.png"))
+      return [sections.Section(f"Occlusion {PAYLOAD}", "occlusion", [PAYLOAD],
+                               [("analyses/occ.png", f"cap {PAYLOAD}")],
+                               [(["a"], [[PAYLOAD]])])]
+
+  def registry(size):
+    return [e for e in report.REGISTRY if e.name in report.CORE] + [
+        report.Entry("occlusion", Fake, lambda c: {"size": size})]
   config = _config(layers=("conv1",), num_maps=2)
   path = report.render_report(config, workdir, model, variables, _batches(), mean,
-                              progress=False)
-  assert calls == [(workdir, True)]
+                              progress=False, registry=registry(16))
+  assert calls == [(True, 16, S)]
   page = _parse(path)
-  assert page.sections["occlusion"] == ["extra/occ.png", "analyses/occ.png"]
+  assert page.sections["occlusion"] == ["analyses/occ.png"]
   for rel in page.sections["occlusion"]:
     assert os.path.isfile(os.path.join(workdir, "report", rel))
   text = open(path).read()
   assert PAYLOAD not in text and "#occlusion" in page.links
-
-  def invalid(config, m):
-    raise ValueError("occlusion.size 99 not allowed")
   consumed = []
 
   def spy():
     consumed.append(1)
     yield from _batches()
-  monkeypatch.setitem(sys.modules, "zfnet_jax.analyses", types.SimpleNamespace(
-      validate=invalid, report_sections=report_sections))
   with pytest.raises(ValueError, match="occlusion.size 99"):
-    report.render_report(config, workdir, model, variables, spy(), mean, progress=False)
+    report.render_report(config, workdir, model, variables, spy(), mean, progress=False,
+                         registry=registry(99))
   assert not consumed  # their settings are checked before the scan
 
-  def broken(*args):
-    raise KeyError("analysis bug")
-  monkeypatch.setitem(sys.modules, "zfnet_jax.analyses",
-                      types.SimpleNamespace(report_sections=broken))
+  class Broken(Fake):
+    @staticmethod
+    def sections(context, size):
+      raise KeyError("analysis bug")
+  broken = registry(16)[:-1] + [report.Entry("occlusion", Broken, lambda c: {"size": 16})]
   with pytest.raises(KeyError, match="analysis bug"):
-    report.render_report(config, workdir, model, variables, _batches(), mean, progress=False)
+    report.render_report(config, workdir, model, variables, _batches(), mean, progress=False,
+                         registry=broken)
   assert open(path).read() == text
 
 
@@ -266,8 +272,7 @@ def test_report_in_a_real_browser(setup, tmp_path):
 @pytest.mark.slow
 def test_report_of_a_trained_run(tiny_workdir):
   """End to end: --mode=report's path on the training helper's tiny run."""
-  from zfnet_jax import train
-  _, _, config = train.load_trained(tiny_workdir)
+  _, _, config = checkpoints.load_trained(tiny_workdir)
   config.unlock()
   config.report.update(dict(layers=CONVS + ("pool2",), num_maps=4, max_examples=128,
                             rule="guided"))

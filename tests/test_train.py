@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, input_pipeline as ip, models, train
+from zfnet_jax import checkpoints, configs, input_pipeline as ip, models, rundir, train, train_state
 
-from test_input_pipeline import make_fmnist  # pylint: disable=wrong-import-order
+from helpers import make_fmnist, small_config
 
 
 @pytest.fixture(scope="module")
@@ -20,33 +20,8 @@ def fmnist_dir(tmp_path_factory):
   return str(d)
 
 
-def small_config(fmnist_dir, steps=3, batch=8):
-  c = configs.default_config()
-  c.model.name = "ZFNetLowRes"
-  c.model.conv_features = (4, 8, 8, 8, 8)
-  c.model.fc_features = 16
-  c.model.kernel_init_std = 0.05
-  c.model.dropout_rate = 0.0
-  c.dataset.name = "fashion_mnist_idx"
-  c.dataset.fashion_mnist_dir = fmnist_dir
-  c.dataset.eval_split = "test"
-  c.dataset.resize_size, c.dataset.crop_size = 36, 32
-  c.dataset.prefetch = 0
-  c.batch_size = batch
-  c.num_train_steps = steps
-  c.learning_rate = 1e-3
-  c.schedule = "constant"
-  c.eval_every_epochs = 0.0
-  c.eval_batch_size = 8
-  c.ten_crop_eval = False
-  c.evolution_epochs = ()
-  c.log_every_steps = 1
-  c.report.enabled = False
-  return c
-
-
 def params_of(workdir):
-  return jax.tree.map(np.asarray, train.load_trained(workdir)[1]["params"])
+  return jax.tree.map(np.asarray, checkpoints.load_trained(workdir)[1]["params"])
 
 
 def test_clip_conv_filters_matches_numpy():
@@ -55,7 +30,7 @@ def test_clip_conv_filters_matches_numpy():
                       "bias": np.ones(5, np.float32)},
             "fc6": {"kernel": rng.normal(0, 1, (4, 3)).astype(np.float32)}}
   params["conv1"]["kernel"][..., 0] *= 0.01  # one filter inside the radius
-  out = train.clip_conv_filters(params, 0.1)
+  out = train_state.clip_conv_filters(params, 0.1)
   ref = params["conv1"]["kernel"].copy()
   for o in range(ref.shape[-1]):
     rms = np.sqrt(np.mean(ref[..., o].astype(np.float64) ** 2))
@@ -71,7 +46,7 @@ def test_reduce_on_plateau_lowers_rate_when_it_should():
   vals = {"lr_scale": 1.0, "best_error": np.inf, "bad_evals": 0}
   scales = []
   for err in (0.5, 0.4, 0.41, 0.40, 0.39, 0.395, 0.42, 0.45, 0.44):
-    vals = train.plateau_update(vals, err, patience=2, factor=0.1)
+    vals = train_state.plateau_update(vals, err, patience=2, factor=0.1)
     scales.append(vals["lr_scale"])
   # improvements at 0.5, 0.4, 0.39; two bad evals after 0.4 (0.41, 0.40) -> x0.1;
   # after 0.39: 0.395, 0.42 -> x0.1; then 0.45, 0.44 -> x0.1.
@@ -81,11 +56,11 @@ def test_reduce_on_plateau_lowers_rate_when_it_should():
 def test_step_schedule():
   c = configs.default_config()
   c.schedule, c.step_epochs, c.learning_rate = "step", (2, 3), 0.5
-  fn = train.learning_rate_fn(c, steps_per_epoch=10, total_steps=40)
+  fn = train_state.learning_rate_fn(c, steps_per_epoch=10, total_steps=40)
   np.testing.assert_allclose([fn(s) for s in (0, 19, 20, 29, 30, 39)],
                              [.5, .5, .05, .05, .005, .005], rtol=1e-6)
   c.schedule = "cosine"
-  fn = train.learning_rate_fn(c, 10, 40)
+  fn = train_state.learning_rate_fn(c, 10, 40)
   np.testing.assert_allclose([fn(0), fn(20), fn(40)], [.5, .25, 0.], atol=1e-6)
 
 
@@ -136,7 +111,7 @@ def test_eval_matches_per_example_reference(fmnist_dir, tmp_path):
   wd = str(tmp_path / "wd")
   res = train.train_and_evaluate(c, wd)
   assert res["num_eval_examples"] == 23
-  model, variables, _ = train.load_trained(wd)
+  model, variables, _ = checkpoints.load_trained(wd)
   images, labels = ip._fashion_mnist(fmnist_dir, "test")
   mean = ip.full_pixel_mean(c, wd)
   wrong1 = wrong1_10 = 0
@@ -160,9 +135,9 @@ def test_nan_guard_names_the_step(fmnist_dir, tmp_path):
   c.checkpoint_every_steps = 1
   with pytest.raises(FloatingPointError, match=r"at step \d"):
     train.train_and_evaluate(c, str(tmp_path / "nan"))
-  for step in train._checkpoint_manager(str(tmp_path / "nan" / "checkpoints"), 1,
+  for step in checkpoints.manager(str(tmp_path / "nan" / "checkpoints"), 1,
                                         read_only=True).all_steps():
-    p = train.load_trained(str(tmp_path / "nan"), step)[1]["params"]
+    p = checkpoints.load_trained(str(tmp_path / "nan"), step)[1]["params"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
 
 
@@ -182,10 +157,10 @@ def test_bad_batch_and_restore_path_are_errors(fmnist_dir, tmp_path):
 
 
 def test_tiny_workdir_fixture(tiny_workdir):
-  assert train.evolution_checkpoints(tiny_workdir) == [(1.0, 16), (2.0, 32), (3.0, 48)]
-  model, variables, config = train.load_trained(tiny_workdir)
+  assert rundir.evolution_checkpoints(tiny_workdir) == [(1.0, 16), (2.0, 32), (3.0, 48)]
+  model, variables, config = checkpoints.load_trained(tiny_workdir)
   assert isinstance(model, models.ZFNetLowRes) and config.report.enabled is False
-  early = train.load_trained(tiny_workdir, step=16)[1]
+  early = checkpoints.load_trained(tiny_workdir, step=16)[1]
   assert not np.allclose(early["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
   assert ip.pixel_mean(config, tiny_workdir).shape == (64, 64, 1)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, models, transfer
+from zfnet_jax import configs, models, train, transfer
 
 
 def np_grid_max(x, g):
@@ -41,12 +41,14 @@ def test_grid_max_pool_matches_loops(shape, g):
                                 np_grid_max(x, g))
 
 
-def test_grid_max_pool_matches_torch_adaptive_pool():
-  torch = pytest.importorskip("torch")
+def test_grid_max_pool_has_torchs_adaptive_bins():
+  """13 -> 3 as torch.nn.AdaptiveMaxPool2d bins it (start floor(i*13/3), end ceil((i+1)*13/3)):
+  rows/cols [0, 5), [4, 9), [8, 13), written out by hand."""
   x = np.random.default_rng(1).normal(size=(2, 13, 13, 4)).astype(np.float32)
-  ref = torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 3)
-  ref = ref.permute(0, 2, 3, 1).numpy().reshape(2, -1)
-  np.testing.assert_array_equal(np.asarray(transfer.grid_max_pool(jnp.asarray(x), 3)), ref)
+  bins = [(0, 5), (4, 9), (8, 13)]
+  ref = np.stack([x[:, r0:r1, c0:c1].max(axis=(1, 2)) for r0, r1 in bins for c0, c1 in bins], 1)
+  np.testing.assert_array_equal(np.asarray(transfer.grid_max_pool(jnp.asarray(x), 3)),
+                                ref.reshape(2, -1))
 
 
 def test_class_folds():
@@ -93,22 +95,22 @@ def tiny():
   return m, jax.jit(m.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
 
 
-def test_layer_names():
+def test_probe_layers():
   m = models.ZFNetLowRes(**TINY)
-  assert transfer.layer_names(m, 32, range(1, 8)) == {
+  assert transfer.probe_layers(m, 32, range(1, 8)) == {
       1: "norm1", 2: "norm2", 3: "conv3", 4: "conv4", 5: "pool5", 6: "fc6", 7: "fc7"}
   m2 = m.clone(contrast_norm=False, removed=("conv3", "fc7"))
-  assert transfer.layer_names(m2, 32, range(1, 8)) == {
+  assert transfer.probe_layers(m2, 32, range(1, 8)) == {
       1: "pool1", 2: "pool2", 4: "conv4", 5: "pool5", 6: "fc6"}
   with pytest.raises(ValueError, match=r"unknown layers \[8\]"):
-    transfer.layer_names(m, 32, [8])
+    transfer.probe_layers(m, 32, [8])
 
 
 def test_extract_features_equal_direct_apply(tiny):
   m, v = tiny
   x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 1)).astype(np.float32)
   mean = np.full((32, 32, 1), 100.0, np.float32)
-  names = transfer.layer_names(m, 32, range(1, 8))
+  names = transfer.probe_layers(m, 32, range(1, 8))
   got = transfer.extract_features(m, v, x, mean, names, 3, batch_size=2)   # uneven last batch
   ref = m.apply(v, jnp.asarray(x - mean), method="features")
   for l, name in names.items():
@@ -193,7 +195,6 @@ def test_bad_config_errors(tiny):
 
 @pytest.mark.slow
 def test_probe_table_from_trained_workdir(tmp_path):
-  train = pytest.importorskip("zfnet_jax.train")
   import importlib.util
   root = os.path.join(os.path.dirname(__file__), "..", "experiments", "transfer_digits.py")
   spec = importlib.util.spec_from_file_location("transfer_digits", root)
@@ -219,7 +220,7 @@ def test_probe_table_from_trained_workdir(tmp_path):
   csv_text = open(os.path.join(workdir, "transfer", "probes.csv")).read()
   assert csv_text.splitlines()[0].startswith("layer,output,dims")
   assert os.path.exists(os.path.join(workdir, "transfer", "probes.md"))
-  sections = transfer.report_sections(config, workdir)
+  sections = transfer.table_sections(os.path.join(workdir, "transfer"), config.transfer)
   assert sections[0].tables[0][1] == rows
 
 

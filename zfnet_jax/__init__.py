@@ -1,6 +1,7 @@
-"""zfnet_jax: ZFNet and the deconvnet of Zeiler & Fergus (ECCV 2014) in JAX/Flax."""
-__version__ = "0.1.0"
+"""zfnet_jax: ZFNet and the deconvnet of Zeiler & Fergus (ECCV 2014) in JAX/Flax.
 
-# CPU: convolutions on XLA's kernels, not YNNPACK's (3x faster here; zfnet_jax/conv.py).
-from zfnet_jax import conv as _conv  # pylint: disable=g-import-not-at-top
-_conv.configure_xla_cpu()
+Importing the package changes nothing in JAX; entry points (``main``, the
+benchmarks, the notebook, the tests) call ``zfnet_jax.conv.configure_xla_cpu()``
+before JAX starts, to run CPU convolutions on XLA's own kernels.
+"""
+__version__ = "0.2.0"

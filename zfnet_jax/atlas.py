@@ -31,8 +31,10 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
+from zfnet_jax import deconv, figures
 from zfnet_jax import layers as layers_lib
 from zfnet_jax import models
+from zfnet_jax import sections as sections_lib
 
 _EMPTY = np.iinfo(np.int32).max  # id of an empty slot while scanning (sorts last)
 
@@ -70,21 +72,17 @@ class LayerAtlas:
   receptive_field: models.ReceptiveField
 
 
-def spatial_layers(model: models.PaperNet, input_size: int) -> dict[str, int]:
-  """{name: maps} of every conv/pool/norm layer the model has at this input size."""
-  return {s.name: s.features for s in model.layer_table(input_size) if s.kind != "fc"}
-
-
-def check_options(model: models.PaperNet, input_size: int, *, layers: Sequence[str],
+def check_options(net, input_size: int, *, layers: Sequence[str],
                   k: int, rule: str, num_maps: int = -1, chunk_size: int = 1) -> None:
   """Raise ValueError naming the bad option and what is allowed (before any scan)."""
-  allowed = spatial_layers(model, input_size)
+  net = deconv.as_network(net)
+  allowed = models.spatial_layers(net, input_size)
   if isinstance(layers, str) or not layers:
     raise ValueError(f"layers must be a non-empty sequence of layer names, got {layers!r}; "
                      f"allowed: {', '.join(allowed)}")
   bad = [l for l in layers if l not in allowed]
   if bad:
-    raise ValueError(f"unknown layer(s) {bad} for {type(model).__name__} at {input_size}x"
+    raise ValueError(f"unknown layer(s) {bad} for {net.name} at {input_size}x"
                      f"{input_size}; allowed: {', '.join(allowed)}")
   if len(set(layers)) != len(layers):
     raise ValueError(f"layers listed twice: {list(layers)}")
@@ -144,11 +142,11 @@ def _merge(state, act, ids, mask):
 
 
 @functools.lru_cache(maxsize=16)
-def _make_step(model, layer_names):
-  """One jitted scan step per (model, layers): repeated scans do not recompile."""
+def _make_step(net, layer_names):
+  """One jitted scan step per (network, layers): repeated scans do not recompile."""
   @jax.jit
   def step(state, variables, images, ids, mask):
-    feats = model.apply(variables, images, method="features")
+    feats = net.features(variables, images)
     return {l: _merge(state[l], feats[l], ids, mask) for l in layer_names}
   return step
 
@@ -164,7 +162,7 @@ class ScanResult:
   num_examples: int
 
 
-def scan(model: models.PaperNet, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
+def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
          layers: Sequence[str], k: int = 9, track: Mapping[str, np.ndarray] | None = None,
          total: int | None = None, progress: bool = True) -> ScanResult:
   """Streaming top-k of every map of ``layers`` over ``batches``.
@@ -176,7 +174,8 @@ def scan(model: models.PaperNet, variables, batches: Iterable[Mapping[str, np.nd
     track: {layer: map indices} whose top-k examples' images are kept.
     total: examples in the split, for the progress bar.
   """
-  step = _make_step(model, tuple(layers))
+  net = deconv.as_network(net)
+  step = _make_step(net, tuple(layers))
   state = None
   track = {l: np.asarray(c) for l, c in (track or {}).items()}
   images, labels, seen = {}, {}, 0
@@ -192,8 +191,8 @@ def scan(model: models.PaperNet, variables, batches: Iterable[Mapping[str, np.nd
     image = np.asarray(batch["image"])[order]
     label = np.asarray(batch["label"])[order] if "label" in batch else np.full(ids.shape, -1)
     if state is None:
-      shapes = jax.eval_shape(lambda v, x: model.apply(v, x, method="features"),
-                              variables, jax.ShapeDtypeStruct(image.shape, jnp.float32))
+      shapes = jax.eval_shape(net.features, variables,
+                              jax.ShapeDtypeStruct(image.shape, jnp.float32))
       state = {l: (jnp.full((shapes[l].shape[-1], k), -jnp.inf, jnp.float32),
                    jnp.full((shapes[l].shape[-1], k), _EMPTY, jnp.int32),
                    jnp.zeros((shapes[l].shape[-1], k), jnp.int32)) for l in layers}
@@ -248,12 +247,12 @@ def crop_receptive_field(images: np.ndarray, rf: models.ReceptiveField,
   return out
 
 
-def project(model: models.PaperNet, variables, scan_result: ScanResult, layer: str,
+def project(net, variables, scan_result: ScanResult, layer: str,
             channels: np.ndarray, pixel_mean: np.ndarray, *, rule: str = "deconvnet",
             chunk_size: int = 64) -> LayerAtlas:
-  """Project the recorded units of ``channels`` of ``layer`` (deconv.project_many)
+  """Project the recorded units of ``channels`` of ``layer`` (``net.project``)
   and crop projections and display images to their receptive fields."""
-  from zfnet_jax import deconv  # pylint: disable=g-import-not-at-top
+  net = deconv.as_network(net)
   topk = scan_result.topk[layer]
   channels = np.asarray(channels)
   values, ids, pos = topk.values[channels], topk.ids[channels], topk.positions[channels]
@@ -262,7 +261,7 @@ def project(model: models.PaperNet, variables, scan_result: ScanResult, layer: s
   if any_image is None:
     raise ValueError("no example images were kept: pass track= to scan()")
   s, cin = any_image.shape[0], any_image.shape[-1]
-  rf = models.receptive_fields(model, s)[layer]
+  rf = net.receptive_fields(s)[layer]
   t = min(rf.size, s)
   flat = np.flatnonzero(ids.ravel() >= 0)  # filled slots
   projections = np.full((m * k, t, t, cin), 0.5, np.float32)
@@ -271,9 +270,8 @@ def project(model: models.PaperNet, variables, scan_result: ScanResult, layer: s
     imgs = np.stack([scan_result.images[int(i)] for i in ids.ravel()[flat]])
     chans = np.repeat(channels, k)[flat]
     p = pos.reshape(-1, 2)[flat]
-    proj = deconv.project_many(model, variables, jnp.asarray(imgs), layer=layer,
-                               channels=jnp.asarray(chans), positions=jnp.asarray(p),
-                               rule=rule, chunk_size=chunk_size)
+    proj = net.project(variables, jnp.asarray(imgs), layer=layer, channels=np.asarray(chans),
+                       positions=np.asarray(p), rule=rule, chunk_size=chunk_size)
     projections[flat] = crop_receptive_field(np.asarray(deconv.to_image(proj)), rf, p)
     display = np.clip((imgs + np.asarray(pixel_mean, np.float32)) / 255.0, 0.0, 1.0)
     patches[flat] = crop_receptive_field(display, rf, p)
@@ -283,22 +281,108 @@ def project(model: models.PaperNet, variables, scan_result: ScanResult, layer: s
                     projections.reshape(shape), patches.reshape(shape), rf)
 
 
-def build(model: models.PaperNet, variables, batches: Iterable[Mapping[str, np.ndarray]],
+def build(net, variables, batches: Iterable[Mapping[str, np.ndarray]],
           pixel_mean: np.ndarray, *, layers: Sequence[str], k: int = 9, num_maps: int = -1,
           rule: str = "deconvnet", chunk_size: int = 64, seed: int = 0,
           total: int | None = None, progress: bool = True
           ) -> tuple[dict[str, LayerAtlas], ScanResult]:
   """The atlas of ``layers``: scan, then project ``num_maps`` maps per layer
   (-1 = all; a random subset, seeded, otherwise)."""
+  net = deconv.as_network(net)
   input_size = int(np.shape(pixel_mean)[0])
-  check_options(model, input_size, layers=layers, k=k, rule=rule, num_maps=num_maps,
+  check_options(net, input_size, layers=layers, k=k, rule=rule, num_maps=num_maps,
                 chunk_size=chunk_size)
-  widths = spatial_layers(model, input_size)
+  widths = models.spatial_layers(net, input_size)
   shown = {l: choose_maps(widths[l], num_maps, seed + n) for n, l in enumerate(layers)}
-  result = scan(model, variables, batches, layers=layers, k=k, track=shown, total=total,
+  result = scan(net, variables, batches, layers=layers, k=k, track=shown, total=total,
                 progress=progress)
   atlas = {}
   for l in tqdm(layers, desc="projections", disable=not progress):
-    atlas[l] = project(model, variables, result, l, shown[l], pixel_mean, rule=rule,
+    atlas[l] = project(net, variables, result, l, shown[l], pixel_mean, rule=rule,
                        chunk_size=chunk_size)
   return atlas, result
+
+
+# ----------------------------------------------------------------------------
+# 3. The report's Fig. 2 sections.
+# ----------------------------------------------------------------------------
+
+MAPS_PER_IMAGE = 16  # maps per panel PNG (a layer with more maps gets several)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The atlas of the report (``config.report``)."""
+  split: str            # "" = the evaluation split
+  layers: tuple[str, ...]
+  num_maps: int
+  top_k: int
+  rule: str
+  max_examples: int     # -1 = the whole split
+  batch_size: int
+  chunk_size: int
+
+
+def validate(options, net, data: sections.Data) -> Options:
+  """``config.report`` checked (types, ranges, rule, layers of the network) -> Options."""
+  def pos_int(name, allow_all=False):
+    v = options[name]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (
+        v < 1 and not (allow_all and v == -1)):
+      raise ValueError(f"config.report.{name} must be a positive integer"
+                       f"{' or -1 (all)' if allow_all else ''}, got {v!r}")
+    return int(v)
+  layers = options.layers
+  if isinstance(layers, str):
+    layers = tuple(l.strip() for l in layers.split(",") if l.strip())
+  layers = tuple(layers)
+  if not layers:
+    raise ValueError("config.report.layers is empty; give at least one layer, e.g. conv1")
+  if options.rule not in layers_lib.RULES:
+    raise ValueError(f"config.report.rule {options.rule!r} unknown; allowed: "
+                     f"{', '.join(layers_lib.RULES)}")
+  opts = Options(options.split, layers, pos_int("num_maps", True), pos_int("top_k"),
+                 options.rule, pos_int("max_examples", True), pos_int("batch_size"),
+                 pos_int("chunk_size"))
+  check_options(net, data.input_size, layers=opts.layers, k=opts.top_k, rule=opts.rule,
+                num_maps=opts.num_maps, chunk_size=opts.chunk_size)
+  return opts
+
+
+def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+  """One section per layer: Fig. 2 panels (atlas_<layer>_<n>.png) and the top-k table."""
+  atlas, result = build(context.net, context.variables, context.split_batches(),
+                        context.pixel_mean, layers=options.layers, k=options.top_k,
+                        num_maps=options.num_maps, rule=options.rule,
+                        chunk_size=options.chunk_size, seed=context.seed,
+                        total=context.split_total, progress=context.progress)
+  out = []
+  for layer, a in atlas.items():
+    s = sections_lib.Section(f"Layer {layer}", f"layer-{layer}")
+    topk = result.topk[layer]
+    dead = int(np.sum(topk.values[:, 0] <= 0))
+    s.paragraphs.append(
+        f"Top {options.top_k} activations over {result.num_examples} examples of the "
+        f"{context.split_name!s} split, for {len(a.channels)} of the {topk.values.shape[0]} "
+        f"feature maps. Per map: the projections to pixels with the {options.rule} rule (left, "
+        f"each scaled on its own, zero = grey) beside the image patches under the "
+        f"receptive field ({a.receptive_field.size} px, stride {a.receptive_field.stride}; "
+        f"tiles {a.projections.shape[2]} px) (right). Best first, row by row.")
+    s.paragraphs.append(f"{dead} of the {topk.values.shape[0]} maps never fire (maximum <= 0) "
+                        f"on these examples.")
+    k = a.projections.shape[1]
+    for p, start in enumerate(range(0, len(a.channels), MAPS_PER_IMAGE)):
+      sl = slice(start, start + MAPS_PER_IMAGE)
+      titles = [f"map {int(c)}" + (" (never fires)" if v <= 0 else "")
+                for c, v in zip(a.channels[sl], a.values[sl, 0])]
+      img = figures.atlas_panel(a.projections[sl], a.patches[sl], a.channels[sl], titles=titles)
+      fname = f"atlas_{layer}_{p}.png"
+      figures.save_png(img, context.path(fname))
+      s.figures.append((fname, f"{layer}, maps {', '.join(str(int(c)) for c in a.channels[sl])}."))
+    rows = [[str(int(c)), f"{a.values[i, 0]:.4g}", f"{a.values[i, -1]:.4g}",
+             ", ".join(f"{int(e)} ({context.class_name(int(l))})"
+                       for e, l in zip(a.ids[i], a.labels[i]) if e >= 0)]
+            for i, c in enumerate(a.channels)]
+    s.tables.append((["map", "top value", f"value #{k}", "examples (class), best first"], rows))
+    out.append(s)
+  return out

@@ -154,6 +154,24 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a run's ``config.json``) over the current defaults.
+
+  Keys the defaults do not have are kept; JSON lists become tuples.
+  """
+  config = default_config()
+
+  def merge(c, d):
+    for k, v in d.items():
+      if k in c and isinstance(c[k], ml_collections.ConfigDict) and isinstance(v, dict):
+        merge(c[k], v)
+      else:
+        c[k] = tuple(v) if isinstance(v, list) else v
+  with config.unlocked():
+    merge(config, saved)
+  return config
+
+
 def imagenet_variant(model_name: str, variants: dict, variant: str, where: str):
   """The paper's ImageNet recipe for ``model_name`` with a variant's model overrides.
 

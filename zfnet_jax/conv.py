@@ -4,8 +4,7 @@ jaxlib 0.10 hands every convolution and matmul on the CPU to YNNPACK
 ("__ynn_fusion").  For this network YNNPACK's convolutions are slow: the
 weight gradients run at 5-17 GFLOP/s and conv2's forward (5x5, stride 2) at
 ~25 GFLOP/s on a 2-core AVX-512 Xeon, where XLA's own (Eigen) convolution
-kernels reach 35-90 GFLOP/s for the same ops (see benchmarks/README text in
-issue 9).  YNNPACK's matmuls, on the other hand, are as fast as Eigen's or
+kernels reach 35-90 GFLOP/s for the same ops (``benchmarks/run.py``).  YNNPACK's matmuls, on the other hand, are as fast as Eigen's or
 faster (fc6's input gradient: 90 vs 25 GFLOP/s).  So we keep YNNPACK for dots
 and give convolutions back to XLA:
 
@@ -13,7 +12,7 @@ and give convolutions back to XLA:
 
 Nothing else changes: the same HLO convolution, so values, VJPs and the
 deconvnet's "filter" step (the convolution's VJP w.r.t. its input) are exactly
-XLA's.  ``configure_xla_cpu()`` (called when ``zfnet_jax`` is imported) adds
+XLA's.  ``configure_xla_cpu()`` (called by the entry points before JAX starts) adds
 the flag to ``XLA_FLAGS`` if the JAX backends are not initialised yet, the
 user has not set the option, ``ZFNET_XLA_CPU_DEFAULTS`` is unset, and the
 installed jaxlib is one where the option is known (an unknown XLA flag aborts

@@ -13,9 +13,10 @@ pass with the rule versions of the layers (``zfnet_jax.layers``):
   which is exactly its VJP;
 * contrast normalisation goes down with its exact VJP (``norm_rule="exact"``).
 
-Our models switch rule by ``model.clone(rule=...)``.  ``deconvnet_transform``
-does the same for any JAX function (Flax Linen, NNX, pure JAX) by rewriting its
-jaxpr.
+Our models switch rule by ``model.clone(rule=...)``;
+``rewrite.deconvnet_transform`` does the same for any JAX function (Flax Linen,
+NNX, pure JAX) by rewriting its jaxpr.  ``Network`` is how the analyses see a
+CNN, ours (``network(model)``) or any other (``from_features``).
 
 Layer names are those of ``PaperNet.features``; fc layers (fc6, fc7, logits)
 count as 1x1 maps, so for them ``channel`` is the unit and the only position is
@@ -24,16 +25,18 @@ image (ties: first in row-major order).  All arrays are NHWC.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as xcore
+import tqdm
 
 from zfnet_jax import layers
 from zfnet_jax import models
+from zfnet_jax import rewrite
 
 RULES = layers.RULES
 
@@ -41,20 +44,6 @@ RULES = layers.RULES
 # ----------------------------------------------------------------------------
 # Validation (before any computation).
 # ----------------------------------------------------------------------------
-
-def layer_shapes(model: models.PaperNet, input_size: int) -> dict[str, tuple[int, int, int]]:
-  """{layer name: (rows, cols, channels)} of every activation ``features`` returns.
-
-  fc layers are (1, 1, units).  Computed from the layer table, no tracing.
-  """
-  out = {}
-  for spec in model.layer_table(input_size):
-    if spec.kind == "fc":
-      out[spec.name] = (1, 1, spec.features)
-    else:
-      out[spec.name] = (spec.out, spec.out, spec.features)
-  return out
-
 
 def _check_images(images, what="images"):
   shape = getattr(images, "shape", None)
@@ -82,7 +71,7 @@ def check_images(model: models.PaperNet, variables, images, what="images"):
   fc = next((params[n]["kernel"] for n in ("fc6", "fc7", "fc8") if n in params), None)
   if fc is not None:
     try:
-      h, w, c = layer_shapes(model, size)["pool5"]
+      h, w, c = models.layer_shapes(model, size)["pool5"]
       ok = h * w * c == fc.shape[0]
     except Exception:  # pylint: disable=broad-except  (too small for the layer table)
       ok = False
@@ -100,7 +89,7 @@ def check_images(model: models.PaperNet, variables, images, what="images"):
 
 
 def _check_layer(model, input_size, layer):
-  shapes = layer_shapes(model, input_size)
+  shapes = models.layer_shapes(model, input_size)
   if not isinstance(layer, str) or layer not in shapes:
     raise ValueError(f"unknown layer {layer!r}; allowed: {', '.join(shapes)}")
   return shapes[layer]
@@ -254,6 +243,16 @@ def project_many(model: models.PaperNet, variables, images: jax.Array, *,
   """
   layers.check_rule(rule)
   check_images(model, variables, images)
+  model = model.clone(rule=rule)
+  batch = lambda name, *args: _project_batch(model, variables, *args, layer=name)
+  return _project_requests(batch, model, images, layer, channels, positions, chunk_size,
+                           progress, rule)
+
+
+def _project_requests(batch, table, images, layer, channels, positions, chunk_size, progress,
+                      rule):
+  """Validate requests against ``table``'s layer table, then project them by layer in
+  padded chunks with ``batch(name, images, channels, positions, strongest)``."""
   r = images.shape[0]
   names = [layer] * r if isinstance(layer, str) else list(layer)
   if len(names) != r:
@@ -270,28 +269,24 @@ def project_many(model: models.PaperNet, variables, images: jax.Array, *,
   if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   for i, name in enumerate(names):
-    shape = _check_layer(model, images.shape[1], name)
+    shape = _check_layer(table, images.shape[1], name)
     _check_channel(name, shape, int(channels[i]))
     _check_position(name, shape, None if positions is None else positions[i])
 
-  model = model.clone(rule=rule)
   groups = {}
   for i, name in enumerate(names):
     groups.setdefault(name, []).append(i)
   chunks = [(name, idx[s:s + chunk_size]) for name, idx in groups.items()
             for s in range(0, len(idx), chunk_size)]
-  if progress:
-    import tqdm
-    chunks = tqdm.tqdm(chunks, desc=f"projections ({rule})", unit="chunk")
+  chunks = tqdm.tqdm(chunks, desc=f"projections ({rule})", unit="chunk", disable=not progress)
   size = min(chunk_size, r)
   outs, order = [], []
   for name, idx in chunks:
     take = np.asarray(idx + [idx[-1]] * (size - len(idx)))  # pad the last chunk
     pos = (np.zeros((size, 2), np.int32) if positions is None
            else positions[take].astype(np.int32))
-    proj, _, _ = _project_batch(model, variables, images[take],
-                                jnp.asarray(channels[take], jnp.int32), jnp.asarray(pos),
-                                jnp.full((size,), positions is None), layer=name)
+    proj, _, _ = batch(name, images[take], jnp.asarray(channels[take], jnp.int32),
+                       jnp.asarray(pos), jnp.full((size,), positions is None))
     outs.append(proj[:len(idx)])
     order.extend(idx)
   out = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
@@ -341,7 +336,7 @@ def to_image(projections) -> np.ndarray:
   return np.clip(0.5 + p / scale, 0.0, 1.0)
 
 
-def receptive_patch(model: models.PaperNet, images, layer: str, position, *,
+def receptive_patch(model, images, layer: str, position, *,
                     fill: float = 0.0, clip: bool = False):
   """The part of the input that unit ``position`` of ``layer`` sees.
 
@@ -364,7 +359,7 @@ def receptive_patch(model: models.PaperNet, images, layer: str, position, *,
     raise ValueError(f"images must be (S, S, C) or (N, S, S, C), got shape {np.shape(images)}")
   n, s = x.shape[0], x.shape[1]
   shape = _check_layer(model, s, layer)
-  fields = models.receptive_fields(model, s)
+  fields = as_network(model).receptive_fields(s)
   if layer not in fields:  # fc: the whole image
     return [c for c in x] if (clip and not single) else (x[0] if single else x)
   pos = np.asarray(position)
@@ -392,243 +387,8 @@ def receptive_patch(model: models.PaperNet, images, layer: str, position, *,
 
 
 # ----------------------------------------------------------------------------
-# Any CNN: rewrite a function's jaxpr so that its VJP follows a rule.
+# Any CNN (through ``zfnet_jax.rewrite``).
 # ----------------------------------------------------------------------------
-
-class UnsupportedConstructError(NotImplementedError):
-  """``deconvnet_transform`` met a construct it cannot give the rule to."""
-
-
-_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
-           "remat2": "jaxpr", "checkpoint": "jaxpr"}
-# custom_jvp functions made only of these are clamps (jax.nn.relu, relu6): rewritten.
-_CLAMP_PRIMS = {"max", "min", "jit", "pjit", "convert_element_type", "broadcast_in_dim"}
-_NOT_RELU = ("logaddexp",)  # custom_jvp functions with a max that are no ReLU (softplus)
-_SHAPE_OPS = ("broadcast_in_dim", "convert_element_type", "reshape", "squeeze",
-              "expand_dims", "copy", "copy_p")
-
-
-def _is_max_pool_jaxpr(jaxpr) -> bool:
-  return any(e.primitive is jax.lax.max_p for e in jaxpr.eqns)
-
-
-def _prims(jaxpr, acc=None) -> set:
-  """Names of all primitives in ``jaxpr`` and the jaxprs inside it."""
-  acc = set() if acc is None else acc
-  for eqn in jaxpr.eqns:
-    acc.add(eqn.primitive.name)
-    for sub in xcore.jaxprs_in_params(eqn.params):
-      _prims(sub, acc)
-  return acc
-
-
-def _has_target(jaxpr, incoming_pred=False) -> bool:
-  """Could ``jaxpr`` hold a ReLU or a max-pool (so it must be rewritten)?
-
-  max / reduce_window_max always count; select_n or mul only with a comparison
-  in the jaxpr or a comparison result coming in (``incoming_pred``).
-  """
-  names = _prims(_sub_jaxpr(jaxpr))
-  if names & {"max", "reduce_window_max"}:
-    return True
-  return bool(names & {"select_n", "mul"}) and (incoming_pred or bool(names & {"gt", "lt"}))
-
-
-def _jvp_name(eqn) -> str | None:
-  """Name of the Python function behind a custom_jvp_call (from its debug info)."""
-  info = getattr(_sub_jaxpr(eqn.params["call_jaxpr"]), "debug_info", None)
-  src = getattr(info, "func_src_info", None) or ""
-  return src.split(" ")[0] or None
-
-
-def _is_zero_const(value) -> bool:
-  try:
-    return bool(np.all(np.asarray(value) == 0))
-  except Exception:  # a tracer: not a known constant
-    return False
-
-
-def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
-  """Evaluate ``jaxpr`` with ReLUs and max-pools replaced by the rule versions.
-
-  ReLU patterns: max(x, 0) / max(0, x) (jax.nn.relu, jnp.maximum, jnp.clip(x, 0)),
-  select_n(x > 0, 0, x) (jnp.where(x > 0, x, 0)) and x * (x > 0).  Facts about
-  vars (holds zeros; is x > 0; is the float indicator of x > 0) follow values
-  into inlined sub-jaxprs.  ``in_facts``: one (zero, positive, indicator) per invar.
-  """
-  env = {}
-  zeros = set()      # vars known to hold only zeros
-  positive = {}      # var -> x, for var = (x > 0)
-  indicator = {}     # var -> x, for var = float(x > 0)
-
-  def read(v):
-    return v.val if isinstance(v, xcore.Literal) else env[v]
-
-  def is_zero(v):
-    if isinstance(v, xcore.Literal):
-      return _is_zero_const(v.val)
-    return v in zeros
-
-  def facts(v):
-    if isinstance(v, xcore.Literal):
-      return (is_zero(v), None, None)
-    return (v in zeros, positive.get(v), indicator.get(v))
-
-  def as_relu(x, eqn):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return None
-    if tuple(x.shape) != tuple(eqn.outvars[0].aval.shape):
-      raise UnsupportedConstructError(
-          f"a ReLU whose zero is larger than its input ({eqn}); broadcast the input first")
-    return [layers.relu(x, rule)]
-
-  for v, c in zip(jaxpr.constvars, consts):
-    env[v] = c
-    if _is_zero_const(c):
-      zeros.add(v)
-  for i, (v, a) in enumerate(zip(jaxpr.invars, args)):
-    env[v] = a
-    if in_facts is not None:
-      z, pos, ind = in_facts[i]
-      if z:
-        zeros.add(v)
-      if pos is not None:
-        positive[v] = pos
-      if ind is not None:
-        indicator[v] = ind
-
-  for eqn in jaxpr.eqns:
-    prim, name = eqn.primitive, eqn.primitive.name
-    invals = [read(v) for v in eqn.invars]
-    out = None
-    if name == "max" and len(eqn.invars) == 2 and any(map(is_zero, eqn.invars)):
-      out = as_relu(invals[1] if is_zero(eqn.invars[0]) else invals[0], eqn)
-    elif (name == "select_n" and len(eqn.invars) == 3 and eqn.invars[0] in positive
-          and is_zero(eqn.invars[1]) and invals[2] is positive[eqn.invars[0]]):
-      out = as_relu(invals[2], eqn)
-    elif name == "mul" and len(eqn.invars) == 2 and any(v in indicator for v in eqn.invars
-                                                        if not isinstance(v, xcore.Literal)):
-      a, b = eqn.invars
-      if not isinstance(b, xcore.Literal) and indicator.get(b) is invals[0]:
-        out = as_relu(invals[0], eqn)
-      elif not isinstance(a, xcore.Literal) and indicator.get(a) is invals[1]:
-        out = as_relu(invals[1], eqn)
-    elif name == "reduce_window_max":
-      p = eqn.params
-      if any(d != 1 for d in tuple(p["base_dilation"]) + tuple(p["window_dilation"])):
-        raise UnsupportedConstructError(
-            f"reduce_window_max with base_dilation={p['base_dilation']} "
-            f"window_dilation={p['window_dilation']} (only undilated max-pools are supported)")
-      if jnp.issubdtype(invals[0].dtype, jnp.floating):
-        try:
-          out = [layers.general_max_pool(invals[0], tuple(p["window_dimensions"]),
-                                         tuple(p["window_strides"]),
-                                         layers._tuple_padding(p["padding"]))]
-        except ValueError as e:
-          raise UnsupportedConstructError(f"reduce_window_max: {e}") from None
-    elif name == "reduce_window" and _is_max_pool_jaxpr(eqn.params["jaxpr"]):
-      raise UnsupportedConstructError(
-          "reduce_window with a max computation and an init value other than -inf "
-          "(e.g. lax.reduce_window(x, 0., lax.max, ...)); use -inf as the init value "
-          "(flax.linen.max_pool does)")
-    elif name == "custom_jvp_call" and _jvp_name(eqn) in _NOT_RELU:
-      pass  # e.g. softplus's logaddexp(x, 0): a max with zero that is no ReLU
-    elif (name == "custom_jvp_call"
-          and not _prims(_sub_jaxpr(eqn.params["call_jaxpr"])) <= _CLAMP_PRIMS
-          and _prims(_sub_jaxpr(eqn.params["call_jaxpr"])) & {"max", "reduce_window_max"}):
-      raise UnsupportedConstructError(
-          f"custom_jvp function {_jvp_name(eqn)!r} contains a max among other ops; "
-          f"deconvnet_transform cannot tell whether it is a ReLU (it rewrites custom_jvp "
-          f"functions made of max/min only, e.g. jax.nn.relu, relu6; and keeps "
-          f"{', '.join(_NOT_RELU)})")
-    elif name in _INLINE and _has_target(
-        eqn.params[_INLINE[name]],
-        any(f[1] is not None or f[2] is not None for f in map(facts, eqn.invars))):
-      sub = eqn.params[_INLINE[name]]
-      sub_consts = sub.consts if isinstance(sub, xcore.ClosedJaxpr) else ()
-      out = _eval_with_rule(_sub_jaxpr(sub), sub_consts, invals, rule,
-                            [facts(v) for v in eqn.invars])
-    elif any(_prims(s) & {"max", "reduce_window_max"} for s in xcore.jaxprs_in_params(eqn.params)):
-      raise UnsupportedConstructError(
-          f"primitive {name!r} contains a ReLU or max-pool, and deconvnet_transform "
-          f"cannot rewrite inside it (supported: {', '.join(sorted(_INLINE))}); "
-          f"move the ReLU/max-pool out of the {name}")
-
-    if out is None:
-      bind_params = prim.get_bind_params(eqn.params)
-      with eqn.ctx.manager:
-        ans = prim.bind(*invals, **bind_params)
-      out = ans if prim.multiple_results else [ans]
-      # Track the facts the ReLU patterns need.
-      v0 = eqn.invars[0] if eqn.invars else None
-      if name in _SHAPE_OPS and v0 is not None and is_zero(v0):
-        zeros.add(eqn.outvars[0])
-      elif name == "gt" and is_zero(eqn.invars[1]):
-        positive[eqn.outvars[0]] = invals[0]
-      elif name == "lt" and is_zero(eqn.invars[0]):
-        positive[eqn.outvars[0]] = invals[1]
-      elif (name == "convert_element_type" and not isinstance(v0, xcore.Literal)
-            and v0 in positive):
-        indicator[eqn.outvars[0]] = positive[v0]
-    for v, val in zip(eqn.outvars, out):
-      env[v] = val
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _sub_jaxpr(sub):
-  return sub.jaxpr if isinstance(sub, xcore.ClosedJaxpr) else sub
-
-
-def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
-  """``fn`` with the same forward pass and a VJP that follows ``rule``.
-
-  Works on any JAX function (a Flax Linen ``apply``, an NNX module, pure JAX):
-  traces ``fn`` to a jaxpr and evaluates it with
-    * ReLUs -- ``max(x, 0)`` (``jax.nn.relu``, ``flax.linen.relu``,
-      ``nnx.relu``, ``relu6``, ``jnp.maximum(x, 0)``, ``jnp.clip(x, 0)``),
-      ``jnp.where(x > 0, x, 0)`` and ``x * (x > 0)`` -- replaced by
-      ``layers.relu(x, rule)``;
-    * ``reduce_window_max`` (``nn.max_pool``, ``lax.reduce_window(x, -inf,
-      lax.max, ...)``, any padding, no dilation) replaced by a max-pool that
-      unpools through its switches (ties: first maximum in row-major order);
-  recursing into jit, closed_call, custom_jvp_call, custom_vjp_call and
-  checkpoint.  Convolutions, dense layers and everything else keep their own
-  VJP (a convolution's is the paper's transposed filters).  ``max(x, y)`` with
-  no zero operand is an ordinary op (not a ReLU) and keeps its gradient, as
-  does softplus (``logaddexp(x, 0)``).  A ReLU or max-pool the rewriter cannot
-  reach raises ``UnsupportedConstructError`` naming the construct: a max inside
-  scan, while, cond, shard_map, ...; a dilated max-pool or one with an init
-  value other than -inf; a ``custom_jvp`` function that mixes a max with other
-  ops.  Nothing silently falls back to plain gradients.
-
-  Array arguments (and pytrees of them) are traced; every other argument (bools,
-  strings, modules, Python numbers) is static.  Wrap the result in ``jax.jit``.
-  """
-  layers.check_rule(rule)
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = [isinstance(l, (jax.Array, np.ndarray)) for l in leaves]
-
-    def flat_fn(*values):
-      it = iter(values)
-      full = [next(it) if d else l for l, d in zip(leaves, dynamic)]
-      a, k = jax.tree_util.tree_unflatten(treedef, full)
-      return fn(*a, **k)
-
-    values = [l for l, d in zip(leaves, dynamic) if d]
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*values)
-    outs = _eval_with_rule(closed.jaxpr, closed.consts, values, rule)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
-
-  return wrapped
-
-
-with_rule = deconvnet_transform  # alias
-
 
 def _pick(out, output):
   if output is None:
@@ -640,7 +400,7 @@ def _pick(out, output):
 
 @functools.partial(jax.jit, static_argnames=("fn", "output", "rule"))
 def _project_fn_jit(fn, images, channels, positions, strongest, output, rule):
-  g = deconvnet_transform(lambda x: _pick(fn(x), output), rule)
+  g = rewrite.deconvnet_transform(lambda x: _pick(fn(x), output), rule)
   return _project_core(g, images, channels, positions, strongest)
 
 
@@ -694,3 +454,107 @@ def project_fn(fn: Callable, images: jax.Array, *, channel, position=None,
   proj, pos, values = _project_fn_jit(fn, images, channels, positions, strongest,
                                       output=output, rule=rule)
   return (proj, pos, values) if return_info else proj
+
+
+# ----------------------------------------------------------------------------
+# Networks as the analyses see them.
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+  """A CNN as the analyses see it.
+
+  features: (variables, images (N, S, S, C)) -> {layer: (N, H, W, C) or (N, units)},
+    with "logits" for analyses that read class probabilities.
+  layer_table: input_size -> [models.LayerSpec] (names, kinds, maps, map sides),
+    so ``models.layer_shapes``, ``models.check_layer``... work on it.
+  project: (variables, images (R, S, S, C), *, layer, channels (R,), positions
+    (R, 2) or None, rule, chunk_size, progress) -> (R, S, S, C) projections.
+  fields: input_size -> {spatial layer: models.ReceptiveField}, or None if
+    unknown (analyses that crop to receptive fields then say so).
+  module: the Flax module, when there is one.
+  """
+  features: Callable
+  layer_table: Callable[[int], list]
+  project: Callable
+  fields: Callable[[int], dict] | None = None
+  name: str = "network"
+  module: Any = None
+
+  @functools.cached_property
+  def jit_features(self) -> Callable:
+    """jit(features): one compilation per input shape, reused by every analysis."""
+    return jax.jit(self.features)
+
+  def receptive_fields(self, input_size: int) -> dict:
+    if self.fields is None:
+      raise ValueError(f"the receptive fields of {self.name} are unknown: give "
+                       "receptive_fields= to deconv.from_features")
+    return self.fields(input_size)
+
+  def param(self, variables, layer: str, name: str = "kernel"):
+    """A parameter of a layer (``variables["params"][layer][name]``), or None."""
+    params = variables.get("params", {}) if hasattr(variables, "get") else {}
+    return params.get(layer, {}).get(name) if hasattr(params, "get") else None
+
+
+def _paper_features(model, variables, images):
+  return model.apply(variables, images, method="features")
+
+
+@functools.lru_cache(maxsize=32)
+def network(model: models.PaperNet) -> Network:
+  """One of our models as a Network (cached per model, so compilations are shared)."""
+  return Network(features=functools.partial(_paper_features, model),
+                 layer_table=model.layer_table,
+                 project=functools.partial(project_many, model),
+                 fields=functools.partial(models.receptive_fields, model),
+                 name=type(model).__name__, module=model)
+
+
+def as_network(model) -> Network:
+  """``model`` if it is a Network, else ``network(model)`` (one of our models)."""
+  return model if isinstance(model, Network) else network(model)
+
+
+@functools.partial(jax.jit, static_argnames=("features", "layer", "rule"))
+def _project_features(features, variables, images, channels, positions, strongest, layer,
+                      rule):
+  g = rewrite.deconvnet_transform(lambda v, x: features(v, x)[layer], rule)
+  return _project_core(lambda x: g(variables, x), images, channels, positions, strongest)
+
+
+def from_features(features: Callable, variables, channels: int, *,
+                  receptive_fields: Callable[[int], dict] | Mapping | None = None,
+                  name: str = "network") -> Network:
+  """Any CNN as a Network, from ``features(variables, images) -> {layer: activation}``.
+
+  Projections go through ``rewrite.deconvnet_transform`` (its ReLUs and
+  max-pools take the rule).  ``channels``: input channels; ``variables``: any
+  variables of the network (only their shapes are kept, for the layer table).
+  ``receptive_fields``: {layer: models.ReceptiveField} or input_size -> that.
+  """
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)),
+                          variables)
+
+  @functools.lru_cache(maxsize=8)
+  def table(input_size: int) -> list:
+    x = jax.ShapeDtypeStruct((1, input_size, input_size, channels), jnp.float32)
+    shapes = jax.eval_shape(features, abstract, x)
+    return [models.LayerSpec(k, "fc", v.shape[-1]) if len(v.shape) == 2 else
+            models.LayerSpec(k, "conv", v.shape[-1], out=v.shape[1]) for k, v in shapes.items()]
+
+  def project(variables, images, *, layer, channels, positions=None, rule="deconvnet",
+              chunk_size=32, progress=False):
+    layers.check_rule(rule)
+    _check_images(images)
+    batch = lambda name, *args: _project_features(features, variables, *args, layer=name,
+                                                  rule=rule)
+    return _project_requests(batch, net, images, layer, channels, positions, chunk_size,
+                             progress, rule)
+
+  fields = receptive_fields
+  if isinstance(receptive_fields, Mapping):
+    fields = lambda input_size: dict(receptive_fields)
+  net = Network(features, table, project, fields, name)
+  return net

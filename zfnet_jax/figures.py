@@ -8,7 +8,6 @@ C = 1 (grey) or 3 (RGB).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Sequence
@@ -137,25 +136,30 @@ def save_png(array: np.ndarray, path: str) -> str:
   return path
 
 
-def read_metrics(path: str) -> tuple[list[dict], int]:
-  """metrics.jsonl -> (records, number of unreadable lines skipped)."""
-  records, bad = [], 0
-  if not os.path.exists(path):
-    return records, bad
-  with open(path) as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        bad += 1  # e.g. a last line cut short when the run was killed
-        continue
-      if isinstance(rec, dict):
-        records.append(rec)
-      else:
-        bad += 1
-  return records, bad
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files only): the one place it is configured."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, path: str) -> str:
+  """Save a matplotlib figure as PNG (creating its folder) and close it."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  pyplot().close(fig)
+  return path
+
+
+def imshow(ax, image: np.ndarray, **kw):
+  """Show a display image in [0, 1] (grey if 2-D) without axes."""
+  if image.ndim == 2:
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1, **kw)
+  else:
+    ax.imshow(image, **kw)
+  ax.set_xticks([])
+  ax.set_yticks([])
 
 
 def training_curves(records: Sequence[dict], path: str) -> str | None:
@@ -163,9 +167,7 @@ def training_curves(records: Sequence[dict], path: str) -> str | None:
 
   Returns the path written, or None when no record has the needed keys.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
 
   def series(split, key):
     pts = [(r.get("epoch", r.get("step")), r[key]) for r in records

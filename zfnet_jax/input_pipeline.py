@@ -34,6 +34,8 @@ from typing import Iterator
 import numpy as np
 import threadpoolctl
 
+from zfnet_jax import rundir
+
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FASHION_MNIST_FILES = {
@@ -42,7 +44,6 @@ FASHION_MNIST_FILES = {
 }
 IMAGENET_TARBALLS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".webp")
-MEAN_FILE = "pixel_mean.npy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +121,46 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
                     np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _resize_taps(n_in: int, n_out: int, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rows [start, start + size) of ``_resize_matrix`` as taps: (index, weight), each (T, size).
+
+  Output pixel i is sum_t weight[t, i] * input[index[t, i]], with the nonzero
+  weights of row i in ascending input order (unused taps: weight 0).
+  """
+  a = _resize_matrix(n_in, n_out)[start:start + size]
+  taps = max(1, int((a != 0).sum(1).max()))
+  index, weight = np.zeros((taps, size), np.intp), np.zeros((taps, size), np.float32)
+  for i, row in enumerate(a):
+    nz = np.flatnonzero(row)
+    index[:len(nz), i], weight[:len(nz), i] = nz, row[nz]
+  return index, weight
+
+
+def _resize_axis(x: np.ndarray, taps: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
+  """Linear resize of one axis by element-wise multiply-adds in a fixed tap order."""
+  index, weight = taps
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  out = np.take(x, index[0], axis=axis) * weight[0].reshape(shape)
+  for t in range(1, len(index)):
+    out += np.take(x, index[t], axis=axis) * weight[t].reshape(shape)
+  return out
+
+
 def _np_resize_centre(images: np.ndarray, size: int) -> np.ndarray:
-  """uint8 (N, H, W, C) -> float32 (N, size, size, C): smaller side to size, centre crop."""
+  """uint8 (N, H, W, C) -> float32 (N, size, size, C): smaller side to size, centre crop.
+
+  Separable, with the same weights as ``jax.image.resize(..., "linear")``, and
+  computed by element-wise float32 multiply-adds in a fixed order (no BLAS): an
+  image's result is bit-identical whatever batch it comes in, on any CPU.
+  """
   h, w = images.shape[1:3]
   scale = size / min(h, w)
   nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-  a, b = _resize_matrix(h, nh), _resize_matrix(w, nw)
-  top, left = (nh - size) // 2, (nw - size) // 2
-  a, b = a[top:top + size], b[left:left + size]
-  return np.einsum("ih,nhwc,jw->nijc", a, images.astype(np.float32), b, optimize=True)
+  x = images.astype(np.float32)
+  x = _resize_axis(x, _resize_taps(h, nh, (nh - size) // 2, size), 1)
+  return _resize_axis(x, _resize_taps(w, nw, (nw - size) // 2, size), 2)
 
 
 def random_crops_and_flips(images: np.ndarray, crop: int, rng: np.random.Generator,
@@ -298,6 +330,18 @@ def dataset_info(config) -> DatasetInfo:
                      _limit(n_train, d.max_train_examples), _limit(n_eval, d.max_eval_examples))
 
 
+def validate(dataset_config) -> None:
+  """ValueError naming the first impossible ``config.dataset`` value and what is allowed."""
+  d = dataset_config
+  if d.crop_size < 1 or d.resize_size < d.crop_size:
+    raise ValueError(f"need 1 <= dataset.crop_size <= dataset.resize_size, got crop_size="
+                     f"{d.crop_size}, resize_size={d.resize_size}")
+  if d.on_corrupt not in ("skip", "stop"):
+    raise ValueError(f"dataset.on_corrupt={d.on_corrupt!r}; allowed: skip, stop")
+  if d.name == "folder" and not d.folder:
+    raise ValueError("dataset.name='folder' needs --config.dataset.folder=DIR")
+
+
 def _tf_decode_resize(image, config, channels):
   """Encoded or decoded image -> float32 (R, R, C): smaller side to R, centre crop."""
   import tensorflow as tf
@@ -349,7 +393,7 @@ def full_pixel_mean(config, workdir: str | None) -> np.ndarray:
   Cached in ``<workdir>/pixel_mean.npy`` (computed once, reused on resume).
   """
   d = config.dataset
-  path = os.path.join(workdir, MEAN_FILE) if workdir else None
+  path = rundir.path(workdir, rundir.MEAN) if workdir else None
   if path and os.path.exists(path):
     mean = np.load(path)
     if mean.shape[0] == d.resize_size:
@@ -611,3 +655,32 @@ def create_eval_iterator(config, workdir: str | None, split: str | None = None,
       yield finish(images, labels, np.arange(start, start + len(labels)))
       start += len(labels)
   return gen_tf()
+
+
+def load_examples(config, workdir: str | None, *, split: str | None = None, num: int = -1,
+                  ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(images float32 (N, S, S, C) mean-subtracted centre crops, labels (N,), ids (N,)).
+
+  The first ``num`` examples of ``split`` (all if num <= 0), or exactly the
+  examples with these ``ids`` (index in the split; ValueError naming the
+  missing ones if the split is shorter).
+  """
+  split = split or config.dataset.eval_split
+  want = None if ids is None else [int(i) for i in ids]
+  max_examples = num if want is None else max(want) + 1
+  images, labels, got = [], [], []
+  for batch in create_eval_iterator(config, workdir, split=split, max_examples=max_examples):
+    m = np.asarray(batch["mask"])
+    images.append(np.asarray(batch["image"])[m])
+    labels.append(np.asarray(batch["label"])[m])
+    got.append(np.asarray(batch["id"])[m])
+  images, labels, got = (np.concatenate(a) for a in (images, labels, got))
+  if want is None:
+    keep = slice(None, num if num > 0 else None)
+    return images[keep], labels[keep], got[keep]
+  index = {int(i): k for k, i in enumerate(got)}
+  missing = [i for i in want if i not in index]
+  if missing:
+    raise ValueError(f"image ids {missing} not in split {split!r} ({len(got)} examples read)")
+  sel = [index[i] for i in want]
+  return images[sel], labels[sel], got[sel]

@@ -8,10 +8,13 @@ Exit codes: 0 done; 1 crash (a bug: traceback) or non-finite loss; 2 bad input
 (config, data, paths: a one-line ``error: ...``); 75 stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume).
 """
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from zfnet_jax import conv
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
@@ -25,7 +28,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   try:
-    _main(argv)
+    run(argv)
   except (ValueError, OSError) as e:   # bad config, data or paths: no traceback
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -34,34 +37,27 @@ def main(argv):
     sys.exit(1)
 
 
-def _main(argv):
+def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  conv.configure_xla_cpu()   # before JAX starts (imported below)
+  # pylint: disable=g-import-not-at-top
+  from zfnet_jax import pipeline
   config = FLAGS.config
   if FLAGS.mode == "summary":
-    from zfnet_jax import models
-    from zfnet_jax import input_pipeline
-    try:
-      info = input_pipeline.dataset_info(config)
-      num_classes, channels = info.num_classes, info.channels
-    except (ValueError, OSError):  # data not prepared here: the paper's ImageNet head
-      num_classes, channels = 1000, 3
-      print(f"({config.dataset.name} is not available: 1000 classes, 3 channels)")
-    print(models.summary(models.from_config(config.model, num_classes),
-                         config.dataset.crop_size, channels))
+    print(pipeline.summary(config))
     return
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required for --mode=train and --mode=report")
-  from zfnet_jax import report, train
-  train.validate_config(config)
-  if FLAGS.mode == "train":
-    if train.train_and_evaluate(config, FLAGS.workdir).get("preempted"):
-      sys.exit(train.EXIT_PREEMPTED)
-  if config.report.enabled or FLAGS.mode == "report":
-    path = report.write_report(config, FLAGS.workdir)
-    logging.info("report: %s", path)
-    print(f"Report written to {path}")
+  out = pipeline.run(config, FLAGS.workdir, train_model=FLAGS.mode == "train",
+                     write_report=config.report.enabled or FLAGS.mode == "report")
+  if out.get("preempted"):
+    sys.exit(pipeline.EXIT_PREEMPTED)
+  if out.get("report"):
+    logging.info("report: %s", out["report"])
+    print(f"Report written to {out['report']}")
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   app.run(main)

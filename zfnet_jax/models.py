@@ -269,8 +269,65 @@ def receptive_fields(model: PaperNet, input_size: int) -> dict[str, ReceptiveFie
   return out
 
 
+# ----------------------------------------------------------------------------
+# Layer introspection: for anything with ``layer_table(input_size)`` (our
+# models, and ``deconv.Network`` for any other CNN).
+# ----------------------------------------------------------------------------
+
+def layer_shapes(model, input_size: int) -> dict[str, tuple[int, int, int]]:
+  """{layer name: (rows, cols, channels)} of every activation; fc layers are (1, 1, units)."""
+  return {s.name: (1, 1, s.features) if s.kind == "fc" else (s.out, s.out, s.features)
+          for s in model.layer_table(input_size)}
+
+
+def layer_names(model, input_size: int) -> list[str]:
+  """Every named activation of ``features``, in order."""
+  return [s.name for s in model.layer_table(input_size)]
+
+
+def spatial_layers(model, input_size: int) -> dict[str, int]:
+  """{name: maps} of every conv/pool/norm layer (not fc) at this input size."""
+  return {s.name: s.features for s in model.layer_table(input_size) if s.kind != "fc"}
+
+
+def check_layer(model, input_size: int, layer: str, what: str = "layer", *,
+                spatial: bool = False) -> str:
+  """ValueError unless ``layer`` is an activation of the model (a spatial one if asked)."""
+  names = list(spatial_layers(model, input_size)) if spatial else layer_names(model, input_size)
+  if not isinstance(layer, str) or layer not in names:
+    raise ValueError(f"unknown {what} {layer!r}; allowed: {', '.join(names)}")
+  return layer
+
+
+def check_channels(model, input_size: int, layer: str, channels: Sequence[int],
+                   what: str = "channel") -> list[int]:
+  """ValueError unless every channel is in [0, maps (or units) of ``layer``)."""
+  n = layer_shapes(model, input_size)[check_layer(model, input_size, layer)][2]
+  bad = [c for c in channels if isinstance(c, bool) or int(c) != c or not 0 <= int(c) < n]
+  if bad:
+    raise ValueError(f"{what} {list(bad)} out of range for {layer}: allowed 0..{n - 1}")
+  return [int(c) for c in channels]
+
+
 def count_params(tree) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def validate(model_config) -> None:
+  """ValueError naming the first impossible ``config.model`` value and what is allowed."""
+  m = model_config
+  if m.name not in MODELS:
+    raise ValueError(f"model.name={m.name!r}; allowed: {', '.join(MODELS)}")
+  if len(m.conv_features) != 5 or not all(isinstance(f, int) and f > 0 for f in m.conv_features):
+    raise ValueError(f"model.conv_features={tuple(m.conv_features)!r}; allowed: 5 positive ints")
+  if not (isinstance(m.fc_features, int) and not isinstance(m.fc_features, bool)
+          and m.fc_features > 0):
+    raise ValueError(f"model.fc_features={m.fc_features!r}; allowed: a positive number")
+  bad = [r for r in m.removed if r not in REMOVABLE]
+  if bad:
+    raise ValueError(f"model.removed has {bad}; allowed: {', '.join(REMOVABLE)}")
+  if not 0.0 <= m.dropout_rate < 1.0:
+    raise ValueError(f"model.dropout_rate={m.dropout_rate!r}; allowed: 0 <= x < 1")
 
 
 def from_config(model_config, num_classes: int) -> PaperNet:

@@ -1,9 +1,12 @@
 """The static HTML report of a run: <workdir>/report/index.html.
 
-One page plus its PNG images, openable from disk: the model summary, the
-config, results.json, the training curves, the first-layer filters, one
-section per layer with its Fig. 2 atlas panels (``zfnet_jax.atlas``), and the
-sections of ``zfnet_jax.analyses.report_sections`` when that module exists.
+One page plus its files, openable from disk.  Everything on it comes from the
+contributors of ``REGISTRY`` (``zfnet_jax.sections`` states the protocol): the
+run's results and curves, the Fig. 2 atlas of each layer (``atlas``), each
+analysis (``analyses/*``) and the transfer tables (``transfer``).  The report
+validates every enabled contributor's options once, before any long work,
+builds the ``Context`` once (model, variables, examples, pixel mean, class
+names, checkpoints, comparison models), then collects the sections.
 
 Safety: every piece of text from data, config or results is escaped
 (``html.escape``); the page carries no script and a Content-Security-Policy
@@ -13,9 +16,9 @@ leaves the previous report as it was.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import html
-import importlib
 import json
 import os
 import re
@@ -23,156 +26,335 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
-from zfnet_jax import atlas as atlas_lib
-from zfnet_jax import figures
-from zfnet_jax import input_pipeline
-from zfnet_jax import layers as layers_lib
-from zfnet_jax import models
+from zfnet_jax import atlas, checkpoints, deconv, figures, input_pipeline, models, rundir
+from zfnet_jax import sections as sections_lib
+from zfnet_jax import train_state, transfer
+from zfnet_jax.analyses import correspondence, diagnostics, evolution, invariance, occlusion
 
-MAPS_PER_IMAGE = 16  # maps per panel PNG (a layer with more maps gets several)
 FOLD_LINES = 40      # longer text blocks and tables start folded (<details>)
 CSP = ("default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
        "base-uri 'none'; form-action 'none'")
 
 
-@dataclasses.dataclass
-class Section:
-  """One section of the report, given as data (the report escapes all text).
+# ----------------------------------------------------------------------------
+# The run's own sections: results, curves, first-layer filters.
+# ----------------------------------------------------------------------------
 
-  figures: (path, caption) pairs; a path relative to the workdir (or to the
-    report directory, or absolute): the report copies the file into itself.
-  tables: (header, rows) pairs; cells are plain strings.
-  preformatted: blocks shown as monospaced text.
-  """
-  title: str
-  anchor: str
-  paragraphs: list[str] = dataclasses.field(default_factory=list)
-  figures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-  tables: list[tuple[list[str], list[list[str]]]] = dataclasses.field(default_factory=list)
-  preformatted: list[str] = dataclasses.field(default_factory=list)
+class RunSections:
+  """Contributor: results.json as a table, the training curves, the conv1 filters."""
+
+  @staticmethod
+  def validate(options, net, data) -> None:
+    del options, net, data
+
+  @staticmethod
+  def sections(context: sections_lib.Context, options) -> list[sections_lib.Section]:
+    del options
+    s = sections_lib.Section("Results and training curves", "results")
+    if isinstance(context.results, Mapping):
+      rows = [[k, v if isinstance(v, str) else json.dumps(v)]
+              for k, v in _flatten(context.results)]
+      s.tables.append((["key", "value"], rows))
+    elif context.results is not None:
+      s.paragraphs.append(f"results.json could not be read: {context.results}")
+    else:
+      s.paragraphs.append("No results.json in the workdir (training has not finished).")
+    if context.bad_metrics:
+      s.paragraphs.append(f"{context.bad_metrics} unreadable line(s) of metrics.jsonl skipped.")
+    if figures.training_curves(context.metrics, context.path("curves.png")):
+      s.figures.append(("curves.png", "Loss (left) and top-1/top-5 error (right) against "
+                        "epoch, training and evaluation."))
+    elif not context.bad_metrics:
+      s.paragraphs.append("No training metrics found (metrics.jsonl).")
+    out = [s]
+    kernel = context.net.param(context.variables, "conv1")
+    if kernel is not None:
+      kernel = np.asarray(jax.device_get(kernel))
+      figures.save_png(figures.filter_grid(kernel), context.path("filters_conv1.png"))
+      out.append(sections_lib.Section(
+          "First-layer filters", "filters",
+          figures=[("filters_conv1.png",
+                    f"The {kernel.shape[-1]} conv1 filters ({kernel.shape[0]}x{kernel.shape[1]}"
+                    f"x{kernel.shape[2]}), each scaled to its own range (Fig. 6 style).")]))
+    return out
+
+
+def _flatten(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
 
 
 # ----------------------------------------------------------------------------
-# Options.
+# The registry: every contributor, the config subtree it reads, when it runs.
 # ----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-  split: str
-  layers: tuple[str, ...]
-  num_maps: int
-  top_k: int
-  rule: str
-  max_examples: int
-  batch_size: int
-  chunk_size: int
+class Entry:
+  """A contributor of the report: ``options(config)`` is the only part of the
+  config it sees; ``enabled(config)`` says whether it runs."""
+  name: str
+  contributor: Any          # sections.Contributor: validate(options, net, data), sections(...)
+  options: Callable[[ml_collections.ConfigDict], Any]
+  enabled: Callable[[ml_collections.ConfigDict], bool] = lambda config: True
+  analysis: bool = False    # needs the analysed examples
 
 
-def options(config) -> Options:
-  """config.report, checked (types, ranges, rule) -> Options.  Layer names are
-  checked against the model by ``atlas.check_options``."""
-  r = config.report
-  def pos_int(name, allow_all=False):
-    v = r[name]
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (
-        v < 1 and not (allow_all and v == -1)):
-      raise ValueError(f"config.report.{name} must be a positive integer"
-                       f"{' or -1 (all)' if allow_all else ''}, got {v!r}")
-    return int(v)
-  layers = r.layers
-  if isinstance(layers, str):
-    layers = tuple(l.strip() for l in layers.split(",") if l.strip())
-  layers = tuple(layers)
-  if not layers:
-    raise ValueError("config.report.layers is empty; give at least one layer, e.g. conv1")
-  if r.rule not in layers_lib.RULES:
-    raise ValueError(f"config.report.rule {r.rule!r} unknown; allowed: "
-                     f"{', '.join(layers_lib.RULES)}")
-  split = r.split or config.dataset.eval_split
-  return Options(split, layers, pos_int("num_maps", True), pos_int("top_k"), r.rule,
-                 pos_int("max_examples", True), pos_int("batch_size"), pos_int("chunk_size"))
+def _analysis(name: str, module) -> Entry:
+  return Entry(name, module, lambda c: c.analyses[name],
+               lambda c: bool(c.analyses.enabled and c.analyses[name].enabled), analysis=True)
+
+
+def _with(subtree: ml_collections.ConfigDict, **extra) -> ml_collections.ConfigDict:
+  out = subtree.copy_and_resolve_references()
+  with out.unlocked():
+    out.update(extra)
+  return out
+
+
+REGISTRY: tuple[Entry, ...] = (
+    Entry("run", RunSections, lambda c: None),
+    Entry("atlas", atlas, lambda c: c.report),
+    _analysis("occlusion", occlusion),
+    _analysis("invariance", invariance),
+    Entry("correspondence", correspondence,
+          lambda c: _with(c.analyses.correspondence, fill=float(c.analyses.occlusion.fill)),
+          lambda c: bool(c.analyses.enabled and c.analyses.correspondence.enabled),
+          analysis=True),
+    _analysis("evolution", evolution),
+    _analysis("diagnostics", diagnostics),
+    Entry("transfer", transfer,
+          lambda c: _with(c.transfer, clip_radius=train_state.clip_radius(c) or 0.1),
+          lambda c: bool(c.transfer.in_report)),
+)
+CORE = ("run", "atlas")   # what ``render_report(extra_sections=False)`` shows
+
+
+def validate(config, net, data: sections_lib.Data, registry: Sequence[Entry] = REGISTRY
+             ) -> list[tuple[Entry, Any]]:
+  """[(entry, its validated options)] of every enabled contributor, in page order.
+
+  Raises ValueError naming the first bad option: call before any long work.
+  """
+  check_rule(config)
+  analyses = config.analyses
+  for name in ("num_images", "batch_size"):
+    if analyses[name] < 1:
+      raise ValueError(f"analyses.{name} {analyses[name]} not allowed: >= 1")
+  return [(e, e.contributor.validate(e.options(config), net, data))
+          for e in registry if e.enabled(config)]
+
+
+def check_rule(config) -> None:
+  """ValueError unless ``config.report.rule`` is a deconvnet rule."""
+  if config.report.rule not in deconv.RULES:
+    raise ValueError(f"unknown report.rule {config.report.rule!r}; allowed: "
+                     f"{', '.join(deconv.RULES)}")
+
+
+# ----------------------------------------------------------------------------
+# Comparison runs (Fig. 6): trained by ``main``, shown by the diagnostics.
+# ----------------------------------------------------------------------------
+
+COUNTERPART = {"ZFNet": "AlexNet", "AlexNet": "ZFNet",
+               "ZFNetLowRes": "AlexNetLowRes", "AlexNetLowRes": "ZFNetLowRes"}
+
+
+def comparison_workdir(config, workdir: str) -> str | None:
+  """Where the counterpart of this run's model is (or will be) trained; None if it has none."""
+  other = COUNTERPART.get(config.model.name)
+  if other is None:
+    return None
+  return config.analyses.diagnostics.comparison_workdir or os.path.join(
+      workdir, f"comparison_{other}")
+
+
+def comparison_config(config) -> ml_collections.ConfigDict:
+  """The counterpart (AlexNet <-> ZFNet) with the same widths and recipe; epochs
+  ``analyses.diagnostics.comparison_epochs`` (-1 = this run's); no report."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.model.name = COUNTERPART[config.model.name]
+    if config.analyses.diagnostics.comparison_epochs > 0:
+      c.num_epochs = float(config.analyses.diagnostics.comparison_epochs)
+      c.num_train_steps = -1
+      if not config.evolution_reference_epochs > 0:   # unscaled epochs must fit the run
+        c.evolution_epochs = tuple(e for e in config.evolution_epochs if e <= c.num_epochs)
+    c.report.enabled = False
+    c.analyses.enabled = False
+    c.analyses.diagnostics.train_comparison = False
+  return c
+
+
+def load_comparisons(config, workdir: str) -> dict[str, tuple[Any, Any, str]]:
+  """{name: (network, variables, note)} of the trained counterpart, and of this run at
+  the counterpart's epoch when that evolution checkpoint exists (compared at equal epochs)."""
+  sub = comparison_workdir(config, workdir)
+  if sub is None or not os.path.exists(rundir.path(sub, rundir.RESULTS)):
+    return {}
+  other, other_vars, other_config = checkpoints.load_trained(sub)
+  epochs = float(other_config.num_epochs)
+  out = {}
+  if epochs < float(config.num_epochs):
+    try:
+      evo = dict(rundir.evolution_checkpoints(workdir))
+    except FileNotFoundError:
+      evo = {}
+    near = min(evo, key=lambda e: abs(e - epochs), default=None)
+    if near is not None and abs(near - epochs) <= 0.05 * epochs + 1e-3:
+      model, variables, _ = checkpoints.load_trained(workdir, evo[near])
+      out[f"{config.model.name} (epoch {near:g})"] = (
+          deconv.network(model), variables,
+          f"{config.model.name} is also shown at its epoch-{near:g} evolution checkpoint, as "
+          f"long as {other_config.model.name} was trained.")
+  out[other_config.model.name] = (
+      deconv.network(other), other_vars,
+      f"{other_config.model.name}: trained in {sub} for {epochs:g} epochs with this run's recipe.")
+  return out
 
 
 # ----------------------------------------------------------------------------
 # Entry points.
 # ----------------------------------------------------------------------------
 
-def write_report(config, workdir: str) -> str:
+def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
+                 plan: list | None = None) -> str:
   """Rebuild <workdir>/report from the workdir's latest checkpoint.
 
-  The model and parameters come from the run (``train.load_trained``); the
-  dataset and report options from ``config``.  Returns the path of index.html.
+  The model and parameters come from the run (``checkpoints.load_trained``);
+  the dataset and report options from ``config``.  ``plan``: the result of
+  ``validate`` when the caller has validated already.  Returns the path of index.html.
   """
-  from zfnet_jax import train  # pylint: disable=g-import-not-at-top
-  train.validate_config(config)
-  opts = options(config)
+  check_rule(config)   # the cheapest check, before any file is read
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-  model, variables, _ = train.load_trained(workdir)
+  model, variables, _ = checkpoints.load_trained(workdir)
   info = input_pipeline.dataset_info(config)
-  atlas_lib.check_options(model, info.input_size, layers=opts.layers, k=opts.top_k,
-                          rule=opts.rule, num_maps=opts.num_maps, chunk_size=opts.chunk_size)
-  pixel_mean = input_pipeline.pixel_mean(config, workdir)
-  batches = input_pipeline.create_eval_iterator(
-      config, workdir, split=opts.split, batch_size=opts.batch_size,
-      max_examples=opts.max_examples)
-  total = info.num_eval if opts.split == config.dataset.eval_split else None
-  if total is not None and opts.max_examples > 0:
-    total = min(total, opts.max_examples)
-  return render_report(config, workdir, model, variables, batches, pixel_mean,
-                       class_names=info.class_names, total=total)
+  split = config.report.split or config.dataset.eval_split
+  max_examples = config.report.max_examples
+  total = info.num_eval if split == config.dataset.eval_split else None
+  if total is not None and max_examples > 0:
+    total = min(total, max_examples)
+  batches = lambda: input_pipeline.create_eval_iterator(
+      config, workdir, split=split, batch_size=config.report.batch_size,
+      max_examples=max_examples)
+  return render_report(config, workdir, model, variables, batches,
+                       input_pipeline.pixel_mean(config, workdir),
+                       class_names=info.class_names, total=total, registry=registry,
+                       plan=plan)
 
 
-def render_report(config, workdir: str, model: models.PaperNet, variables,
-                  batches: Iterable[Mapping[str, np.ndarray]], pixel_mean: np.ndarray, *,
-                  class_names: Sequence[str] | None = None, total: int | None = None,
-                  progress: bool = True, extra_sections: bool = True) -> str:
+def render_report(config, workdir: str, model, variables,
+                  batches: Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable],
+                  pixel_mean: np.ndarray, *, class_names: Sequence[str] | None = None,
+                  total: int | None = None, progress: bool = True, extra_sections: bool = True,
+                  registry: Sequence[Entry] = REGISTRY, plan: list | None = None) -> str:
   """Write <workdir>/report from a model, its variables and a split's batches.
 
-  batches: as ``input_pipeline.create_eval_iterator`` yields them; pixel_mean
-  float32 (S, S, C): image + pixel_mean = display pixels in 0..255.
-  ``extra_sections``: add ``zfnet_jax.analyses.report_sections`` if it exists.
-  Returns the path of index.html.
+  batches: as ``input_pipeline.create_eval_iterator`` yields them (or a
+  function returning such an iterator); pixel_mean float32 (S, S, C): image +
+  pixel_mean = display pixels in 0..255.  ``extra_sections=False``: only the
+  run's sections and the atlas (``CORE``).  Returns the path of index.html.
   """
-  opts = options(config)
+  net = deconv.as_network(model)
   pixel_mean = np.asarray(pixel_mean, np.float32)
   size, channels = pixel_mean.shape[0], pixel_mean.shape[-1]
-  atlas_lib.check_options(model, size, layers=opts.layers, k=opts.top_k, rule=opts.rule,
-                          num_maps=opts.num_maps, chunk_size=opts.chunk_size)
-  analyses = _analyses_module() if extra_sections else None
-  if analyses is not None and hasattr(analyses, "validate") and _analyses_enabled(config):
-    analyses.validate(config, model)  # their settings, before any long work
-  final = os.path.join(workdir, "report")
+  data = sections_lib.Data(config.dataset.name, size, config.dataset.resize_size, channels)
+  if not extra_sections:
+    registry = [e for e in registry if e.name in CORE]
+  if plan is None:
+    plan = validate(config, net, data, registry)        # every option, before any work
+  final = os.path.join(workdir, rundir.REPORT)
   tmp = tempfile.mkdtemp(prefix=".report-tmp-", dir=workdir)
   try:
     t0 = time.time()
-    run = _run_sections(config, workdir, model, variables, tmp)
-    sections = run[:1] + [_overview(config, workdir, model, size, channels, class_names)]
-    sections += run[1:]
-    with input_pipeline.single_thread_blas():  # the batches' resizes run beside the scan
-      sections += _atlas_sections(config, opts, model, variables, batches, pixel_mean,
-                                  class_names, total, progress, tmp)
-    if analyses is not None:
-      for s in _analyses_sections(analyses, config, workdir, model, variables):
-        sections.append(_adopt_figures(s, final, workdir, tmp))
-    if extra_sections and config.transfer.in_report:
-      from zfnet_jax import transfer  # Table 7 probes and Sec. 5.2 transfer, offline data
-      sections += transfer.report_sections(config, workdir, compute=True)
+    context = build_context(config, workdir, net, variables, batches, pixel_mean, data, tmp,
+                            class_names=class_names, total=total, progress=progress,
+                            analysed=any(e.analysis for e, _ in plan))
+    page = []
+    with input_pipeline.single_thread_blas():
+      for entry, options in plan:
+        page += entry.contributor.sections(context, options)
+        if entry.name == "run":
+          page.append(_overview(config, model, size, channels, class_names))
     title = f"zfnet_jax report: {config.model.name} on {config.dataset.name}"
     note = (f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in {time.time() - t0:.0f} s "
             f"from {os.path.abspath(workdir)}.")
     with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
-      f.write(render_html(title, sections, note))
+      f.write(render_html(title, page, note))
     _swap(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return os.path.join(final, "index.html")
+
+
+def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.ndarray,
+                  data: sections_lib.Data, out_dir: str, *, class_names=None, total=None,
+                  progress: bool = True, analysed: bool = True) -> sections_lib.Context:
+  """The one Context of a report: the analysed examples are loaded only when an
+  analysis runs; checkpoints and comparison models are loaded when asked for."""
+  a = config.analyses
+  split = a.split or config.dataset.eval_split
+
+  def examples(ids, split_name=None):
+    return input_pipeline.load_examples(config, workdir, split=split_name or split, ids=ids)
+  if analysed:
+    ids = list(a.image_ids)
+    images, labels, example_ids = input_pipeline.load_examples(
+        config, workdir, split=split, num=a.num_images, ids=ids or None)
+  else:
+    images = np.zeros((0, data.input_size, data.input_size, data.channels), np.float32)
+    labels = example_ids = np.zeros((0,), np.int64)
+  try:
+    evolution_ckpts = rundir.evolution_checkpoints(workdir)
+  except FileNotFoundError:
+    evolution_ckpts = []
+  loader = lambda step: (lambda: checkpoints.load_trained(workdir, step)[1])
+  results_path = rundir.path(workdir, rundir.RESULTS)
+  results = None
+  if os.path.exists(results_path):
+    try:
+      results = rundir.read_json(results_path)
+    except (ValueError, UnicodeDecodeError) as e:
+      results = str(e)
+  metrics, bad = rundir.read_metrics(rundir.path(workdir, rundir.METRICS))
+  return sections_lib.Context(
+      net=net, variables=variables, images=images, labels=labels, ids=example_ids,
+      pixel_mean=pixel_mean, class_names=tuple(class_names or ()), out_dir=out_dir, data=data,
+      rule=config.report.rule, seed=config.seed, batch_size=a.batch_size,
+      split_batches=batches if callable(batches) else (lambda: batches),
+      split_name=config.report.split or config.dataset.eval_split, split_total=total,
+      examples=examples,
+      train_images=lambda n: input_pipeline.load_examples(
+          config, workdir, split=config.dataset.train_split, num=n)[0],
+      checkpoints=[(epoch, loader(step)) for epoch, step in evolution_ckpts],
+      comparisons=load_comparisons(config, workdir) if _comparisons_wanted(config) else {},
+      results=results, metrics=metrics, bad_metrics=bad, progress=progress)
+
+
+def _comparisons_wanted(config) -> bool:
+  return bool(config.analyses.enabled and config.analyses.diagnostics.enabled)
+
+
+def _overview(config, model, size, channels, class_names) -> sections_lib.Section:
+  s = sections_lib.Section("Model and configuration", "overview")
+  s.paragraphs.append(f"{type(model).__name__} with input {size}x{size}x{channels}; "
+                      f"dataset {config.dataset.name}.")
+  if isinstance(model, models.PaperNet):
+    s.preformatted.append(models.summary(model, size, channels))
+  if class_names is not None:
+    s.tables.append((["class", "name"], [[str(i), str(n)] for i, n in enumerate(class_names)]))
+  s.preformatted.append(config.to_json_best_effort(indent=2, sort_keys=True))
+  return s
 
 
 def _swap(tmp: str, final: str) -> None:
@@ -186,162 +368,6 @@ def _swap(tmp: str, final: str) -> None:
   os.rename(tmp, final)
   if old:
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------
-# Sections.
-# ----------------------------------------------------------------------------
-
-def _overview(config, workdir, model, size, channels, class_names) -> Section:
-  s = Section("Model and configuration", "overview")
-  s.paragraphs.append(f"{type(model).__name__} with input {size}x{size}x{channels}; "
-                      f"dataset {config.dataset.name}.")
-  s.preformatted.append(models.summary(model, size, channels))
-  if class_names is not None:
-    s.tables.append((["class", "name"], [[str(i), str(n)] for i, n in enumerate(class_names)]))
-  s.preformatted.append(config.to_json_best_effort(indent=2, sort_keys=True))
-  return s
-
-
-def _flatten(d, prefix=""):
-  for k, v in d.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
-
-
-def _run_sections(config, workdir, model, variables, out_dir) -> list[Section]:
-  """Results, training curves and the first-layer filters."""
-  s = Section("Results and training curves", "results")
-  path = os.path.join(workdir, "results.json")
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        results = json.load(f)
-      rows = [[k, json.dumps(v) if not isinstance(v, str) else v]
-              for k, v in _flatten(results if isinstance(results, dict) else {"results": results})]
-      s.tables.append((["key", "value"], rows))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      s.paragraphs.append(f"results.json could not be read: {e}")
-  else:
-    s.paragraphs.append("No results.json in the workdir (training has not finished).")
-  records, bad = figures.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  if bad:
-    s.paragraphs.append(f"{bad} unreadable line(s) of metrics.jsonl skipped.")
-  if figures.training_curves(records, os.path.join(out_dir, "curves.png")):
-    s.figures.append(("curves.png", "Loss (left) and top-1/top-5 error (right) against epoch, "
-                      "training and evaluation."))
-  elif not bad:
-    s.paragraphs.append("No training metrics found (metrics.jsonl).")
-  sections = [s]
-  params = variables["params"]
-  if "conv1" in params:
-    kernel = np.asarray(jax.device_get(params["conv1"]["kernel"]))
-    figures.save_png(figures.filter_grid(kernel), os.path.join(out_dir, "filters_conv1.png"))
-    f = Section("First-layer filters", "filters")
-    f.figures.append(("filters_conv1.png",
-                      f"The {kernel.shape[-1]} conv1 filters ({kernel.shape[0]}x{kernel.shape[1]}"
-                      f"x{kernel.shape[2]}), each scaled to its own range (Fig. 6 style)."))
-    sections.append(f)
-  return sections
-
-
-def _atlas_sections(config, opts, model, variables, batches, pixel_mean, class_names, total,
-                    progress, out_dir) -> list[Section]:
-  atlas, scan = atlas_lib.build(
-      model, variables, batches, pixel_mean, layers=opts.layers, k=opts.top_k,
-      num_maps=opts.num_maps, rule=opts.rule, chunk_size=opts.chunk_size, seed=config.seed,
-      total=total, progress=progress)
-  name = lambda label: (str(class_names[label]) if class_names is not None
-                        and 0 <= label < len(class_names) else str(label))
-  sections = []
-  for layer, a in atlas.items():
-    s = Section(f"Layer {layer}", f"layer-{layer}")
-    topk = scan.topk[layer]
-    dead = int(np.sum(topk.values[:, 0] <= 0))
-    s.paragraphs.append(
-        f"Top {opts.top_k} activations over {scan.num_examples} examples of the "
-        f"{opts.split!s} split, for {len(a.channels)} of the {topk.values.shape[0]} feature "
-        f"maps. Per map: the projections to pixels with the {opts.rule} rule (left, "
-        f"each scaled on its own, zero = grey) beside the image patches under the "
-        f"receptive field ({a.receptive_field.size} px, stride {a.receptive_field.stride}; "
-        f"tiles {a.projections.shape[2]} px) (right). Best first, row by row.")
-    s.paragraphs.append(f"{dead} of the {topk.values.shape[0]} maps never fire (maximum <= 0) "
-                        f"on these examples.")
-    k = a.projections.shape[1]
-    for p, start in enumerate(range(0, len(a.channels), MAPS_PER_IMAGE)):
-      sl = slice(start, start + MAPS_PER_IMAGE)
-      titles = [f"map {int(c)}" + (" (never fires)" if v <= 0 else "")
-                for c, v in zip(a.channels[sl], a.values[sl, 0])]
-      img = figures.atlas_panel(a.projections[sl], a.patches[sl], a.channels[sl], titles=titles)
-      fname = f"atlas_{layer}_{p}.png"
-      figures.save_png(img, os.path.join(out_dir, fname))
-      chans = a.channels[sl]
-      s.figures.append((fname, f"{layer}, maps {', '.join(str(int(c)) for c in chans)}."))
-    rows = [[str(int(c)), f"{a.values[i, 0]:.4g}", f"{a.values[i, -1]:.4g}",
-             ", ".join(f"{int(e)} ({name(int(l))})" for e, l in zip(a.ids[i], a.labels[i])
-                       if e >= 0)]
-            for i, c in enumerate(a.channels)]
-    s.tables.append((["map", "top value", f"value #{k}", "examples (class), best first"], rows))
-    sections.append(s)
-  return sections
-
-
-def _analyses_module():
-  """zfnet_jax.analyses, or None if it does not exist (its own import errors raise)."""
-  try:
-    return importlib.import_module("zfnet_jax.analyses")
-  except ModuleNotFoundError as e:
-    if e.name == "zfnet_jax.analyses":
-      return None
-    raise
-
-
-def _analyses_enabled(config) -> bool:
-  a = config.get("analyses")
-  return a is None or bool(a.get("enabled", True))
-
-
-def _analyses_sections(mod, config, workdir, model, variables) -> list[Section]:
-  """Sections of ``mod.report_sections`` if that function exists."""
-  fn = getattr(mod, "report_sections", None)
-  if fn is None:
-    return []
-  sections = list(fn(config, workdir, model, variables))
-  for s in sections:
-    if not isinstance(s, Section) and not all(hasattr(s, a) for a in ("title", "anchor")):
-      raise TypeError(f"analyses.report_sections returned {type(s).__name__}, not a Section")
-  return sections
-
-
-def _adopt_figures(section, final: str, workdir: str, out_dir: str) -> Section:
-  """Copy a section's figures into the new report directory.
-
-  A figure path is looked up relative to the workdir, then the (old) report
-  directory (or taken as is if absolute); it keeps its relative path when that
-  stays inside the report, else it goes to extra/<name>.
-  """
-  figs = []
-  for rel, caption in getattr(section, "figures", []):
-    rel = os.fspath(rel)
-    candidates = [rel] if os.path.isabs(rel) else [
-        os.path.normpath(os.path.join(workdir, rel)), os.path.normpath(os.path.join(final, rel))]
-    src = next((c for c in candidates if os.path.isfile(c)), None)
-    if src is None:
-      raise FileNotFoundError(f"figure {rel!r} of report section {section.title!r} not found "
-                              f"(looked in {candidates})")
-    norm = os.path.normpath(rel)
-    if os.path.isabs(rel) or norm.startswith(".."):
-      norm = os.path.join("extra", os.path.basename(rel))
-    dst = os.path.join(out_dir, norm)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if not os.path.exists(dst):
-      shutil.copyfile(src, dst)
-    figs.append((norm.replace(os.sep, "/"), caption))
-  return Section(str(section.title), str(section.anchor),
-                 list(getattr(section, "paragraphs", [])), figs,
-                 list(getattr(section, "tables", [])), list(getattr(section, "preformatted", [])))
 
 
 # ----------------------------------------------------------------------------
@@ -382,7 +408,7 @@ def _src(rel: str) -> str:
   return _e(urllib.parse.quote(rel))
 
 
-def render_html(title: str, sections: Sequence[Section], note: str = "") -> str:
+def render_html(title: str, sections: Sequence[sections_lib.Section], note: str = "") -> str:
   """The page: a table of contents and one <section> per Section, all text escaped."""
   used = {"top", "contents"}
   anchors = [_anchor(s.anchor, used) for s in sections]

@@ -12,7 +12,6 @@ and may set ``CONFIG`` (the config file of runs without a "config" key).
 """
 from __future__ import annotations
 
-import csv
 import importlib.util
 import itertools
 import json
@@ -24,6 +23,8 @@ import subprocess
 import sys
 import time
 from typing import Any, Sequence
+
+from zfnet_jax import rundir, sections
 
 RESULT_KEYS = ("top1_error", "top5_error", "top1_error_10crop", "top5_error_10crop",
                "train_top1_error", "num_eval_examples", "steps", "train_seconds")
@@ -135,7 +136,7 @@ def execute(planned: list[dict], parallel: int = 1, devices_per_run: int = 0,
   if parallel < 1:
     raise ValueError(f"parallel must be >= 1, got {parallel}")
   todo = [p for p in planned
-          if rerun or not os.path.exists(os.path.join(p["workdir"], "results.json"))]
+          if rerun or not os.path.exists(rundir.path(p["workdir"], rundir.RESULTS))]
   status = {p["name"]: 0 for p in planned if p not in todo}
   for name in status:
     print(f"[sweep] {name}: results.json exists, skipped", flush=True)
@@ -175,7 +176,7 @@ def collect(planned: list[dict], root: str,
   """Every run's results.json -> one table; writes <root>/summary.csv and .md."""
   results = {}
   for run in planned:
-    path = os.path.join(run["workdir"], "results.json")
+    path = rundir.path(run["workdir"], rundir.RESULTS)
     if os.path.exists(path):
       with open(path) as f:
         results[run["name"]] = json.load(f)
@@ -197,16 +198,6 @@ def collect(planned: list[dict], root: str,
       v = (res or {}).get(k, "")
       cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
     rows.append(cells + [state])
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "summary.csv"), "w", newline="") as f:
-    csv.writer(f).writerows([header, *rows])
-  with open(os.path.join(root, "summary.md"), "w") as f:
-    f.write(markdown_table(header, rows))
+  sections.write_table(header, rows, root, "summary")
   return header, rows
 
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  esc = lambda s: str(s).replace("|", "\\|")
-  lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
-  return "\n".join(lines) + "\n"

@@ -5,18 +5,17 @@ with ``lax.pmean`` over the mesh axis ``"data"``; ``jax.shard_map`` under
 ``jax.jit`` maps it over a 1-D mesh of every device of every process
 (``check_vma=False``: per-device gradients as under pmap, so the explicit
 ``pmean`` is the one reduction; with varying-manual-axes checking JAX would
-already sum the gradients of the replicated parameters).  The
-state is replicated, the batch sharded on its leading axis, the state buffers
-donated.  The dropout key is the run's key folded with the step and the device
-index.
+already sum the gradients of the replicated parameters).  The state is
+replicated, the batch sharded on its leading axis, the state buffers donated.
+The dropout key is the run's key folded with the step and the device index.
+The optimiser, schedules and feature scale clipping are ``train_state``'s.
 
-After every update each conv filter whose RMS exceeds ``clip_radius`` is
-rescaled to it (feature scale clipping, a projection after the optax update).
-
-Outputs in the workdir: ``config.json``, ``pixel_mean.npy``, ``dataset_info.json``,
-``checkpoints/`` (Orbax: the last ``keep_checkpoints`` plus the
-feature-evolution steps listed in ``evolution.json``), ``metrics.jsonl``,
-TensorBoard events, ``results.json``.
+Outputs in the workdir (``zfnet_jax.rundir``): ``config.json``,
+``pixel_mean.npy``, ``dataset_info.json``, ``checkpoints/`` (the last
+``keep_checkpoints`` plus the feature-evolution steps listed in
+``evolution.json``), ``metrics.jsonl``, TensorBoard events, ``results.json``.
+Training knows nothing above it: whatever should happen during training
+(TensorBoard panels, profiling) comes in as ``hooks``.
 """
 from __future__ import annotations
 
@@ -24,14 +23,13 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
-from typing import Any
+from typing import Callable, Sequence
 
 from absl import logging
-import flax
+from clu import metric_writers
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -40,87 +38,47 @@ import ml_collections
 import numpy as np
 import optax
 
-from zfnet_jax import input_pipeline, models
+from zfnet_jax import checkpoints, input_pipeline, models, rundir, train_state
 
 AXIS = "data"
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
-PAPER_EPOCHS = 70.0
-SCHEDULES = ("constant", "step", "cosine", "plateau")
+
+# A training hook: hook(step, state, writer) after every step, on process 0 only
+# (writer: the run's clu metric writer).  E.g. analyses.evolution.tensorboard_hook.
+Hook = Callable[[int, train_state.TrainState, metric_writers.MetricWriter], None]
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array            # int32 ()
-  params: Any
-  opt_state: Any
-  rng: jax.Array             # uint32 (2,) raw key of the run
-  lr_scale: jax.Array        # float32 (): reduce-on-plateau factor so far
-  best_error: jax.Array      # float32 (): best validation top-1 error so far
-  bad_evals: jax.Array       # int32 (): evaluations since it last improved
-  nonfinite_step: jax.Array  # int32 (): first step with a non-finite loss, -1 if none
-  nonfinite_loss: jax.Array  # float32 (): that loss
+def validate(config, num_devices: int | None = None) -> None:
+  """ValueError naming the first impossible training value (and what is allowed).
 
-
-# ----------------------------------------------------------------------------
-# Optimiser pieces.
-# ----------------------------------------------------------------------------
-
-def clip_conv_filters(params, radius: float):
-  """Feature scale clipping: every conv filter (HWIO kernel, one filter per O)
-  whose RMS over (H, W, I) exceeds ``radius`` is rescaled to RMS ``radius``."""
-  def clip(path, x):
-    if x.ndim != 4 or path[-1].key != "kernel":
-      return x
-    rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=(0, 1, 2), keepdims=True))
-    return (x * jnp.minimum(1.0, radius / jnp.maximum(rms, 1e-30))).astype(x.dtype)
-  return jax.tree_util.tree_map_with_path(clip, params)
-
-
-def learning_rate_fn(config, steps_per_epoch: int, total_steps: int):
-  """step -> base learning rate (before the plateau factor)."""
-  if config.schedule not in SCHEDULES:
-    raise ValueError(f"unknown schedule {config.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-  lr = config.learning_rate
-  warm = int(config.warmup_epochs * steps_per_epoch)
-  if config.schedule == "step":
-    main = optax.piecewise_constant_schedule(
-        lr, {int(e * steps_per_epoch) - warm: 0.1 for e in config.step_epochs})
-  elif config.schedule == "cosine":
-    main = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1))
-  else:
-    main = optax.constant_schedule(lr)
-  if warm > 0:
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
-  return main
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Weight decay on kernels + momentum (or Adam); the learning rate is applied in the step."""
-  parts = []
-  if config.weight_decay:
-    parts.append(optax.add_decayed_weights(
-        config.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-  if config.optimizer == "sgd":
-    parts.append(optax.trace(decay=config.momentum))
-  elif config.optimizer == "adam":
-    parts.append(optax.scale_by_adam())
-  else:
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; allowed: sgd, adam")
-  return optax.chain(*parts)
-
-
-def plateau_update(state_vals: dict, error: float, patience: int, factor: float) -> dict:
-  """Reduce-on-plateau on the host: x factor after ``patience`` evals without improvement.
-
-  ``state_vals`` has lr_scale, best_error, bad_evals; returns the new values.
+  Checks the model, dataset and optimiser settings (each by the module that
+  owns them) and the loop's own; ``num_devices``: check that the global batch
+  divides over them.  Evolution epochs beyond the run are checked by
+  ``evolution_steps`` (it needs the dataset size).
   """
-  scale, best, bad = state_vals["lr_scale"], state_vals["best_error"], state_vals["bad_evals"]
-  if error < best - 1e-9:
-    return {"lr_scale": scale, "best_error": error, "bad_evals": 0}
-  bad += 1
-  if bad >= patience:
-    return {"lr_scale": scale * factor, "best_error": best, "bad_evals": 0}
-  return {"lr_scale": scale, "best_error": best, "bad_evals": bad}
+  models.validate(config.model)
+  input_pipeline.validate(config.dataset)
+  train_state.validate(config)
+
+  def need(ok, msg):
+    if not ok:
+      raise ValueError(msg)
+  need(config.batch_size >= 1, f"batch_size={config.batch_size}; allowed: a positive int")
+  if num_devices:
+    need(config.batch_size % num_devices == 0,
+         f"global batch_size={config.batch_size} does not divide by the {num_devices} "
+         f"devices; use a multiple of {num_devices}")
+  for name in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+               "log_every_steps"):
+    need(config[name] >= 1, f"{name}={config[name]}; allowed: a positive int")
+  need(config.num_train_steps > 0 or config.num_epochs > 0,
+       f"num_epochs={config.num_epochs}, num_train_steps={config.num_train_steps}; one must "
+       "be positive")
+  e = config.eval_every_epochs
+  need(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0,
+       f"eval_every_epochs={e!r}; allowed: a non-negative number")
+  bad = [e for e in config.evolution_epochs if not e > 0]
+  need(not bad, f"evolution_epochs has {bad}; allowed: positive epochs")
 
 
 # ----------------------------------------------------------------------------
@@ -136,7 +94,7 @@ def _errors(logits, labels, mask):
   return jnp.sum(mask * ~hit1), jnp.sum(mask * ~hit5)
 
 
-def train_step(state: TrainState, batch, *, model, tx, lr_fn, clip_radius):
+def train_step(state: train_state.TrainState, batch, *, model, tx, lr_fn, clip_radius):
   """One SGD step on this device's part of the batch; returns (state, metrics)."""
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
 
@@ -150,9 +108,7 @@ def train_step(state: TrainState, batch, *, model, tx, lr_fn, clip_radius):
   grads = lax.pmean(grads, AXIS)
   lr = lr_fn(state.step) * state.lr_scale
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
-  if clip_radius:
-    params = clip_conv_filters(params, clip_radius)
+  params = train_state.apply_update(state.params, updates, lr, clip_radius)
   ones = jnp.ones_like(batch["label"], jnp.float32)
   e1, e5 = _errors(logits, batch["label"], ones)
   metrics = lax.pmean({"loss": loss, "top1_error": e1 / ones.size, "top5_error": e5 / ones.size},
@@ -222,58 +178,6 @@ def maybe_initialize_distributed(config) -> None:
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-def validate_config(config, num_devices: int | None = None) -> None:
-  """ValueError naming the first impossible value (and what is allowed), before any work.
-
-  ``num_devices``: check that the global batch divides over them (None: skip).
-  Evolution epochs beyond the run are checked by ``evolution_steps`` (it needs
-  the dataset size).
-  """
-  def need(ok, msg):
-    if not ok:
-      raise ValueError(msg)
-  def positive(name, value, allow_zero=False):
-    need(isinstance(value, (int, float)) and not isinstance(value, bool) and
-         math.isfinite(value) and (value >= 0 if allow_zero else value > 0),
-         f"{name}={value!r}; allowed: a {'non-negative' if allow_zero else 'positive'} number")
-  m, d = config.model, config.dataset
-  need(m.name in models.MODELS, f"model.name={m.name!r}; allowed: {', '.join(models.MODELS)}")
-  need(len(m.conv_features) == 5 and all(isinstance(f, int) and f > 0 for f in m.conv_features),
-       f"model.conv_features={tuple(m.conv_features)!r}; allowed: 5 positive ints")
-  positive("model.fc_features", m.fc_features)
-  bad = [r for r in m.removed if r not in ("conv3", "conv4", "fc6", "fc7")]
-  need(not bad, f"model.removed has {bad}; allowed: conv3, conv4, fc6, fc7")
-  need(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate!r}; allowed: 0 <= x < 1")
-  need(d.crop_size >= 1 and d.resize_size >= d.crop_size,
-       f"need 1 <= dataset.crop_size <= dataset.resize_size, got crop_size={d.crop_size}, "
-       f"resize_size={d.resize_size}")
-  need(d.on_corrupt in ("skip", "stop"), f"dataset.on_corrupt={d.on_corrupt!r}; allowed: skip, stop")
-  need(d.name != "folder" or d.folder, "dataset.name='folder' needs --config.dataset.folder=DIR")
-  need(config.batch_size >= 1, f"batch_size={config.batch_size}; allowed: a positive int")
-  if num_devices:
-    need(config.batch_size % num_devices == 0,
-         f"global batch_size={config.batch_size} does not divide by the {num_devices} "
-         f"devices; use a multiple of {num_devices}")
-  for name in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
-               "log_every_steps"):
-    need(config[name] >= 1, f"{name}={config[name]}; allowed: a positive int")
-  need(config.num_train_steps > 0 or config.num_epochs > 0,
-       f"num_epochs={config.num_epochs}, num_train_steps={config.num_train_steps}; one must "
-       "be positive")
-  positive("learning_rate", config.learning_rate, allow_zero=True)
-  positive("weight_decay", config.weight_decay, allow_zero=True)
-  need(0.0 <= config.momentum <= 1.0, f"momentum={config.momentum!r}; allowed: 0 <= x <= 1")
-  positive("eval_every_epochs", config.eval_every_epochs, allow_zero=True)
-  need(config.schedule in SCHEDULES,
-       f"unknown schedule {config.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-  need(config.optimizer in ("sgd", "adam"),
-       f"unknown optimizer {config.optimizer!r}; allowed: sgd, adam")
-  bad = [e for e in config.evolution_epochs if not e > 0]
-  need(not bad, f"evolution_epochs has {bad}; allowed: positive epochs")
-  need(config.report.rule in ("backprop", "deconvnet", "guided"),
-       f"unknown report.rule {config.report.rule!r}; allowed: backprop, deconvnet, guided")
-
-
 def total_steps(config, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -295,112 +199,6 @@ def evolution_steps(config, steps_per_epoch: int, num_steps: int) -> dict[int, f
     step = min(num_steps, max(1, int(round(epoch * steps_per_epoch))))
     out[step] = round(step / steps_per_epoch, 4)
   return dict(sorted(out.items()))
-
-
-def _checkpoint_manager(ckpt_dir, keep, keep_steps=(), read_only=False):
-  import orbax.checkpoint as ocp
-  from orbax.checkpoint import checkpoint_managers as cm
-  policy = cm.AnyPreservationPolicy([cm.LatestN(max(1, keep))] +
-                                    ([cm.CustomSteps(list(keep_steps))] if keep_steps else []))
-  # Synchronous saves: a returned save() is on disk (simplest to reason about on
-  # preemption); the blocking time is small next to an epoch.
-  opts = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
-                                      read_only=read_only, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=opts,
-                               item_names=("state", "meta"))
-
-
-def _restore(mngr, step, abstract_state):
-  import orbax.checkpoint as ocp
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  return out["state"], out["meta"]
-
-
-def _restore_latest(mngr, abstract_state, ckpt_dir):
-  """(state, meta, step) of the newest checkpoint that restores, or None if there is none.
-
-  Orbax writes each step to a temporary directory and renames it when complete,
-  so a step killed mid-write never appears.  A step that exists but fails to
-  restore (e.g. a truncated file) is reported, moved to ``<ckpt_dir>_damaged/``
-  and the next older step is used.
-  """
-  steps = sorted(mngr.all_steps(), reverse=True)
-  if not steps:
-    return None
-  damaged = []
-  for step in steps:
-    try:
-      state, meta = _restore(mngr, step, abstract_state)
-      if int(jax.device_get(state.step)) != step:
-        raise ValueError(f"it holds step {int(jax.device_get(state.step))}")
-    except Exception as e:  # pylint: disable=broad-except
-      msg = (f"checkpoint step {step} in {ckpt_dir} is damaged or unreadable "
-             f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
-      logging.warning(msg)
-      print(f"WARNING: {msg}", flush=True)
-      damaged.append((step, e))
-      continue
-    if damaged:
-      aside = f"{ckpt_dir}_damaged"
-      if jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
-        for bad, _ in damaged:
-          shutil.move(os.path.join(ckpt_dir, str(bad)),
-                      os.path.join(aside, f"{bad}.{int(time.time())}"))
-      mngr.reload()
-      print(f"WARNING: falling back to checkpoint step {step}; damaged step(s) "
-            f"{[b for b, _ in damaged]} moved to {aside}", flush=True)
-    return state, meta, step
-  raise ValueError(
-      f"no checkpoint in {ckpt_dir} can be restored (steps {steps}; last error "
-      f"{type(damaged[-1][1]).__name__}: {str(damaged[-1][1])[:300]}). If the model or "
-      "optimiser config changed since they were written, use a new workdir.")
-
-
-def _resolve_restore_path(path):
-  """An explicit restore path: a checkpoints dir (latest step) or one step's dir."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"restore_path {path!r} does not exist (give a checkpoints "
-                            "directory or one of its step directories)")
-  base = os.path.basename(path.rstrip("/"))
-  if base.isdigit():
-    return os.path.dirname(path), int(base)
-  return path, None
-
-
-def _write_text(path, text):
-  """Write via a temporary file and a rename: a reader never sees half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _write_json(path, obj):
-  _write_text(path, json.dumps(obj, indent=2))
-
-
-def _init_fn(config, model, info, tx):
-  """() -> a fresh TrainState (params initialised from config.seed)."""
-  init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  shape = (1, info.input_size, info.input_size, info.channels)
-
-  def init():
-    params = model.init(init_rng, jnp.zeros(shape, jnp.float32))["params"]
-    if config.clip_filters:
-      params = clip_conv_filters(params, config.clip_radius)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      rng=run_rng, lr_scale=jnp.float32(1.0), best_error=jnp.float32(np.inf),
-                      bad_evals=jnp.int32(0), nonfinite_step=jnp.int32(-1),
-                      nonfinite_loss=jnp.float32(0.0))
-  return init
-
-
-def create_train_state(config, model, info, tx, mesh) -> TrainState:
-  """A fresh state, replicated over the mesh."""
-  return jax.jit(_init_fn(config, model, info, tx), out_shardings=NamedSharding(mesh, P()))()
 
 
 def _global(batch, sharding):
@@ -443,71 +241,61 @@ def evaluate(config, workdir, state, model, mesh, *, ten_crop: bool, split=None,
 # The training loop.
 # ----------------------------------------------------------------------------
 
-class _Logger:
+
+# ----------------------------------------------------------------------------
+# The run: its fixed pieces, then the steps of the recipe.
+# ----------------------------------------------------------------------------
+
+class MetricsLog:
   """metrics.jsonl + TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
-    if not self.active:
-      return
-    from clu import metric_writers
-    self.writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = rundir.path(workdir, rundir.METRICS)
+    self.writer = (metric_writers.create_default_writer(workdir, asynchronous=False)
+                   if self.active else None)
 
-  def write(self, step, epoch, split, metrics):
+  def write(self, step: int, epoch: float, split: str, metrics: dict) -> None:
     if not self.active:
       return
     row = {"step": int(step), "epoch": round(float(epoch), 4), "split": split}
     row.update({k: float(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    rundir.append_metrics(self.path, row)
     self.writer.write_scalars(int(step), {f"{split}/{k}": float(v) for k, v in metrics.items()})
     self.writer.flush()
 
-  def drop_after(self, step):
-    """Forget rows past ``step`` (logged after the checkpoint a resumed run starts from)."""
-    if not (self.active and os.path.exists(self.path)):
-      return
-    with open(self.path) as f:
-      lines = f.readlines()
-    keep = []
-    for line in lines:
-      try:
-        if json.loads(line)["step"] <= step:
-          keep.append(line)
-      except (ValueError, KeyError):   # a line cut short by a kill
-        pass
-    if len(keep) != len(lines):
-      _write_text(self.path, "".join(keep))
+  def drop_after(self, step: int) -> None:
+    if self.active:
+      rundir.drop_metrics_after(self.path, step)
 
-  def close(self):
+  def close(self) -> None:
     if self.active:
       self.writer.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> dict:
-  """Train with ``config`` in ``workdir`` (resuming if it holds checkpoints); returns results.
+@dataclasses.dataclass
+class Run:
+  """What stays fixed while training: the config, data sizes, model, mesh and schedule."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  info: input_pipeline.DatasetInfo
+  steps_per_epoch: int
+  num_steps: int
+  evolution: dict[int, float]        # {step: epoch} of the Fig. 4 checkpoints
+  mesh: Mesh
+  model: models.PaperNet
+  tx: optax.GradientTransformation
 
-  ``devices``: the devices of the data mesh (default: every device of every process).
+  def say(self, msg: str, warn: bool = False) -> None:
+    (logging.warning if warn else logging.info)(msg)
+    if jax.process_index() == 0:
+      print(msg, flush=True)
 
-  Results (also ``<workdir>/results.json``): top1_error, top5_error (centre
-  crop), top1_error_10crop, top5_error_10crop, num_eval_examples,
-  train_seconds, steps, plus loss and the learning-rate factor.
 
-  Faults: on SIGTERM it finishes the current step, saves it and returns
-  ``{"preempted": True, "steps": n}`` (rerun to resume); a damaged newest
-  checkpoint is reported and the previous one used; a non-finite loss or
-  gradient raises FloatingPointError naming the step (nothing after the last
-  good checkpoint is saved).
-  """
-  import orbax.checkpoint as ocp
-  maybe_initialize_distributed(config)
-  workdir = os.path.abspath(workdir)
-  devices = np.array(jax.devices() if devices is None else list(devices))
-  validate_config(config, devices.size)
+def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
+  """Create the run directory and write config.json, dataset_info.json, evolution.json."""
   if config.restore_path:
-    restore_dir, restore_step = _resolve_restore_path(config.restore_path)
+    checkpoints.resolve_restore_path(config.restore_path)   # a bad path, before any file
   try:
     os.makedirs(workdir, exist_ok=True)
     if not os.access(workdir, os.W_OK):
@@ -517,213 +305,228 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   info = input_pipeline.dataset_info(config)
   spe = input_pipeline.steps_per_epoch(config)
   num_steps = total_steps(config, spe)
-  evo = evolution_steps(config, spe, num_steps)
+  evolution = evolution_steps(config, spe, num_steps)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    _write_json(os.path.join(workdir, "dataset_info.json"), dataclasses.asdict(info))
-    _write_json(os.path.join(workdir, "evolution.json"),
-                {"steps_per_epoch": spe, "num_steps": num_steps,
-                 "checkpoints": [[e, s] for s, e in evo.items()]})
+    rundir.write_json(rundir.path(workdir, rundir.CONFIG),
+                      json.loads(config.to_json_best_effort()))
+    rundir.write_json(rundir.path(workdir, rundir.DATASET_INFO), dataclasses.asdict(info))
+    rundir.write_json(rundir.path(workdir, rundir.EVOLUTION),
+                      {"steps_per_epoch": spe, "num_steps": num_steps,
+                       "checkpoints": [[e, s] for s, e in evolution.items()]})
+  return Run(config, workdir, info, spe, num_steps, evolution, Mesh(devices, (AXIS,)),
+             models.from_config(config.model, info.num_classes),
+             train_state.optimizer_from_config(config))
 
-  mesh = Mesh(devices, (AXIS,))
-  model = models.from_config(config.model, info.num_classes)
-  tx = make_optimizer(config)
-  lr_fn = learning_rate_fn(config, spe, num_steps)
-  state = create_train_state(config, model, info, tx, mesh)
 
-  mngr = _checkpoint_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
-                             tuple(evo))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = _restore_latest(mngr, abstract, os.path.join(workdir, "checkpoints"))
+def restore_or_initialise(run: Run, mngr) -> train_state.TrainState:
+  """The newest good checkpoint of the workdir, else ``config.restore_path``, else a
+  fresh state (parameters from ``config.seed``), replicated over the mesh."""
+  config = run.config
+  shape = (1, run.info.input_size, run.info.input_size, run.info.channels)
+  init = train_state.init_fn(run.model, shape, run.tx, seed=config.seed,
+                             clip_radius=train_state.clip_radius(config))
+  state = jax.jit(init, out_shardings=NamedSharding(run.mesh, P()))()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  ckpt_dir = rundir.path(run.workdir, rundir.CHECKPOINTS)
+  restored = checkpoints.restore_latest(mngr, abstract, ckpt_dir)
   if restored is not None:
-    state, meta, latest = restored
-    logging.info("Resuming from %s/checkpoints step %d", workdir, latest)
-    print(f"Resuming from checkpoint step {latest} in {workdir}/checkpoints", flush=True)
+    state, _, latest = restored
+    run.say(f"Resuming from checkpoint step {latest} in {ckpt_dir}")
   elif config.restore_path:
-    other = _checkpoint_manager(restore_dir, 1, read_only=True)
+    restore_dir, restore_step = checkpoints.resolve_restore_path(config.restore_path)
+    other = checkpoints.manager(restore_dir, 1, read_only=True)
     step = restore_step if restore_step is not None else other.latest_step()
     if step is None:
       raise FileNotFoundError(f"restore_path {config.restore_path!r} holds no checkpoint")
-    state, meta = _restore(other, step, abstract)
-    print(f"Starting from {config.restore_path} step {step}", flush=True)
+    state, _ = checkpoints.restore(other, step, abstract)
+    run.say(f"Starting from {config.restore_path} step {step}")
   start = int(jax.device_get(state.step))
-  if start > num_steps:
-    logging.warning("checkpoint step %d is past the run's %d steps", start, num_steps)
+  if start > run.num_steps:
+    logging.warning("checkpoint step %d is past the run's %d steps", start, run.num_steps)
+  return state
 
-  p_train = jax.jit(jax.shard_map(
-      lambda s, b: train_step(s, b, model=model, tx=tx, lr_fn=lr_fn,
-                              clip_radius=config.clip_radius if config.clip_filters else 0.0),
-      mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False),
-      donate_argnums=(0,))
-  batch_sharding = NamedSharding(mesh, P(AXIS))
-  logger = _Logger(workdir)
-  logger.drop_after(start)
-  # Fig. 4 live: projections of a few maps as TensorBoard images every N steps.
-  from zfnet_jax.analyses import evolution as evolution_lib
-  tb_hook = evolution_lib.tensorboard_hook(config, workdir, model) if logger.active else None
-  eval_every = max(1, int(round(config.eval_every_epochs * spe))) \
-      if config.eval_every_epochs > 0 else 0
 
-  def save(step):
-    check_finite(state, step)
-    meta = {"step": step, "epoch": step / spe, "data_position": step * config.batch_size,
-            "batch_size": config.batch_size, "seed": config.seed}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
+def build_train_step(run: Run):
+  """jit(shard_map(train_step)): (state, global batch) -> (state, metrics); state donated."""
+  lr_fn = train_state.learning_rate_fn(run.config, run.steps_per_epoch, run.num_steps)
+  step = lambda s, b: train_step(s, b, model=run.model, tx=run.tx, lr_fn=lr_fn,
+                                 clip_radius=train_state.clip_radius(run.config))
+  return jax.jit(jax.shard_map(step, mesh=run.mesh, in_specs=(P(), P(AXIS)),
+                               out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))
 
-  def check_finite(state, step):
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad >= 0:
-      mngr.wait_until_finished()
-      raise FloatingPointError(
-          f"non-finite loss or gradient at step {bad + 1} (loss "
-          f"{float(jax.device_get(state.nonfinite_loss))}; training stopped before applying it; "
-          f"the last good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints)")
 
-  it = input_pipeline.create_train_iterator(config, workdir, start)
-  t0, t_log, step_log, train_seconds = time.time(), time.time(), start, 0.0
-  pending = []
-  print(f"Training {config.model.name} on {config.dataset.name}: {num_steps} steps "
-        f"({spe} per epoch), global batch {config.batch_size} over {devices.size} device(s)",
-        flush=True)
-  step = start
-  # SIGTERM (preemption): finish the current step, save it, return {"preempted": True}.
-  preempted = []
-  old_handler = None
-  blas = input_pipeline.single_thread_blas()
-  if threading.current_thread() is threading.main_thread():
-    old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
-  try:
-    for step in range(start + 1, num_steps + 1):
-      batch = _global(next(it), batch_sharding)
-      state, metrics = p_train(state, batch)
-      pending.append(metrics)
-      if tb_hook:
-        tb_hook(step, state.params, logger.writer)
-      if step % config.log_every_steps == 0 or step == num_steps:
-        check_finite(state, step)
-        m = jax.device_get(pending)
-        pending = []
-        avg = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-        now = time.time()
-        sps = (step - step_log) / max(now - t_log, 1e-9)
-        t_log, step_log = now, step
-        avg["steps_per_second"] = sps
-        avg["images_per_second"] = sps * config.batch_size
-        logger.write(step, step / spe, "train", avg)
-        eta = (num_steps - step) / max(sps, 1e-9)
-        msg = (f"step {step}/{num_steps} epoch {step / spe:.2f} loss {avg['loss']:.4f} "
-               f"top1_err {avg['top1_error']:.4f} lr {avg['learning_rate']:.2e} "
-               f"{sps:.2f} steps/s ETA {eta / 60:.1f} min")
-        logging.info(msg)
-        if jax.process_index() == 0:
-          print(msg, flush=True)
-      if eval_every and step % eval_every == 0 and step != num_steps:
-        check_finite(state, step)
-        res = evaluate(config, workdir, state, model, mesh, ten_crop=False)
-        if config.schedule == "plateau":
-          vals = plateau_update(jax.device_get({"lr_scale": state.lr_scale,
-                                                "best_error": state.best_error,
-                                                "bad_evals": state.bad_evals}),
-                                res["top1_error"], config.plateau_patience,
-                                config.plateau_factor)
-          state = state.replace(**{k: jax.device_put(jnp.asarray(v, getattr(state, k).dtype),
-                                                     NamedSharding(mesh, P()))
-                                   for k, v in vals.items()})
-          res["lr_scale"] = float(vals["lr_scale"])
-        logger.write(step, step / spe, "eval", res)
-        if jax.process_index() == 0:
-          print(f"eval step {step}: top1_err {res['top1_error']:.4f} "
-                f"top5_err {res['top5_error']:.4f}", flush=True)
-      if step % config.checkpoint_every_steps == 0 or step in evo or step == num_steps:
-        save(step)
-      if preempted:
-        if mngr.latest_step() != step:
-          save(step)
-        mngr.wait_until_finished()
-        msg = (f"SIGTERM: stopped after step {step} and saved checkpoint step {step} in "
-               f"{workdir}/checkpoints; rerun the same command to resume")
-        logging.warning(msg)
-        print(msg, flush=True)
-        return {"preempted": True, "steps": step}
-    train_seconds = time.time() - t0
-    check_finite(state, step)
-    res = evaluate(config, workdir, state, model, mesh, ten_crop=config.ten_crop_eval)
-    if not config.ten_crop_eval:
-      res["top1_error_10crop"] = res["top5_error_10crop"] = float("nan")
-    res.update(train_seconds=train_seconds, steps=int(jax.device_get(state.step)),
-               lr_scale=float(jax.device_get(state.lr_scale)))
-    logger.write(num_steps, num_steps / spe, "eval", res)
+def check_finite(state, mngr, workdir: str) -> None:
+  """FloatingPointError naming the first step whose loss or gradient was not finite."""
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0:
+    mngr.wait_until_finished()
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {bad + 1} (loss "
+        f"{float(jax.device_get(state.nonfinite_loss))}; training stopped before applying it; "
+        f"the last good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints)")
+
+
+def save(run: Run, mngr, state, step: int) -> None:
+  check_finite(state, mngr, run.workdir)
+  meta = {"step": step, "epoch": step / run.steps_per_epoch,
+          "data_position": step * run.config.batch_size,
+          "batch_size": run.config.batch_size, "seed": run.config.seed}
+  checkpoints.save(mngr, step, state, meta)
+
+
+def evaluate_and_plateau(run: Run, state, step: int, log: MetricsLog):
+  """Centre-crop validation error; with schedule="plateau" the learning-rate factor
+  drops after ``plateau_patience`` evaluations without improvement.  Returns the state."""
+  config = run.config
+  res = evaluate(config, run.workdir, state, run.model, run.mesh, ten_crop=False)
+  if config.schedule == "plateau":
+    vals = train_state.plateau_update(
+        jax.device_get({"lr_scale": state.lr_scale, "best_error": state.best_error,
+                        "bad_evals": state.bad_evals}),
+        res["top1_error"], config.plateau_patience, config.plateau_factor)
+    state = state.replace(**{k: jax.device_put(jnp.asarray(v, getattr(state, k).dtype),
+                                               NamedSharding(run.mesh, P()))
+                             for k, v in vals.items()})
+    res["lr_scale"] = float(vals["lr_scale"])
+  log.write(step, step / run.steps_per_epoch, "eval", res)
+  if jax.process_index() == 0:
+    print(f"eval step {step}: top1_err {res['top1_error']:.4f} "
+          f"top5_err {res['top5_error']:.4f}", flush=True)
+  return state
+
+
+class _Progress:
+  """Averages the pending step metrics every ``log_every_steps`` steps and reports them."""
+
+  def __init__(self, run: Run, start: int):
+    self.run, self.pending = run, []
+    self.t_log, self.step_log = time.time(), start
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+
+  def report(self, step: int, log: MetricsLog) -> None:
+    run = self.run
+    m = jax.device_get(self.pending)
+    self.pending = []
+    avg = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+    now = time.time()
+    sps = (step - self.step_log) / max(now - self.t_log, 1e-9)
+    self.t_log, self.step_log = now, step
+    avg["steps_per_second"] = sps
+    avg["images_per_second"] = sps * run.config.batch_size
+    log.write(step, step / run.steps_per_epoch, "train", avg)
+    eta = (run.num_steps - step) / max(sps, 1e-9)
+    logging.info("step %d/%d loss %.4f", step, run.num_steps, avg["loss"])
     if jax.process_index() == 0:
-      _write_json(os.path.join(workdir, "results.json"), res)
-      print("results: " + json.dumps(res), flush=True)
-    return res
+      print(f"step {step}/{run.num_steps} epoch {step / run.steps_per_epoch:.2f} loss "
+            f"{avg['loss']:.4f} top1_err {avg['top1_error']:.4f} lr "
+            f"{avg['learning_rate']:.2e} {sps:.2f} steps/s ETA {eta / 60:.1f} min", flush=True)
+
+
+class _Preemption:
+  """Records SIGTERM while training (main thread only); restores the old handler on exit."""
+
+  def __init__(self):
+    self.received, self.old = False, None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self.old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    if self.old is not None:
+      signal.signal(signal.SIGTERM, self.old)
+
+
+def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> dict:
+  """Errors on the eval split (10 crops if configured); writes results.json."""
+  config = run.config
+  res = evaluate(config, run.workdir, state, run.model, run.mesh, ten_crop=config.ten_crop_eval)
+  if not config.ten_crop_eval:
+    res["top1_error_10crop"] = res["top5_error_10crop"] = float("nan")
+  res.update(train_seconds=train_seconds, steps=int(jax.device_get(state.step)),
+             lr_scale=float(jax.device_get(state.lr_scale)))
+  log.write(run.num_steps, run.num_steps / run.steps_per_epoch, "eval", res)
+  if jax.process_index() == 0:
+    rundir.write_json(rundir.path(run.workdir, rundir.RESULTS),
+                      dict(res, versions=rundir.versions()))
+    print("results: " + json.dumps(res), flush=True)
+  return res
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
+                       hooks: Sequence[Hook] = ()) -> dict:
+  """Train with ``config`` in ``workdir`` (resuming if it holds checkpoints); returns results.
+
+  ``devices``: the devices of the data mesh (default: every device of every process).
+  ``hooks``: ``hook(step, state, writer)`` called after every step on process 0.
+
+  Results (also ``<workdir>/results.json``, with the package versions): top1_error,
+  top5_error (centre crop), top1_error_10crop, top5_error_10crop,
+  num_eval_examples, train_seconds, steps, plus loss and the learning-rate factor.
+
+  Faults: on SIGTERM it finishes the current step, saves it and returns
+  ``{"preempted": True, "steps": n}`` (rerun to resume); a damaged newest
+  checkpoint is reported and the previous one used; a non-finite loss or
+  gradient raises FloatingPointError naming the step (nothing after the last
+  good checkpoint is saved).
+  """
+  maybe_initialize_distributed(config)
+  workdir = os.path.abspath(workdir)
+  devices = np.array(jax.devices() if devices is None else list(devices))
+  validate(config, devices.size)
+  run = prepare_run(config, workdir, devices)
+  mngr = checkpoints.manager(rundir.path(workdir, rundir.CHECKPOINTS), config.keep_checkpoints,
+                             tuple(run.evolution))
+  log = MetricsLog(workdir)
+  try:
+    state = restore_or_initialise(run, mngr)
+    start = int(jax.device_get(state.step))
+    log.drop_after(start)
+    p_train = build_train_step(run)
+    sharding = NamedSharding(run.mesh, P(AXIS))
+    eval_every = (max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
+                  if config.eval_every_epochs > 0 else 0)
+    batches = input_pipeline.create_train_iterator(config, workdir, start)
+    progress = _Progress(run, start)
+    run.say(f"Training {config.model.name} on {config.dataset.name}: {run.num_steps} steps "
+            f"({run.steps_per_epoch} per epoch), global batch {config.batch_size} over "
+            f"{devices.size} device(s)")
+    t0, step = time.time(), start
+    with input_pipeline.single_thread_blas(), _Preemption() as preemption:
+      for step in range(start + 1, run.num_steps + 1):
+        state, metrics = p_train(state, _global(next(batches), sharding))
+        progress.add(metrics)
+        if log.active:
+          for hook in hooks:
+            hook(step, state, log.writer)
+        if step % config.log_every_steps == 0 or step == run.num_steps:
+          check_finite(state, mngr, workdir)
+          progress.report(step, log)
+        if eval_every and step % eval_every == 0 and step != run.num_steps:
+          check_finite(state, mngr, workdir)
+          state = evaluate_and_plateau(run, state, step, log)
+        if step % config.checkpoint_every_steps == 0 or step in run.evolution or \
+            step == run.num_steps:
+          save(run, mngr, state, step)
+        if preemption.received:
+          if mngr.latest_step() != step:
+            save(run, mngr, state, step)
+          mngr.wait_until_finished()
+          run.say(f"SIGTERM: stopped after step {step} and saved checkpoint step {step} in "
+                  f"{workdir}/checkpoints; rerun the same command to resume", warn=True)
+          return {"preempted": True, "steps": step}
+    train_seconds = time.time() - t0
+    check_finite(state, mngr, workdir)
+    return final_evaluation(run, state, log, train_seconds)
   finally:
-    blas.restore_original_limits()
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
     mngr.wait_until_finished()
     mngr.close()
-    logger.close()
-
-
-# ----------------------------------------------------------------------------
-# Loading a trained run.
-# ----------------------------------------------------------------------------
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's saved config (``<workdir>/config.json``) over the current defaults."""
-  from zfnet_jax import configs
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir")
-  with open(path) as f:
-    saved = json.load(f)
-  config = configs.default_config()
-
-  def merge(c, d):
-    for k, v in d.items():
-      if k in c and isinstance(c[k], ml_collections.ConfigDict) and isinstance(v, dict):
-        merge(c[k], v)
-      else:
-        c[k] = tuple(v) if isinstance(v, list) else v
-  with config.unlocked():
-    merge(config, saved)
-  return config
-
-
-def evolution_checkpoints(workdir: str) -> list[tuple[float, int]]:
-  """[(epoch, step)] of the feature-evolution checkpoints that exist, in order."""
-  path = os.path.join(workdir, "evolution.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir")
-  with open(path) as f:
-    evo = json.load(f)["checkpoints"]
-  ckpt = os.path.join(workdir, "checkpoints")
-  have = {int(d) for d in os.listdir(ckpt) if d.isdigit()} if os.path.isdir(ckpt) else set()
-  return [(float(e), int(s)) for e, s in evo if int(s) in have]
-
-
-def load_trained(workdir: str, step: int | None = None):
-  """(model, {"params": params}, config) of a run; the latest checkpoint by default."""
-  import orbax.checkpoint as ocp
-  config = load_config(workdir)
-  with open(os.path.join(workdir, "dataset_info.json")) as f:
-    model = models.from_config(config.model, json.load(f)["num_classes"])
-  mngr = _checkpoint_manager(os.path.join(workdir, "checkpoints"), 1, read_only=True)
-  steps = mngr.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
-  if step is None:
-    step = max(steps)
-  if step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; "
-                     f"available: {sorted(steps)}")
-  with open(os.path.join(workdir, "dataset_info.json")) as f:
-    info = input_pipeline.DatasetInfo(**json.load(f))
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-                          jax.eval_shape(_init_fn(config, model, info, make_optimizer(config))))
-  restored, _ = _restore(mngr, step, abstract)
-  mngr.close()
-  return model, {"params": restored.params}, config
+    log.close()

@@ -20,21 +20,34 @@ Single-label datasets: ``folds`` random splits with ``n`` training images per
 class and at most ``test_per_class`` of the rest for testing; the score is the
 mean per-class accuracy (as the paper, Caltech-101). Multi-label (VOC 2012):
 one-vs-rest classifiers on TFDS train, mean average precision on validation.
-Outputs go to <workdir>/transfer/: probes.csv/.md and transfer.csv/.md.
+Outputs go to <workdir>/transfer/ (or the report's transfer/): probes.csv/.md and
+transfer.csv/.md.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import os
 from typing import Sequence
 
+from absl import app, flags
 import jax
 import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import optax
+from sklearn import datasets as sk_datasets
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
 from tqdm import tqdm
+
+from zfnet_jax import checkpoints, deconv, input_pipeline, models, train_state
+from zfnet_jax import sections as sections_lib
 
 LAYER_OUTPUTS = {1: ("norm1", "pool1"), 2: ("norm2", "pool2"), 3: ("conv3",), 4: ("conv4",),
                  5: ("pool5",), 6: ("fc6",), 7: ("fc7",)}
@@ -65,8 +78,7 @@ class TargetData:
 # -- data ----------------------------------------------------------------------
 def load_digits(input_size: int, channels: int) -> TargetData:
   """scikit-learn's bundled 8x8 digits (1797 images, no download), upsampled bilinearly."""
-  from sklearn import datasets
-  d = datasets.load_digits()
+  d = sk_datasets.load_digits()
   x = jnp.asarray(d.images, jnp.float32)[..., None] * (255.0 / 16.0)
   x = jax.image.resize(x, (x.shape[0], input_size, input_size, 1), "linear")
   x = np.clip(np.asarray(x), 0, 255)
@@ -146,9 +158,9 @@ def class_folds(labels: np.ndarray, n_train: int, n_test: int, folds: int,
 
 
 # -- features ------------------------------------------------------------------
-def layer_names(model, input_size: int, layers: Sequence[int]) -> dict[int, str]:
+def probe_layers(net, input_size: int, layers: Sequence[int]) -> dict[int, str]:
   """Layer number -> name of the activation used as its output (removed layers left out)."""
-  present = {spec.name for spec in model.layer_table(input_size)}
+  present = set(models.layer_names(deconv.as_network(net), input_size))
   bad = [l for l in layers if l not in LAYER_OUTPUTS]
   if bad:
     raise ValueError(f"unknown layers {bad}; allowed: {sorted(LAYER_OUTPUTS)}")
@@ -173,15 +185,15 @@ def grid_max_pool(x: jax.Array, grid: int) -> jax.Array:
   return jnp.stack(cells, axis=1).reshape(n, -1)
 
 
-def extract_features(model, variables, images: np.ndarray, mean: np.ndarray,
+def extract_features(net, variables, images: np.ndarray, mean: np.ndarray,
                      names: dict[int, str], pool_grid: int, batch_size: int = 128
                      ) -> dict[int, np.ndarray]:
   """Pixel images (N, S, S, C) -> {layer: (N, D) float32}; conv maps grid-max-pooled."""
-  model = model.clone(rule="backprop")
+  net = deconv.as_network(net)
 
   @jax.jit
   def run(x):
-    feats = model.apply(variables, x - mean, method="features")
+    feats = net.features(variables, x - mean)
     return {l: grid_max_pool(feats[n], pool_grid) if feats[n].ndim == 4 else feats[n]
             for l, n in names.items()}
 
@@ -203,7 +215,6 @@ def mean_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
 
 def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
   """(N, K) {0,1} labels and scores -> mean over classes (with positives) of the AP."""
-  from sklearn.metrics import average_precision_score
   keep = labels.sum(0) > 0
   return float(np.mean([average_precision_score(labels[:, k], scores[:, k])
                         for k in np.flatnonzero(keep)]))
@@ -211,11 +222,6 @@ def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def fit_score(kind: str, x_train, y_train, x_test, y_test, c: float, multilabel: bool) -> float:
   """Standardise, fit a linear classifier, score on the test set (accuracy or mAP)."""
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.multiclass import OneVsRestClassifier
-  from sklearn.pipeline import make_pipeline
-  from sklearn.preprocessing import StandardScaler
-  from sklearn.svm import LinearSVC
   if kind == "svm":
     clf = LinearSVC(C=c, max_iter=5000)
   elif kind == "softmax":
@@ -239,22 +245,16 @@ def splits_for(data: TargetData, tc) -> dict[str, list[tuple[np.ndarray, np.ndar
 
 
 # -- from-scratch control -------------------------------------------------------
-CLIP_RADIUS = 0.1   # feature scale clipping as in training (paper Sec. 3)
-
-
 @functools.lru_cache(maxsize=8)
-def _scratch_step(model, learning_rate: float, multilabel: bool, flip: bool):
-  """(optimiser, jitted step, clip) for ``train_scratch``; cached so folds share one compile."""
-  from zfnet_jax import train
-  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(learning_rate, momentum=0.9))
+def _scratch_step(model, learning_rate: float, multilabel: bool, flip: bool, clip_radius: float):
+  """(optimiser, jitted step) for ``train_scratch``; cached so folds share one compile."""
+  tx = train_state.make_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
 
   def loss_fn(p, x, y, key):
     logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
     if multilabel:
       return optax.sigmoid_binary_cross_entropy(logits, y).sum(-1).mean()
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  clip = lambda p: train.clip_conv_filters(p, CLIP_RADIUS)
 
   @jax.jit
   def step(p, s, x, y, mean, key):
@@ -265,23 +265,26 @@ def _scratch_step(model, learning_rate: float, multilabel: bool, flip: bool):
     x = x - mean
     loss, grads = jax.value_and_grad(loss_fn)(p, x, y, drop_key)
     updates, s = tx.update(grads, s, p)
-    return clip(optax.apply_updates(p, updates)), s, loss
+    return train_state.apply_update(p, updates, learning_rate, clip_radius), s, loss
 
-  return tx, step, clip
+  return tx, step
 
 
 def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
-                  learning_rate: float, multilabel: bool, flip: bool = True, seed: int = 0):
+                  learning_rate: float, multilabel: bool, flip: bool = True, seed: int = 0,
+                  clip_radius: float = 0.1):
   """Trains ``model`` from a fresh init on pixel images (N, S, S, C) -> variables.
 
-  SGD momentum 0.9, weight decay 5e-4, random flips (``flip``), dropout, feature scale
-  clipping of conv filters; batches drawn at random without replacement.
+  The training recipe of ``train_state``: SGD momentum 0.9, weight decay 5e-4
+  on kernels, feature scale clipping of conv filters at ``clip_radius`` (0 =
+  off); random flips (``flip``), dropout; batches drawn at random without
+  replacement.
   """
-  tx, step, clip = _scratch_step(model, float(learning_rate), bool(multilabel), bool(flip))
-  params = jax.jit(model.init)(jax.random.PRNGKey(seed),
-                               jnp.zeros((1, *images.shape[1:])))["params"]
-  params = clip(params)
-  opt_state = tx.init(params)
+  tx, step = _scratch_step(model, float(learning_rate), bool(multilabel), bool(flip),
+                           float(clip_radius))
+  shape = (1, *images.shape[1:])
+  state = jax.jit(train_state.init_fn(model, shape, tx, seed=seed, clip_radius=clip_radius))()
+  params, opt_state = state.params, state.opt_state
   rng = np.random.default_rng(seed)
   key = jax.random.PRNGKey(seed + 1)
   mean = jnp.asarray(mean, jnp.float32)
@@ -307,14 +310,6 @@ def scratch_score(model, variables, images, labels, mean, multilabel, batch_size
 
 
 # -- tables --------------------------------------------------------------------
-def _source(config, workdir):
-  """-> (model, variables, pixel mean (S,S,C), train config) of the model to transfer."""
-  from zfnet_jax import input_pipeline, train
-  src = config.transfer.source_workdir or workdir
-  model, variables, src_config = train.load_trained(src)
-  return model, variables, np.asarray(input_pipeline.pixel_mean(src_config, src)), src_config
-
-
 def _check(tc):
   if tc.dataset not in DATASETS:
     raise ValueError(f"unknown transfer dataset {tc.dataset!r}; allowed: {', '.join(DATASETS)}")
@@ -330,12 +325,12 @@ def _fmt(scores: Sequence[float]) -> str:
   return f"{s.mean():.1f} ± {s.std():.1f}" if len(s) > 1 else f"{s.mean():.1f}"
 
 
-def probes(model, variables, mean, data: TargetData, tc, input_size: int
+def probes(net, variables, mean, data: TargetData, tc, input_size: int
            ) -> tuple[list[str], list[list[str]]]:
   """The Table 7-style table: one row per layer, one column per (setting, classifier)."""
   _check(tc)
-  names = layer_names(model, input_size, tc.layers)
-  feats = extract_features(model, variables, data.images, mean, names, tc.pool_grid,
+  names = probe_layers(net, input_size, tc.layers)
+  feats = extract_features(net, variables, data.images, mean, names, tc.pool_grid,
                            tc.batch_size)
   settings = splits_for(data, tc)
   metric = "mAP" if data.multilabel else "mean class acc"
@@ -357,13 +352,15 @@ def probes(model, variables, mean, data: TargetData, tc, input_size: int
   return header, rows
 
 
-def transfer(model, variables, mean, data: TargetData, tc, input_size: int, seed: int = 0
-             ) -> tuple[list[str], list[list[str]]]:
-  """Sec. 5.2: frozen layers 1-7 + new softmax vs the same architecture from scratch."""
+def transfer(net, variables, mean, data: TargetData, tc, input_size: int, seed: int = 0,
+             clip_radius: float = 0.1) -> tuple[list[str], list[list[str]]]:
+  """Sec. 5.2: frozen layers 1-7 + new softmax vs the same architecture from scratch
+  (trained with the recipe of ``train_scratch``, clipping at ``clip_radius``)."""
   _check(tc)
-  names = layer_names(model, input_size, (7, 6, 5))
+  net = deconv.as_network(net)
+  names = probe_layers(net, input_size, (7, 6, 5))
   top = max(names)                       # fc7, else the highest layer left
-  feats = extract_features(model, variables, data.images, mean, {top: names[top]},
+  feats = extract_features(net, variables, data.images, mean, {top: names[top]},
                            tc.pool_grid, tc.batch_size)[top]
   settings = splits_for(data, tc)
   metric = "mAP" if data.multilabel else "mean class acc"
@@ -374,13 +371,16 @@ def transfer(model, variables, mean, data: TargetData, tc, input_size: int, seed
     pre.append(_fmt([fit_score("softmax", feats[tr], data.labels[tr], feats[te], data.labels[te],
                                tc.softmax_c, data.multilabel) for tr, te in folds]))
     if tc.scratch_steps > 0:
-      fresh = model.clone(num_classes=len(data.class_names), rule="backprop")
+      if net.module is None:
+        raise ValueError(f"the from-scratch control needs a Flax module to retrain; {net.name} "
+                         "has none (set transfer.scratch_steps=0)")
+      fresh = net.module.clone(num_classes=len(data.class_names), rule="backprop")
       res = []
       for f, (tr, te) in enumerate(folds):
         v = train_scratch(fresh, data.images[tr], data.labels[tr], mean, steps=tc.scratch_steps,
                           batch_size=tc.scratch_batch_size,
                           learning_rate=tc.scratch_learning_rate, multilabel=data.multilabel,
-                          flip=tc.scratch_flip, seed=seed + f)
+                          flip=tc.scratch_flip, seed=seed + f, clip_radius=clip_radius)
         res.append(scratch_score(fresh, v, data.images[te], data.labels[te], mean,
                                  data.multilabel))
       scratch.append(_fmt(res))
@@ -398,93 +398,110 @@ def transfer(model, variables, mean, data: TargetData, tc, input_size: int, seed
   return header, rows
 
 
-def _write(table, directory, stem):
-  from zfnet_jax import sweeps
-  header, rows = table
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, f"{stem}.csv"), "w", newline="") as f:
-    csv.writer(f).writerows([header, *rows])
-  with open(os.path.join(directory, f"{stem}.md"), "w") as f:
-    f.write(sweeps.markdown_table(header, rows))
-
-
-def _load(config, workdir):
-  model, variables, mean, src_config = _source(config, workdir)
-  size = mean.shape[0]
-  data = load_target(config.transfer, size, src_config.dataset.resize_size, mean.shape[-1])
-  return model, variables, mean, data, size
-
-
-def probe_table(config, workdir: str) -> tuple[list[str], list[list[str]]]:
-  """Per-layer probes of the model in ``config.transfer.source_workdir`` (or ``workdir``)
-  on ``config.transfer.dataset``; writes <workdir>/transfer/probes.csv and .md."""
-  _check(config.transfer)
-  model, variables, mean, data, size = _load(config, workdir)
-  table = probes(model, variables, mean, data, config.transfer, size)
-  _write(table, os.path.join(workdir, "transfer"), "probes")
-  return table
-
-
-def transfer_table(config, workdir: str) -> tuple[list[str], list[list[str]]]:
-  """Pretrained-frozen vs from-scratch; writes <workdir>/transfer/transfer.csv and .md."""
-  _check(config.transfer)
-  model, variables, mean, data, size = _load(config, workdir)
-  table = transfer(model, variables, mean, data, config.transfer, size, config.seed)
-  _write(table, os.path.join(workdir, "transfer"), "transfer")
-  return table
-
-
-def _read(path):
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f))
-  return rows[0], rows[1:]
-
-
-def report_sections(config, workdir: str, compute: bool = False) -> list:
-  """Report sections from the tables in <workdir>/transfer.
-
-  compute: first run ``probe_table`` (and ``transfer_table`` when
-  ``transfer.scratch_steps`` > 0) for the tables not yet written.
-  """
-  from zfnet_jax import report
-  d = os.path.join(workdir, "transfer")
-  tc = config.transfer
-  if compute and not os.path.exists(os.path.join(d, "probes.csv")):
-    probe_table(config, workdir)
-  if compute and tc.scratch_steps > 0 and not os.path.exists(os.path.join(d, "transfer.csv")):
-    transfer_table(config, workdir)
-  sections = []
-  if os.path.exists(os.path.join(d, "probes.csv")):
-    sections.append(report.Section(
+def table_sections(directory: str, tc) -> list[sections_lib.Section]:
+  """Report sections of the tables in ``directory`` (probes.csv, transfer.csv)."""
+  out = []
+  probes_csv, transfer_csv = (os.path.join(directory, f"{n}.csv") for n in ("probes", "transfer"))
+  if os.path.exists(probes_csv):
+    out.append(sections_lib.Section(
         "Per-layer linear probes (Table 7)", "probes",
         [f"Features of each layer on {tc.dataset} (conv outputs max-pooled over a "
          f"{tc.pool_grid}x{tc.pool_grid} grid, standardised), classified by a linear SVM and a "
          "softmax; mean ± std over random folds. The paper's column is Caltech-101 at 30 "
          "images per class with ImageNet features: compare the trend over layers."],
-        tables=[_read(os.path.join(d, "probes.csv"))]))
-  if os.path.exists(os.path.join(d, "transfer.csv")):
-    sections.append(report.Section(
+        tables=[sections_lib.read_table(probes_csv)]))
+  if os.path.exists(transfer_csv):
+    out.append(sections_lib.Section(
         "Transfer: frozen features vs training from scratch (Sec. 5.2)", "transfer",
         [f"A new softmax on the frozen layers 1-7, against the same architecture trained from "
          f"a fresh initialisation on the same {tc.dataset} images."],
-        tables=[_read(os.path.join(d, "transfer.csv"))]))
-  return sections
+        tables=[sections_lib.read_table(transfer_csv)]))
+  return out
+
+
+TABLES = ("probes", "transfer")
+
+
+def write_tables(net, variables, mean, tc, input_size: int, resize_size: int, directory: str,
+                 *, seed: int = 0, clip_radius: float = 0.1, which: Sequence[str] = TABLES
+                 ) -> dict[str, tuple[list[str], list[list[str]]]]:
+  """The ``which`` tables (probes: Table 7; transfer: Sec. 5.2) of a network on
+  ``tc.dataset``, written to <directory>/<name>.csv and .md."""
+  _check(tc)
+  data = load_target(tc, input_size, resize_size, np.shape(mean)[-1])
+  tables = {}
+  if "probes" in which:
+    tables["probes"] = probes(net, variables, mean, data, tc, input_size)
+  if "transfer" in which:
+    tables["transfer"] = transfer(net, variables, mean, data, tc, input_size, seed, clip_radius)
+  for stem, (header, rows) in tables.items():
+    sections_lib.write_table(header, rows, directory, stem)
+  return tables
+
+
+# -- the report ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """``config.transfer`` (``tc``) and the clipping radius of the run's recipe."""
+  tc: ml_collections.ConfigDict
+  clip_radius: float
+
+
+def validate(options, net, data: sections_lib.Data) -> Options:
+  """``config.transfer`` plus ``clip_radius`` (added by the report), checked."""
+  tc = options.copy_and_resolve_references()
+  with tc.unlocked():
+    clip = float(tc.pop("clip_radius", 0.1))
+  _check(tc)
+  probe_layers(net, data.input_size, tc.layers)
+  return Options(tc, clip)
+
+
+def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+  """Table 7 probes and the Sec. 5.2 transfer of the report's network (transfer/*.csv)."""
+  directory = context.path("transfer/probes.csv").rsplit(os.sep, 1)[0]
+  write_tables(context.net, context.variables, context.pixel_mean, options.tc,
+               context.data.input_size, context.data.resize_size, directory, seed=context.seed,
+               clip_radius=options.clip_radius,
+               which=TABLES if options.tc.scratch_steps > 0 else ("probes",))
+  return table_sections(directory, options.tc)
+
+
+# -- command line ----------------------------------------------------------------
+def _source(config, workdir):
+  """-> (model, variables, pixel mean (S,S,C), train config) of the model to transfer."""
+  src = config.transfer.source_workdir or workdir
+  model, variables, src_config = checkpoints.load_trained(src)
+  return model, variables, np.asarray(input_pipeline.pixel_mean(src_config, src)), src_config
+
+
+def _tables(config, workdir, which):
+  model, variables, mean, src = _source(config, workdir)
+  return write_tables(model, variables, mean, config.transfer, mean.shape[0],
+                      src.dataset.resize_size, os.path.join(workdir, "transfer"),
+                      seed=config.seed, clip_radius=train_state.clip_radius(src), which=which)
+
+
+def probe_table(config, workdir: str) -> tuple[list[str], list[list[str]]]:
+  """Per-layer probes of the model in ``config.transfer.source_workdir`` (or ``workdir``)
+  on ``config.transfer.dataset``; writes <workdir>/transfer/probes.csv and .md."""
+  return _tables(config, workdir, ("probes",))["probes"]
+
+
+def transfer_table(config, workdir: str) -> tuple[list[str], list[list[str]]]:
+  """Pretrained-frozen vs from-scratch; writes <workdir>/transfer/transfer.csv and .md."""
+  return _tables(config, workdir, ("transfer",))["transfer"]
 
 
 def main(argv):
-  from absl import flags
   del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  for name, fn in (("probes", probe_table), ("transfer", transfer_table)):
-    header, rows = fn(config, workdir)
-    from zfnet_jax import sweeps
-    print(f"\n{name}:\n" + sweeps.markdown_table(header, rows))
+  for name, (header, rows) in _tables(config, workdir, TABLES).items():
+    print(f"\n{name}:\n" + sections_lib.markdown_table(header, rows))
   print(f"Tables written to {os.path.join(workdir, 'transfer')}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
   flags.DEFINE_string("workdir", None, "Output directory (and the model, unless "
                       "config.transfer.source_workdir is set).")
   config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",

@@ -17,21 +17,44 @@
   (AlexNet's 4) leaves a grid of period 4 px in these projections, i.e. energy
   at 0.25 cycles/px and its harmonics.
 
-``comparison``: the same numbers for ZFNet and AlexNet trained with the same
-recipe on the same data (the other model is trained in a sub-workdir when
-``analyses.diagnostics.train_comparison`` is on).
+The report shows the same numbers for every comparison model of the context
+(e.g. AlexNet trained with ZFNet's recipe on the same data, trained by the
+pipeline when ``analyses.diagnostics.train_comparison`` is on).
+
+Every function takes a ``deconv.Network`` or one of our models.
 """
 from __future__ import annotations
 
-import copy
-import os
+import dataclasses
 
 import numpy as np
 
+from zfnet_jax import deconv, figures, models
+from zfnet_jax import sections as sections_lib
 from zfnet_jax.analyses import common
 
-COUNTERPART = {"ZFNet": "AlexNet", "AlexNet": "ZFNet",
-               "ZFNetLowRes": "AlexNetLowRes", "AlexNetLowRes": "ZFNetLowRes"}
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """dead_threshold: fraction of the largest filter RMS; fft_size: px (0 = no padding);
+  high_freq: cycles/px."""
+  dead_threshold: float
+  fft_size: int
+  high_freq: float
+  first_layer: str = "conv1"     # its kernel: dead filters, spectra
+  second_layer: str = "conv2"    # its projections: aliasing
+
+
+def validate(options, net, data: sections_lib.Data) -> Options:
+  """Validated options from ``config.analyses.diagnostics`` (its train_comparison,
+  comparison_epochs and comparison_workdir are the pipeline's, not read here)."""
+  dead_filters(np.ones((1, 1, 1, 1)), options.dead_threshold)
+  high_freq_fraction(np.zeros((1, 2, 2, 1)), options.high_freq)
+  if options.fft_size < 0:
+    raise ValueError(f"diagnostics.fft_size {options.fft_size} not allowed: >= 0")
+  if "conv1" not in models.layer_names(deconv.as_network(net), data.input_size):
+    raise ValueError("diagnostics need a conv1 layer")
+  return Options(float(options.dead_threshold), int(options.fft_size), float(options.high_freq))
 
 
 def filter_rms(kernel: np.ndarray) -> np.ndarray:
@@ -91,24 +114,32 @@ def high_freq_fraction(images: np.ndarray, cutoff: float = 0.25, fft_size: int =
   return (p * (r >= cutoff - 1e-12)).sum((-2, -1))
 
 
-def layer2_projections(model, variables, images: np.ndarray, num_maps: int = 16,
-                       rule: str = "deconvnet", layer: str = "conv2") -> np.ndarray:
-  """(M, S, S, C): projection of the strongest activation over ``images`` of each of
-  maps 0..M-1 of ``layer``."""
-  from zfnet_jax import deconv
+def layer2_projections(net, variables, images: np.ndarray, rule: str = "deconvnet",
+                       layer: str = "conv2", num_maps: int = 16) -> np.ndarray:
+  """(M, S, S, C): for each of maps 0..M-1 of ``layer`` (M = min(num_maps, its maps)),
+  the projection of its strongest activation over ``images`` (N, S, S, C)."""
+  net = deconv.as_network(net)
   size = images.shape[1]
-  common.check_layer(model, size, layer, "aliasing layer", common.spatial_layers(model, size))
-  m = min(num_maps, common.num_channels(model, size, layer))
-  f = common.batched(common.features_fn(model, [layer]), variables, images, 64)[layer]
+  models.check_layer(net, size, layer, "aliasing layer", spatial=True)
+  m = min(num_maps, models.layer_shapes(net, size)[layer][2])
+  f = common.activations(net, variables, images, [layer])[layer]
   best = f[..., :m].reshape(len(f), -1, m).max(1).argmax(0)         # (M,) image index
-  return np.asarray(deconv.project_many(model, variables, images[best], layer=layer,
-                                        channels=np.arange(m), rule=rule))
+  return np.asarray(net.project(variables, images[best], layer=layer, channels=np.arange(m),
+                                positions=None, rule=rule))
 
 
-def measure(model, variables, images: np.ndarray | None, *, dead_threshold=0.05, fft_size=32,
-            high_freq=0.25, rule="deconvnet") -> dict:
-  """All Fig. 6 numbers of one model; aliasing only when ``images`` is given."""
-  kernel = np.asarray(variables["params"]["conv1"]["kernel"])
+def measure(net, variables, images: np.ndarray | None, *, dead_threshold=0.05, fft_size=32,
+            high_freq=0.25, rule="deconvnet", first_layer="conv1", second_layer="conv2"
+            ) -> dict:
+  """All Fig. 6 numbers of one network: dead filters and radial spectrum of the
+  ``first_layer`` kernel (k, k, Cin, F); aliasing of ``second_layer`` projections only
+  when ``images`` is given."""
+  net = deconv.as_network(net)
+  kernel = net.param(variables, first_layer)
+  if kernel is None:
+    raise ValueError(f"{net.name} has no {first_layer} kernel (variables['params']"
+                     f"[{first_layer!r}]['kernel'])")
+  kernel = np.asarray(kernel)
   dead = dead_filters(kernel, dead_threshold)
   freqs, energy = radial_spectrum(np.moveaxis(kernel, -1, 0), fft_size)
   out = {"kernel": kernel, "dead": dead, "dead_fraction": float(dead.mean()),
@@ -116,7 +147,7 @@ def measure(model, variables, images: np.ndarray | None, *, dead_threshold=0.05,
          "filter_high_freq": float(energy[freqs >= high_freq - 1e-12].sum()),
          "filter_low_freq": float(energy[freqs < 0.1].sum())}
   if images is not None:
-    proj = layer2_projections(model, variables, images, rule=rule)
+    proj = layer2_projections(net, variables, images, rule=rule, layer=second_layer)
     proj = proj.mean(-1, keepdims=True)
     proj = proj - proj.mean((1, 2), keepdims=True)
     out["aliasing"] = high_freq_fraction(proj, high_freq)
@@ -125,60 +156,9 @@ def measure(model, variables, images: np.ndarray | None, *, dead_threshold=0.05,
   return out
 
 
-def comparison_workdir(config, workdir: str) -> str:
-  d = config.analyses.diagnostics
-  other = COUNTERPART.get(config.model.name)
-  return d.comparison_workdir or os.path.join(workdir, f"comparison_{other}")
-
-
-def train_comparison(config, workdir: str) -> str | None:
-  """Train the counterpart (AlexNet <-> ZFNet, same widths and recipe) in a sub-workdir.
-
-  Epochs: ``analyses.diagnostics.comparison_epochs`` (-1 = this run's).  The
-  sub-run writes no report and no analyses.  Skipped when that workdir already
-  has results.json.  Returns the sub-workdir (None if there is no counterpart).
-  """
-  from zfnet_jax import train
-  other = COUNTERPART.get(config.model.name)
-  if other is None:
-    return None
-  sub = comparison_workdir(config, workdir)
-  if os.path.exists(os.path.join(sub, "results.json")):
-    return sub
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    c.model.name = other
-    if config.analyses.diagnostics.comparison_epochs > 0:
-      c.num_epochs = float(config.analyses.diagnostics.comparison_epochs)
-      c.num_train_steps = -1
-      if not config.evolution_reference_epochs > 0:   # unscaled epochs must fit the run
-        c.evolution_epochs = tuple(e for e in config.evolution_epochs if e <= c.num_epochs)
-    c.report.enabled = False
-    c.analyses.enabled = False
-    c.analyses.diagnostics.train_comparison = False
-  train.train_and_evaluate(c, sub)
-  return sub
-
-
-def _at_epoch(workdir: str, epoch: float):
-  """(model, variables, epoch) of ``workdir``'s evolution checkpoint nearest ``epoch``
-  (within 5%), else (None, None, None)."""
-  from zfnet_jax import train
-  try:
-    evo = dict(train.evolution_checkpoints(workdir))
-  except FileNotFoundError:
-    evo = {}
-  near = min(evo, key=lambda e: abs(e - epoch), default=None)
-  if near is None or abs(near - epoch) > 0.05 * epoch + 1e-3:
-    return None, None, None
-  model, variables, _ = train.load_trained(workdir, evo[near])
-  return model, variables, near
-
-
-def plot(results: dict, path: str, high_freq: float) -> str:
-  """Fig. 6: per model a filter grid; spectra overlaid; aliasing bars."""
-  from zfnet_jax import figures
-  plt = common.pyplot()
+def plot(results: dict, path: str, high_freq: float, layer: str = "conv1") -> str:
+  """Fig. 6: per model a filter grid of ``layer``; spectra overlaid."""
+  plt = figures.pyplot()
   names = list(results)
   fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 4), squeeze=False)
   for ax, name in zip(axes[0], names):
@@ -186,7 +166,7 @@ def plot(results: dict, path: str, high_freq: float) -> str:
     ax.imshow(figures.filter_grid(r["kernel"]), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"{name} conv1 {r['kernel'].shape[0]}x{r['kernel'].shape[1]}: "
+    ax.set_title(f"{name} {layer} {r['kernel'].shape[0]}x{r['kernel'].shape[1]}: "
                  f"{100 * r['dead_fraction']:.0f}% dead", fontsize=9)
   ax = axes[0, -1]
   for name in names:
@@ -195,15 +175,16 @@ def plot(results: dict, path: str, high_freq: float) -> str:
   ax.axvline(high_freq, color="grey", ls=":")
   ax.set_xlabel("spatial frequency (cycles/px)")
   ax.set_ylabel("fraction of filter energy")
-  ax.set_title("radial power spectrum of conv1 filters", fontsize=9)
+  ax.set_title(f"radial power spectrum of {layer} filters", fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  return common.save(fig, path)
+  return figures.save_figure(fig, path)
 
 
-def plot_projections(results: dict, path: str, cols: int = 8) -> str | None:
-  plt = common.pyplot()
-  from zfnet_jax import deconv
+def plot_projections(results: dict, path: str, cols: int = 8, layer: str = "conv2"
+                     ) -> str | None:
+  """A row of ``layer`` projections per model with them; None (nothing written) if none."""
+  plt = figures.pyplot()
   names = [n for n in results if "projections" in results[n]]
   if not names:
     return None
@@ -213,69 +194,53 @@ def plot_projections(results: dict, path: str, cols: int = 8) -> str | None:
     for c in range(cols):
       ax = axes[r, c]
       if c < len(proj):
-        common.imshow(ax, proj[c])
+        figures.imshow(ax, proj[c])
       ax.axis("off")
-    axes[r, 0].set_title(f"{name}: conv2 projections, high-freq energy "
+    axes[r, 0].set_title(f"{name}: {layer} projections, high-freq energy "
                          f"{results[name]['aliasing_mean']:.2f}", fontsize=8, loc="left")
-  return common.save(fig, path)
+  return figures.save_figure(fig, path)
 
 
-def section(config, workdir: str, model, variables, out_dir: str):
-  from zfnet_jax import report
-  d = config.analyses.diagnostics
-  kw = dict(dead_threshold=d.dead_threshold, fft_size=d.fft_size, high_freq=d.high_freq,
-            rule=config.report.rule)
-  dead_filters(np.zeros((1, 1, 1, 1)), d.dead_threshold)        # validate before work
-  high_freq_fraction(np.zeros((1, 2, 2, 1)), d.high_freq)
-  if d.fft_size < 0:
-    raise ValueError(f"diagnostics.fft_size {d.fft_size} not allowed: >= 0")
-  images, _, _ = common.load_examples(config, workdir, max(config.analyses.num_images, 64))
-  results = {config.model.name: measure(model, variables, images, **kw)}
+def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+  """Fig. 6 for the context's network and each of ``context.comparisons``:
+  diagnostics.npz, diagnostics.png, diagnostics_<second layer>.png, one Section."""
+  o = options
+  first, second = o.first_layer, o.second_layer
+  kw = dict(dead_threshold=o.dead_threshold, fft_size=o.fft_size, high_freq=o.high_freq,
+            rule=context.rule, first_layer=first, second_layer=second)
+  images = context.images if len(context.images) else None
+  results = {context.net.name: measure(context.net, context.variables, images, **kw)}
   notes = []
-  sub = train_comparison(config, workdir) if d.train_comparison else None
-  if sub is None and COUNTERPART.get(config.model.name):
-    cand = comparison_workdir(config, workdir)
-    sub = cand if os.path.exists(os.path.join(cand, "results.json")) else None
-  if sub is not None:
-    from zfnet_jax import train
-    other, ovars, ocfg = train.load_trained(sub)
-    epochs = float(ocfg.num_epochs)
-    results[ocfg.model.name] = measure(other, ovars, images, **kw)
-    if epochs < float(config.num_epochs):   # compare at the same epoch when kept
-      m, v, at = _at_epoch(workdir, epochs)
-      if at is not None:
-        results = {config.model.name: results[config.model.name],
-                   f"{config.model.name} (epoch {at:g})": measure(m, v, images, **kw),
-                   ocfg.model.name: results[ocfg.model.name]}
-        notes.append(f"{config.model.name} is also shown at its epoch-{at:g} evolution "
-                     f"checkpoint, as long as {ocfg.model.name} was trained.")
-    notes.append(f"{ocfg.model.name}: trained in {sub} for {epochs:g} epochs with this run's "
-                 "recipe.")
-  else:
-    other = COUNTERPART.get(config.model.name, "the other model")
-    notes.append(f"No {other} run to compare with: set --config.analyses.diagnostics."
-                 f"train_comparison=True to train one in {comparison_workdir(config, workdir)}.")
-  np.savez_compressed(os.path.join(out_dir, "diagnostics.npz"),
+  for name, (net, variables, note) in context.comparisons.items():
+    results[name] = measure(net, variables, images, **kw)
+    notes.append(note)
+  if not context.comparisons:
+    notes.append("No comparison model: set --config.analyses.diagnostics.train_comparison=True "
+                 "to train one.")
+  np.savez_compressed(context.path("diagnostics.npz"),
                       **{f"{n}/{k}": v for n, r in results.items() for k, v in r.items()})
-  fig = plot(results, os.path.join(out_dir, "diagnostics.png"), d.high_freq)
-  proj = plot_projections(results, os.path.join(out_dir, "diagnostics_conv2.png"))
-  rows = [[n, f"{r['kernel'].shape[0]}x{r['kernel'].shape[0]}", f"{r['dead_fraction']:.3f}",
+  plot(results, context.path("diagnostics.png"), o.high_freq, first)
+  proj_name = f"diagnostics_{second}.png"
+  proj = plot_projections(results, context.path(proj_name), layer=second)
+  rows = [[n, f"{r['kernel'].shape[0]}x{r['kernel'].shape[1]}", f"{r['dead_fraction']:.3f}",
            f"{r['filter_low_freq']:.3f}", f"{r['filter_high_freq']:.3f}",
-           f"{r['aliasing_mean']:.3f}"] for n, r in results.items()]
-  sec = report.Section(
+           f"{r['aliasing_mean']:.3f}" if "aliasing_mean" in r else "-"]
+          for n, r in results.items()]
+  num_images = 0 if images is None else len(images)
+  sec = sections_lib.Section(
       "Architecture diagnostics", "diagnostics",
       paragraphs=[
           "Paper Fig. 6: AlexNet's 11x11/4 first layer gives filters mixing very high and very "
           "low frequencies, many dead filters and aliasing in layer 2; ZFNet's 7x7/2 fixes both. "
-          f"Dead filter: RMS weight < {d.dead_threshold:g} x the layer's largest filter RMS. "
-          f"Spectrum: |FFT|^2 of each filter zero-padded to {max(d.fft_size, 1)} px, normalised, "
-          f"binned by radius, averaged over filters. High frequency: >= {d.high_freq:g} cycles/px. "
-          "Aliasing indicator: that high-frequency share of the energy of the deconvnet "
-          "projections of the strongest activation of each of the first 16 conv2 maps over "
-          f"{len(images)} images."] + notes,
-      figures=[(common.ref(fig, workdir), "conv1 filters and their radial power spectra.")],
-      tables=[(["model", "conv1 kernel", "dead fraction", "filter energy < 0.1 c/px",
-                f"filter energy >= {d.high_freq:g} c/px", "conv2 aliasing indicator"], rows)])
+          f"Dead filter: RMS weight < {o.dead_threshold:g} x the layer's largest filter RMS. "
+          f"Spectrum: |FFT|^2 of each filter zero-padded to {max(o.fft_size, 1)} px, normalised, "
+          f"binned by radius, averaged over filters. High frequency: >= {o.high_freq:g} "
+          "cycles/px. Aliasing indicator: that high-frequency share of the energy of the "
+          f"{context.rule} projections of the strongest activation of each of the first 16 "
+          f"{second} maps over {num_images} images."] + notes,
+      figures=[("diagnostics.png", f"{first} filters and their radial power spectra.")],
+      tables=[(["model", f"{first} kernel", "dead fraction", "filter energy < 0.1 c/px",
+                f"filter energy >= {o.high_freq:g} c/px", f"{second} aliasing indicator"], rows)])
   if proj:
-    sec.figures.append((common.ref(proj, workdir), "Layer-2 projections (mean over colour)."))
-  return sec
+    sec.figures.append((proj_name, "Layer-2 projections (mean over colour)."))
+  return [sec]

@@ -1,66 +1,101 @@
 """Feature evolution during training (paper Fig. 4).
 
-At each kept evolution checkpoint (``train.evolution_checkpoints``), for the
-chosen maps of each layer: find the strongest activation of the map over a
-sample of the training split (the first ``max_examples`` examples, centre
-crops), project it to pixels with the deconvnet and crop the projection to the
-unit's receptive field.  One grid per layer: rows = epochs, columns = maps.
+At each kept evolution checkpoint, for the chosen maps of each layer: find the
+strongest activation of the map over a sample of training images, project it
+to pixels with the deconvnet and crop the projection to the unit's receptive
+field.  One grid per layer: rows = epochs, columns = maps.
 
 ``tensorboard_panel`` draws the same tiles for the current weights (rows =
-layers, columns = maps) as one uint8 image; the training loop writes it every
-``analyses.evolution.tensorboard_every_steps`` steps, so features can be
-watched while they form.
+layers, columns = maps) as one uint8 image; ``tensorboard_hook`` makes the
+training hook that writes it every few steps, so features can be watched while
+they form.
+
+Every function takes a ``deconv.Network`` or one of our models.
 """
 from __future__ import annotations
 
-import os
-from typing import Sequence
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
+from PIL import Image
 
-from zfnet_jax.analyses import common
+from zfnet_jax import deconv, figures, models
+from zfnet_jax import sections as sections_lib
 
 TILE = 48  # side of a tile in pixels (receptive-field crops are resized to it)
 
 
-def check(model, input_size: int, layers: Sequence[str], maps: Sequence[int]) -> None:
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """layers: spatial layers shown; maps: their channels shown (the same in every layer);
+  max_examples: training images searched for the strongest activations."""
+  layers: tuple[str, ...]
+  maps: tuple[int, ...]
+  max_examples: int
+
+
+def check(net, input_size: int, layers: Sequence[str], maps: Sequence[int]) -> None:
   """ValueError for an unknown/non-spatial layer or a map out of range in any layer."""
   if not layers or not maps:
     raise ValueError(f"evolution needs layers and maps, got layers={list(layers)} "
                      f"maps={list(maps)}")
+  net = deconv.as_network(net)
   for layer in layers:
-    common.check_layer(model, input_size, layer, "evolution layer",
-                       common.spatial_layers(model, input_size))
-    common.check_channels(model, input_size, layer, maps, "evolution map")
+    models.check_layer(net, input_size, layer, "evolution layer", spatial=True)
+    models.check_channels(net, input_size, layer, maps, "evolution map")
 
 
-def strongest(model, variables, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],
-              batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """{layer: (image index (M,), position (M, 2), value (M,))} of each map's strongest
-  activation over ``images`` (first in (image, row, col) order on ties)."""
-  maps = np.asarray(maps, np.int32)
+def validate(options, net, data: sections_lib.Data) -> Options:
+  """Validated options from ``config.analyses.evolution`` (the TensorBoard maps too,
+  when ``tensorboard_every_steps`` > 0)."""
+  layers, size = tuple(options.layers), data.input_size
+  check(net, size, layers, list(options.maps))
+  if options.max_examples < 1:
+    raise ValueError(f"evolution.max_examples {options.max_examples} not allowed: >= 1")
+  if options.tensorboard_every_steps > 0:
+    check(net, size, layers, list(options.tensorboard_maps))
+  return Options(layers, tuple(int(m) for m in options.maps), int(options.max_examples))
 
-  @jax.jit
-  def batch_max(v, x):
-    f = model.apply(v, x, method="features")
+
+@functools.lru_cache(maxsize=32)
+def _batch_max_fn(net: deconv.Network, layers: tuple[str, ...], maps: tuple[int, ...]):
+  """jit((variables, x (B, S, S, C)) -> {layer: (max (M,), flat argmax (M,), (H, W))})."""
+  idx = np.asarray(maps, np.int32)
+
+  def batch_max(variables, x):
+    f = net.features(variables, x)
     out = {}
     for layer in layers:
-      a = f[layer][..., maps]                               # (B, H, W, M)
-      flat = a.reshape(-1, len(maps))
+      a = f[layer][..., idx]                                # (B, H, W, M)
+      flat = a.reshape(-1, len(idx))
       out[layer] = (flat.max(0), jnp.argmax(flat, 0), jnp.asarray(a.shape[1:3]))
     return out
+  return jax.jit(batch_max)
 
-  best = {l: (np.full(len(maps), -np.inf), np.zeros(len(maps), int), np.zeros((len(maps), 2), int))
-          for l in layers}
+
+def strongest(net, variables, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],
+              batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """{layer: (image index (M,), position (M, 2) (row, col), value (M,))} of each map's
+  strongest activation over ``images`` (N, S, S, C) (first in (image, row, col) order on
+  ties)."""
+  net = deconv.as_network(net)
+  layers = tuple(layers)
+  maps = tuple(int(m) for m in maps)
+  fn = _batch_max_fn(net, layers, maps)
+  m = len(maps)
+  best = {l: (np.full(m, -np.inf), np.zeros(m, int), np.zeros((m, 2), int)) for l in layers}
   bs = max(1, min(batch_size, len(images)))
   for start in range(0, len(images), bs):
     x = images[start:start + bs]
     pad = bs - len(x)
     if pad:      # pad by repeating the first image of the batch: never a new maximum
       x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
-    res = jax.device_get(batch_max(variables, jnp.asarray(x)))
+    res = jax.device_get(fn(variables, jnp.asarray(x)))
     for l, (val, arg, hw) in res.items():
       b, i, j = np.unravel_index(arg, (bs, hw[0], hw[1]))
       better = val > best[l][0]
@@ -70,100 +105,99 @@ def strongest(model, variables, images: np.ndarray, layers: Sequence[str], maps:
   return {l: (idx, pos, val) for l, (val, idx, pos) in best.items()}
 
 
-def tiles(model, variables, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],
+def tiles(net, variables, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],
           rule: str = "deconvnet", batch_size: int = 64, tile: int | None = TILE
           ) -> dict[str, np.ndarray]:
   """{layer: (M, t, t, C) in [0, 1]}: per map, the projection of its strongest activation
-  over ``images``, cropped to the receptive field (t = its size; parts outside the image
-  mid-grey) and resized to ``tile`` x ``tile`` (nearest up, bilinear down; None = not)."""
-  from zfnet_jax import deconv
-  check(model, images.shape[1], layers, maps)
-  best = strongest(model, variables, images, layers, maps, batch_size)
+  over ``images`` (N, S, S, C), cropped to the receptive field (t = its size; parts
+  outside the image mid-grey) and resized to ``tile`` x ``tile`` (nearest up, bilinear
+  down; None = not)."""
+  net = deconv.as_network(net)
+  check(net, images.shape[1], layers, maps)
+  best = strongest(net, variables, images, layers, maps, batch_size)
   m = len(maps)
   req_img = np.concatenate([best[l][0] for l in layers])
   req_pos = np.concatenate([best[l][1] for l in layers]).astype(np.int32)
   names = [l for l in layers for _ in range(m)]
-  proj = np.asarray(deconv.project_many(model, variables, images[req_img], layer=names,
-                                        channels=np.tile(np.asarray(maps, np.int32), len(layers)),
-                                        positions=req_pos, rule=rule))
+  proj = np.asarray(net.project(variables, images[req_img], layer=names,
+                                channels=np.tile(np.asarray(maps, np.int32), len(layers)),
+                                positions=req_pos, rule=rule))
   out = {l: [] for l in layers}
   for p, layer, pos in zip(proj, names, req_pos):
-    crop = deconv.to_image(deconv.receptive_patch(model, p, layer, tuple(pos), fill=0.0))
+    crop = deconv.to_image(deconv.receptive_patch(net, p, layer, tuple(pos), fill=0.0))
     out[layer].append(crop if tile is None else _resize(crop, tile))
   return {l: np.stack(v) for l, v in out.items()}
 
 
 def _resize(image: np.ndarray, tile: int) -> np.ndarray:
-  from PIL import Image
   method = Image.NEAREST if image.shape[0] <= tile else Image.BILINEAR
   chans = [np.asarray(Image.fromarray(np.float32(image[..., c])).resize((tile, tile), method))
            for c in range(image.shape[-1])]
   return np.stack(chans, -1).astype(np.float32)
 
 
-def tensorboard_panel(model, variables, images, layers: Sequence[str], maps: Sequence[int],
+def tensorboard_panel(net, variables, images, layers: Sequence[str], maps: Sequence[int],
                       rule: str = "deconvnet", tile: int = TILE) -> np.ndarray:
   """uint8 (H, W, 3) image for TensorBoard: rows = layers, columns = maps; each tile the
-  deconvnet projection of the map's strongest activation over ``images`` (mean-subtracted
-  (N, S, S, C)), cropped to the receptive field.  For the training loop, e.g.
-  ``writer.write_images(step, {"evolution": panel[None]})``."""
-  from zfnet_jax import figures
-  t = tiles(model, variables, np.asarray(images, np.float32), layers, maps, rule, tile=tile)
+  projection of the map's strongest activation over ``images`` (mean-subtracted
+  (N, S, S, C)), cropped to the receptive field and resized to ``tile`` px."""
+  t = tiles(net, variables, np.asarray(images, np.float32), layers, maps, rule, tile=tile)
   return figures.grid(np.concatenate([t[l] for l in layers]), len(maps), 1, gap=2)
 
 
-def tensorboard_hook(config, workdir: str, model, num_images: int = 64):
-  """For the training loop: None when ``analyses.evolution.tensorboard_every_steps`` is 0,
-  else ``hook(step, params, writer)`` that writes ``tensorboard_panel`` of the first
-  ``num_images`` training examples (maps ``tensorboard_maps`` of ``evolution.layers``) as
-  the image "evolution/projections" every that many steps (a clu metric writer)."""
-  ec = config.analyses.evolution
-  every = int(ec.tensorboard_every_steps)
+def tensorboard_hook(net, images: np.ndarray, *, layers: Sequence[str], maps: Sequence[int],
+                     rule: str = "deconvnet", every: int = 0
+                     ) -> Callable[[int, Any, Any], None] | None:
+  """A training hook: None when ``every`` <= 0, else ``hook(step, state, writer)`` that,
+  every ``every`` steps, writes ``tensorboard_panel`` of ``images`` (N, S, S, C) at
+  ``state.params`` as the image "evolution/projections" (``writer``: a clu metric writer).
+  ``layers`` and ``maps`` are checked first (ValueError)."""
+  net = deconv.as_network(net)
+  images = np.asarray(images, np.float32)
+  layers, maps = tuple(layers), [int(m) for m in maps]
+  check(net, images.shape[1], layers, maps)
+  every = int(every)
   if every <= 0:
     return None
-  layers, maps = list(ec.layers), [int(m) for m in ec.tensorboard_maps]
-  check(model, config.dataset.crop_size, layers, maps)
-  images, _, _ = common.load_examples(config, workdir, num_images,
-                                      split=config.dataset.train_split)
 
-  def hook(step: int, params, writer) -> None:
+  def hook(step: int, state, writer) -> None:
     if step % every:
       return
-    panel = tensorboard_panel(model, {"params": jax.device_get(params)}, images, layers, maps,
-                              config.report.rule)
+    panel = tensorboard_panel(net, {"params": jax.device_get(state.params)}, images, layers,
+                              maps, rule)
     writer.write_images(int(step), {"evolution/projections": panel[None]})
     writer.flush()
   return hook
 
 
-def grids(workdir: str, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],
-          rule: str = "deconvnet", batch_size: int = 64, tile: int | None = TILE
+def grids(net, checkpoints: Sequence[tuple[float, Any]], images: np.ndarray,
+          layers: Sequence[str], maps: Sequence[int], rule: str = "deconvnet",
+          batch_size: int = 64, tile: int | None = TILE, progress: bool = True
           ) -> tuple[list[float], dict[str, np.ndarray]]:
-  """(epochs, {layer: (E, M, t, t, C) tiles}) over the evolution checkpoints of a run
-  (``tiles`` at each checkpoint's weights)."""
-  from zfnet_jax import train
-  ckpts = train.evolution_checkpoints(workdir)
-  if not ckpts:
-    raise ValueError(f"no evolution checkpoints kept in {workdir}")
+  """(epochs, {layer: (E, M, t, t, C) tiles}): ``tiles`` at each checkpoint.
+
+  checkpoints: E pairs (epoch, variables), or (epoch, () -> variables) to load them
+  one at a time.
+  """
+  net = deconv.as_network(net)
+  if not checkpoints:
+    raise ValueError("no evolution checkpoints given")
   epochs, per = [], {l: [] for l in layers}
-  try:
-    import tqdm
-    it = tqdm.tqdm(ckpts, desc="feature evolution", unit="checkpoint")
-  except ImportError:
-    it = ckpts
-  for epoch, step in it:
-    model, variables, _ = train.load_trained(workdir, step)
-    t = tiles(model, variables, images, layers, maps, rule, batch_size, tile)
+  it = tqdm.tqdm(checkpoints, desc="feature evolution", unit="checkpoint",
+                 disable=not progress)
+  for epoch, variables in it:
+    if callable(variables):
+      variables = variables()
+    t = tiles(net, variables, images, layers, maps, rule, batch_size, tile)
     for l in layers:
       per[l].append(t[l])
-    epochs.append(epoch)
+    epochs.append(float(epoch))
   return epochs, {l: np.stack(v) for l, v in per.items()}
 
 
 def plot_grid(epochs, tiles_: np.ndarray, maps, layer: str, path: str) -> str:
   """Fig. 4 for one layer: rows = epochs (labelled), columns = maps."""
-  plt = common.pyplot()
-  from zfnet_jax import figures
+  plt = figures.pyplot()
   e, m = tiles_.shape[:2]
   img = figures.grid(tiles_.reshape((-1,) + tiles_.shape[2:]), m, 1, gap=2)
   fig, ax = plt.subplots(figsize=(1.0 + 0.75 * m, 0.3 + 0.75 * e))
@@ -174,35 +208,28 @@ def plot_grid(epochs, tiles_: np.ndarray, maps, layer: str, path: str) -> str:
   ax.set_xticks([step * c + tiles_.shape[3] / 2 for c in range(m)])
   ax.set_xticklabels([f"map {c}" for c in maps], fontsize=7)
   ax.set_title(f"{layer}: strongest activation over the training sample, projected", fontsize=9)
-  return common.save(fig, path)
+  return figures.save_figure(fig, path)
 
 
-def section(config, workdir: str, model, variables, out_dir: str):
-  from zfnet_jax import report, train
-  ec = config.analyses.evolution
-  layers, maps = list(ec.layers), [int(m) for m in ec.maps]
-  size = config.dataset.crop_size
-  check(model, size, layers, maps)
-  sec = report.Section("Feature evolution", "evolution")
-  try:
-    ckpts = train.evolution_checkpoints(workdir)
-  except FileNotFoundError:
-    ckpts = []
-  if not ckpts:
-    sec.paragraphs.append("No evolution checkpoints in this workdir (config.evolution_epochs).")
-    return sec
-  images, _, _ = common.load_examples(config, workdir, ec.max_examples,
-                                      split=config.dataset.train_split)
-  epochs, g = grids(workdir, images, layers, maps, config.report.rule, config.analyses.batch_size)
-  np.savez_compressed(os.path.join(out_dir, "evolution.npz"), epochs=np.asarray(epochs),
+def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+  """Fig. 4 over ``context.checkpoints``: evolution.npz, evolution_<layer>.png."""
+  layers, maps = list(options.layers), list(options.maps)
+  sec = sections_lib.Section("Feature evolution", "evolution")
+  if not context.checkpoints:
+    sec.paragraphs.append("No evolution checkpoints in this run (config.evolution_epochs).")
+    return [sec]
+  images = context.train_images(options.max_examples)
+  epochs, g = grids(context.net, context.checkpoints, images, layers, maps, context.rule,
+                    context.batch_size, progress=context.progress)
+  np.savez_compressed(context.path("evolution.npz"), epochs=np.asarray(epochs),
                       maps=np.asarray(maps), **g)
   sec.paragraphs.append(
       f"Paper Fig. 4: for maps {', '.join(map(str, maps))} of each layer, the strongest "
       f"activation over the first {len(images)} training examples (centre crops), projected "
-      f"with the {config.report.rule} rule and cropped to the receptive field, at each kept "
+      f"with the {context.rule} rule and cropped to the receptive field, at each kept "
       f"checkpoint (epochs {', '.join(f'{e:g}' for e in epochs)}). Each tile is scaled on its "
       "own (zero = mid-grey). The image that wins may change from row to row.")
   for l in layers:
-    path = plot_grid(epochs, g[l], maps, l, os.path.join(out_dir, f"evolution_{l}.png"))
-    sec.figures.append((common.ref(path, workdir), f"{l}: rows = epochs, columns = maps."))
-  return sec
+    plot_grid(epochs, g[l], maps, l, context.path(f"evolution_{l}.png"))
+    sec.figures.append((f"evolution_{l}.png", f"{l}: rows = epochs, columns = maps."))
+  return [sec]

@@ -22,12 +22,15 @@ stride = crop/28 (8 px at 224, 2 at 64), fill = the training mean at each pixel
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 
 import jax
 import jax.numpy as jnp
+import matplotlib.patches
 import numpy as np
 
+from zfnet_jax import deconv, figures, models
+from zfnet_jax import sections as sections_lib
 from zfnet_jax.analyses import common
 
 
@@ -40,16 +43,15 @@ class Settings:
   chunk_size: int
 
 
-def settings(config, model, input_size: int) -> Settings:
-  """Resolved and validated occlusion settings from ``config.analyses.occlusion``."""
-  oc = config.analyses.occlusion
-  size = int(round(common.default_size(oc.size, 56, input_size)))
-  stride = int(round(common.default_size(oc.stride, 8, input_size)))
-  return check(Settings(max(size, 1), max(stride, 1), float(oc.fill), oc.layer, int(oc.chunk_size)),
-               model, input_size)
+def validate(options, net, data: sections.Data) -> Settings:
+  """Resolved and validated settings from ``config.analyses.occlusion``."""
+  size = int(round(common.default_size(options.size, 56, data.input_size)))
+  stride = int(round(common.default_size(options.stride, 8, data.input_size)))
+  return check(Settings(max(size, 1), max(stride, 1), float(options.fill), options.layer,
+                        int(options.chunk_size)), net, data.input_size)
 
 
-def check(s: Settings, model, input_size: int) -> Settings:
+def check(s: Settings, net, input_size: int) -> Settings:
   if not 1 <= s.size <= input_size:
     raise ValueError(f"occlusion size {s.size} not allowed: 1..{input_size} (the input size)")
   if not 1 <= s.stride <= input_size:
@@ -58,8 +60,8 @@ def check(s: Settings, model, input_size: int) -> Settings:
     raise ValueError(f"occlusion chunk_size {s.chunk_size} not allowed: >= 1")
   if s.fill > 255:
     raise ValueError(f"occlusion fill {s.fill} not allowed: a pixel value 0..255, or -1 (mean)")
-  common.check_layer(model, input_size, s.layer, "occlusion layer",
-                     allowed=common.spatial_layers(model, input_size))
+  models.check_layer(deconv.as_network(net), input_size, s.layer, "occlusion layer",
+                     spatial=True)
   return s
 
 
@@ -77,10 +79,11 @@ def fill_image(fill: float, mean: np.ndarray | None, shape) -> np.ndarray:
   return (fill - np.asarray(mean, np.float32)).astype(np.float32)
 
 
-def scan(model, variables, image: np.ndarray, label: int, s: Settings,
+def scan(net, variables, image: np.ndarray, label: int, s: Settings,
          fill: np.ndarray | None = None, channel: int | None = None) -> dict[str, np.ndarray]:
   """Occlusion maps of one image (S, S, C) with true class ``label``.
 
+  net: a ``deconv.Network`` (or one of our models); its features need "logits".
   fill: (S, S, C) square content in input space (default zeros = the mean).
   channel: map of ``s.layer`` to follow (default: strongest total activation
   on the unoccluded image).
@@ -88,24 +91,25 @@ def scan(model, variables, image: np.ndarray, label: int, s: Settings,
   top_class (n, n) int, top_prob (n, n), squares (n, 2), channel, and the
   unoccluded activation, prob_true and top_class.
   """
+  net = deconv.as_network(net)
   image = jnp.asarray(image, jnp.float32)
   size = image.shape[0]
   fill = jnp.zeros_like(image) if fill is None else jnp.asarray(fill, jnp.float32)
   sq = squares(size, s.size, s.stride)
   n = len(sq)
-  check(s, model, size)
-  if not 0 <= int(label) < model.num_classes:
-    raise ValueError(f"label {label} out of range: allowed 0..{model.num_classes - 1}")
+  check(s, net, size)
+  num_classes = models.layer_shapes(net, size)["logits"][2]
+  if not 0 <= int(label) < num_classes:
+    raise ValueError(f"label {label} out of range: allowed 0..{num_classes - 1}")
   if channel is not None:
-    common.check_channels(model, size, s.layer, [channel])
-  feats = common.features_fn(model, [s.layer])
-  f0 = jax.device_get(feats(variables, image[None]))
+    models.check_channels(net, size, s.layer, [channel])
+  f0 = common.activations(net, variables, np.asarray(image)[None], [s.layer])
   totals = f0[s.layer][0].reshape(-1, f0[s.layer].shape[-1]).sum(0)
   if channel is None:
     channel = int(np.argmax(totals))
   p0 = common.softmax(f0["logits"][0].astype(np.float64))
-  out = _scan_fn(model, s.layer, s.chunk_size)(variables, image, fill, jnp.asarray(sq),
-                                                 jnp.int32(label), jnp.int32(channel))
+  out = _scan_fn(net, s.layer, s.chunk_size)(variables, image, fill, jnp.asarray(sq),
+                                               jnp.int32(label), jnp.int32(channel))
   out = {k: np.asarray(v).reshape(n, n) for k, v in jax.device_get(out).items()}
   out.update(squares=sq, channel=np.int32(channel), label=np.int32(label),
              activation0=np.float32(totals[channel]), prob_true0=np.float32(p0[label]),
@@ -113,17 +117,12 @@ def scan(model, variables, image: np.ndarray, label: int, s: Settings,
   return out
 
 
-_CACHE: dict = {}
+@functools.lru_cache(maxsize=16)
+def _scan_fn(net, layer: str, chunk_size: int):
+  return jax.jit(functools.partial(_scan, net, layer, chunk_size))
 
 
-def _scan_fn(model, layer: str, chunk_size: int):
-  key = (id(model), layer, chunk_size)
-  if key not in _CACHE or _CACHE[key][0] is not model:
-    _CACHE[key] = (model, jax.jit(lambda *a: _scan(model, layer, chunk_size, *a)))
-  return _CACHE[key][1]
-
-
-def _scan(model, layer, chunk_size, variables, image, fill, sq, label, channel):
+def _scan(net, layer, chunk_size, variables, image, fill, sq, label, channel):
   n = sq.shape[0]
   pix = jnp.arange(image.shape[0])
   inside = (pix[None, :] >= sq[:, :1]) & (pix[None, :] < sq[:, 1:])    # (n, S)
@@ -132,7 +131,7 @@ def _scan(model, layer, chunk_size, variables, image, fill, sq, label, channel):
   def one(ij):
     m = inside[ij[0]][:, None] & inside[ij[1]][None, :]
     x = jnp.where(m[..., None], fill, image)[None]
-    f = model.apply(variables, x, method="features")
+    f = net.features(variables, x)
     probs = jax.nn.softmax(f["logits"][0].astype(jnp.float32))
     return {"activation": f[layer][0, ..., channel].sum(),
             "prob_true": probs[label], "top_class": jnp.argmax(probs).astype(jnp.int32),
@@ -148,8 +147,8 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
          class_names, path: str) -> str:
   """One row of Fig. 7: (a) image + square, (b) activation map, (c) projection,
   (d) P(true class) map, (e) most probable class map with a legend."""
-  plt = common.pyplot()
-  from matplotlib import patches
+  plt = figures.pyplot()
+  patches = matplotlib.patches
   size = display.shape[0]
   sq, n = result["squares"], len(result["squares"])
   stride = int(result["stride"])
@@ -157,7 +156,7 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
   names = list(class_names) if class_names else [str(i) for i in range(1000)]
   label, top0 = int(result["label"]), int(result["top_class0"])
   fig, axes = plt.subplots(1, 5, figsize=(17, 3.6))
-  common.imshow(axes[0], display)
+  figures.imshow(axes[0], display)
   c = n // 2
   axes[0].add_patch(patches.Rectangle((sq[c, 0] - .5, sq[c, 0] - .5), sq[c, 1] - sq[c, 0],
                                       sq[c, 1] - sq[c, 0], fc=(.5, .5, .5, .8), ec="k"))
@@ -165,14 +164,14 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
   for ax, key, title, cmap in ((axes[1], "activation", f"(b) total activation, "
                                 f"map {int(result['channel'])}", "jet"),
                                (axes[3], "prob_true", f"(d) p({names[label]})", "jet")):
-    common.imshow(ax, display, alpha=1.0)
+    figures.imshow(ax, display, alpha=1.0)
     im = ax.imshow(result[key], cmap=cmap, alpha=0.6, extent=extent, interpolation="nearest")
     ax.set_xlim(-.5, size - .5)
     ax.set_ylim(size - .5, -.5)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
   if projection is not None:
-    common.imshow(axes[2], projection)
+    figures.imshow(axes[2], projection)
   axes[2].set_title("(c) deconvnet projection of that map", fontsize=9)
   axes[2].set_xticks([])
   axes[2].set_yticks([])
@@ -189,20 +188,15 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
   handles = [patches.Patch(color=cmap(k), label=names[c]) for k, c in enumerate(classes)]
   axes[4].legend(handles=handles,
                  loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-  return common.save(fig, path)
+  return figures.save_figure(fig, path)
 
 
-def section(config, workdir: str, model, variables, out_dir: str):
-  """Run the analysis on the first ``analyses.num_images`` images; npz + figures + Section."""
-  from zfnet_jax import deconv, input_pipeline, report
-  info = input_pipeline.dataset_info(config)
-  size = config.dataset.crop_size
-  s = settings(config, model, size)
-  images, labels, ids = common.analysed_examples(config, workdir)
-  mean = input_pipeline.pixel_mean(config, workdir)
-  fill = fill_image(s.fill, mean, images.shape[1:])
+def sections(context: sections_lib.Context, s: Settings) -> list[sections_lib.Section]:
+  """Fig. 7 for each analysed image: occlusion_<id>.npz and .png, one Section."""
+  net, size = context.net, context.images.shape[1]
+  fill = fill_image(s.fill, context.pixel_mean, context.images.shape[1:])
   fill_text = "the training mean, mid-grey" if s.fill < 0 else f"pixel value {s.fill:g}"
-  sec = report.Section(
+  sec = sections_lib.Section(
       "Occlusion sensitivity", "occlusion",
       paragraphs=[
           f"A square of {s.size}x{s.size} px (fill: {fill_text}) slides over each "
@@ -211,24 +205,25 @@ def section(config, workdir: str, model, variables, out_dir: str):
           "strongest on the unoccluded image, (c) that map's deconvnet projection, "
           "(d) probability of the true class, (e) most probable class (paper Fig. 7). Each "
           "map cell is drawn over the pixels whose occlusion it measures. Arrays: "
-          f"{common.ref(os.path.join(out_dir, 'occlusion_<id>.npz'), workdir)}."])
+          "occlusion_<id>.npz."])
   rows = []
-  for image, label, i in zip(images, labels, ids):
-    r = scan(model, variables, image, int(label), s, fill=fill)
-    proj = deconv.project(model, variables, image[None], layer=s.layer, channel=int(r["channel"]),
-                          rule=config.report.rule)
+  for image, label, i in zip(context.images, context.labels, context.ids):
+    r = scan(net, context.variables, image, int(label), s, fill=fill)
+    proj = net.project(context.variables, jnp.asarray(image[None]), layer=s.layer,
+                       channels=np.array([int(r["channel"])]), positions=None,
+                       rule=context.rule)
     proj = np.asarray(deconv.to_image(proj))[0]
     r["projection"] = np.asarray(proj, np.float32)
-    np.savez_compressed(os.path.join(out_dir, f"occlusion_{int(i)}.npz"), **r)
-    disp = common.to_display(image, mean)
+    np.savez_compressed(context.path(f"occlusion_{int(i)}.npz"), **r)
+    disp = common.to_display(image, context.pixel_mean)
     proj = proj[..., 0] if proj.shape[-1] == 1 else proj
-    rel = common.ref(plot(r, disp, proj, info.class_names,
-                          os.path.join(out_dir, f"occlusion_{int(i)}.png")), workdir)
-    names = info.class_names
-    sec.figures.append((rel, f"Image {int(i)} (true class {names[int(label)]}): Fig. 7 panels."))
-    rows.append([str(int(i)), names[int(label)], f"{float(r['prob_true0']):.3f}",
+    plot(r, disp, proj, context.class_names, context.path(f"occlusion_{int(i)}.png"))
+    name = context.class_name(label)
+    sec.figures.append((f"occlusion_{int(i)}.png",
+                        f"Image {int(i)} (true class {name}): Fig. 7 panels."))
+    rows.append([str(int(i)), name, f"{float(r['prob_true0']):.3f}",
                  f"{float(r['prob_true'].min()):.3f}",
                  f"{float((r['top_class'] == int(label)).mean()):.2f}"])
   sec.tables.append((["image", "true class", "p(true) unoccluded", "min p(true) occluded",
                       "fraction of positions still correct"], rows))
-  return sec
+  return [sec]

@@ -1,0 +1,213 @@
+"""What several test modules share: fake data, small configs, NumPy references, a plain CNN.
+
+No test module imports another test module; they import this one.
+"""
+import gzip
+import itertools
+import os
+import struct
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from zfnet_jax import configs, deconv, input_pipeline as ip, models
+
+
+# -- fake Fashion-MNIST IDX files ----------------------------------------------
+
+def write_idx(path, array):
+  """Write uint8 ``array`` as a gzipped IDX file (independent of the reader)."""
+  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fmnist(directory, n_train=40, n_test=10, seed=0):
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  out = {}
+  for split, n in (("train", n_train), ("test", n_test)):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    img_file, lab_file = ip.FASHION_MNIST_FILES[split]
+    write_idx(os.path.join(directory, img_file), images)
+    write_idx(os.path.join(directory, lab_file), labels)
+    out[split] = (images, labels)
+  return out
+
+
+def fmnist_config(directory, resize=12, crop=10, batch=8):
+  c = configs.default_config()
+  c.dataset.name = "fashion_mnist_idx"
+  c.dataset.fashion_mnist_dir = str(directory)
+  c.dataset.eval_split = "test"
+  c.dataset.resize_size = resize
+  c.dataset.crop_size = crop
+  c.dataset.prefetch = 1
+  c.batch_size = batch
+  return c
+
+
+# -- small configs ----------------------------------------------------------------
+
+def small_config(fmnist_dir, steps=3, batch=8):
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.model.conv_features = (4, 8, 8, 8, 8)
+  c.model.fc_features = 16
+  c.model.kernel_init_std = 0.05
+  c.model.dropout_rate = 0.0
+  c.dataset.name = "fashion_mnist_idx"
+  c.dataset.fashion_mnist_dir = fmnist_dir
+  c.dataset.eval_split = "test"
+  c.dataset.resize_size, c.dataset.crop_size = 36, 32
+  c.dataset.prefetch = 0
+  c.batch_size = batch
+  c.num_train_steps = steps
+  c.learning_rate = 1e-3
+  c.schedule = "constant"
+  c.eval_every_epochs = 0.0
+  c.eval_batch_size = 8
+  c.ten_crop_eval = False
+  c.evolution_epochs = ()
+  c.log_every_steps = 1
+  c.report.enabled = False
+  return c
+
+
+def tiny_config():
+  """ZFNetLowRes with narrow widths on a 1024-image Fashion-MNIST subset (48 steps)."""
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.model.conv_features = (8, 16, 16, 16, 16)
+  c.model.fc_features = 32
+  c.model.kernel_init_std = 0.03
+  c.model.dropout_rate = 0.0
+  c.dataset.name = "fashion_mnist_idx"
+  c.dataset.eval_split = "test"
+  c.dataset.resize_size = 64
+  c.dataset.crop_size = 64
+  c.dataset.max_train_examples = 1024
+  c.dataset.max_eval_examples = 256
+  c.batch_size = 64
+  c.num_epochs = 3.0
+  c.optimizer = "adam"                 # the quickstart's recipe: learns in a few dozen steps
+  c.learning_rate = 3e-3
+  c.weight_decay = 0.0
+  c.schedule = "cosine"
+  c.eval_batch_size = 128
+  c.evolution_epochs = (1, 2, 3)
+  c.evolution_reference_epochs = 0.0
+  c.checkpoint_every_steps = 1000
+  c.log_every_steps = 16
+  c.report.enabled = False
+  c.analyses.evolution.tensorboard_every_steps = 24  # Fig. 4 panels live in TensorBoard
+  return c
+
+
+RELIABILITY_STEPS, RELIABILITY_EVERY = 24, 4
+
+
+def reliability_config(fmnist_dir, steps=RELIABILITY_STEPS):
+  """small_config with dropout, a larger rate and frequent checkpoints (kill/resume tests)."""
+  c = small_config(fmnist_dir, steps)
+  c.model.dropout_rate = 0.5          # the dropout key must survive the restart too
+  c.learning_rate = 1e-2
+  c.checkpoint_every_steps = RELIABILITY_EVERY
+  c.keep_checkpoints = 2
+  return c
+
+
+# -- NumPy references of the layers ------------------------------------------------
+
+def np_pool(x, window=3, stride=2, pad=((0, 0), (0, 0))):
+  """Max-pool of (H, W, C) by explicit loops; (out, switches (Ho, Wo, C, 2)).
+
+  Padding (top/left, bottom/right) is never chosen; ties go to the first
+  maximum in row-major order within the window (strict > while scanning).
+  """
+  h, w, c = x.shape
+  (pt, pb), (pl, pr) = pad
+  ho = (h + pt + pb - window) // stride + 1
+  wo = (w + pl + pr - window) // stride + 1
+  out = np.zeros((ho, wo, c), x.dtype)
+  sw = np.zeros((ho, wo, c, 2), np.int64)
+  for i, j, ch in itertools.product(range(ho), range(wo), range(c)):
+    best, arg = -np.inf, None
+    for di in range(window):
+      for dj in range(window):
+        r, q = i * stride + di - pt, j * stride + dj - pl
+        if 0 <= r < h and 0 <= q < w and x[r, q, ch] > best:
+          best, arg = x[r, q, ch], (r, q)
+    out[i, j, ch] = best
+    sw[i, j, ch] = arg
+  return out, sw
+
+
+def np_unpool(r, sw, shape):
+  out = np.zeros(shape, r.dtype)
+  ho, wo, c = r.shape
+  for i, j, ch in itertools.product(range(ho), range(wo), range(c)):
+    out[sw[i, j, ch, 0], sw[i, j, ch, 1], ch] += r[i, j, ch]
+  return out
+
+
+def np_lrn(a, k, n, alpha, beta):
+  """Forward and exact VJP of AlexNet's LRN over the last axis, by loops."""
+  c = a.shape[-1]
+  nb = lambda ch: range(max(0, ch - n // 2), min(c, ch + (n - 1) // 2 + 1))
+  d = np.zeros_like(a)
+  for ch in range(c):
+    d[..., ch] = k + alpha * sum(a[..., q] ** 2 for q in nb(ch))
+  b = a / d ** beta
+
+  def vjp(r):
+    # db_c/da_j = [c == j] d_c^-beta - 2 alpha beta a_c a_j d_c^(-beta-1) [j in nb(c)]
+    g = r * d ** -beta
+    for ch in range(c):
+      for q in nb(ch):
+        g[..., q] -= 2 * alpha * beta * r[..., ch] * a[..., ch] * a[..., q] * d[..., ch] ** (-beta - 1)
+    return g
+  return b, vjp
+
+
+# -- a hand-built Flax CNN that is not one of our models ---------------------------
+
+class PlainCNN(nn.Module):
+  """A small CNN written the ordinary way (nn.relu, nn.max_pool), with a ``features`` method.
+
+  At 32x32x1: c1 5x5/1 valid -> 28, p1 2x2/2 -> 14, c2 3x3/1 same -> 14,
+  p2 2x2/2 -> 7, dense -> logits.
+  """
+  num_classes: int = 3
+
+  @nn.compact
+  def features(self, x):
+    out = {}
+    x = out["c1"] = nn.relu(nn.Conv(4, (5, 5), padding="VALID", name="c1")(x))
+    x = out["p1"] = nn.max_pool(x, (2, 2), (2, 2))
+    x = out["c2"] = nn.relu(nn.Conv(6, (3, 3), padding="SAME", name="c2")(x))
+    x = out["p2"] = nn.max_pool(x, (2, 2), (2, 2))
+    out["logits"] = nn.Dense(self.num_classes, name="d")(x.reshape(x.shape[0], -1))
+    return out
+
+  def __call__(self, x):
+    return self.features(x)["logits"]
+
+
+# Receptive fields of PlainCNN by hand (size, stride, offset): c1 5/1; p1 6/2;
+# c2 (3x3 at stride 2, SAME padding 1) 10/2 offset -2; p2 12/4 offset -2.
+PLAIN_FIELDS = {"c1": models.ReceptiveField(5, 1, 0), "p1": models.ReceptiveField(6, 2, 0),
+                "c2": models.ReceptiveField(10, 2, -2), "p2": models.ReceptiveField(12, 4, -2)}
+
+
+def plain_network(seed=0, size=32, channels=1, num_classes=3):
+  """(deconv.Network, variables) of PlainCNN with random weights and nonzero biases."""
+  cnn = PlainCNN(num_classes)
+  variables = cnn.init(jax.random.PRNGKey(seed), np.zeros((1, size, size, channels), np.float32),
+                       method="features")
+  variables = jax.tree_util.tree_map(lambda a: a + 0.05 if a.ndim == 1 else a, variables)
+  net = deconv.from_features(lambda v, x: cnn.apply(v, x, method="features"), variables,
+                             channels, receptive_fields=PLAIN_FIELDS, name="PlainCNN")
+  return net, variables

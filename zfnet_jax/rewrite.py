@@ -1,0 +1,249 @@
+"""Any CNN: rewrite a function's jaxpr so that its VJP follows a deconvnet rule.
+
+``deconvnet_transform(fn, rule)`` keeps ``fn``'s forward pass and gives its
+ReLUs and max-pools the rule versions of ``zfnet_jax.layers`` (rectify,
+switch unpooling); convolutions keep their own VJP (the paper's transposed
+filters).  ``zfnet_jax.deconv.project_fn`` projects through it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as xcore
+
+from zfnet_jax import layers
+
+class UnsupportedConstructError(NotImplementedError):
+  """``deconvnet_transform`` met a construct it cannot give the rule to."""
+
+
+_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
+           "remat2": "jaxpr", "checkpoint": "jaxpr"}
+# custom_jvp functions made only of these are clamps (jax.nn.relu, relu6): rewritten.
+_CLAMP_PRIMS = {"max", "min", "jit", "pjit", "convert_element_type", "broadcast_in_dim"}
+_NOT_RELU = ("logaddexp",)  # custom_jvp functions with a max that are no ReLU (softplus)
+_SHAPE_OPS = ("broadcast_in_dim", "convert_element_type", "reshape", "squeeze",
+              "expand_dims", "copy", "copy_p")
+
+
+def _is_max_pool_jaxpr(jaxpr) -> bool:
+  return any(e.primitive is jax.lax.max_p for e in jaxpr.eqns)
+
+
+def _prims(jaxpr, acc=None) -> set:
+  """Names of all primitives in ``jaxpr`` and the jaxprs inside it."""
+  acc = set() if acc is None else acc
+  for eqn in jaxpr.eqns:
+    acc.add(eqn.primitive.name)
+    for sub in xcore.jaxprs_in_params(eqn.params):
+      _prims(sub, acc)
+  return acc
+
+
+def _has_target(jaxpr, incoming_pred=False) -> bool:
+  """Could ``jaxpr`` hold a ReLU or a max-pool (so it must be rewritten)?
+
+  max / reduce_window_max always count; select_n or mul only with a comparison
+  in the jaxpr or a comparison result coming in (``incoming_pred``).
+  """
+  names = _prims(_sub_jaxpr(jaxpr))
+  if names & {"max", "reduce_window_max"}:
+    return True
+  return bool(names & {"select_n", "mul"}) and (incoming_pred or bool(names & {"gt", "lt"}))
+
+
+def _jvp_name(eqn) -> str | None:
+  """Name of the Python function behind a custom_jvp_call (from its debug info)."""
+  info = getattr(_sub_jaxpr(eqn.params["call_jaxpr"]), "debug_info", None)
+  src = getattr(info, "func_src_info", None) or ""
+  return src.split(" ")[0] or None
+
+
+def _is_zero_const(value) -> bool:
+  try:
+    return bool(np.all(np.asarray(value) == 0))
+  except Exception:  # a tracer: not a known constant
+    return False
+
+
+def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
+  """Evaluate ``jaxpr`` with ReLUs and max-pools replaced by the rule versions.
+
+  ReLU patterns: max(x, 0) / max(0, x) (jax.nn.relu, jnp.maximum, jnp.clip(x, 0)),
+  select_n(x > 0, 0, x) (jnp.where(x > 0, x, 0)) and x * (x > 0).  Facts about
+  vars (holds zeros; is x > 0; is the float indicator of x > 0) follow values
+  into inlined sub-jaxprs.  ``in_facts``: one (zero, positive, indicator) per invar.
+  """
+  env = {}
+  zeros = set()      # vars known to hold only zeros
+  positive = {}      # var -> x, for var = (x > 0)
+  indicator = {}     # var -> x, for var = float(x > 0)
+
+  def read(v):
+    return v.val if isinstance(v, xcore.Literal) else env[v]
+
+  def is_zero(v):
+    if isinstance(v, xcore.Literal):
+      return _is_zero_const(v.val)
+    return v in zeros
+
+  def facts(v):
+    if isinstance(v, xcore.Literal):
+      return (is_zero(v), None, None)
+    return (v in zeros, positive.get(v), indicator.get(v))
+
+  def as_relu(x, eqn):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return None
+    if tuple(x.shape) != tuple(eqn.outvars[0].aval.shape):
+      raise UnsupportedConstructError(
+          f"a ReLU whose zero is larger than its input ({eqn}); broadcast the input first")
+    return [layers.relu(x, rule)]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+    if _is_zero_const(c):
+      zeros.add(v)
+  for i, (v, a) in enumerate(zip(jaxpr.invars, args)):
+    env[v] = a
+    if in_facts is not None:
+      z, pos, ind = in_facts[i]
+      if z:
+        zeros.add(v)
+      if pos is not None:
+        positive[v] = pos
+      if ind is not None:
+        indicator[v] = ind
+
+  for eqn in jaxpr.eqns:
+    prim, name = eqn.primitive, eqn.primitive.name
+    invals = [read(v) for v in eqn.invars]
+    out = None
+    if name == "max" and len(eqn.invars) == 2 and any(map(is_zero, eqn.invars)):
+      out = as_relu(invals[1] if is_zero(eqn.invars[0]) else invals[0], eqn)
+    elif (name == "select_n" and len(eqn.invars) == 3 and eqn.invars[0] in positive
+          and is_zero(eqn.invars[1]) and invals[2] is positive[eqn.invars[0]]):
+      out = as_relu(invals[2], eqn)
+    elif name == "mul" and len(eqn.invars) == 2 and any(v in indicator for v in eqn.invars
+                                                        if not isinstance(v, xcore.Literal)):
+      a, b = eqn.invars
+      if not isinstance(b, xcore.Literal) and indicator.get(b) is invals[0]:
+        out = as_relu(invals[0], eqn)
+      elif not isinstance(a, xcore.Literal) and indicator.get(a) is invals[1]:
+        out = as_relu(invals[1], eqn)
+    elif name == "reduce_window_max":
+      p = eqn.params
+      if any(d != 1 for d in tuple(p["base_dilation"]) + tuple(p["window_dilation"])):
+        raise UnsupportedConstructError(
+            f"reduce_window_max with base_dilation={p['base_dilation']} "
+            f"window_dilation={p['window_dilation']} (only undilated max-pools are supported)")
+      if jnp.issubdtype(invals[0].dtype, jnp.floating):
+        try:
+          out = [layers.general_max_pool(invals[0], tuple(p["window_dimensions"]),
+                                         tuple(p["window_strides"]),
+                                         layers._tuple_padding(p["padding"]))]
+        except ValueError as e:
+          raise UnsupportedConstructError(f"reduce_window_max: {e}") from None
+    elif name == "reduce_window" and _is_max_pool_jaxpr(eqn.params["jaxpr"]):
+      raise UnsupportedConstructError(
+          "reduce_window with a max computation and an init value other than -inf "
+          "(e.g. lax.reduce_window(x, 0., lax.max, ...)); use -inf as the init value "
+          "(flax.linen.max_pool does)")
+    elif name == "custom_jvp_call" and _jvp_name(eqn) in _NOT_RELU:
+      pass  # e.g. softplus's logaddexp(x, 0): a max with zero that is no ReLU
+    elif (name == "custom_jvp_call"
+          and not _prims(_sub_jaxpr(eqn.params["call_jaxpr"])) <= _CLAMP_PRIMS
+          and _prims(_sub_jaxpr(eqn.params["call_jaxpr"])) & {"max", "reduce_window_max"}):
+      raise UnsupportedConstructError(
+          f"custom_jvp function {_jvp_name(eqn)!r} contains a max among other ops; "
+          f"deconvnet_transform cannot tell whether it is a ReLU (it rewrites custom_jvp "
+          f"functions made of max/min only, e.g. jax.nn.relu, relu6; and keeps "
+          f"{', '.join(_NOT_RELU)})")
+    elif name in _INLINE and _has_target(
+        eqn.params[_INLINE[name]],
+        any(f[1] is not None or f[2] is not None for f in map(facts, eqn.invars))):
+      sub = eqn.params[_INLINE[name]]
+      sub_consts = sub.consts if isinstance(sub, xcore.ClosedJaxpr) else ()
+      out = _eval_with_rule(_sub_jaxpr(sub), sub_consts, invals, rule,
+                            [facts(v) for v in eqn.invars])
+    elif any(_prims(s) & {"max", "reduce_window_max"} for s in xcore.jaxprs_in_params(eqn.params)):
+      raise UnsupportedConstructError(
+          f"primitive {name!r} contains a ReLU or max-pool, and deconvnet_transform "
+          f"cannot rewrite inside it (supported: {', '.join(sorted(_INLINE))}); "
+          f"move the ReLU/max-pool out of the {name}")
+
+    if out is None:
+      bind_params = prim.get_bind_params(eqn.params)
+      with eqn.ctx.manager:
+        ans = prim.bind(*invals, **bind_params)
+      out = ans if prim.multiple_results else [ans]
+      # Track the facts the ReLU patterns need.
+      v0 = eqn.invars[0] if eqn.invars else None
+      if name in _SHAPE_OPS and v0 is not None and is_zero(v0):
+        zeros.add(eqn.outvars[0])
+      elif name == "gt" and is_zero(eqn.invars[1]):
+        positive[eqn.outvars[0]] = invals[0]
+      elif name == "lt" and is_zero(eqn.invars[0]):
+        positive[eqn.outvars[0]] = invals[1]
+      elif (name == "convert_element_type" and not isinstance(v0, xcore.Literal)
+            and v0 in positive):
+        indicator[eqn.outvars[0]] = positive[v0]
+    for v, val in zip(eqn.outvars, out):
+      env[v] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _sub_jaxpr(sub):
+  return sub.jaxpr if isinstance(sub, xcore.ClosedJaxpr) else sub
+
+
+def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
+  """``fn`` with the same forward pass and a VJP that follows ``rule``.
+
+  Works on any JAX function (a Flax Linen ``apply``, an NNX module, pure JAX):
+  traces ``fn`` to a jaxpr and evaluates it with
+    * ReLUs -- ``max(x, 0)`` (``jax.nn.relu``, ``flax.linen.relu``,
+      ``nnx.relu``, ``relu6``, ``jnp.maximum(x, 0)``, ``jnp.clip(x, 0)``),
+      ``jnp.where(x > 0, x, 0)`` and ``x * (x > 0)`` -- replaced by
+      ``layers.relu(x, rule)``;
+    * ``reduce_window_max`` (``nn.max_pool``, ``lax.reduce_window(x, -inf,
+      lax.max, ...)``, any padding, no dilation) replaced by a max-pool that
+      unpools through its switches (ties: first maximum in row-major order);
+  recursing into jit, closed_call, custom_jvp_call, custom_vjp_call and
+  checkpoint.  Convolutions, dense layers and everything else keep their own
+  VJP (a convolution's is the paper's transposed filters).  ``max(x, y)`` with
+  no zero operand is an ordinary op (not a ReLU) and keeps its gradient, as
+  does softplus (``logaddexp(x, 0)``).  A ReLU or max-pool the rewriter cannot
+  reach raises ``UnsupportedConstructError`` naming the construct: a max inside
+  scan, while, cond, shard_map, ...; a dilated max-pool or one with an init
+  value other than -inf; a ``custom_jvp`` function that mixes a max with other
+  ops.  Nothing silently falls back to plain gradients.
+
+  Array arguments (and pytrees of them) are traced; every other argument (bools,
+  strings, modules, Python numbers) is static.  Wrap the result in ``jax.jit``.
+  """
+  layers.check_rule(rule)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dynamic = [isinstance(l, (jax.Array, np.ndarray)) for l in leaves]
+
+    def flat_fn(*values):
+      it = iter(values)
+      full = [next(it) if d else l for l, d in zip(leaves, dynamic)]
+      a, k = jax.tree_util.tree_unflatten(treedef, full)
+      return fn(*a, **k)
+
+    values = [l for l, d in zip(leaves, dynamic) if d]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*values)
+    outs = _eval_with_rule(closed.jaxpr, closed.consts, values, rule)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return wrapped

@@ -1,0 +1,145 @@
+"""The training state and the paper's optimisation recipe (Sec. 3).
+
+SGD with momentum (or Adam) and weight decay on kernels; learning-rate
+schedules (constant, step, cosine, reduce-on-plateau); feature scale clipping
+(every conv filter whose RMS exceeds ``clip_radius`` is rescaled to it after
+each update).  Used by ``train`` and by ``transfer``'s from-scratch control.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # int32 ()
+  params: Any
+  opt_state: Any
+  rng: jax.Array             # uint32 (2,) raw key of the run
+  lr_scale: jax.Array        # float32 (): reduce-on-plateau factor so far
+  best_error: jax.Array      # float32 (): best validation top-1 error so far
+  bad_evals: jax.Array       # int32 (): evaluations since it last improved
+  nonfinite_step: jax.Array  # int32 (): first step with a non-finite loss, -1 if none
+  nonfinite_loss: jax.Array  # float32 (): that loss
+
+
+def validate(config) -> None:
+  """ValueError naming the first impossible optimisation setting and what is allowed."""
+  def need(ok, msg):
+    if not ok:
+      raise ValueError(msg)
+
+  def non_negative(name):
+    value = config[name]
+    need(isinstance(value, (int, float)) and not isinstance(value, bool) and
+         math.isfinite(value) and value >= 0,
+         f"{name}={value!r}; allowed: a non-negative number")
+  need(config.optimizer in OPTIMIZERS,
+       f"unknown optimizer {config.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+  need(config.schedule in SCHEDULES,
+       f"unknown schedule {config.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+  for name in ("learning_rate", "weight_decay", "warmup_epochs"):
+    non_negative(name)
+  need(0.0 <= config.momentum <= 1.0, f"momentum={config.momentum!r}; allowed: 0 <= x <= 1")
+  need(config.plateau_patience >= 1,
+       f"plateau_patience={config.plateau_patience!r}; allowed: a positive int")
+  need(0.0 < config.plateau_factor <= 1.0,
+       f"plateau_factor={config.plateau_factor!r}; allowed: 0 < x <= 1")
+
+
+def clip_conv_filters(params, radius: float):
+  """Feature scale clipping: every conv filter (HWIO kernel, one filter per O)
+  whose RMS over (H, W, I) exceeds ``radius`` is rescaled to RMS ``radius``."""
+  def clip(path, x):
+    if x.ndim != 4 or path[-1].key != "kernel":
+      return x
+    rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), axis=(0, 1, 2), keepdims=True))
+    return (x * jnp.minimum(1.0, radius / jnp.maximum(rms, 1e-30))).astype(x.dtype)
+  return jax.tree_util.tree_map_with_path(clip, params)
+
+
+def learning_rate_fn(config, steps_per_epoch: int, total_steps: int):
+  """step -> base learning rate (before the plateau factor)."""
+  lr = config.learning_rate
+  warm = int(config.warmup_epochs * steps_per_epoch)
+  if config.schedule == "step":
+    main = optax.piecewise_constant_schedule(
+        lr, {int(e * steps_per_epoch) - warm: 0.1 for e in config.step_epochs})
+  elif config.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(total_steps - warm, 1))
+  else:
+    main = optax.constant_schedule(lr)
+  if warm > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+  return main
+
+
+def make_optimizer(optimizer: str = "sgd", *, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Weight decay on kernels + momentum (or Adam); the learning rate is applied in the step
+  (``apply_update``), so schedules and the plateau factor stay outside the optimiser."""
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+  parts = []
+  if weight_decay:
+    parts.append(optax.add_decayed_weights(
+        weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  parts.append(optax.trace(decay=momentum) if optimizer == "sgd" else optax.scale_by_adam())
+  return optax.chain(*parts)
+
+
+def optimizer_from_config(config) -> optax.GradientTransformation:
+  return make_optimizer(config.optimizer, momentum=config.momentum,
+                        weight_decay=config.weight_decay)
+
+
+def apply_update(params, updates, learning_rate, clip_radius: float = 0.0):
+  """params - learning_rate * updates, then feature scale clipping (if clip_radius > 0)."""
+  params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
+  return clip_conv_filters(params, clip_radius) if clip_radius else params
+
+
+def plateau_update(state_vals: dict, error: float, patience: int, factor: float) -> dict:
+  """Reduce-on-plateau on the host: x factor after ``patience`` evals without improvement.
+
+  ``state_vals`` has lr_scale, best_error, bad_evals; returns the new values.
+  """
+  scale, best, bad = state_vals["lr_scale"], state_vals["best_error"], state_vals["bad_evals"]
+  if error < best - 1e-9:
+    return {"lr_scale": scale, "best_error": error, "bad_evals": 0}
+  bad += 1
+  if bad >= patience:
+    return {"lr_scale": scale * factor, "best_error": best, "bad_evals": 0}
+  return {"lr_scale": scale, "best_error": best, "bad_evals": bad}
+
+
+def init_fn(model, input_shape: tuple[int, ...], tx: optax.GradientTransformation, *,
+            seed: int, clip_radius: float = 0.0):
+  """() -> a fresh TrainState: parameters from ``seed`` for inputs of ``input_shape``
+  (clipped when ``clip_radius`` > 0), the run's key, plateau bookkeeping."""
+  init_rng, run_rng = jax.random.split(jax.random.PRNGKey(seed))
+
+  def init():
+    params = model.init(init_rng, jnp.zeros(input_shape, jnp.float32))["params"]
+    if clip_radius:
+      params = clip_conv_filters(params, clip_radius)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                      rng=run_rng, lr_scale=jnp.float32(1.0), best_error=jnp.float32(np.inf),
+                      bad_evals=jnp.int32(0), nonfinite_step=jnp.int32(-1),
+                      nonfinite_loss=jnp.float32(0.0))
+  return init
+
+
+def clip_radius(config) -> float:
+  """The radius of feature scale clipping, 0 when it is off."""
+  return float(config.clip_radius) if config.clip_filters else 0.0
