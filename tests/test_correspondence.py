@@ -1,4 +1,5 @@
 """Delta (Sec. 4.3) vs a direct NumPy computation; box files; the shipped experiment."""
+import csv
 import itertools
 import json
 
@@ -6,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import models
+from zfnet_jax import configs, models, sections
 from zfnet_jax.analyses import correspondence
+
+import helpers
 
 
 def direct_delta(eps):
@@ -70,3 +73,141 @@ def test_box_file(tmp_path):
   p.write_text(json.dumps({"units": "cm", "boxes": []}))
   with pytest.raises(ValueError, match="cm"):
     correspondence.load_boxes(str(p), 64)
+
+
+def _occluded(images, boxes, value):
+  x = images.copy()
+  for k, (r0, c0, r1, c1) in enumerate(boxes):
+    x[k, r0:r1, c0:c1] = value
+  return x
+
+
+def test_measure_on_a_hand_built_cnn_equals_direct_computation():
+  """Delta of a Flax CNN that is not ours, parts and the random control, written out."""
+  net, variables = helpers.plain_network()
+  apply = lambda x: helpers.PlainCNN().apply(variables, x, method="features")
+  images = np.asarray(np.random.default_rng(4).normal(size=(3, 32, 32, 1)) * 50, np.float32)
+  parts = {"a": np.array([[0, 0, 8, 10], [4, 6, 12, 16], [20, 20, 28, 30]]),
+           "b": np.array([[10, 2, 16, 8], [12, 20, 18, 26], [2, 2, 8, 8]])}
+  fill = np.full((32, 32, 1), 30.0, np.float32)
+  layers = ["c2", "p2", "logits"]
+  res = correspondence.measure(net, variables, images, parts, layers, fill, repeats=3, seed=5,
+                               batch_size=2)
+  f0 = apply(images)
+
+  def delta_of(occluded):
+    f = apply(occluded)
+    out = {}
+    for layer in layers:
+      s = np.sign(np.asarray(f0[layer], np.float64) - np.asarray(f[layer], np.float64))
+      s = s.reshape(3, -1)
+      h = [np.mean(s[i] != s[j]) for i in range(3) for j in range(3) if i != j]
+      out[layer] = (np.mean(h), np.std(h))
+    return out
+
+  for p, boxes in parts.items():
+    want = delta_of(_occluded(images, boxes, 30.0))
+    for layer in layers:
+      np.testing.assert_allclose(res[p][layer], want[layer], atol=1e-12)
+  # random control: the parts' mean box (7 x 8 px here), uniform places, seed 5
+  rng = np.random.default_rng(5)
+  runs = []
+  for _ in range(3):
+    r = rng.integers(0, 32 - 7 + 1, 3)
+    c = rng.integers(0, 32 - 8 + 1, 3)
+    runs.append(delta_of(_occluded(images, np.stack([r, c, r + 7, c + 8], 1), 30.0)))
+  for layer in layers:
+    d = [run[layer][0] for run in runs]
+    np.testing.assert_allclose(res["random"][layer], (np.mean(d), np.std(d)), atol=1e-12)
+  with pytest.raises(ValueError, match="unknown correspondence layer 'conv5'"):
+    correspondence.measure(net, variables, images, parts, ["conv5"])
+  with pytest.raises(ValueError, match="correspondence repeats 0 not allowed"):
+    correspondence.measure(net, variables, images, parts, ["c2"], repeats=0)
+
+
+def _box_file(path, dataset="toy", boxes=None):
+  boxes = boxes or [[2, 3, 10, 12], [4, 4, 12, 13], [0, 20, 8, 29]]
+  entries = [{"image": i, "part": "top", "box": b} for i, b in zip((3, 5, 11), boxes)] + \
+            [{"image": i, "part": "side", "box": [16, 0, 24, 6]} for i in (3, 5, 11)]
+  path.write_text(json.dumps({"dataset": dataset, "split": "test", "units": "input_pixels",
+                              "description": "Toy boxes.", "boxes": entries}))
+  return str(path)
+
+
+def _options(boxes, layers=("c2", "p2"), repeats=2, fill=200.0):
+  o = configs.default_config().analyses.correspondence
+  o.boxes, o.layers, o.repeats = boxes, layers, repeats
+  with o.unlocked():
+    o.fill = fill
+  return o
+
+
+def test_validate(tmp_path):
+  net, _ = helpers.plain_network()
+  data = sections.Data("toy", 32, 32, 1)
+  path = _box_file(tmp_path / "boxes.json")
+  o = correspondence.validate(_options(path), net, data)
+  assert (o.boxes_path, o.layers, o.repeats, o.fill) == (path, ("c2", "p2"), 2, 200.0)
+  assert o.boxes["ids"] == [3, 5, 11] and list(o.boxes["parts"]) == ["top", "side"]
+  np.testing.assert_array_equal(o.boxes["parts"]["top"][2], [0, 20, 8, 29])
+  other = correspondence.validate(_options(path), net, sections.Data("other", 32, 32, 1))
+  assert other.boxes is None and other.dataset == "toy"
+  for options, match in ((_options(path, layers=("c2", "fc7")),
+                          "unknown correspondence layer 'fc7'"),
+                         (_options(path, repeats=0), "correspondence repeats 0 not allowed"),
+                         (_options(str(tmp_path / "none.json")), "none.json"),
+                         (_options(_box_file(tmp_path / "empty.json",
+                                             boxes=[[2, 3, 2, 12]] * 3)), "is empty")):
+    with pytest.raises(ValueError, match=match):
+      correspondence.validate(options, net, data)
+
+
+def test_sections_on_a_hand_built_cnn(tmp_path):
+  net, variables = helpers.plain_network()
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (3, 32, 32, 1))) * 40
+  data = sections.Data("toy", 32, 32, 1)
+  options = correspondence.validate(_options(_box_file(tmp_path / "boxes.json")), net, data)
+  asked = []
+
+  def examples(ids, split=None):
+    asked.append((list(ids), split))
+    return images, np.array([0, 0, 0]), np.array(ids)
+
+  mean = np.full((32, 32, 1), 100.0, np.float32)
+  ctx = sections.Context(net=net, variables=variables, images=images[:1], labels=np.array([0]),
+                         ids=np.array([0]), pixel_mean=mean, class_names=("a", "b", "c"),
+                         out_dir=str(tmp_path / "out"), data=data, seed=3, batch_size=2,
+                         examples=examples)
+  (sec,) = correspondence.sections(ctx, options)
+  assert asked == [([3, 5, 11], "test")]
+  assert (sec.title, sec.anchor) == ("Correspondence analysis", "correspondence")
+  assert [f for f, _ in sec.figures] == ["correspondence_boxes.png"]
+  assert sec.paragraphs[0] == f"Toy boxes. Boxes: {tmp_path / 'boxes.json'}."
+  assert sec.paragraphs[1].endswith("Tables: correspondence.md and .csv.")
+  header, rows = sec.tables[0]
+  assert header == ["occluded", "Delta c2", "Delta p2"]
+  assert [r[0] for r in rows] == ["top", "side", "random"]
+  out = tmp_path / "out"
+  assert (out / "correspondence_boxes.png").stat().st_size > 0
+  assert (out / "correspondence.md").read_text(encoding="utf-8").splitlines()[2].startswith(
+      "| top | ")
+  # the csv holds the numbers of measure() with the occluder at pixel value 200 (= 100 + mean)
+  want = correspondence.measure(net, variables, images, options.boxes["parts"], ["c2", "p2"],
+                                np.full((32, 32, 1), 100.0, np.float32), repeats=2, seed=3)
+  with open(out / "correspondence.csv", encoding="utf-8") as f:
+    table = list(csv.reader(f))
+  assert table[0] == ["occluded", "c2_mean", "c2_std", "p2_mean", "p2_std"]
+  for row in table[1:]:
+    np.testing.assert_allclose([float(v) for v in row[1:]],
+                               [v for l in ("c2", "p2") for v in want[row[0]][l]], atol=1e-6)
+  # a box file for another dataset: a note, no work
+  skipped = correspondence.validate(_options(options.boxes_path), net,
+                                    sections.Data("other", 32, 32, 1))
+  ctx_other = sections.Context(net=net, variables=variables, images=images[:1],
+                               labels=np.array([0]), ids=np.array([0]), pixel_mean=mean,
+                               class_names=("a", "b", "c"), out_dir=str(tmp_path / "other"),
+                               data=sections.Data("other", 32, 32, 1))
+  (note,) = correspondence.sections(ctx_other, skipped)
+  assert note.anchor == "correspondence" and not note.figures and not note.tables
+  assert note.paragraphs == [f"Skipped: the box file {options.boxes_path} is for dataset "
+                             "'toy', this run uses 'other' (set analyses.correspondence.boxes)."]

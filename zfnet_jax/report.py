@@ -303,14 +303,15 @@ def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.
   """The one Context of a report: the analysed examples are loaded only when an
   analysis runs; checkpoints and comparison models are loaded when asked for."""
   a = config.analyses
-  split = a.split or config.dataset.eval_split
+  default_split = a.split or config.dataset.eval_split
 
-  def examples(ids, split_name=None):
-    return input_pipeline.load_examples(config, workdir, split=split_name or split, ids=ids)
+  def examples(ids=None, split=None, num=-1):
+    return input_pipeline.load_examples(config, workdir, split=split or default_split,
+                                        ids=ids, num=num)
   if analysed:
     ids = list(a.image_ids)
     images, labels, example_ids = input_pipeline.load_examples(
-        config, workdir, split=split, num=a.num_images, ids=ids or None)
+        config, workdir, split=default_split, num=a.num_images, ids=ids or None)
   else:
     images = np.zeros((0, data.input_size, data.input_size, data.channels), np.float32)
     labels = example_ids = np.zeros((0,), np.int64)

@@ -66,8 +66,9 @@ class Context:
   seed: seeds random choices (maps shown); batch_size: forward passes per batch.
   split_batches: () -> a fresh iterator of the scanned split's batches
     ({"image", "label", "mask", "id"}); split_name, split_total: its name and size.
-  examples: (ids, split=None) -> (images, labels, ids) of exactly those examples of
-    ``split`` (default: the analysed split), ValueError if one is missing.
+  examples: (ids=None, split=None, num=-1) -> (images, labels, ids): exactly the
+    examples ``ids`` of ``split`` (default: the analysed split; ValueError if one is
+    missing), or its first ``num``.
   train_images: n -> float32 (n, S, S, C) the first n training examples.
   checkpoints: [(epoch, () -> variables)] kept during training (Fig. 4).
   comparisons: {name: (net, variables, note)} other trained models (Fig. 6).

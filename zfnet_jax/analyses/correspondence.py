@@ -17,19 +17,63 @@ Box file (JSON), e.g. ``experiments/correspondence_fashion_mnist.json``:
    "source_size": 28,  # for source_pixels: side of the dataset's own image
    "boxes": [{"image": <id in split>, "part": <name>, "box": [row0, col0, row1, col1]}, ...]}
 row1/col1 exclusive.  ``source_pixels`` are mapped like the evaluation
-pipeline maps images: resize to ``dataset.resize_size``, centre crop ``crop_size``.
+pipeline maps images: resize to the data's ``resize_size``, centre crop ``input_size``.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
+import matplotlib.patches
 import numpy as np
 
-from zfnet_jax.analyses import common
+from zfnet_jax import deconv, figures, models
+from zfnet_jax import sections as sections_lib
+from zfnet_jax.analyses import common, occlusion
 
 UNITS = ("source_pixels", "input_pixels", "input_fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """boxes: ``load_boxes`` of ``boxes_path`` in input pixels, or None when the box file is
+  for another dataset (``dataset``, the one it names); layers: where Delta is measured;
+  repeats: of the random-box control; fill: occlusion pixel value 0..255, < 0 for the mean."""
+  boxes: dict | None
+  boxes_path: str
+  layers: tuple[str, ...]
+  repeats: int
+  fill: float
+  dataset: str | None = None
+
+
+def validate(options, net, data: sections_lib.Data) -> Options:
+  """Resolved and validated options from ``config.analyses.correspondence`` plus ``fill``
+  (the occlusion analysis's fill).  The box file is read and checked here when it is for
+  ``data.name`` (or names no dataset)."""
+  net = deconv.as_network(net)
+  layers = tuple(options.layers)
+  for layer in layers:
+    models.check_layer(net, data.input_size, layer, "correspondence layer")
+  repeats = _check_repeats(options.repeats)
+  fill = float(options.fill)
+  if fill > 255:
+    raise ValueError(f"correspondence fill {fill} not allowed: a pixel value 0..255, "
+                     "or -1 (mean)")
+  path = str(options.boxes)
+  for_dataset = box_file_dataset(path)
+  boxes = None
+  if for_dataset in (None, data.name):
+    boxes = load_boxes(path, data.input_size, data.resize_size)
+  return Options(boxes, path, layers, repeats, fill, for_dataset)
+
+
+def _check_repeats(repeats) -> int:
+  if repeats < 1:
+    raise ValueError(f"correspondence repeats {repeats} not allowed: >= 1")
+  return int(repeats)
 
 
 def delta(eps: np.ndarray) -> tuple[float, float]:
@@ -117,21 +161,25 @@ def random_boxes(rng: np.random.Generator, n: int, height: int, width: int,
   return np.stack([r, c, r + height, c + width], 1)
 
 
-def measure(model, variables, images: np.ndarray, parts: dict[str, np.ndarray], layers,
+def measure(net, variables, images: np.ndarray, parts: dict[str, np.ndarray], layers,
             fill: np.ndarray | None = None, repeats: int = 10, seed: int = 0,
             batch_size: int = 64) -> dict:
-  """Table 1: {part or "random": {layer: (mean, std)}} (see the module docstring)."""
+  """Table 1: {part or "random": {layer: (mean, std)}} (see the module docstring).
+
+  net: a ``deconv.Network`` (or one of our models); images (N, S, S, C) in input space;
+  parts: {part: (N, 4) boxes [r0, c0, r1, c1) in input pixels}; fill: (S, S, C) occluder
+  content in input space (default zeros = the mean).
+  """
+  net = deconv.as_network(net)
   size = images.shape[1]
   for layer in layers:
-    common.check_layer(model, size, layer, "correspondence layer")
-  if repeats < 1:
-    raise ValueError(f"correspondence repeats {repeats} not allowed: >= 1")
+    models.check_layer(net, size, layer, "correspondence layer")
+  _check_repeats(repeats)
   fill = np.zeros(images.shape[1:], np.float32) if fill is None else fill
-  fn = common.features_fn(model, layers)
-  f0 = common.batched(fn, variables, images, batch_size)
+  f0 = common.activations(net, variables, images, layers, batch_size)
 
   def deltas(boxes):
-    f = common.batched(fn, variables, occlude(images, boxes, fill), batch_size)
+    f = common.activations(net, variables, occlude(images, boxes, fill), layers, batch_size)
     return {l: delta(f0[l] - f[l]) for l in layers}
 
   out = {p: deltas(b) for p, b in parts.items()}
@@ -146,6 +194,7 @@ def measure(model, variables, images: np.ndarray, parts: dict[str, np.ndarray], 
 
 
 def table(results: dict, layers) -> tuple[list[str], list[list[str]]]:
+  """Header and rows of Table 1: "Delta ± std" per layer for each part and "random"."""
   header = ["occluded"] + [f"Delta {l}" for l in layers]
   rows = [[p] + [f"{r[l][0]:.3f} ± {r[l][1]:.3f}" for l in layers] for p, r in results.items()]
   return header, rows
@@ -154,10 +203,9 @@ def table(results: dict, layers) -> tuple[list[str], list[list[str]]]:
 def write_tables(results: dict, layers, prefix: str) -> None:
   """<prefix>.md (markdown) and <prefix>.csv (mean and std columns)."""
   header, rows = table(results, layers)
-  with open(prefix + ".md", "w") as f:
-    f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
-    f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
-  with open(prefix + ".csv", "w", newline="") as f:
+  with open(prefix + ".md", "w", encoding="utf-8") as f:
+    f.write(sections_lib.markdown_table(header, rows))
+  with open(prefix + ".csv", "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
     w.writerow(["occluded"] + [f"{l}_{s}" for l in layers for s in ("mean", "std")])
     for p, r in results.items():
@@ -165,56 +213,49 @@ def write_tables(results: dict, layers, prefix: str) -> None:
 
 
 def plot_boxes(displays: np.ndarray, ids, parts: dict[str, np.ndarray], path: str) -> str:
-  plt = common.pyplot()
-  from matplotlib import patches
+  """The display images (N, S, S[, 3]) in a row with each part's box outlined."""
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, len(displays), figsize=(2 * len(displays), 2.2), squeeze=False)
   colours = plt.get_cmap("tab10")
   for k, (ax, d) in enumerate(zip(axes[0], displays)):
-    common.imshow(ax, d)
+    figures.imshow(ax, d)
     ax.set_title(f"image {ids[k]}", fontsize=8)
     for c, (p, b) in enumerate(parts.items()):
       r0, c0, r1, c1 = b[k]
-      ax.add_patch(patches.Rectangle((c0 - .5, r0 - .5), c1 - c0, r1 - r0, fill=False,
-                                     ec=colours(c), lw=1.5, label=p))
+      ax.add_patch(matplotlib.patches.Rectangle((c0 - .5, r0 - .5), c1 - c0, r1 - r0,
+                                                fill=False, ec=colours(c), lw=1.5, label=p))
   axes[0, -1].legend(loc="center left", bbox_to_anchor=(1, .5), fontsize=8)
-  return common.save(fig, path)
+  return figures.save_figure(fig, path)
 
 
-def section(config, workdir: str, model, variables, out_dir: str):
-  from zfnet_jax import input_pipeline, report
-  from zfnet_jax.analyses import occlusion
-  cc = config.analyses.correspondence
-  size = config.dataset.crop_size
-  layers = list(cc.layers)
-  for layer in layers:
-    common.check_layer(model, size, layer, "correspondence layer")
-  sec = report.Section("Correspondence analysis", "correspondence")
-  for_dataset = box_file_dataset(cc.boxes)
-  if for_dataset not in (None, config.dataset.name):
-    sec.paragraphs.append(f"Skipped: the box file {cc.boxes} is for dataset {for_dataset!r}, "
-                          f"this run uses {config.dataset.name!r} "
+def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+  """Table 1 on the box file's images: correspondence.md/.csv, correspondence_boxes.png,
+  one Section (a note only when the box file is for another dataset)."""
+  sec = sections_lib.Section("Correspondence analysis", "correspondence")
+  if options.boxes is None:
+    this_run = context.data.name if context.data is not None else None
+    sec.paragraphs.append(f"Skipped: the box file {options.boxes_path} is for dataset "
+                          f"{options.dataset!r}, this run uses {this_run!r} "
                           "(set analyses.correspondence.boxes).")
-    return sec
-  doc = load_boxes(cc.boxes, size, config.dataset.resize_size)
-  images, labels, ids = common.load_examples(config, workdir, ids=doc["ids"],
-                                             split=doc.get("split") or None)
-  mean = input_pipeline.pixel_mean(config, workdir)
-  fill = occlusion.fill_image(float(config.analyses.occlusion.fill), mean, images.shape[1:])
-  res = measure(model, variables, images, doc["parts"], layers, fill, cc.repeats, config.seed,
-                config.analyses.batch_size)
-  prefix = os.path.join(out_dir, "correspondence")
-  write_tables(res, layers, prefix)
-  plot_boxes(common.to_display(images, mean), [int(i) for i in ids], doc["parts"],
-             prefix + "_boxes.png")
+    return [sec]
+  doc = options.boxes
+  layers = list(options.layers)
+  images, _, ids = context.examples(doc["ids"], split=doc.get("split") or None)
+  fill = occlusion.fill_image(options.fill, context.pixel_mean, images.shape[1:])
+  res = measure(context.net, context.variables, images, doc["parts"], layers, fill,
+                options.repeats, context.seed, context.batch_size)
+  write_tables(res, layers, context.path("correspondence"))
+  plot_boxes(common.to_display(images, context.pixel_mean), [int(i) for i in ids],
+             doc["parts"], context.path("correspondence_boxes.png"))
   header, rows = table(res, layers)
   sec.paragraphs += [
-      f"{doc.get('description', '')} Boxes: {cc.boxes}.",
+      f"{doc.get('description', '')} Boxes: {options.boxes_path}.",
       "Each part is occluded in every image (same fill as the occlusion analysis); "
       "eps_i = features(original) - features(occluded); Delta = mean over pairs i != j of the "
       "fraction of components where sign(eps_i) and sign(eps_j) differ (lower = more consistent, "
       "paper Table 1). Parts: Delta ± std over image pairs; random: a box of the parts' mean size "
-      f"at a random place in each image, mean ± std of Delta over {cc.repeats} repeats. "
-      f"Tables: {common.ref(prefix, workdir)}.md and .csv."]
-  sec.figures.append((common.ref(prefix + "_boxes.png", workdir), "Images and part boxes."))
+      f"at a random place in each image, mean ± std of Delta over {options.repeats} repeats. "
+      "Tables: correspondence.md and .csv."]
+  sec.figures.append(("correspondence_boxes.png", "Images and part boxes."))
   sec.tables.append((header, rows))
-  return sec
+  return [sec]

@@ -201,6 +201,9 @@ def plot_projections(results: dict, path: str, cols: int = 8, layer: str = "conv
   return figures.save_figure(fig, path)
 
 
+ALIASING_IMAGES = 64   # at least this many images of the split for the aliasing indicator
+
+
 def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
   """Fig. 6 for the context's network and each of ``context.comparisons``:
   diagnostics.npz, diagnostics.png, diagnostics_<second layer>.png, one Section."""
@@ -208,7 +211,10 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
   first, second = o.first_layer, o.second_layer
   kw = dict(dead_threshold=o.dead_threshold, fft_size=o.fft_size, high_freq=o.high_freq,
             rule=context.rule, first_layer=first, second_layer=second)
-  images = context.images if len(context.images) else None
+  images = context.images
+  if context.examples is not None and len(images) < ALIASING_IMAGES:
+    images = context.examples(num=ALIASING_IMAGES)[0]
+  images = images if len(images) else None
   results = {context.net.name: measure(context.net, context.variables, images, **kw)}
   notes = []
   for name, (net, variables, note) in context.comparisons.items():

@@ -17,12 +17,15 @@ identity, so its distance is 0.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zfnet_jax import deconv, figures, models
+from zfnet_jax import sections as sections_lib
 from zfnet_jax.analyses import common
 
 TRANSFORMS = ("translation", "scale", "rotation")
@@ -30,9 +33,34 @@ UNITS = {"translation": "vertical shift (px)", "scale": "scale factor",
          "rotation": "rotation (deg)"}
 
 
-def amounts(config, input_size: int) -> dict[str, np.ndarray]:
-  """The transform amounts of Fig. 5 from ``config.analyses.invariance`` (validated)."""
-  ic = config.analyses.invariance
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """layers: whose feature vectors are compared; amounts: {kind: (A,) amounts} of Fig. 5."""
+  layers: tuple[str, ...]
+  amounts: dict[str, np.ndarray]
+
+
+def validate(options, net, data: sections_lib.Data) -> Options:
+  """Resolved and validated options from ``config.analyses.invariance``."""
+  net = deconv.as_network(net)
+  layers = tuple(options.layers)
+  for layer in layers:
+    models.check_layer(net, data.input_size, layer, "invariance layer")
+  _check_logits(net, data.input_size)
+  return Options(layers, amounts(options, data.input_size))
+
+
+def _check_logits(net: deconv.Network, input_size: int) -> None:
+  if "logits" not in models.layer_names(net, input_size):
+    raise ValueError(f"invariance needs class probabilities: network {net.name!r} has no "
+                     "'logits' activation")
+
+
+def amounts(ic, input_size: int) -> dict[str, np.ndarray]:
+  """The transform amounts of Fig. 5 from ``config.analyses.invariance`` (validated).
+
+  translation: (num_shifts,) px; scale: (num_scales,) factors; rotation: degrees.
+  """
   shift = common.default_size(ic.max_shift, 60.0, input_size)
   for name, v, lo in (("num_shifts", ic.num_shifts, 2), ("num_scales", ic.num_scales, 2)):
     if v < lo:
@@ -71,31 +99,39 @@ def transform(image: jax.Array, kind: str, amount) -> jax.Array:
   return jax.vmap(warp, in_axes=2, out_axes=2)(image)
 
 
+@functools.lru_cache(maxsize=None)
+def _transform_many_fn(kind: str):
+  return jax.jit(jax.vmap(jax.vmap(lambda im, a: transform(im, kind, a), (None, 0)), (0, None)))
+
+
 def transform_many(images: np.ndarray, kind: str, amounts_: np.ndarray) -> np.ndarray:
   """(N, S, S, C) images x (A,) amounts -> (N, A, S, S, C)."""
-  fn = jax.jit(jax.vmap(jax.vmap(lambda im, a: transform(im, kind, a), (None, 0)), (0, None)),
-               static_argnums=())
+  fn = _transform_many_fn(kind)
   return np.asarray(fn(jnp.asarray(images, jnp.float32), jnp.asarray(amounts_, jnp.float32)))
 
 
-def measure(model, variables, images: np.ndarray, labels: np.ndarray, layers,
+def measure(net, variables, images: np.ndarray, labels: np.ndarray, layers,
             amounts_: dict[str, np.ndarray], batch_size: int = 64) -> dict:
-  """Fig. 5's curves.
+  """Fig. 5's curves for images (N, S, S, C) with true classes ``labels`` (N,).
 
+  net: a ``deconv.Network`` (or one of our models); its features need "logits".
   Returns {kind: {"amounts": (A,), "distance/<layer>": (N, A), "normalised/<layer>": (N, A),
   "prob_true": (N, A), "top_class": (N, A)}}.
   """
+  net = deconv.as_network(net)
   size = images.shape[1]
   for layer in layers:
-    common.check_layer(model, size, layer, "invariance layer")
-  fn = common.features_fn(model, layers)
-  f0 = common.batched(fn, variables, images, batch_size)
+    models.check_layer(net, size, layer, "invariance layer")
+  _check_logits(net, size)
+  f0 = common.activations(net, variables, images, layers, batch_size)
   n = len(images)
+  labels = np.asarray(labels)
   out = {}
   for kind, am in amounts_.items():
     x = transform_many(images, kind, am)
     a = len(am)
-    f = common.batched(fn, variables, x.reshape((n * a,) + x.shape[2:]), batch_size)
+    f = common.activations(net, variables, x.reshape((n * a,) + x.shape[2:]), layers,
+                           batch_size)
     r = {"amounts": np.asarray(am)}
     for layer in layers:
       v0 = f0[layer].reshape(n, 1, -1).astype(np.float64)
@@ -104,7 +140,7 @@ def measure(model, variables, images: np.ndarray, labels: np.ndarray, layers,
       r[f"distance/{layer}"] = d
       r[f"normalised/{layer}"] = d / np.maximum(np.linalg.norm(v0, axis=-1), 1e-12)
     p = common.softmax(f["logits"].astype(np.float64)).reshape(n, a, -1)
-    r["prob_true"] = np.take_along_axis(p, np.asarray(labels)[:, None, None], -1)[..., 0]
+    r["prob_true"] = np.take_along_axis(p, labels[:, None, None], -1)[..., 0]
     r["top_class"] = p.argmax(-1)
     out[kind] = r
   return out
@@ -112,7 +148,7 @@ def measure(model, variables, images: np.ndarray, labels: np.ndarray, layers,
 
 def plot(results: dict, layers, labels, class_names, path: str) -> str:
   """Rows = transforms; columns = raw and normalised distance per layer, then p(true class)."""
-  plt = common.pyplot()
+  plt = figures.pyplot()
   kinds = list(results)
   cols = [(f"distance/{l}", f"{l}: Euclidean distance") for l in layers] + \
          [(f"normalised/{l}", f"{l}: distance / |original|") for l in layers] + \
@@ -132,46 +168,42 @@ def plot(results: dict, layers, labels, class_names, path: str) -> str:
       ax.tick_params(labelsize=7)
   axes[0, -1].legend(fontsize=7, loc="best")
   fig.tight_layout()
-  return common.save(fig, path)
+  return figures.save_figure(fig, path)
 
 
 def plot_examples(image: np.ndarray, mean, amounts_: dict[str, np.ndarray], path: str,
                   columns: int = 7) -> str:
-  """The first image under a few amounts of each transform (Fig. 5's left column)."""
-  plt = common.pyplot()
+  """The image (S, S, C) under a few amounts of each transform (Fig. 5's left column)."""
+  plt = figures.pyplot()
   fig, axes = plt.subplots(len(amounts_), columns, figsize=(1.4 * columns, 1.5 * len(amounts_)),
                            squeeze=False)
   for r, (kind, am) in enumerate(amounts_.items()):
     pick = am[np.linspace(0, len(am) - 1, columns).round().astype(int)]
     x = transform_many(image[None], kind, pick)[0]
     for c in range(columns):
-      common.imshow(axes[r, c], common.to_display(x[c], mean))
+      figures.imshow(axes[r, c], common.to_display(x[c], mean))
       axes[r, c].set_title(f"{pick[c]:.3g}", fontsize=7)
     axes[r, 0].set_ylabel(kind, fontsize=8)
-  return common.save(fig, path)
+  return figures.save_figure(fig, path)
 
 
-def section(config, workdir: str, model, variables, out_dir: str):
-  from zfnet_jax import input_pipeline, report
-  info = input_pipeline.dataset_info(config)
-  size = config.dataset.crop_size
-  layers = list(config.analyses.invariance.layers)
-  for layer in layers:
-    common.check_layer(model, size, layer, "invariance layer")
-  am = amounts(config, size)
-  images, labels, ids = common.analysed_examples(config, workdir)
-  res = measure(model, variables, images, labels, layers, am, config.analyses.batch_size)
-  np.savez_compressed(os.path.join(out_dir, "invariance.npz"), ids=ids, labels=labels,
+def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+  """Fig. 5 for the analysed examples: invariance.npz, invariance_examples.png,
+  invariance.png, one Section."""
+  images, labels, ids = context.images, np.asarray(context.labels), np.asarray(context.ids)
+  layers = list(options.layers)
+  am = options.amounts
+  res = measure(context.net, context.variables, images, labels, layers, am, context.batch_size)
+  np.savez_compressed(context.path("invariance.npz"), ids=ids, labels=labels,
                       **{f"{k}/{key}": v for k, r in res.items() for key, v in r.items()})
-  mean = input_pipeline.pixel_mean(config, workdir)
-  examples = plot_examples(images[0], mean, am, os.path.join(out_dir, "invariance_examples.png"))
-  curves = plot(res, layers, labels, info.class_names, os.path.join(out_dir, "invariance.png"))
+  plot_examples(images[0], context.pixel_mean, am, context.path("invariance_examples.png"))
+  plot(res, layers, labels, context.class_names, context.path("invariance.png"))
   rows = []
   for kind, r in res.items():
     rows.append([kind, f"{r['amounts'][0]:.3g}..{r['amounts'][-1]:.3g}"] +
                 [f"{r[f'normalised/{l}'].mean():.3f}" for l in layers] +
                 [f"{(r['top_class'] == labels[:, None]).mean():.2f}"])
-  return report.Section(
+  return [sections_lib.Section(
       "Invariance", "invariance",
       paragraphs=[
           f"Images {', '.join(str(int(i)) for i in ids)} translated vertically, scaled about the "
@@ -179,8 +211,8 @@ def section(config, workdir: str, model, variables, out_dir: str):
           f"Curves: Euclidean distance between the feature vectors of the original and the "
           f"transformed image at {' and '.join(layers)} (raw, and divided by the norm of the "
           "original's vector), and the probability of the true class; one line per image. "
-          f"Arrays: {common.ref(os.path.join(out_dir, 'invariance.npz'), workdir)}."],
-      figures=[(common.ref(examples, workdir), "The first image under each transform."),
-               (common.ref(curves, workdir), "Fig. 5: rows translation, scale, rotation.")],
+          "Arrays: invariance.npz."],
+      figures=[("invariance_examples.png", "The first image under each transform."),
+               ("invariance.png", "Fig. 5: rows translation, scale, rotation.")],
       tables=[(["transform", "range"] + [f"mean normalised distance {l}" for l in layers] +
-               ["fraction still correct"], rows)])
+               ["fraction still correct"], rows)])]
