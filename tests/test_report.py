@@ -168,7 +168,7 @@ def test_sections_from_a_registered_contributor_are_rendered_and_their_errors_ra
 
     @staticmethod
     def sections(context, size):
-      calls.append((context.net.module is model, size, context.data.input_size))
+      calls.append((context.net.module == model, size, context.data.input_size))
       Image.new("RGB", (20, 10), (255, 0, 0)).save(context.path("analyses/occ.png"))
       return [sections.Section(f"Occlusion {PAYLOAD}", "occlusion", [PAYLOAD],
                                [("analyses/occ.png", f"cap {PAYLOAD}")],

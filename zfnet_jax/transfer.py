@@ -449,12 +449,9 @@ class Options:
 
 def validate(options, net, data: sections_lib.Data) -> Options:
   """``config.transfer`` plus ``clip_radius`` (added by the report), checked."""
-  tc = options.copy_and_resolve_references()
-  with tc.unlocked():
-    clip = float(tc.pop("clip_radius", 0.1))
-  _check(tc)
-  probe_layers(net, data.input_size, tc.layers)
-  return Options(tc, clip)
+  _check(options)
+  probe_layers(net, data.input_size, options.layers)
+  return Options(options, float(options.get("clip_radius", 0.1)))
 
 
 def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:

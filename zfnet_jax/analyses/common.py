@@ -57,9 +57,3 @@ def default_size(value: float, at_224: float, input_size: int) -> float:
   """``value`` unless it is negative, else the paper's 224-pixel value scaled to ``input_size``."""
   return value if value >= 0 else at_224 * input_size / 224.0
 
-
-def positive(name: str, value, minimum: int = 1) -> int:
-  """``value`` as an int, ValueError unless it is an int >= ``minimum``."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} {value!r} not allowed: an int >= {minimum}")
-  return int(value)
