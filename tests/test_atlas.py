@@ -7,6 +7,8 @@ import pytest
 
 from zfnet_jax import atlas, deconv, figures, models
 
+import helpers
+
 S = 64  # ZFNetLowRes at 64x64: conv1 30, pool1 15, conv2 6, pool2 3, conv3-5 3, pool5 1
 
 
@@ -236,3 +238,40 @@ def test_bad_options_are_rejected_before_work():
   removed = _model(removed=("conv3",))
   with pytest.raises(ValueError, match="'conv3'"):
     atlas.check_options(removed, S, layers=["conv3"], k=9, rule="deconvnet")
+
+
+def test_atlas_of_a_hand_built_cnn(tmp_path):
+  """Fig. 2 for a Flax CNN that is not ours: the streaming top-k equals the NumPy sort, the
+  patches are the hand-derived receptive fields, the tiles are gradient x value (backprop)."""
+  net, variables = helpers.plain_network()
+  cnn = helpers.PlainCNN()
+  rng = np.random.default_rng(3)
+  images = rng.normal(0, 40, (10, 32, 32, 1)).astype(np.float32)
+  ids, labels = np.arange(50, 60), rng.integers(0, 3, 10).astype(np.int32)
+  mean = np.full((32, 32, 1), 100.0, np.float32)
+  out, result = atlas.build(net, variables, _batches(images, ids, labels, 4), mean,
+                            layers=("c1", "p2"), k=3, num_maps=2, rule="backprop",
+                            chunk_size=4, progress=False)
+  feats = cnn.apply(variables, images, method="features")
+  by_id = dict(zip(ids.tolist(), images))
+  for layer in ("c1", "p2"):
+    v, i, p = _brute_top_k(np.asarray(feats[layer]), ids, 3)
+    np.testing.assert_array_equal(result.topk[layer].ids, i)
+    np.testing.assert_array_equal(result.topk[layer].positions, p)
+    np.testing.assert_allclose(result.topk[layer].values, v, rtol=1e-5, atol=1e-5)
+    a, rf = out[layer], helpers.PLAIN_FIELDS[layer]
+    for m, u in [(0, 0), (1, 2)]:
+      c, (r, q), image = int(a.channels[m]), a.positions[m, u], by_id[int(a.ids[m, u])]
+      r0, c0 = rf.offset + r * rf.stride, rf.offset + q * rf.stride   # may start outside
+      full = np.full((32 + 2 * rf.size, 32 + 2 * rf.size, 1), 0.5, np.float32)
+      full[rf.size:rf.size + 32, rf.size:rf.size + 32] = np.clip((image + mean) / 255, 0, 1)
+      want = full[rf.size + r0:rf.size + r0 + rf.size, rf.size + c0:rf.size + c0 + rf.size]
+      np.testing.assert_allclose(a.patches[m, u], want, atol=1e-6)
+      # backprop rule = the plain gradient of the unit, times its value
+      unit = lambda x: cnn.apply(variables, x, method="features")[layer][0, r, q, c]
+      x = jnp.asarray(image)[None]
+      grad = np.asarray(jax.grad(unit)(x)[0]) * float(unit(x))
+      gfull = np.zeros((32 + 2 * rf.size, 32 + 2 * rf.size, 1), np.float32)
+      gfull[rf.size:rf.size + 32, rf.size:rf.size + 32] = deconv.to_image(grad) - 0.5
+      gwant = gfull[rf.size + r0:rf.size + r0 + rf.size, rf.size + c0:rf.size + c0 + rf.size]
+      np.testing.assert_allclose(a.projections[m, u], gwant + 0.5, atol=1e-5)

@@ -4,8 +4,8 @@ jaxlib 0.10 hands every convolution and matmul on the CPU to YNNPACK
 ("__ynn_fusion").  For this network YNNPACK's convolutions are slow: the
 weight gradients run at 5-17 GFLOP/s and conv2's forward (5x5, stride 2) at
 ~25 GFLOP/s on a 2-core AVX-512 Xeon, where XLA's own (Eigen) convolution
-kernels reach 35-90 GFLOP/s for the same ops (``benchmarks/run.py``).  YNNPACK's matmuls, on the other hand, are as fast as Eigen's or
-faster (fc6's input gradient: 90 vs 25 GFLOP/s).  So we keep YNNPACK for dots
+kernels reach 35-90 GFLOP/s for the same ops (``benchmarks/run.py``).  YNNPACK's
+matmuls, on the other hand, are as fast as Eigen's or faster (fc6's input gradient: 90 vs 25 GFLOP/s).  So we keep YNNPACK for dots
 and give convolutions back to XLA:
 
   --xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT

@@ -514,15 +514,15 @@ def create_train_iterator(config, workdir: str | None, start_step: int = 0,
   if _source_kind(config) == "memory":
     images, labels = _fashion_mnist(d.fashion_mnist_dir, d.train_split)
     n = _limit(len(labels), d.max_train_examples)
-    spe = n // batch
-    if spe < 1:
+    steps_per_epoch = n // batch
+    if steps_per_epoch < 1:
       raise ValueError(f"batch_size={batch} is larger than the training split ({n} examples)")
 
     def gen():
       step = start_step
       perm_epoch, perm = -1, None
       while True:
-        epoch, k = divmod(step, spe)
+        epoch, k = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:
           perm_epoch, perm = epoch, np.random.default_rng([config.seed, 0, epoch]).permutation(n)
         idx = perm[k * batch:(k + 1) * batch][process_index * local:(process_index + 1) * local]
@@ -551,13 +551,15 @@ def _tf_train_iterator(config, mean, start_step, process_index, process_count, l
   ds = _tf_examples(config, d.train_split, train=True, process_index=process_index,
                     process_count=process_count)
   n_local = info.num_train // process_count
-  spe = info.num_train // config.batch_size
+  steps_per_epoch = info.num_train // config.batch_size
   base = ds.take(n_local)
   # Epoch e is shuffled with seed (seed, e); examples are counted so augmentation
   # is keyed on the global position and a resume skips exactly what was seen.
-  epochs = tf.data.Dataset.range(start_step // spe, 2 ** 62)
-  ds = epochs.flat_map(lambda e: _shuffled(base, d, n_local, config.seed, e, spe * local))
-  ds = ds.enumerate(start=(start_step // spe) * spe * local).skip((start_step % spe) * local)
+  epochs = tf.data.Dataset.range(start_step // steps_per_epoch, 2 ** 62)
+  ds = epochs.flat_map(
+      lambda e: _shuffled(base, d, n_local, config.seed, e, steps_per_epoch * local))
+  first_epoch, offset = divmod(start_step, steps_per_epoch)
+  ds = ds.enumerate(start=first_epoch * steps_per_epoch * local).skip(offset * local)
   mean_t = tf.constant(mean)
   s, channels = d.crop_size, info.channels
 

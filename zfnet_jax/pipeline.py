@@ -34,16 +34,17 @@ def summary(config: ml_collections.ConfigDict) -> str:
 def training_hooks(config: ml_collections.ConfigDict, workdir: str) -> list[train.Hook]:
   """The hooks ``main`` gives training: Fig. 4 panels in TensorBoard every
   ``analyses.evolution.tensorboard_every_steps`` steps (none when 0), process 0 only."""
-  ec = config.analyses.evolution
-  if ec.tensorboard_every_steps <= 0 or jax.process_index() != 0:
+  evolution_config = config.analyses.evolution
+  if evolution_config.tensorboard_every_steps <= 0 or jax.process_index() != 0:
     return []
   info = input_pipeline.dataset_info(config)
   model = models.from_config(config.model, info.num_classes)
   images, _, _ = input_pipeline.load_examples(config, workdir, split=config.dataset.train_split,
                                               num=TENSORBOARD_IMAGES)
-  hook = evolution.tensorboard_hook(model, images, layers=tuple(ec.layers),
-                                    maps=tuple(int(m) for m in ec.tensorboard_maps),
-                                    rule=config.report.rule, every=ec.tensorboard_every_steps)
+  hook = evolution.tensorboard_hook(
+      model, images, layers=tuple(evolution_config.layers),
+      maps=tuple(int(m) for m in evolution_config.tensorboard_maps), rule=config.report.rule,
+      every=evolution_config.tensorboard_every_steps)
   return [hook] if hook is not None else []
 
 

@@ -205,12 +205,12 @@ def load_comparisons(config, workdir: str) -> dict[str, tuple[Any, Any, str]]:
   out = {}
   if epochs < float(config.num_epochs):
     try:
-      evo = dict(rundir.evolution_checkpoints(workdir))
+      kept = dict(rundir.evolution_checkpoints(workdir))
     except FileNotFoundError:
-      evo = {}
-    near = min(evo, key=lambda e: abs(e - epochs), default=None)
+      kept = {}
+    near = min(kept, key=lambda e: abs(e - epochs), default=None)
     if near is not None and abs(near - epochs) <= 0.05 * epochs + 1e-3:
-      model, variables, _ = checkpoints.load_trained(workdir, evo[near])
+      model, variables, _ = checkpoints.load_trained(workdir, kept[near])
       out[f"{config.model.name} (epoch {near:g})"] = (
           deconv.network(model), variables,
           f"{config.model.name} is also shown at its epoch-{near:g} evolution checkpoint, as "

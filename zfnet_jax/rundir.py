@@ -117,7 +117,7 @@ def drop_metrics_after(file: str, step: int) -> None:
 
 def evolution_checkpoints(workdir: str) -> list[tuple[float, int]]:
   """[(epoch, step)] of the feature-evolution checkpoints that exist, in order."""
-  evo = read_json(path(workdir, EVOLUTION), "training workdir")["checkpoints"]
+  kept = read_json(path(workdir, EVOLUTION), "training workdir")["checkpoints"]
   ckpt = path(workdir, CHECKPOINTS)
   have = {int(d) for d in os.listdir(ckpt) if d.isdigit()} if os.path.isdir(ckpt) else set()
-  return [(float(e), int(s)) for e, s in evo if int(s) in have]
+  return [(float(e), int(s)) for e, s in kept if int(s) in have]

@@ -303,17 +303,17 @@ def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
   except OSError as e:
     raise PermissionError(f"workdir {workdir!r} is not writable") from e
   info = input_pipeline.dataset_info(config)
-  spe = input_pipeline.steps_per_epoch(config)
-  num_steps = total_steps(config, spe)
-  evolution = evolution_steps(config, spe, num_steps)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  num_steps = total_steps(config, steps_per_epoch)
+  evolution = evolution_steps(config, steps_per_epoch, num_steps)
   if jax.process_index() == 0:
     rundir.write_json(rundir.path(workdir, rundir.CONFIG),
                       json.loads(config.to_json_best_effort()))
     rundir.write_json(rundir.path(workdir, rundir.DATASET_INFO), dataclasses.asdict(info))
     rundir.write_json(rundir.path(workdir, rundir.EVOLUTION),
-                      {"steps_per_epoch": spe, "num_steps": num_steps,
+                      {"steps_per_epoch": steps_per_epoch, "num_steps": num_steps,
                        "checkpoints": [[e, s] for s, e in evolution.items()]})
-  return Run(config, workdir, info, spe, num_steps, evolution, Mesh(devices, (AXIS,)),
+  return Run(config, workdir, info, steps_per_epoch, num_steps, evolution, Mesh(devices, (AXIS,)),
              models.from_config(config.model, info.num_classes),
              train_state.optimizer_from_config(config))
 

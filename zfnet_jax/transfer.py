@@ -114,29 +114,30 @@ def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label
   return np.concatenate(images), np.concatenate(labels), counts
 
 
-def load_target(tc, input_size: int, resize_size: int, channels: int) -> TargetData:
-  """The dataset ``tc.dataset`` names, preprocessed for a model of this input."""
-  if tc.dataset == "digits":
+def load_target(settings, input_size: int, resize_size: int, channels: int) -> TargetData:
+  """The dataset ``settings.dataset`` names, preprocessed for a model of this input."""
+  if settings.dataset == "digits":
     return load_digits(input_size, channels)
   import tensorflow_datasets as tfds
-  if tc.dataset == "caltech101":
+  if settings.dataset == "caltech101":
     # TFDS's train/test split is merged; folds are drawn per class as in the paper.
-    x, y, _ = _tfds_images("caltech101", ("train", "test"), tc.data_dir, resize_size, input_size,
-                           channels, lambda ex: ex["label"])
-    names = tfds.builder("caltech101", data_dir=tc.data_dir or None).info.features[
+    x, y, _ = _tfds_images("caltech101", ("train", "test"), settings.data_dir, resize_size,
+                           input_size, channels, lambda ex: ex["label"])
+    names = tfds.builder("caltech101", data_dir=settings.data_dir or None).info.features[
         "label"].names
     return TargetData(x.astype(np.float32), y.astype(np.int32), names)
-  if tc.dataset == "voc2012":
+  if settings.dataset == "voc2012":
     import tensorflow as tf
     multi_hot = lambda ex: tf.reduce_max(tf.one_hot(ex["labels"], 20, dtype=tf.int32), axis=0)
-    x, y, (n_train, _) = _tfds_images("voc/2012", ("train", "validation"), tc.data_dir,
+    x, y, (n_train, _) = _tfds_images("voc/2012", ("train", "validation"), settings.data_dir,
                                       resize_size, input_size, channels, multi_hot)
-    names = tfds.builder("voc/2012", data_dir=tc.data_dir or None).info.features[
+    names = tfds.builder("voc/2012", data_dir=settings.data_dir or None).info.features[
         "labels"].feature.names
     idx = np.arange(len(x))
     return TargetData(x.astype(np.float32), y, names, multilabel=True,
                       split=(idx[:n_train], idx[n_train:]))
-  raise ValueError(f"unknown transfer dataset {tc.dataset!r}; allowed: {', '.join(DATASETS)}")
+  raise ValueError(f"unknown transfer dataset {settings.dataset!r}; allowed: "
+                   f"{', '.join(DATASETS)}")
 
 
 def class_folds(labels: np.ndarray, n_train: int, n_test: int, folds: int,
@@ -236,12 +237,12 @@ def fit_score(kind: str, x_train, y_train, x_test, y_test, c: float, multilabel:
   return mean_class_accuracy(y_test, pipe.predict(x_test))
 
 
-def splits_for(data: TargetData, tc) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+def splits_for(data: TargetData, settings) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
   """Setting label ("15", "30", or "all") -> list of (train, test) index pairs."""
   if data.split is not None:
     return {"all": [data.split]}
-  return {str(n): class_folds(data.labels, n, tc.test_per_class, tc.folds, seed=1)
-          for n in tc.train_per_class}
+  return {str(n): class_folds(data.labels, n, settings.test_per_class, settings.folds, seed=1)
+          for n in settings.train_per_class}
 
 
 # -- from-scratch control -------------------------------------------------------
@@ -310,14 +311,15 @@ def scratch_score(model, variables, images, labels, mean, multilabel, batch_size
 
 
 # -- tables --------------------------------------------------------------------
-def _check(tc):
-  if tc.dataset not in DATASETS:
-    raise ValueError(f"unknown transfer dataset {tc.dataset!r}; allowed: {', '.join(DATASETS)}")
-  bad = [k for k in tc.classifiers if k not in CLASSIFIERS]
+def _check(settings):
+  if settings.dataset not in DATASETS:
+    raise ValueError(f"unknown transfer dataset {settings.dataset!r}; allowed: "
+                     f"{', '.join(DATASETS)}")
+  bad = [k for k in settings.classifiers if k not in CLASSIFIERS]
   if bad:
     raise ValueError(f"unknown classifiers {bad}; allowed: {', '.join(CLASSIFIERS)}")
-  if tc.pool_grid < 1:
-    raise ValueError(f"transfer.pool_grid must be >= 1, got {tc.pool_grid}")
+  if settings.pool_grid < 1:
+    raise ValueError(f"transfer.pool_grid must be >= 1, got {settings.pool_grid}")
 
 
 def _fmt(scores: Sequence[float]) -> str:
@@ -325,96 +327,96 @@ def _fmt(scores: Sequence[float]) -> str:
   return f"{s.mean():.1f} ± {s.std():.1f}" if len(s) > 1 else f"{s.mean():.1f}"
 
 
-def probes(net, variables, mean, data: TargetData, tc, input_size: int
+def probes(net, variables, mean, data: TargetData, settings, input_size: int
            ) -> tuple[list[str], list[list[str]]]:
   """The Table 7-style table: one row per layer, one column per (setting, classifier)."""
-  _check(tc)
-  names = probe_layers(net, input_size, tc.layers)
-  feats = extract_features(net, variables, data.images, mean, names, tc.pool_grid,
-                           tc.batch_size)
-  settings = splits_for(data, tc)
+  _check(settings)
+  names = probe_layers(net, input_size, settings.layers)
+  feats = extract_features(net, variables, data.images, mean, names, settings.pool_grid,
+                           settings.batch_size)
+  settings = splits_for(data, settings)
   metric = "mAP" if data.multilabel else "mean class acc"
   header = ["layer", "output", "dims"] + [
       f"{k} {n}{'/class' if n != 'all' else ''} ({metric} %)"
-      for n in settings for k in tc.classifiers]
-  header += [f"paper Caltech-101 30/class {k}" for k in tc.classifiers]
+      for n in settings for k in settings.classifiers]
+  header += [f"paper Caltech-101 30/class {k}" for k in settings.classifiers]
   rows = []
   for l, name in tqdm(names.items(), desc="probes", unit="layer"):
     f = feats[l]
     row = [str(l), name, str(f.shape[1])]
     for n, folds in settings.items():
-      for k in tc.classifiers:
-        c = tc.svm_c if k == "svm" else tc.softmax_c
+      for k in settings.classifiers:
+        c = settings.svm_c if k == "svm" else settings.softmax_c
         row.append(_fmt([fit_score(k, f[tr], data.labels[tr], f[te], data.labels[te], c,
                                    data.multilabel) for tr, te in folds]))
-    row += [str(PAPER_TABLE7[k].get(l, "–")) for k in tc.classifiers]
+    row += [str(PAPER_TABLE7[k].get(l, "–")) for k in settings.classifiers]
     rows.append(row)
   return header, rows
 
 
-def transfer(net, variables, mean, data: TargetData, tc, input_size: int, seed: int = 0,
+def transfer(net, variables, mean, data: TargetData, settings, input_size: int, seed: int = 0,
              clip_radius: float = 0.1) -> tuple[list[str], list[list[str]]]:
   """Sec. 5.2: frozen layers 1-7 + new softmax vs the same architecture from scratch
   (trained with the recipe of ``train_scratch``, clipping at ``clip_radius``)."""
-  _check(tc)
+  _check(settings)
   net = deconv.as_network(net)
   names = probe_layers(net, input_size, (7, 6, 5))
   top = max(names)                       # fc7, else the highest layer left
   feats = extract_features(net, variables, data.images, mean, {top: names[top]},
-                           tc.pool_grid, tc.batch_size)[top]
-  settings = splits_for(data, tc)
+                           settings.pool_grid, settings.batch_size)[top]
+  settings = splits_for(data, settings)
   metric = "mAP" if data.multilabel else "mean class acc"
   header = ["model"] + [f"{n}{'/class' if n != 'all' else ''} ({metric} %)" for n in settings]
   pre = ["pretrained, layers 1-7 frozen + softmax"]
   scratch = ["same architecture from scratch"]
   for n, folds in settings.items():
     pre.append(_fmt([fit_score("softmax", feats[tr], data.labels[tr], feats[te], data.labels[te],
-                               tc.softmax_c, data.multilabel) for tr, te in folds]))
-    if tc.scratch_steps > 0:
+                               settings.softmax_c, data.multilabel) for tr, te in folds]))
+    if settings.scratch_steps > 0:
       if net.module is None:
         raise ValueError(f"the from-scratch control needs a Flax module to retrain; {net.name} "
                          "has none (set transfer.scratch_steps=0)")
       fresh = net.module.clone(num_classes=len(data.class_names), rule="backprop")
       res = []
       for f, (tr, te) in enumerate(folds):
-        v = train_scratch(fresh, data.images[tr], data.labels[tr], mean, steps=tc.scratch_steps,
-                          batch_size=tc.scratch_batch_size,
-                          learning_rate=tc.scratch_learning_rate, multilabel=data.multilabel,
-                          flip=tc.scratch_flip, seed=seed + f, clip_radius=clip_radius)
+        v = train_scratch(fresh, data.images[tr], data.labels[tr], mean,
+                          steps=settings.scratch_steps, batch_size=settings.scratch_batch_size,
+                          learning_rate=settings.scratch_learning_rate, multilabel=data.multilabel,
+                          flip=settings.scratch_flip, seed=seed + f, clip_radius=clip_radius)
         res.append(scratch_score(fresh, v, data.images[te], data.labels[te], mean,
                                  data.multilabel))
       scratch.append(_fmt(res))
     else:
       scratch.append("not run")
   rows = [pre, scratch]
-  if tc.dataset == "caltech101":
+  if settings.dataset == "caltech101":
     header.append("paper (15 / 30 per class)")
     rows[0].append("83.8 / 86.5")
     rows[1].append("22.8 / 46.5")
-  elif tc.dataset == "voc2012":
+  elif settings.dataset == "voc2012":
     header.append("paper (test mAP)")
     rows[0].append("79.0")
     rows[1].append("–")
   return header, rows
 
 
-def table_sections(directory: str, tc) -> list[sections_lib.Section]:
+def table_sections(directory: str, settings) -> list[sections_lib.Section]:
   """Report sections of the tables in ``directory`` (probes.csv, transfer.csv)."""
   out = []
   probes_csv, transfer_csv = (os.path.join(directory, f"{n}.csv") for n in ("probes", "transfer"))
   if os.path.exists(probes_csv):
     out.append(sections_lib.Section(
         "Per-layer linear probes (Table 7)", "probes",
-        [f"Features of each layer on {tc.dataset} (conv outputs max-pooled over a "
-         f"{tc.pool_grid}x{tc.pool_grid} grid, standardised), classified by a linear SVM and a "
-         "softmax; mean ± std over random folds. The paper's column is Caltech-101 at 30 "
+        [f"Features of each layer on {settings.dataset} (conv outputs max-pooled over a "
+         f"{settings.pool_grid}x{settings.pool_grid} grid, standardised), classified by a "
+         "linear SVM and a softmax; mean ± std over random folds. The paper's column is Caltech-101 at 30 "
          "images per class with ImageNet features: compare the trend over layers."],
         tables=[sections_lib.read_table(probes_csv)]))
   if os.path.exists(transfer_csv):
     out.append(sections_lib.Section(
         "Transfer: frozen features vs training from scratch (Sec. 5.2)", "transfer",
         [f"A new softmax on the frozen layers 1-7, against the same architecture trained from "
-         f"a fresh initialisation on the same {tc.dataset} images."],
+         f"a fresh initialisation on the same {settings.dataset} images."],
         tables=[sections_lib.read_table(transfer_csv)]))
   return out
 
@@ -422,18 +424,19 @@ def table_sections(directory: str, tc) -> list[sections_lib.Section]:
 TABLES = ("probes", "transfer")
 
 
-def write_tables(net, variables, mean, tc, input_size: int, resize_size: int, directory: str,
+def write_tables(net, variables, mean, settings, input_size: int, resize_size: int, directory: str,
                  *, seed: int = 0, clip_radius: float = 0.1, which: Sequence[str] = TABLES
                  ) -> dict[str, tuple[list[str], list[list[str]]]]:
   """The ``which`` tables (probes: Table 7; transfer: Sec. 5.2) of a network on
-  ``tc.dataset``, written to <directory>/<name>.csv and .md."""
-  _check(tc)
-  data = load_target(tc, input_size, resize_size, np.shape(mean)[-1])
+  ``settings.dataset``, written to <directory>/<name>.csv and .md."""
+  _check(settings)
+  data = load_target(settings, input_size, resize_size, np.shape(mean)[-1])
   tables = {}
   if "probes" in which:
-    tables["probes"] = probes(net, variables, mean, data, tc, input_size)
+    tables["probes"] = probes(net, variables, mean, data, settings, input_size)
   if "transfer" in which:
-    tables["transfer"] = transfer(net, variables, mean, data, tc, input_size, seed, clip_radius)
+    tables["transfer"] = transfer(net, variables, mean, data, settings, input_size, seed,
+                                  clip_radius)
   for stem, (header, rows) in tables.items():
     sections_lib.write_table(header, rows, directory, stem)
   return tables
@@ -442,8 +445,8 @@ def write_tables(net, variables, mean, tc, input_size: int, resize_size: int, di
 # -- the report ----------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """``config.transfer`` (``tc``) and the clipping radius of the run's recipe."""
-  tc: ml_collections.ConfigDict
+  """``config.transfer`` (``settings``) and the clipping radius of the run's recipe."""
+  settings: ml_collections.ConfigDict
   clip_radius: float
 
 
@@ -457,11 +460,11 @@ def validate(options, net, data: sections_lib.Data) -> Options:
 def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
   """Table 7 probes and the Sec. 5.2 transfer of the report's network (transfer/*.csv)."""
   directory = context.path("transfer/probes.csv").rsplit(os.sep, 1)[0]
-  write_tables(context.net, context.variables, context.pixel_mean, options.tc,
+  write_tables(context.net, context.variables, context.pixel_mean, options.settings,
                context.data.input_size, context.data.resize_size, directory, seed=context.seed,
                clip_radius=options.clip_radius,
-               which=TABLES if options.tc.scratch_steps > 0 else ("probes",))
-  return table_sections(directory, options.tc)
+               which=TABLES if options.settings.scratch_steps > 0 else ("probes",))
+  return table_sections(directory, options.settings)
 
 
 # -- command line ----------------------------------------------------------------
