@@ -16,6 +16,19 @@ import pytest  # noqa: E402
 from helpers import make_fmnist, tiny_config  # noqa: E402
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """In CI (CI=true) a skipped test is a failure: a missing Chromium, nbclient or other
+  test dependency must not pass silently."""
+  del item, call
+  outcome = yield
+  report = outcome.get_result()
+  if os.environ.get("CI", "").lower() in ("1", "true") and report.skipped and \
+      not getattr(report, "wasxfail", None):
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI, where every test must run: {report.longrepr}"
+
+
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
   """Path of a workdir with a finished tiny run: checkpoints at epochs 1, 2, 3, results.json,

@@ -92,6 +92,7 @@ def _one_hot(shape, index):
   return x
 
 
+@pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_grids_come_from_evolution_checkpoints(tiny_workdir):
   images = train_images(tiny_workdir, 32)
   ckpts = rundir.evolution_checkpoints(tiny_workdir)
@@ -116,6 +117,7 @@ def test_grids_come_from_evolution_checkpoints(tiny_workdir):
   np.testing.assert_allclose(g2["conv1"][0], g["conv1"][-1])
 
 
+@pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_tensorboard_hook_writes_images(tiny_workdir, tmp_path):
   model, variables, _ = checkpoints.load_trained(tiny_workdir)
   images = train_images(tiny_workdir, 8)
@@ -135,6 +137,7 @@ def test_tensorboard_hook_writes_images(tiny_workdir, tmp_path):
   assert tags == [(10, "evolution/projections")]
 
 
+@pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_training_writes_projection_images_to_tensorboard(tiny_workdir):
   """The training loop calls the evolution hook (every 24 of the 48 steps in tiny_config)."""
   tags = [(e.step, v.tag) for f in glob.glob(os.path.join(tiny_workdir, "events.out.tfevents.*"))

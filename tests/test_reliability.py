@@ -99,6 +99,7 @@ def wait_for_step(proc, workdir, step, timeout=120):
     time.sleep(0.02)
 
 
+@pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_sigterm_then_sigkill_then_rerun_resumes_exactly(data, tmp_path, capsys):
   fmnist_dir, _, full = data
   wd = str(tmp_path / "wd")

@@ -70,7 +70,6 @@ def test_bad_sweep_errors(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_two_run_sweep(tmp_path):
-  pytest.importorskip("zfnet_jax.train")
   sweep = tmp_path / "s.py"
   sweep.write_text(textwrap.dedent("""
       from zfnet_jax.sweeps import grid

@@ -156,6 +156,7 @@ def test_bad_batch_and_restore_path_are_errors(fmnist_dir, tmp_path):
     train.train_and_evaluate(c, str(tmp_path / "c"))
 
 
+@pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_tiny_workdir_fixture(tiny_workdir):
   assert rundir.evolution_checkpoints(tiny_workdir) == [(1.0, 16), (2.0, 32), (3.0, 48)]
   model, variables, config = checkpoints.load_trained(tiny_workdir)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from zfnet_jax import configs, models, train, transfer
 
@@ -225,7 +226,6 @@ def test_probe_table_from_trained_workdir(tmp_path):
 
 
 def test_tfds_loaders_on_mock_data():
-  tfds = pytest.importorskip("tensorflow_datasets")
   tc = configs.default_config().transfer
   with tfds.testing.mock_data(num_examples=4):
     tc.dataset = "caltech101"

@@ -334,17 +334,17 @@ def probes(net, variables, mean, data: TargetData, settings, input_size: int
   names = probe_layers(net, input_size, settings.layers)
   feats = extract_features(net, variables, data.images, mean, names, settings.pool_grid,
                            settings.batch_size)
-  settings = splits_for(data, settings)
+  splits = splits_for(data, settings)
   metric = "mAP" if data.multilabel else "mean class acc"
   header = ["layer", "output", "dims"] + [
       f"{k} {n}{'/class' if n != 'all' else ''} ({metric} %)"
-      for n in settings for k in settings.classifiers]
+      for n in splits for k in settings.classifiers]
   header += [f"paper Caltech-101 30/class {k}" for k in settings.classifiers]
   rows = []
   for l, name in tqdm(names.items(), desc="probes", unit="layer"):
     f = feats[l]
     row = [str(l), name, str(f.shape[1])]
-    for n, folds in settings.items():
+    for n, folds in splits.items():
       for k in settings.classifiers:
         c = settings.svm_c if k == "svm" else settings.softmax_c
         row.append(_fmt([fit_score(k, f[tr], data.labels[tr], f[te], data.labels[te], c,
@@ -364,12 +364,12 @@ def transfer(net, variables, mean, data: TargetData, settings, input_size: int, 
   top = max(names)                       # fc7, else the highest layer left
   feats = extract_features(net, variables, data.images, mean, {top: names[top]},
                            settings.pool_grid, settings.batch_size)[top]
-  settings = splits_for(data, settings)
+  splits = splits_for(data, settings)
   metric = "mAP" if data.multilabel else "mean class acc"
-  header = ["model"] + [f"{n}{'/class' if n != 'all' else ''} ({metric} %)" for n in settings]
+  header = ["model"] + [f"{n}{'/class' if n != 'all' else ''} ({metric} %)" for n in splits]
   pre = ["pretrained, layers 1-7 frozen + softmax"]
   scratch = ["same architecture from scratch"]
-  for n, folds in settings.items():
+  for n, folds in splits.items():
     pre.append(_fmt([fit_score("softmax", feats[tr], data.labels[tr], feats[te], data.labels[te],
                                settings.softmax_c, data.multilabel) for tr, te in folds]))
     if settings.scratch_steps > 0:
