@@ -2,6 +2,7 @@
 
 No test module imports another test module; they import this one.
 """
+import contextlib
 import gzip
 import itertools
 import os
@@ -117,6 +118,65 @@ def reliability_config(fmnist_dir, steps=RELIABILITY_STEPS):
   c.checkpoint_every_steps = RELIABILITY_EVERY
   c.keep_checkpoints = 2
   return c
+
+
+# -- the three data paths, for multi-process tests ------------------------------------
+
+def make_multihost_data(path, directory):
+  """Fake data for ``path`` ("memory", "folder", "tfds"); returns what multihost_config needs."""
+  os.makedirs(directory, exist_ok=True)
+  if path == "memory":
+    make_fmnist(directory, n_train=64, n_test=23)
+  elif path == "folder":
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("validation", 5)):
+      for cls in ("a", "b", "c"):
+        os.makedirs(os.path.join(directory, split, cls), exist_ok=True)
+        for i in range(n):
+          Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(
+              os.path.join(directory, split, cls, f"{i}.png"))
+  return directory
+
+
+def multihost_config(path, directory, steps=3):
+  """small_config on ``path``'s data, with dropout and random crops (so every step's
+  examples and augmentations matter) and a checkpoint mid-run."""
+  c = small_config(directory, steps)
+  c.model.dropout_rate = 0.5
+  c.learning_rate = 1e-2
+  c.checkpoint_every_steps = 2
+  if path == "folder":
+    c.dataset.name, c.dataset.folder = "folder", directory
+  elif path == "tfds":
+    c.dataset.name, c.dataset.data_dir = "mnist", directory
+    c.dataset.max_train_examples, c.dataset.shuffle_buffer = 48, 16
+  if path != "memory":
+    c.dataset.eval_split = "validation" if path == "folder" else "test"
+    c.dataset.max_eval_examples = 11
+  return c
+
+
+def _mock_mnist(self, split, decoders=None, read_config=None, shuffle_files=False):
+  """Deterministic fake MNIST (the same in every process): a seeded generator per split."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  del self, decoders, read_config, shuffle_files
+  n = 64 if str(split).startswith("train") else 11
+  rng = np.random.default_rng(len(str(split)))
+  images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, n).astype(np.int64)
+  ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+  if "[:" in str(split):
+    ds = ds.take(int(str(split).split("[:")[1].rstrip("]")))
+  return ds
+
+
+def multihost_data(path):
+  """A context: TFDS mock data for "tfds" (no download), nothing otherwise."""
+  if path != "tfds":
+    return contextlib.nullcontext()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.testing.mock_data(num_examples=64, as_dataset_fn=_mock_mnist)
 
 
 # -- NumPy references of the layers ------------------------------------------------

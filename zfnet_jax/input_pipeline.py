@@ -11,9 +11,9 @@ The paper's preprocessing (Sec. 3), with sizes from the config:
   each flipped; done on device in ``train.py`` from the full R x R image).
 
 Order is a pure function of (seed, step): the batch of step ``s`` is the same
-whether or not the run was interrupted before it.  Each process gets its own
-contiguous slice of every global batch (Fashion-MNIST, eval) or its own part
-of the split (``tfds.split_for_jax_process``, TFDS/folder training).
+whether or not the run was interrupted before it.  On every path each process
+gets its own contiguous slice of every global batch (one global example order,
+augmentation keyed on the global position), so P processes train exactly as one.
 
 Small datasets (Fashion-MNIST from its IDX files) live in memory as uint8 and
 are preprocessed in NumPy; TFDS datasets and folders stream through tf.data.
@@ -359,24 +359,22 @@ def _tf_decode_resize(image, config, channels):
   return tf.reshape(image, (r, r, channels))
 
 
-def _tf_examples(config, split, *, train: bool, process_index=0, process_count=1):
-  """tf.data of {'image': encoded/decoded, 'label'} in the split's fixed order."""
+def _tf_examples(config, split, *, train: bool, read: bool = True):
+  """tf.data of {'image': encoded/decoded, 'label'} in the split's fixed order (the
+  same in every process; images are not decoded).  ``read=False``: a folder's
+  images are file paths, read later (by the process that uses them)."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
   d = config.dataset
   if _source_kind(config) == "folder":
     paths, labels, _, _ = _folder_split(config, split)
     n = _limit(len(paths), d.max_train_examples if train else -1)
-    lo, hi = (n * process_index // process_count, n * (process_index + 1) // process_count) \
-        if train else (0, n)
-    ds = tf.data.Dataset.from_tensor_slices((list(paths[lo:hi]), list(labels[lo:hi])))
-    return ds.map(lambda p, l: {"image": tf.io.read_file(p), "label": l})
+    ds = tf.data.Dataset.from_tensor_slices((list(paths[:n]), list(labels[:n])))
+    return ds.map(lambda p, l: {"image": tf.io.read_file(p) if read else p, "label": l})
   builder = _tfds_builder(config)
   limit = d.max_train_examples if train else -1
   if limit and limit > 0:
     split = f"{split}[:{limit}]"
-  if train and process_count > 1:
-    split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()},
                           read_config=tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1))
@@ -545,27 +543,36 @@ def create_train_iterator(config, workdir: str | None, start_step: int = 0,
 
 
 def _tf_train_iterator(config, mean, start_step, process_index, process_count, local):
+  """TFDS / folder training batches: one global example order for every process.
+
+  Every process reads the whole split in the same order and shuffles each
+  epoch e with seed (seed, e), so all see the same global sequence; example g
+  of that sequence (counted from the start of training) is in global batch
+  g // B at row g % B, and a process keeps rows [p * B/P, (p + 1) * B/P) of
+  every batch (it decodes only those).  Augmentation is keyed on (seed, g), so
+  P processes train exactly as one, and a resume skips exactly what was seen.
+  """
   import tensorflow as tf
   d = config.dataset
   info = dataset_info(config)
-  ds = _tf_examples(config, d.train_split, train=True, process_index=process_index,
-                    process_count=process_count)
-  n_local = info.num_train // process_count
-  steps_per_epoch = info.num_train // config.batch_size
-  base = ds.take(n_local)
-  # Epoch e is shuffled with seed (seed, e); examples are counted so augmentation
-  # is keyed on the global position and a resume skips exactly what was seen.
+  n, batch = info.num_train, config.batch_size
+  steps_per_epoch = n // batch
+  base = _tf_examples(config, d.train_split, train=True, read=False).take(n)
   epochs = tf.data.Dataset.range(start_step // steps_per_epoch, 2 ** 62)
   ds = epochs.flat_map(
-      lambda e: _shuffled(base, d, n_local, config.seed, e, steps_per_epoch * local))
+      lambda e: _shuffled(base, d, n, config.seed, e, steps_per_epoch * batch))
   first_epoch, offset = divmod(start_step, steps_per_epoch)
-  ds = ds.enumerate(start=first_epoch * steps_per_epoch * local).skip(offset * local)
+  ds = ds.enumerate(start=first_epoch * steps_per_epoch * batch).skip(offset * batch)
+  if process_count > 1:
+    ds = ds.filter(lambda g, ex: (g % batch) // local == process_index)
   mean_t = tf.constant(mean)
   s, channels = d.crop_size, info.channels
+  folder = _source_kind(config) == "folder"
 
   def prep(i, ex):
     seed = tf.stack([tf.cast(config.seed, tf.int64), i])
-    image = _tf_decode_resize(ex["image"], config, channels) - mean_t
+    encoded = tf.io.read_file(ex["image"]) if folder else ex["image"]
+    image = _tf_decode_resize(encoded, config, channels) - mean_t
     image = tf.image.stateless_random_crop(image, (s, s, channels), seed=seed)
     if d.random_flip:
       image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
@@ -578,10 +585,10 @@ def _tf_train_iterator(config, mean, start_step, process_index, process_count, l
   return ds.as_numpy_iterator()
 
 
-def _shuffled(ds, d, n_local, seed, epoch, count):
-  """Epoch ``epoch`` of ``ds``: a deterministic shuffle seeded by (seed, epoch)."""
+def _shuffled(ds, d, n, seed, epoch, count):
+  """Epoch ``epoch`` of ``ds`` (``n`` examples): a deterministic shuffle seeded by (seed, epoch)."""
   import tensorflow as tf
-  buf = max(1, min(d.shuffle_buffer, n_local))
+  buf = max(1, min(d.shuffle_buffer, n))
   epoch_seed = tf.cast(seed, tf.int64) * 1_000_003 + epoch
   return ds.shuffle(buf, seed=epoch_seed, reshuffle_each_iteration=False).take(count)
 

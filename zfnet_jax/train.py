@@ -33,6 +33,7 @@ from clu import metric_writers
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -426,7 +427,12 @@ class _Progress:
 
 
 class _Preemption:
-  """Records SIGTERM while training (main thread only); restores the old handler on exit."""
+  """Records SIGTERM while training (main thread only); restores the old handler on exit.
+
+  With several processes a SIGTERM may reach only some of them: ``agreed()``
+  (called by every process after every step) gathers the flags, so all stop
+  after the same step.
+  """
 
   def __init__(self):
     self.received, self.old = False, None
@@ -443,6 +449,12 @@ class _Preemption:
   def __exit__(self, *exc):
     if self.old is not None:
       signal.signal(signal.SIGTERM, self.old)
+
+  def agreed(self) -> bool:
+    """True once any process has received SIGTERM (a collective when P > 1)."""
+    if jax.process_count() == 1:
+      return self.received
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.received))))
 
 
 def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> dict:
@@ -516,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
         if step % config.checkpoint_every_steps == 0 or step in run.evolution or \
             step == run.num_steps:
           save(run, mngr, state, step)
-        if preemption.received:
+        if preemption.agreed():
           if mngr.latest_step() != step:
             save(run, mngr, state, step)
           mngr.wait_until_finished()
