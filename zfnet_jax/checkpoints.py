@@ -3,10 +3,16 @@
 ``<workdir>/checkpoints/<step>/`` holds the TrainState ("state") and a small
 JSON record ("meta": step, epoch, data position, batch size, seed).  Saves are
 synchronous: a returned save is on disk (simplest to reason about on
-preemption; the blocking time is small next to an epoch).
+preemption; the blocking time is small next to an epoch).  Once Orbax has
+finalised a step, process 0 writes ``<step>/zfnet_checksums.json`` (``MANIFEST``:
+the sha256 of every other file of the step, by relative path); every restore
+checks it first, so a flipped byte is found even where Orbax would load it.
+A step without the manifest (older runs, or killed between the two writes)
+restores unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -32,13 +38,58 @@ def manager(ckpt_dir: str, keep: int, keep_steps=(), read_only: bool = False
                                item_names=("state", "meta"))
 
 
+MANIFEST = "zfnet_checksums.json"
+
+
+def _sha256(file: str) -> str:
+  h = hashlib.sha256()
+  with open(file, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def checksums(step_dir: str) -> dict[str, str]:
+  """{path relative to ``step_dir``: sha256 hex} of every file of a step but the manifest."""
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if not rel.startswith(MANIFEST):          # the manifest and its temporary file
+        out[rel] = _sha256(os.path.join(root, name))
+  return dict(sorted(out.items()))
+
+
+def verify(step_dir: str) -> None:
+  """ValueError naming the first file of the step that is missing or differs from the
+  sha256 its manifest recorded; nothing to check when the step has no manifest."""
+  manifest = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(manifest):
+    return
+  for rel, digest in rundir.read_json(manifest)["sha256"].items():
+    file = os.path.join(step_dir, rel)
+    if not os.path.isfile(file) or _sha256(file) != digest:
+      raise ValueError(f"{file} is {'changed' if os.path.isfile(file) else 'missing'} since "
+                       f"the save (sha256 recorded in {MANIFEST})")
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), force=True)
+  """Save a step (on disk when it returns), then process 0 writes its checksum manifest."""
+  saved = mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                  meta=ocp.args.JsonSave(meta)), force=True)
+  if saved and jax.process_index() == 0:
+    rundir.write_json(os.path.join(step_dir(mngr, step), MANIFEST),
+                      {"sha256": checksums(step_dir(mngr, step))})
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """(state, meta) of one step, restored into ``abstract_state``'s shapes and shardings."""
+  """(state, meta) of one step, restored into ``abstract_state``'s shapes and shardings;
+  ValueError naming the file if the step's checksums do not match (``verify``)."""
+  verify(step_dir(mngr, step))
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
   return out["state"], out["meta"]
@@ -49,8 +100,9 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
 
   Orbax writes each step to a temporary directory and renames it when complete,
   so a step killed mid-write never appears.  A step that exists but fails to
-  restore (e.g. a truncated file) is reported, moved to ``<ckpt_dir>_damaged/``
-  and the next older step is used.
+  restore (a file that differs from its checksum, a truncated file) is reported
+  in one line naming the step and the error (for a checksum: the file), moved
+  to ``<ckpt_dir>_damaged/`` and the next older step is used.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
@@ -110,7 +162,11 @@ def load_dataset_info(workdir: str) -> input_pipeline.DatasetInfo:
 
 
 def load_trained(workdir: str, step: int | None = None):
-  """(model, {"params": params}, config) of a run; the latest checkpoint by default."""
+  """(model, {"params": params}, config) of a run; the latest checkpoint by default.
+
+  A step whose files differ from its checksum manifest raises ValueError naming
+  the file (no fallback: the caller asked for that step; pass another ``step``).
+  """
   config = load_config(workdir)
   info = load_dataset_info(workdir)
   model = models.from_config(config.model, info.num_classes)
