@@ -4,6 +4,9 @@ r"""Command line: train and evaluate, then write the visual report.
   python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs \
       --mode=report --config.report.rule=guided
 
+Console: progress lines and warnings; ``--verbosity=0`` brings back the
+libraries' INFO logging (Orbax, JAX).
+
 Exit codes: 0 done; 1 crash (a bug: traceback) or non-finite loss; 2 bad input
 (config, data, paths: a one-line ``error: ...``); 75 stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume).
@@ -40,6 +43,8 @@ def main(argv):
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:   # library INFO chatter (Orbax, JAX) off by default
+    logging.set_verbosity(logging.WARNING)
   conv.configure_xla_cpu()   # before JAX starts (imported below)
   # pylint: disable=g-import-not-at-top
   from zfnet_jax import pipeline

@@ -55,7 +55,10 @@ def validate(config, num_devices: int | None = None) -> None:
   Checks the model, dataset and optimiser settings (each by the module that
   owns them) and the loop's own; ``num_devices``: check that the global batch
   divides over them.  Evolution epochs beyond the run are checked by
-  ``evolution_steps`` (it needs the dataset size).
+  ``evolution_steps`` (it needs the dataset size).  ``schedule="plateau"`` needs
+  an evaluation before the last step: for ``num_train_steps`` runs the interval
+  is counted in steps (this reads the dataset's size), for ``num_epochs`` runs
+  compared in epochs.
   """
   models.validate(config.model)
   input_pipeline.validate(config.dataset)
@@ -80,6 +83,15 @@ def validate(config, num_devices: int | None = None) -> None:
        f"eval_every_epochs={e!r}; allowed: a non-negative number")
   bad = [e for e in config.evolution_epochs if not e > 0]
   need(not bad, f"evolution_epochs has {bad}; allowed: positive epochs")
+  if config.schedule == "plateau":   # needs evaluations before the last step
+    if config.num_train_steps > 0:   # the interval in steps needs the dataset's size
+      every = max(1, round(e * input_pipeline.steps_per_epoch(config))) if e > 0 else 0
+      run, ok = f"num_train_steps={config.num_train_steps}", 0 < every < config.num_train_steps
+    else:
+      run, ok = f"num_epochs={config.num_epochs}", 0 < e < config.num_epochs
+    need(ok, f"schedule='plateau' with eval_every_epochs={e} and {run} never evaluates "
+         "during training; allowed: 0 < eval_every_epochs < the run's length, or schedule "
+         "constant, step or cosine")
 
 
 # ----------------------------------------------------------------------------
