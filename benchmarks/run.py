@@ -2,9 +2,10 @@
 
   python benchmarks/run.py [--quick] [--json benchmarks/results/latest.json]
                            [--batch 64] [--no_torch] [--only train,forward,...]
+                           [--dtype float32|bfloat16]
 
-Full-size ZFNet at 224x224 (fp32 on CPU, bf16 compute on GPU/TPU), synthetic
-data unless stated:
+Full-size ZFNet at 224x224 in the compute dtype ``--dtype`` (default float32 on
+CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated:
 
 * train: ``zfnet_jax.train.train_step`` (momentum SGD, weight decay, feature
   scale clipping, dropout) jitted under ``shard_map`` exactly as
@@ -23,8 +24,8 @@ data unless stated:
 * input pipeline images/s (``input_pipeline.create_train_iterator``): offline
   Fashion-MNIST, and a folder of 256x256 JPEGs generated here (decode, resize,
   random crop, flip).
-* PyTorch (when importable): the same model and train step (SGD momentum),
-  interleaved with the JAX runs; ratios JAX / PyTorch.
+* PyTorch (when importable, on CPU in float32): the same model and train step
+  (SGD momentum), interleaved with the JAX runs; ratios JAX / PyTorch.
 
 Times are medians over repeats after a warm-up call (compilation excluded).
 On a shared machine, look at the reported load average.
@@ -60,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_deconv  # pylint: disable=g-import-not-at-top
 
 ROWS: list[tuple[str, float | str, str, str]] = []  # (name, value, unit, note)
+PARTS = ("matmul", "train", "forward", "deconv", "occlusion", "scan", "pipeline")
 
 
 def report(name, value, unit="", note=""):
@@ -124,8 +126,8 @@ def setup_train(config, model, batch, compiler_options=None):
   lr_fn = train_state.learning_rate_fn(config, 100, 100)
   step = jax.jit(jax.shard_map(
       lambda s, b: train.train_step(s, b, model=model, tx=tx, lr_fn=lr_fn,
-                                    clip_radius=config.clip_radius),
-      mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P())),
+                                    clip_radius=train_state.clip_radius(config)),
+      mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P()), check_vma=False),
       donate_argnums=(0,), compiler_options=compiler_options)
   init = train_state.init_fn(model, (1, 224, 224, 3), tx, seed=config.seed,
                              clip_radius=train_state.clip_radius(config))
@@ -205,7 +207,8 @@ def torch_model_fns(batch, threads):
       self.c1, self.c2 = nn.Conv2d(3, 96, 7, 2), nn.Conv2d(96, 256, 5, 2)
       self.c3, self.c4 = nn.Conv2d(256, 384, 3, 1, 1), nn.Conv2d(384, 384, 3, 1, 1)
       self.c5 = nn.Conv2d(384, 256, 3, 1, 1)
-      self.f6, self.f7, self.f8 = nn.Linear(9216, 4096), nn.Linear(4096, 4096), nn.Linear(4096, 1000)
+      self.f6, self.f7 = nn.Linear(9216, 4096), nn.Linear(4096, 4096)
+      self.f8 = nn.Linear(4096, 1000)
       # zfnet_jax's LRN: alpha not divided by n (PyTorch divides by size).
       self.lrn = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
 
@@ -377,9 +380,13 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=0, help="0: 5 (3 with --quick)")
   ap.add_argument("--no_torch", action="store_true")
-  ap.add_argument("--only", default="matmul,train,forward,deconv,occlusion,scan,pipeline")
+  ap.add_argument("--only", default=",".join(PARTS))
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                  help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
   args = ap.parse_args(argv)
   args.only = set(args.only.split(","))
+  if not args.only <= set(PARTS):
+    ap.error(f"--only has {sorted(args.only - set(PARTS))}; allowed: {', '.join(PARTS)}")
   args.repeats = args.repeats or (3 if args.quick else 5)
   args.requests = 8 if args.quick else 32
   args.occlusion_stride = 28 if args.quick else 8
@@ -388,7 +395,7 @@ def main(argv=None):
 
   backend = jax.default_backend()
   on_cpu = backend == "cpu"
-  dtype = "float32" if on_cpu else "bfloat16"
+  dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
   config = configs.default_config()
   config.batch_size = args.batch
   config.model.dtype = dtype
@@ -422,7 +429,7 @@ def main(argv=None):
     report("matmul peak (the larger)", peak / 1e9, "GFLOP/s")
 
   torch_fns = None
-  if not args.no_torch and on_cpu and ({"train", "forward"} & args.only):
+  if not args.no_torch and on_cpu and dtype == "float32" and ({"train", "forward"} & args.only):
     torch_fns = torch_model_fns(args.batch, os.cpu_count())
     if torch_fns is None:
       print("  (torch not importable: no PyTorch comparison)")

@@ -271,3 +271,14 @@ def plain_network(seed=0, size=32, channels=1, num_classes=3):
   net = deconv.from_features(lambda v, x: cnn.apply(v, x, method="features"), variables,
                              channels, receptive_fields=PLAIN_FIELDS, name="PlainCNN")
   return net, variables
+
+
+# -- checkpoints, read without our code ------------------------------------------------
+
+def saved_state(step_dir):
+  """A checkpoint step's saved TrainState as a dict of NumPy arrays (Orbax alone, no
+  target, no checksum check)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.StandardCheckpointer() as c:
+    state = c.restore(os.path.join(step_dir, "state"))
+  return jax.tree.map(np.asarray, state)

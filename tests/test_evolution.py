@@ -17,11 +17,25 @@ from zfnet_jax.analyses import evolution
 
 
 def brute_force_tile(model, variables, images, layer, ch):
-  """Strongest activation by a plain NumPy argmax, projected and cropped."""
-  f = np.asarray(model.apply(variables, images, method="features")[layer][..., ch])
+  """Strongest activation by a plain NumPy argmax, projected (deconvnet) at that position
+  and cropped.  ``model``: one of ours (deconv.project) or a hand-built CNN's
+  deconv.Network (deconv.project_fn of its features)."""
+  net = deconv.as_network(model)
+  features = lambda x: net.features(variables, x)
+  f = np.asarray(features(images)[layer][..., ch])
   n, i, j = np.unravel_index(np.argmax(f), f.shape)
-  p = deconv.project(model, variables, images[n:n + 1], layer=layer, channel=ch, position=(i, j))
+  if model is net:
+    p = deconv.project_fn(features, images[n:n + 1], output=layer, channel=ch, position=(i, j))
+  else:
+    p = deconv.project(model, variables, images[n:n + 1], layer=layer, channel=ch,
+                       position=(i, j))
   return deconv.to_image(deconv.receptive_patch(model, np.asarray(p[0]), layer, (i, j)))
+
+
+def nearest(tile, t):
+  """(s, s, C) -> (t, t, C) by nearest neighbours, sampled at the pixel centres."""
+  idx = np.floor((np.arange(t) + 0.5) * tile.shape[0] / t).astype(int)
+  return tile[np.ix_(idx, idx)]
 
 
 def train_images(workdir, n):
@@ -47,8 +61,26 @@ def test_strongest_equals_numpy_argmax():
     evolution.check(model, 64, ["conv2"], [0, 6])
   with pytest.raises(ValueError, match="fc6"):
     evolution.check(model, 64, ["fc6"], [0])
-  panel = evolution.tensorboard_panel(model, variables, images, ["conv1", "conv2"], [0, 1, 2])
-  assert panel.dtype == np.uint8 and panel.shape == (2 * 48 + 2, 3 * 48 + 2 * 2, 3)
+
+
+def test_tensorboard_panel_holds_the_projections_of_the_strongest_units():
+  """Row = layer, column = map, 2 px white gaps: the deconvnet projection of the map's
+  NumPy-argmax unit over the images, cropped to its receptive field (conv1 7 px, conv4
+  107 px; conv4's projection crosses conv3's ReLU with no pool between, where the rules differ),
+  enlarged to 107 px by nearest neighbours, as grey uint8."""
+  model = models.ZFNetLowRes(num_classes=3, conv_features=(4, 6, 6, 6, 8), fc_features=8)
+  images = np.asarray(np.random.default_rng(1).normal(size=(5, 64, 64, 1)) * 50, np.float32)
+  variables = {"params": model.init(jax.random.PRNGKey(1), images[:1])["params"]}
+  layers, maps, t = ["conv1", "conv4"], [0, 1, 2], 107
+  panel = evolution.tensorboard_panel(model, variables, images, layers, maps, tile=t)
+  want = np.full((2 * t + 2, 3 * t + 2 * 2, 3), 255, np.uint8)
+  for r, layer in enumerate(layers):
+    for c, ch in enumerate(maps):
+      tile = nearest(brute_force_tile(model, variables, images, layer, ch), t)
+      assert tile.std() > 0.02, "degenerate test case: a flat tile"
+      want[r * (t + 2):r * (t + 2) + t, c * (t + 2):c * (t + 2) + t] = np.round(tile * 255)
+  assert panel.dtype == np.uint8 and panel.shape == want.shape
+  assert np.abs(panel.astype(int) - want).max() <= 1
 
 
 def test_strongest_and_tiles_of_a_hand_built_cnn():
@@ -189,8 +221,12 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
   np.testing.assert_allclose(saved["epochs"], [1.0, 2.5])
   np.testing.assert_array_equal(saved["maps"], [0, 1])
   assert saved["c1"].shape == saved["c2"].shape == (2, 2, evolution.TILE, evolution.TILE, 1)
-  want = evolution.tiles(net, v2, images[:4], ["c2"], [0, 1])["c2"]
-  np.testing.assert_allclose(saved["c2"][1], want)
+  for e, variables in enumerate((v1, v2)):
+    for layer in ("c1", "c2"):
+      for k, ch in enumerate((0, 1)):
+        want = nearest(brute_force_tile(net, variables, images[:4], layer, ch), evolution.TILE)
+        assert want.std() > 0.02, "degenerate test case: a flat tile"
+        np.testing.assert_allclose(saved[layer][e][k], want, atol=2e-3)
   empty = sections.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
                            ids=np.array([0, 1]), pixel_mean=None, class_names=(),
                            out_dir=str(tmp_path / "empty"), data=data)

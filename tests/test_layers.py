@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import layers
+from zfnet_jax import layers, models
 
 from helpers import np_lrn, np_pool, np_unpool
 
@@ -88,6 +88,34 @@ def test_contrast_norm_matches_formula_and_hand_vjp(n):
     np.testing.assert_allclose(vjp(jnp.asarray(r, jnp.float32))[0], expected, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="'approx'.*exact, identity"):
     layers.contrast_norm(jnp.asarray(a), norm_rule="approx")
+
+
+def test_contrast_norm_defaults_are_alexnets_with_alpha_not_divided_by_n():
+  """k=2, n=5, alpha=1e-4, beta=0.75, the sum weighted by alpha, not alpha/n as in Caffe and
+  PyTorch.  At |a| of 60..140 the two conventions' outputs differ by a factor 1.37-2.1
+  everywhere; the tolerance is 1e-5."""
+  signs = np.sign(np.asarray(jax.random.normal(jax.random.PRNGKey(8), (2, 3, 3, 9))))
+  a = signs * np.linspace(60.0, 140.0, 9)          # 9 maps, so windows of 5 fit inside
+  want, _ = np_lrn(a, 2.0, 5, 1e-4, 0.75)
+  divided, _ = np_lrn(a, 2.0, 5, 1e-4 / 5, 0.75)
+  assert np.abs(divided / want - 1).min() > 0.3
+  np.testing.assert_allclose(layers.contrast_norm(jnp.asarray(a, jnp.float32)), want, rtol=1e-5)
+
+
+def test_models_normalise_with_the_default_contrast_norm():
+  """norm1 = LRN(pool1) with k=2, n=5, alpha=1e-4 (not divided by n), beta=0.75, on
+  pixel-scale inputs (-128..128), where pool1 is ~100 and alpha/n is off by > 20%."""
+  model = models.ZFNetLowRes(num_classes=3, conv_features=(8, 6, 6, 6, 6), fc_features=8)
+  x = np.asarray(jax.random.uniform(jax.random.PRNGKey(9), (2, 64, 64, 1), minval=-128,
+                                    maxval=128), np.float32)
+  variables = model.init(jax.random.PRNGKey(0), x[:1])
+  f = model.apply(variables, x, method="features")
+  pool1 = np.asarray(f["pool1"], np.float64)
+  want, _ = np_lrn(pool1, 2.0, 5, 1e-4, 0.75)
+  divided, _ = np_lrn(pool1, 2.0, 5, 1e-4 / 5, 0.75)
+  on = pool1 > 0
+  assert on.mean() > 0.9 and np.median(np.abs(divided[on] / want[on] - 1)) > 0.2
+  np.testing.assert_allclose(f["norm1"], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_ceil_pool_padding():

@@ -6,8 +6,10 @@ a sleep so the kill lands mid-run) and is killed from outside; the reruns must
 end with exactly the parameters of an uninterrupted run.
 """
 import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +24,7 @@ import pytest
 from zfnet_jax import checkpoints, input_pipeline as ip, train
 
 import helpers
-from helpers import make_fmnist
+from helpers import make_fmnist, saved_state
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -155,6 +157,67 @@ def test_damaged_latest_checkpoint_falls_back_and_says_so(data, tmp_path, capsys
   assert os.listdir(os.path.join(wd, "checkpoints_damaged"))
   assert res["steps"] == STEPS and steps_on_disk(wd) == [STEPS - EVERY, STEPS]
   assert_same(params_of(wd), full)
+
+
+def flip_a_parameter_byte(step_dir):
+  """Flip one byte of the step's largest array file, at a place where Orbax alone restores
+  the step without an error but with other parameters; returns that file."""
+  ref = jax.tree.leaves(saved_state(step_dir)["params"])
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+           if os.path.isfile(f)]
+  big = max(files, key=os.path.getsize)
+  data = open(big, "rb").read()
+  for frac in np.linspace(0.05, 0.95, 19):
+    damaged = bytearray(data)
+    damaged[int(frac * len(data))] ^= 0xFF
+    open(big, "wb").write(bytes(damaged))
+    try:
+      got = jax.tree.leaves(saved_state(step_dir)["params"])
+    except Exception:  # pylint: disable=broad-except
+      continue   # Orbax notices this one by itself
+    if any(not np.array_equal(a, b) for a, b in zip(ref, got)):
+      return big
+  raise AssertionError(f"no flipped byte of {big} silently changes the parameters")
+
+
+def test_flipped_byte_in_latest_checkpoint_falls_back_and_trains_identically(data, tmp_path,
+                                                                             capsys):
+  fmnist_dir, full_wd, full = data
+  wd = str(tmp_path / "wd")
+  shutil.copytree(full_wd, wd)
+  bad = flip_a_parameter_byte(os.path.join(wd, "checkpoints", str(STEPS)))
+  with pytest.raises(ValueError, match=re.escape(bad)):
+    checkpoints.load_trained(wd)
+  res = run(tiny_config(fmnist_dir), wd)
+  out = capsys.readouterr().out
+  warning = [line for line in out.splitlines() if "damaged" in line]
+  assert len(warning) == 2, out[-3000:]           # the damage, then the fallback
+  assert warning[0].startswith(f"WARNING: checkpoint step {STEPS} in {wd}/checkpoints is "
+                               "damaged") and bad in warning[0]
+  assert warning[1].startswith(f"WARNING: falling back to checkpoint step {STEPS - EVERY}")
+  assert [d.split(".")[0] for d in os.listdir(os.path.join(wd, "checkpoints_damaged"))] == \
+      [str(STEPS)]
+  assert res["steps"] == STEPS and steps_on_disk(wd) == [STEPS - EVERY, STEPS]
+  assert_same(params_of(wd), full)          # steps 21-24 again: exactly the uninterrupted run
+
+
+def test_checksum_manifests_and_checkpoints_without_them(data, tmp_path, capsys):
+  fmnist_dir, full_wd, full = data
+  wd = str(tmp_path / "wd")
+  shutil.copytree(full_wd, wd)
+  for step in steps_on_disk(wd):            # each kept step: sha256 of every other file
+    step_dir = os.path.join(wd, "checkpoints", str(step))
+    manifest = os.path.join(step_dir, checkpoints.MANIFEST)
+    want = {os.path.relpath(f, step_dir): hashlib.sha256(open(f, "rb").read()).hexdigest()
+            for f in glob.glob(os.path.join(step_dir, "**", "*"), recursive=True)
+            if os.path.isfile(f) and f != manifest}
+    assert json.load(open(manifest))["sha256"] == want and len(want) > 10
+    os.remove(manifest)                     # as a checkpoint written before manifests
+  assert_same(params_of(wd), full)
+  res = run(tiny_config(fmnist_dir), wd)
+  out = capsys.readouterr().out
+  assert f"Resuming from checkpoint step {STEPS}" in out and "damaged" not in out
+  assert res["steps"] == STEPS
 
 
 def test_non_finite_loss_stops_naming_step_and_keeps_last_good(data, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
-"""launch/sweep.py: expansion into commands (dry run) and a real two-run sweep."""
+"""launch/sweep.py: expansion into commands (dry run), the summary of the runs' results.json
+files, and a real two-run sweep."""
 import csv
+import json
 import pathlib
 import subprocess
 import sys
@@ -68,6 +70,45 @@ def test_bad_sweep_errors(tmp_path, monkeypatch):
     sweeps.expand([{"config": "experiments/missing.py"}], "/r")
 
 
+def assert_row_is_results(row, results, other_columns):
+  """Each result column of a summary row (all but run, status and ``other_columns``) holds
+  the run's results.json value (floats to 4 decimals, "" where the run has none)."""
+  columns = set(row) - {"run", "status", *other_columns}
+  assert {"top1_error", "top5_error", "num_eval_examples", "steps", "train_seconds"} <= columns
+  for k in columns:
+    v = results.get(k)
+    if v is None or isinstance(v, int):
+      assert row[k] == ("" if v is None else str(v)), k
+    else:
+      assert row[k] and float(row[k]) == pytest.approx(v, abs=5e-5, nan_ok=True), k
+
+
+def test_collect_copies_each_runs_results(tmp_path, monkeypatch):
+  """Two finished runs with hand-written results.json, one failed, one never started."""
+  monkeypatch.chdir(ROOT)
+  planned = sweeps.expand(sweeps.zip_(**{"model.fc_features": [8, 16, 32, 64],
+                                          "_paper": ["1", "2", "3", "4"]}),
+                          str(tmp_path), "experiments/quickstart.py")
+  written = [dict(top1_error=0.123456, top5_error=0.01, top1_error_10crop=0.11119,
+                  num_eval_examples=500, steps=20, train_seconds=3.5),
+             dict(top1_error=0.9, top5_error=0.5, num_eval_examples=64, steps=2,
+                  train_seconds=12.25)]
+  for run, res in zip(planned, written):
+    (tmp_path / run["name"]).mkdir()
+    (tmp_path / run["name"] / "results.json").write_text(json.dumps(res))
+  status = {planned[2]["name"]: 1}
+  sweeps.collect(planned, str(tmp_path), status)
+  with open(tmp_path / "summary.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["run"] for r in rows] == [p["name"] for p in planned]
+  assert [r["model.fc_features"] for r in rows] == ["8", "16", "32", "64"]
+  assert [r["paper"] for r in rows] == ["1", "2", "3", "4"]
+  assert [r["status"] for r in rows] == ["ok", "ok", "failed", "missing"]
+  for row, res in zip(rows, written + [{}, {}]):
+    assert_row_is_results(row, res, ("model.fc_features", "paper"))
+  assert rows[0]["top1_error_10crop"] == "0.1112" and rows[1]["top1_error_10crop"] == ""
+
+
 @pytest.mark.slow
 def test_real_two_run_sweep(tmp_path):
   sweep = tmp_path / "s.py"
@@ -94,6 +135,8 @@ def test_real_two_run_sweep(tmp_path):
   assert [r["model.fc_features"] for r in rows] == ["8", "16"]
   for r in rows:
     assert r["status"] == "ok"
-    assert 0.0 <= float(r["top1_error"]) <= 1.0
+    results = json.loads((root / r["run"] / "results.json").read_text())
+    assert_row_is_results(r, results, ("model.fc_features",))
+    assert 0.0 <= results["top1_error"] <= 1.0 and results["steps"] == 2
   md = (root / "summary.md").read_text()
   assert md.startswith("| run | model.fc_features |") and "fc_features=16" in md

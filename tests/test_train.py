@@ -9,7 +9,7 @@ import pytest
 
 from zfnet_jax import checkpoints, configs, input_pipeline as ip, models, rundir, train, train_state
 
-from helpers import make_fmnist, small_config
+from helpers import make_fmnist, saved_state, small_config
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,22 @@ def test_reduce_on_plateau_lowers_rate_when_it_should():
   # improvements at 0.5, 0.4, 0.39; two bad evals after 0.4 (0.41, 0.40) -> x0.1;
   # after 0.39: 0.395, 0.42 -> x0.1; then 0.45, 0.44 -> x0.1.
   np.testing.assert_allclose(scales, [1, 1, 1, .1, .1, .1, .01, .01, .001])
+
+
+def test_reduce_on_plateau_with_the_values_the_state_keeps():
+  """As training calls it: float32/int32 values fetched from the device (read-only 0-d
+  arrays), and a float64 error that float32 rounds up (21/23): an unchanged error is
+  no improvement."""
+  def as_kept(v):
+    return jax.device_get({"lr_scale": jnp.float32(v["lr_scale"]),
+                           "best_error": jnp.float32(v["best_error"]),
+                           "bad_evals": jnp.int32(v["bad_evals"])})
+  vals = as_kept({"lr_scale": 1.0, "best_error": np.inf, "bad_evals": 0})
+  scales = []
+  for _ in range(5):
+    vals = as_kept(train_state.plateau_update(vals, 21 / 23, patience=2, factor=0.1))
+    scales.append(float(vals["lr_scale"]))
+  np.testing.assert_allclose(scales, [1, 1, .1, .1, .01], rtol=1e-6)
 
 
 def test_step_schedule():
@@ -156,6 +172,63 @@ def test_bad_batch_and_restore_path_are_errors(fmnist_dir, tmp_path):
     train.train_and_evaluate(c, str(tmp_path / "c"))
 
 
+def test_plateau_without_evaluation_during_training_is_a_config_error(fmnist_dir, tmp_path):
+  # 64 training images in batches of 8: 8 steps per epoch.
+  c = small_config(fmnist_dir, steps=4)
+  c.schedule = "plateau"
+  with pytest.raises(ValueError, match=r"eval_every_epochs=0\.0 and num_train_steps=4 never "
+                                       r"evaluates.*allowed: 0 < eval_every_epochs"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")          # raised before any work
+  c.eval_every_epochs = 0.5                  # every 4 steps: the last one, never evaluated
+  with pytest.raises(ValueError, match="eval_every_epochs=0.5 and num_train_steps=4"):
+    train.validate(c, 4)
+  c.num_train_steps = 5                      # an evaluation after step 4
+  train.validate(c, 4)
+  c = configs.default_config()               # epochs: needs no dataset
+  c.eval_every_epochs = c.num_epochs
+  with pytest.raises(ValueError, match="eval_every_epochs=70.0 and num_epochs=70.0"):
+    train.validate(c, 4)
+  c.eval_every_epochs = 69.0
+  train.validate(c, 4)
+
+
+def test_plateau_drops_rate_after_patience_and_survives_resume(fmnist_dir, tmp_path):
+  """A rate too small to move a float32 weight: the validation error cannot improve, so
+  after the first evaluation every one is bad and the rate drops x factor every
+  ``patience`` evaluations.  The run stops after step 9 and resumes (a second process would
+  do the same): the rows, from both, must follow the definition for one uninterrupted run."""
+  steps, base, patience, factor = 13, 1e-20, 2, 0.1
+  every = 2                                  # 0.25 epochs of 8 steps
+  c = small_config(fmnist_dir, steps=steps)
+  c.schedule, c.learning_rate = "plateau", base
+  c.eval_every_epochs, c.plateau_patience, c.plateau_factor = 0.25, patience, factor
+  # By the definition: evaluations after steps 2, 4, ..., 12; the 1st improves on +inf,
+  # then every `patience`-th bad one (the 3rd, the 5th) lowers the rate of the next steps.
+  evals = list(range(every, steps, every))
+  drops = [s for i, s in enumerate(evals) if i > 0 and i % patience == 0]
+  assert drops == [6, 10]
+  expected = [base * factor ** sum(d < t for d in drops) for t in range(1, steps + 1)]
+  one, wd = jax.devices()[:1], str(tmp_path / "wd")
+  c9 = c.copy_and_resolve_references()
+  c9.num_train_steps = 9                     # after the 4th evaluation: one bad one pending
+  train.train_and_evaluate(c9, wd, devices=one)
+  res = train.train_and_evaluate(c, wd, devices=one)   # resumes from step 9
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  (error,) = {r["top1_error"] for r in rows if r["split"] == "eval"}   # it never improved
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == list(range(1, steps + 1))
+  np.testing.assert_allclose([r["learning_rate"] for r in train_rows], expected, rtol=1e-6)
+  # The bookkeeping saved at step 9 and at the end, as the definition has it: after the
+  # drop at 6 one bad evaluation (8), after the drop at 10 one (12).
+  for step, scale in ((9, factor), (steps, factor ** 2)):
+    saved = saved_state(os.path.join(wd, "checkpoints", str(step)))
+    assert float(saved["lr_scale"]) == pytest.approx(scale, rel=1e-6), step
+    assert float(saved["best_error"]) == pytest.approx(error, rel=1e-6), step
+    assert int(saved["bad_evals"]) == 1, step
+  assert res["lr_scale"] == pytest.approx(factor ** 2, rel=1e-6)
+
+
 @pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_tiny_workdir_fixture(tiny_workdir):
   assert rundir.evolution_checkpoints(tiny_workdir) == [(1.0, 16), (2.0, 32), (3.0, 48)]
@@ -180,6 +253,7 @@ def test_mock_imagenet_full_zfnet_train_and_eval_step(tmp_path):
   c.num_train_steps = 1
   c.eval_batch_size = 4
   c.eval_every_epochs = 0.0
+  c.schedule = "constant"        # plateau would need evaluations during the run
   c.ten_crop_eval = False
   c.evolution_epochs = ()
   c.report.enabled = False

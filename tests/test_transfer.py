@@ -72,8 +72,9 @@ def test_scores_by_hand():
   # AP of class 0 (scores 0.9, 0.8, 0.7, 0.1 for labels 1, 0, 1, 0): (1/1 + 2/3) / 2.
   labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
   scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.1, 0.9]])
+  ap0 = (1 + 2 / 3) / 2
   ap1 = (1 / 2 + 2 / 3) / 2      # class 1 ranks: 0.9 (neg), 0.3 (pos), 0.2 (pos), 0.1 (neg)
-  assert transfer.mean_average_precision(labels, scores) == pytest.approx(((1 + 2 / 3) / 2 + ap1) / 2)
+  assert transfer.mean_average_precision(labels, scores) == pytest.approx((ap0 + ap1) / 2)
 
 
 def test_load_digits():
@@ -155,34 +156,60 @@ def test_probes_table_and_transfer_consistent(tiny):
   assert trows[1][1] == "not run"
 
 
-def multilabel_data():
+def multilabel_data(planted=True):
+  """60 noise images; each of 3 classes present w.p. 0.4.  ``planted``: class k brightens
+  rows [11k, 11k + 10) (+200, clipped), a signal any useful feature finds.  Test: the last 20."""
   rng = np.random.default_rng(0)
   x = rng.uniform(0, 255, (60, 32, 32, 1)).astype(np.float32)
   y = (rng.uniform(size=(60, 3)) < 0.4).astype(np.int32)
-  x[y[:, 0] == 1, :16] += 200             # class 0 visible in the top half
+  for k in range(3 if planted else 0):
+    x[y[:, k] == 1, 11 * k:11 * k + 10] += 200
   return transfer.TargetData(np.clip(x, 0, 255), y, ["a", "b", "c"], multilabel=True,
                              split=(np.arange(40), np.arange(40, 60)))
 
 
+def chance_map(labels, draws=4000):
+  """Expected mAP (%) of random rankings: per class, the mean over random orders of the
+  precision at each positive's rank, by NumPy (sklearn's AP without ties)."""
+  rng = np.random.default_rng(0)
+  aps = []
+  for k in range(labels.shape[1]):
+    for _ in range(draws):
+      ranked = labels[rng.permutation(len(labels)), k]
+      hits = np.cumsum(ranked)
+      aps.append(np.mean((hits / np.arange(1, len(ranked) + 1))[ranked == 1]))
+  return 100 * np.mean(aps)
+
+
 def test_multilabel_probes(tiny):
+  """Every probe finds the planted classes (mAP far above chance); without the signal the
+  same probes score near chance."""
   m, v = tiny
   data = multilabel_data()
+  chance = chance_map(data.labels[40:])
+  assert 40 < chance < 55
   header, rows = transfer.probes(m, v, data.images.mean(0), data, small_tc(layers=(2, 7)), 32)
   assert header[3:5] == ["svm all (mAP %)", "softmax all (mAP %)"]
   assert [r[0] for r in rows] == ["2", "7"]
-  assert all(0.0 <= float(r[k]) <= 100.0 for r in rows for k in (3, 4))
+  assert all(chance + 35 <= float(r[k]) <= 100.0 for r in rows for k in (3, 4)), (chance, rows)
+  noise = multilabel_data(planted=False)
+  _, rows = transfer.probes(m, v, noise.images.mean(0), noise, small_tc(layers=(2, 7)), 32)
+  assert all(abs(float(r[k]) - chance) < 15 for r in rows for k in (3, 4)), (chance, rows)
 
 
 @pytest.mark.slow
 def test_scratch_control(tiny):
+  """The from-scratch model (100 SGD steps) learns the planted classes: its mAP beats
+  chance by 20 points (the frozen features' softmax by 35)."""
   m, v = tiny
   data = multilabel_data()
-  tc = small_tc(scratch_steps=3, scratch_batch_size=8)
+  tc = small_tc(scratch_steps=100, scratch_batch_size=16)
   header, rows = transfer.transfer(m, v, data.images.mean(0), data, tc, 32)
   assert header == ["model", "all (mAP %)"]
   assert rows[1][0] == "same architecture from scratch"
-  for r in rows:
-    assert 0.0 <= float(r[1]) <= 100.0
+  chance = chance_map(data.labels[40:])
+  assert chance + 35 <= float(rows[0][1]) <= 100.0, (chance, rows)
+  assert chance + 20 <= float(rows[1][1]) <= 100.0, (chance, rows)
 
 
 def test_bad_config_errors(tiny):

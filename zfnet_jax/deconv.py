@@ -179,7 +179,12 @@ def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
       on ties).
     rule: "deconvnet" (Zeiler & Fergus), "guided" or "backprop" (gradient).
   Returns:
-    (N, S, S, C) projections, the same dtype as the model's compute dtype.
+    (N, S, S, C) projections in the dtype of ``images`` (a VJP returns its input's
+    dtype): a bfloat16 model computes the way down in bfloat16 and float32 images
+    get float32 projections.  In bfloat16 a max-pool switch or a ReLU's sign can
+    flip where values lie within bfloat16's precision (8 significant bits) of each
+    other or of zero, so deep layers' projections can differ from float32 ones by
+    more than rounding.
   Works under ``jax.jit`` (``layer``, ``channel``, ``position``, ``rule`` static).
   """
   layers.check_rule(rule)
@@ -239,7 +244,8 @@ def project_many(model: models.PaperNet, variables, images: jax.Array, *,
       every chunk reuses one compilation per layer.
     progress: show a tqdm bar over chunks.
   Returns:
-    (R, S, S, C) projections, in request order.
+    (R, S, S, C) projections in request order, in the dtype of ``images`` (as
+    ``project``).
   """
   layers.check_rule(rule)
   check_images(model, variables, images)
@@ -425,7 +431,8 @@ def project_fn(fn: Callable, images: jax.Array, *, channel, position=None,
     return_info: also return the (N, 2) positions used and the (N,) activation
       values the projections started from.
   Returns:
-    (N, H, W, C) projections (and the info, if asked).
+    (N, H, W, C) projections in the dtype of ``images`` whatever ``fn`` computes in
+    (and the info, if asked).
   """
   layers.check_rule(rule)
   shape = getattr(images, "shape", None)

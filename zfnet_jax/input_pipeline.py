@@ -163,17 +163,13 @@ def _np_resize_centre(images: np.ndarray, size: int) -> np.ndarray:
   return _resize_axis(x, _resize_taps(w, nw, (nw - size) // 2, size), 2)
 
 
-def random_crops_and_flips(images: np.ndarray, crop: int, rng: np.random.Generator,
-                           flip: bool = True) -> np.ndarray:
-  """(N, R, R, C) -> (N, crop, crop, C): a uniform random crop per image, flipped w.p. 1/2."""
-  n, r = images.shape[0], images.shape[1]
-  tops = rng.integers(0, r - crop + 1, n)
-  lefts = rng.integers(0, r - crop + 1, n)
-  flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
-  out = np.empty((n, crop, crop, images.shape[3]), np.float32)
-  for i in range(n):
-    x = images[i, tops[i]:tops[i] + crop, lefts[i]:lefts[i] + crop]
-    out[i] = x[:, ::-1] if flips[i] else x
+def crops_and_flips(images: np.ndarray, crop: int, tops, lefts, flips) -> np.ndarray:
+  """(N, R, R, C) -> (N, crop, crop, C): the window at (tops[i], lefts[i]) of image i,
+  mirrored left-right where flips[i]."""
+  out = np.empty((images.shape[0], crop, crop, images.shape[3]), np.float32)
+  for i, (t, l, f) in enumerate(zip(tops, lefts, flips)):
+    x = images[i, t:t + crop, l:l + crop]
+    out[i] = x[:, ::-1] if f else x
   return out
 
 
@@ -531,10 +527,7 @@ def create_train_iterator(config, workdir: str | None, start_step: int = 0,
         flips = (rng.random(batch) < 0.5) & bool(d.random_flip)
         sl = slice(process_index * local, (process_index + 1) * local)
         full = _np_resize_centre(images[idx], d.resize_size) - mean
-        out = np.empty((local, d.crop_size, d.crop_size, full.shape[-1]), np.float32)
-        for i, (t, l, f) in enumerate(zip(tops[sl], lefts[sl], flips[sl])):
-          x = full[i, t:t + d.crop_size, l:l + d.crop_size]
-          out[i] = x[:, ::-1] if f else x
+        out = crops_and_flips(full, d.crop_size, tops[sl], lefts[sl], flips[sl])
         yield {"image": out, "label": labels[idx]}
         step += 1
     return _prefetch(gen(), d.prefetch)

@@ -77,6 +77,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
   plan = None
   if write_report:
     plan = validate_report(config)  # before hours of training, not after
+    d = config.analyses
+    if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and \
+        report.comparison_workdir(config, workdir) is not None:
+      train.validate(report.comparison_config(config))
   out = {}
   if train_model:
     results = train.train_and_evaluate(config, workdir,

@@ -114,7 +114,9 @@ def plateau_update(state_vals: dict, error: float, patience: int, factor: float)
 
   ``state_vals`` has lr_scale, best_error, bad_evals; returns the new values.
   """
-  scale, best, bad = state_vals["lr_scale"], state_vals["best_error"], state_vals["bad_evals"]
+  scale, best, bad = (float(state_vals["lr_scale"]), float(state_vals["best_error"]),
+                      int(state_vals["bad_evals"]))
+  error = float(np.float32(error))     # best_error is kept in float32
   if error < best - 1e-9:
     return {"lr_scale": scale, "best_error": error, "bad_evals": 0}
   bad += 1
