@@ -217,7 +217,9 @@ def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
       unpools through its switches (ties: first maximum in row-major order);
   recursing into jit, closed_call, custom_jvp_call, custom_vjp_call and
   checkpoint.  Convolutions, dense layers and everything else keep their own
-  VJP (a convolution's is the paper's transposed filters).  ``max(x, y)`` with
+  VJP (a convolution's is the paper's transposed filters).  A ``custom_vjp``
+  function with a ReLU or max-pool inside is differentiated through its forward
+  pass (its own backward rule is dropped); one without keeps its rule.  ``max(x, y)`` with
   no zero operand is an ordinary op (not a ReLU) and keeps its gradient, as
   does softplus (``logaddexp(x, 0)``).  A ReLU or max-pool the rewriter cannot
   reach raises ``UnsupportedConstructError`` naming the construct: a max inside
