@@ -7,6 +7,7 @@ import gzip
 import itertools
 import os
 import struct
+import time
 
 import flax.linen as nn
 import jax
@@ -177,6 +178,17 @@ def multihost_data(path):
     return contextlib.nullcontext()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.testing.mock_data(num_examples=64, as_dataset_fn=_mock_mnist)
+
+
+def slow_down_training(delay):
+  """Make every training batch take ``delay`` s longer (so a kill lands mid-run)."""
+  make = ip.create_train_iterator
+
+  def slow(*args, **kwargs):
+    for batch in make(*args, **kwargs):
+      time.sleep(delay)
+      yield batch
+  ip.create_train_iterator = slow
 
 
 # -- NumPy references of the layers ------------------------------------------------

@@ -2,9 +2,11 @@
 on every data path: in-memory Fashion-MNIST, a folder of images, a TFDS dataset."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -32,14 +34,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", ["memory", "folder", "tfds"])
-def test_two_processes_equal_one(tmp_path, path):
-  data = helpers.make_multihost_data(path, str(tmp_path / "data"))
-  ip._fashion_mnist.cache_clear()
-  multi = str(tmp_path / "multi")
+def _run_pair(code, signal_to=None, when=None, timeout=300):
+  """Two worker processes; optionally SIGTERM ``signal_to`` once ``when()`` is true."""
   port = _free_port()
-  code = WORKER.format(tests=os.path.dirname(__file__), path=path, data=data, wd=multi)
   procs = []
   for pid in range(2):
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
@@ -47,16 +44,31 @@ def test_two_processes_equal_one(tmp_path, path):
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  if signal_to is not None:
+    t0 = time.time()
+    while not when() and time.time() - t0 < timeout:
+      time.sleep(0.1)
+    procs[signal_to].send_signal(signal.SIGTERM)
   outs = []
   for p in procs:
     try:
-      outs.append(p.communicate(timeout=300)[0])
+      outs.append(p.communicate(timeout=timeout)[0])
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
       raise
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  return [p.returncode for p in procs], outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["memory", "folder", "tfds"])
+def test_two_processes_equal_one(tmp_path, path):
+  data = helpers.make_multihost_data(path, str(tmp_path / "data"))
+  ip._fashion_mnist.cache_clear()
+  multi = str(tmp_path / "multi")
+  code = WORKER.format(tests=os.path.dirname(__file__), path=path, data=data, wd=multi)
+  codes, outs = _run_pair(code)
+  assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
   # The same run in this process on 4 devices.
   single = str(tmp_path / "single")
@@ -94,50 +106,17 @@ def test_tf_data_paths_split_one_global_order(tmp_path, path):
 
 
 PREEMPT_WORKER = r"""
-import sys, time
+import sys
 sys.path.insert(0, {tests!r})
 import helpers
-from zfnet_jax import input_pipeline, train
-make = input_pipeline.create_train_iterator
-def slow(*args, **kwargs):
-  for batch in make(*args, **kwargs):
-    time.sleep({delay})
-    yield batch
-input_pipeline.create_train_iterator = slow
+from zfnet_jax import train
+helpers.slow_down_training({delay})
 c = helpers.multihost_config("memory", {data!r}, steps={steps})
 c.distributed = True
 res = train.train_and_evaluate(c, {wd!r})
 print("RESULT", res, flush=True)
 sys.exit(75 if res.get("preempted") else 0)
 """
-
-
-def _run_pair(code, signal_to=None, when=None, timeout=300):
-  """Two worker processes; optionally SIGTERM ``signal_to`` once ``when()`` is true."""
-  import signal as signal_lib
-  import time
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs.append(subprocess.Popen([sys.executable, "-c", code], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  if signal_to is not None:
-    t0 = time.time()
-    while not when() and time.time() - t0 < timeout:
-      time.sleep(0.1)
-    procs[signal_to].send_signal(signal_lib.SIGTERM)
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-  return [p.returncode for p in procs], outs
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ class Entry:
   """A contributor of the report: ``options(config)`` is the only part of the
   config it sees; ``enabled(config)`` says whether it runs."""
   name: str
-  contributor: Any          # sections.Contributor: validate(options, net, data), sections(...)
+  contributor: sections_lib.Contributor   # validate(options, net, data), sections(context, options)
   options: Callable[[ml_collections.ConfigDict], Any]
   enabled: Callable[[ml_collections.ConfigDict], bool] = lambda config: True
   analysis: bool = False    # needs the analysed examples
