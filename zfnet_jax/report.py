@@ -132,7 +132,7 @@ REGISTRY: tuple[Entry, ...] = (
     _analysis("evolution", evolution),
     _analysis("diagnostics", diagnostics),
     Entry("transfer", transfer,
-          lambda c: _with(c.transfer, clip_radius=train_state.clip_radius(c) or 0.1),
+          lambda c: _with(c.transfer, clip_radius=train_state.clip_radius(c)),
           lambda c: bool(c.transfer.in_report)),
 )
 CORE = ("run", "atlas")   # what ``render_report(extra_sections=False)`` shows
