@@ -435,10 +435,9 @@ def pixel_mean(config, workdir: str | None) -> np.ndarray:
 def single_thread_blas():
   """Context manager: NumPy's BLAS on one thread while XLA computes.
 
-  The in-memory resizes above are BLAS matmuls run on the prefetch thread,
-  beside XLA on the same cores; OpenBLAS's idle workers spin and take those
-  cores (the quickstart trains at 9.7 instead of 7.0 steps/s on 2 cores with
-  BLAS on one thread).
+  A guard for host-side NumPy on the prefetch thread beside XLA: OpenBLAS's idle
+  workers spin and take XLA's cores.  (The in-memory resize itself uses no BLAS
+  any more; when it did, the quickstart trained at 7 steps/s without this guard.)
   """
   return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
