@@ -406,7 +406,7 @@ def main(argv=None):
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "backend": backend, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-      "processor": _cpu_name(), "load_average": [round(x, 2) for x in load],
+      "processor": rundir.machine()["cpu"], "load_average": [round(x, 2) for x in load],
       "versions": rundir.versions(), "compute_dtype": dtype, "batch": args.batch,
       "xla_cpu_conv_flag": conv.xla_cpu_configured(), "quick": args.quick,
   }
@@ -459,17 +459,6 @@ def main(argv=None):
                  "rows": [{"name": n, "value": v, "unit": u, "note": no}
                           for n, v, u, no in ROWS]}, f, indent=1)
     print(f"wrote {args.json}")
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def test_damaged_latest_checkpoint_falls_back_and_says_so(data, tmp_path, capsys
   os.makedirs(os.path.join(partial, "state"))
   open(os.path.join(partial, "state", "_METADATA"), "w").write('{"tree": ')
   res = run(tiny_config(fmnist_dir), wd)
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err
   assert f"checkpoint step {STEPS} in {wd}/checkpoints is damaged" in out
   assert f"falling back to checkpoint step {STEPS - EVERY}" in out
   assert os.listdir(os.path.join(wd, "checkpoints_damaged"))
@@ -178,12 +178,12 @@ def test_flipped_byte_in_latest_checkpoint_falls_back_and_trains_identically(dat
   with pytest.raises(ValueError, match=re.escape(bad)):
     checkpoints.load_trained(wd)
   res = run(tiny_config(fmnist_dir), wd)
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err
   warning = [line for line in out.splitlines() if "damaged" in line]
   assert len(warning) == 2, out[-3000:]           # the damage, then the fallback
-  assert warning[0].startswith(f"WARNING: checkpoint step {STEPS} in {wd}/checkpoints is "
+  assert warning[0].startswith(f"warning: checkpoint step {STEPS} in {wd}/checkpoints is "
                                "damaged") and bad in warning[0]
-  assert warning[1].startswith(f"WARNING: falling back to checkpoint step {STEPS - EVERY}")
+  assert warning[1].startswith(f"warning: falling back to checkpoint step {STEPS - EVERY}")
   assert [d.split(".")[0] for d in os.listdir(os.path.join(wd, "checkpoints_damaged"))] == \
       [str(STEPS)]
   assert res["steps"] == STEPS and steps_on_disk(wd) == [STEPS - EVERY, STEPS]
@@ -204,8 +204,8 @@ def test_checksum_manifests_and_checkpoints_without_them(data, tmp_path, capsys)
     os.remove(manifest)                     # as a checkpoint written before manifests
   assert_same(params_of(wd), full)
   res = run(tiny_config(fmnist_dir), wd)
-  out = capsys.readouterr().out
-  assert f"Resuming from checkpoint step {STEPS}" in out and "damaged" not in out
+  out = capsys.readouterr()
+  assert f"Resuming from checkpoint step {STEPS}" in out.out and "damaged" not in out.err
   assert res["steps"] == STEPS
 
 

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from tqdm.auto import tqdm
 
-from zfnet_jax import deconv, figures
+from zfnet_jax import console, deconv, figures
 from zfnet_jax import layers as layers_lib
 from zfnet_jax import models
 from zfnet_jax import sections as sections_lib
@@ -179,7 +178,7 @@ def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
   state = None
   track = {l: np.asarray(c) for l, c in (track or {}).items()}
   images, labels, seen = {}, {}, 0
-  bar = tqdm(total=total, desc="top-k scan", unit="ex", disable=not progress)
+  bar = console.progress(total=total, desc="top-k scan", unit="ex", disable=not progress)
   for batch in batches:
     ids = np.asarray(batch["id"]).astype(np.int64)
     mask = np.asarray(batch.get("mask", np.ones(ids.shape, bool)), bool)
@@ -297,7 +296,7 @@ def build(net, variables, batches: Iterable[Mapping[str, np.ndarray]],
   result = scan(net, variables, batches, layers=layers, k=k, track=shown, total=total,
                 progress=progress)
   atlas = {}
-  for l in tqdm(layers, desc="projections", disable=not progress):
+  for l in console.progress(layers, desc="projections", unit="layer", disable=not progress):
     atlas[l] = project(net, variables, result, l, shown[l], pixel_mean, rule=rule,
                        chunk_size=chunk_size)
   return atlas, result

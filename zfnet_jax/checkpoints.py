@@ -17,13 +17,12 @@ import os
 import shutil
 import time
 
-from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from zfnet_jax import configs, input_pipeline, models, rundir, train_state
+from zfnet_jax import configs, console, input_pipeline, models, rundir, train_state
 
 
 def manager(ckpt_dir: str, keep: int, keep_steps=(), read_only: bool = False
@@ -116,8 +115,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
     except Exception as e:  # pylint: disable=broad-except
       msg = (f"checkpoint step {step} in {ckpt_dir} is damaged or unreadable "
              f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
-      logging.warning(msg)
-      print(f"WARNING: {msg}", flush=True)
+      console.say(msg, warn=True)
       damaged.append((step, e))
       continue
     if damaged:
@@ -128,8 +126,8 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
           shutil.move(os.path.join(ckpt_dir, str(bad)),
                       os.path.join(aside, f"{bad}.{int(time.time())}"))
       mngr.reload()
-      print(f"WARNING: falling back to checkpoint step {step}; damaged step(s) "
-            f"{[b for b, _ in damaged]} moved to {aside}", flush=True)
+      console.say(f"falling back to checkpoint step {step}; damaged step(s) "
+                  f"{[b for b, _ in damaged]} moved to {aside}", warn=True)
     return state, meta, step
   raise ValueError(
       f"no checkpoint in {ckpt_dir} can be restored (steps {steps}; last error "

@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
+from zfnet_jax import console
 from zfnet_jax import layers
 from zfnet_jax import models
 from zfnet_jax import rewrite
@@ -242,7 +242,7 @@ def project_many(model: models.PaperNet, variables, images: jax.Array, *,
     chunk_size: requests per jitted batch (bounds memory: one forward and one
       VJP of ``chunk_size`` images at a time).  The last chunk is padded, so
       every chunk reuses one compilation per layer.
-    progress: show a tqdm bar over chunks.
+    progress: show a progress bar over chunks.
   Returns:
     (R, S, S, C) projections in request order, in the dtype of ``images`` (as
     ``project``).
@@ -284,7 +284,8 @@ def _project_requests(batch, table, images, layer, channels, positions, chunk_si
     groups.setdefault(name, []).append(i)
   chunks = [(name, idx[s:s + chunk_size]) for name, idx in groups.items()
             for s in range(0, len(idx), chunk_size)]
-  chunks = tqdm.tqdm(chunks, desc=f"projections ({rule})", unit="chunk", disable=not progress)
+  chunks = console.progress(chunks, desc=f"projections ({rule})", unit="chunk",
+                            disable=not progress)
   size = min(chunk_size, r)
   outs, order = [], []
   for name, idx in chunks:

@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import threadpoolctl
 
-from zfnet_jax import rundir
+from zfnet_jax import console, rundir
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -273,8 +273,7 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
     raise ValueError(f"folder dataset {base!r} split {split!r} has no readable images "
                      f"(extensions {', '.join(IMAGE_EXTENSIONS)}; {skipped} corrupt)")
   if skipped:
-    from absl import logging
-    logging.warning("folder dataset %s: skipped %d corrupt/unreadable files", base, skipped)
+    console.say(f"folder dataset {base}: skipped {skipped} corrupt/unreadable files", warn=True)
   return tuple(paths), tuple(labels), tuple(classes), skipped
 
 

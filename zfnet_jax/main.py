@@ -4,13 +4,16 @@ r"""Command line: train and evaluate, then write the visual report.
   python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs \
       --mode=report --config.report.rule=guided
 
-Console: progress lines and warnings; ``--verbosity=0`` brings back the
-libraries' INFO logging (Orbax, JAX).
+Console: the plan, an estimate of the time left, one progress bar per long phase
+(plain lines every 30 s when the output is not a terminal), warnings, and a summary
+table with the report's path; ``--verbosity=0`` brings back the libraries' INFO
+logging (Orbax, JAX).
 
 Exit codes: 0 done; 1 crash (a bug: traceback) or non-finite loss; 2 bad input
 (config, data, paths: a one-line ``error: ...``); 75 stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume).
 """
+import logging as std_logging
 import os
 import sys
 
@@ -40,11 +43,17 @@ def main(argv):
     sys.exit(1)
 
 
+def _no_orbax_warnings(record) -> bool:
+  """Orbax warns on every read-only restore ("Given directory is read only"): errors only."""
+  return record.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:   # library INFO chatter (Orbax, JAX) off by default
+  if not FLAGS["verbosity"].present:   # library chatter (Orbax, JAX) off by default
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_no_orbax_warnings)
   conv.configure_xla_cpu()   # before JAX starts (imported below)
   # pylint: disable=g-import-not-at-top
   from zfnet_jax import pipeline
@@ -58,11 +67,9 @@ def run(argv):
                      write_report=config.report.enabled or FLAGS.mode == "report")
   if out.get("preempted"):
     sys.exit(pipeline.EXIT_PREEMPTED)
-  if out.get("report"):
-    logging.info("report: %s", out["report"])
-    print(f"Report written to {out['report']}")
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")     # TensorFlow's C++ INFO lines
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its oneDNN notice (tf.data only here)
   app.run(main)

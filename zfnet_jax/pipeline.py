@@ -8,11 +8,13 @@ once, before any long work: training's by ``train.validate``, the report's by
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import jax
 import ml_collections
 
-from zfnet_jax import input_pipeline, models, report, rundir, sections, train
+from zfnet_jax import console, input_pipeline, models, report, rundir, sections, train
 from zfnet_jax.analyses import evolution
 
 EXIT_PREEMPTED = train.EXIT_PREEMPTED
@@ -64,34 +66,165 @@ def train_comparison(config: ml_collections.ConfigDict, workdir: str) -> str | N
   has finished there; returns that workdir (None when the model has no counterpart)."""
   sub = report.comparison_workdir(config, workdir)
   if sub is not None and not os.path.exists(rundir.path(sub, rundir.RESULTS)):
-    print(f"Training the comparison model {report.COUNTERPART[config.model.name]} in {sub}",
-          flush=True)
+    console.say(f"training the comparison model {report.COUNTERPART[config.model.name]} in {sub}")
     train.train_and_evaluate(report.comparison_config(config), sub)
   return sub
 
 
+# Work of each phase in training steps of this run (measured on the quickstart, AMD EPYC,
+# 2026-12-03): a forward pass costs about a third of a training step; the report's
+# sections cost about REPORT_STEPS steps plus two forward passes over the scanned split.
+FORWARD_STEP_FRACTION = 1 / 3
+REPORT_STEPS = 1200
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
+         write_report: bool, report_plan: list | None) -> list[str]:
+  """The lines ``run`` prints before it starts: what it will do, in order."""
+  info = input_pipeline.dataset_info(config)
+  spe = input_pipeline.steps_per_epoch(config)
+  steps = train.total_steps(config, spe)
+  lines = [f"zfnet_jax: {config.model.name} on {config.dataset.name} "
+           f"({info.num_train} training, {info.num_eval} {config.dataset.eval_split} images) "
+           f"in {os.path.abspath(workdir)}"]
+  todo = []
+  if train_model:
+    crops = "10 crops" if config.ten_crop_eval else "centre crop"
+    todo.append(f"train {steps / spe:g} epochs ({steps} steps of {config.batch_size} images, "
+                f"{config.optimizer}), then evaluate ({crops})")
+  if write_report:
+    if _comparison_wanted(config, workdir):
+      c = report.comparison_config(config)
+      todo.append(f"train the comparison model {c.model.name} for {c.num_epochs:g} epoch(s) "
+                  f"(Fig. 6)")
+    todo.append("write the report: " + ", ".join(e.name for e, _ in report_plan or []))
+  lines += [f"  {n}. {t}" for n, t in enumerate(todo, 1)]
+  if train_model:
+    lines.append("  (an estimate of the time follows once training has a rate)")
+  return lines
+
+
+def _comparison_wanted(config, workdir) -> bool:
+  d = config.analyses
+  return bool(d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and
+              report.comparison_workdir(config, workdir) is not None and
+              not os.path.exists(rundir.path(report.comparison_workdir(config, workdir),
+                                             rundir.RESULTS)))
+
+
+def estimate_seconds(config, workdir: str, step_seconds: float, *, remaining_steps: int,
+                     write_report: bool) -> dict[str, float]:
+  """Seconds left per phase at ``step_seconds`` per training step (a rough model)."""
+  info = input_pipeline.dataset_info(config)
+  fwd = step_seconds * FORWARD_STEP_FRACTION / config.batch_size   # seconds per image forward
+  crops = 10 if config.ten_crop_eval else 1
+  out = {"training": remaining_steps * step_seconds,
+         "final evaluation": info.num_eval * crops * fwd}
+  if write_report:
+    if _comparison_wanted(config, workdir):
+      c = report.comparison_config(config)
+      out["comparison"] = (train.total_steps(c, input_pipeline.steps_per_epoch(c)) *
+                           step_seconds + out["final evaluation"])
+    scanned = info.num_eval if config.report.max_examples < 0 else min(
+        info.num_eval, config.report.max_examples)
+    out["report"] = REPORT_STEPS * step_seconds + 2 * scanned * fwd
+  return out
+
+
+class _Estimate:
+  """A training hook: after ``skip`` steps (compilation) and ``measure`` more, prints
+  how long the whole job will take at the measured rate."""
+
+  def __init__(self, config, workdir, write_report, skip=20, measure=80):
+    self.config, self.workdir, self.write_report = config, workdir, write_report
+    self.skip, self.measure, self.first, self.t0 = skip, measure, None, None
+
+  def __call__(self, step, state, writer):
+    del state, writer
+    if self.first is None:
+      self.first = step
+    if step == self.first + self.skip:
+      self.t0 = time.time()
+    elif self.t0 is not None and step == self.first + self.skip + self.measure:
+      spe = input_pipeline.steps_per_epoch(self.config)
+      left = train.total_steps(self.config, spe) - step
+      est = estimate_seconds(self.config, self.workdir, (time.time() - self.t0) / self.measure,
+                             remaining_steps=left, write_report=self.write_report)
+      parts = ", ".join(f"{k} {console.minutes(v)}" for k, v in est.items())
+      done = time.strftime("%H:%M", time.localtime(time.time() + sum(est.values())))
+      console.say(f"estimate: about {console.minutes(sum(est.values()))} left ({parts}); "
+                  f"done around {done}")
+
+
+def _read_or_empty(file: str) -> dict:
+  return rundir.read_json(file) if os.path.exists(file) else {}
+
+
+def summary_table(config, workdir: str, out: dict, phases: console.Phases,
+                  started: float) -> str:
+  """The table ``run`` prints at the end: results, time per phase, where things are."""
+  rows = []
+  results = out.get("results") or _read_or_empty(rundir.path(workdir, rundir.RESULTS))
+  if results.get("top1_error") is not None:
+    rows.append(("top-1 error", f"{results['top1_error']:.4f} (centre crop, "
+                 f"{results.get('num_eval_examples', '?')} {config.dataset.eval_split} images)"))
+    if results.get("top1_error_10crop") == results.get("top1_error_10crop"):   # not NaN
+      rows.append(("top-1 error, 10 crops", f"{results['top1_error_10crop']:.4f}"))
+    rows.append(("top-5 error", f"{results['top5_error']:.4f}"))
+  for name, sec in phases.seconds.items():
+    rows.append((name, console.minutes(sec)))
+  for name, sec in out.get("report_sections", {}).items():
+    rows.append((f"  {name}", console.minutes(sec)))
+  rows.append(("total", console.minutes(time.time() - started)))
+  if out.get("report"):
+    rows.append(("report", out["report"]))
+  rows.append(("records", os.path.join(os.path.abspath(workdir), "{results,timings}.json")))
+  return console.table(rows, f"zfnet_jax: {config.model.name} on {config.dataset.name}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = True,
         write_report: bool = True) -> dict:
-  """Train (resuming) and/or write the report; returns {"results", "preempted", "report"}."""
+  """Train (resuming) and/or write the report; returns {"results", "preempted", "report"}.
+
+  Prints the plan first, an estimate of the time left once training has a rate, and a
+  summary table at the end; writes <workdir>/timings.json (seconds per phase, machine,
+  command, versions).  The total counts from ``$ZFNET_JAX_STARTED`` (seconds since the
+  epoch) when set, so ``launch/quickstart.sh`` includes its install step.
+  """
+  started = float(os.environ.get("ZFNET_JAX_STARTED") or time.time())
   train.maybe_initialize_distributed(config)
-  plan = None
+  report_plan = None
   if write_report:
-    plan = validate_report(config)  # before hours of training, not after
+    report_plan = validate_report(config)  # before hours of training, not after
     d = config.analyses
     if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and \
         report.comparison_workdir(config, workdir) is not None:
       train.validate(report.comparison_config(config))
-  out = {}
+  for line in plan(config, workdir, train_model=train_model, write_report=write_report,
+                   report_plan=report_plan):
+    console.say(line)
+  phases, out = console.Phases(), {}
   if train_model:
-    results = train.train_and_evaluate(config, workdir,
-                                       hooks=training_hooks(config, workdir))
+    hooks = training_hooks(config, workdir) + [_Estimate(config, workdir, write_report)]
+    with phases("training and evaluation"):
+      results = train.train_and_evaluate(config, workdir, hooks=hooks)
     out["results"] = results
     if results.get("preempted"):
       out["preempted"] = True
       return out
   if write_report:
-    d = config.analyses
-    if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison:
-      train_comparison(config, workdir)
-    out["report"] = report.write_report(config, workdir, plan=plan)
+    if _comparison_wanted(config, workdir):
+      with phases("comparison model"):
+        train_comparison(config, workdir)
+    with phases("report"):
+      out["report"] = report.write_report(config, workdir, plan=report_plan)
+    out["report_sections"] = _read_or_empty(
+        os.path.join(os.path.dirname(out["report"]), rundir.TIMINGS))
+  if jax.process_index() == 0:
+    rundir.write_json(rundir.path(workdir, rundir.TIMINGS), {
+        "phases": phases.seconds, "report_sections": out.get("report_sections", {}),
+        "total_seconds": time.time() - started, "machine": rundir.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
+        "versions": rundir.versions()})
+  console.say(summary_table(config, workdir, out, phases, started))
   return out

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from zfnet_jax import atlas, checkpoints, deconv, figures, input_pipeline, models, rundir
+from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, rundir
 from zfnet_jax import sections as sections_lib
 from zfnet_jax import train_state, transfer
 from zfnet_jax.analyses import correspondence, diagnostics, evolution, invariance, occlusion
@@ -279,12 +279,17 @@ def render_report(config, workdir: str, model, variables,
     context = build_context(config, workdir, net, variables, batches, pixel_mean, data, tmp,
                             class_names=class_names, total=total, progress=progress,
                             analysed=any(e.analysis for e, _ in plan))
-    page = []
+    page, seconds = [], {}
     with input_pipeline.single_thread_blas():
       for entry, options in plan:
+        t1 = time.time()
         page += entry.contributor.sections(context, options)
         if entry.name == "run":
           page.append(_overview(config, model, size, channels, class_names))
+        seconds[entry.name] = time.time() - t1
+        if progress:
+          console.say(f"report: {entry.name} done in {console.minutes(seconds[entry.name])}")
+    rundir.write_json(os.path.join(tmp, rundir.TIMINGS), seconds)
     title = f"zfnet_jax report: {config.model.name} on {config.dataset.name}"
     note = (f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in {time.time() - t0:.0f} s "
             f"from {os.path.abspath(workdir)}.")

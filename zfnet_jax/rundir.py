@@ -23,6 +23,7 @@ import platform
 from typing import Any
 
 CONFIG = "config.json"
+TIMINGS = "timings.json"
 DATASET_INFO = "dataset_info.json"
 EVOLUTION = "evolution.json"
 MEAN = "pixel_mean.npy"
@@ -69,6 +70,17 @@ def versions() -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
       pass
   return out
+
+
+def machine() -> dict[str, object]:
+  """{cpu, cores, platform}: the machine a figure was measured on (cpu from /proc/cpuinfo)."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def read_metrics(file: str) -> tuple[list[dict], int]:

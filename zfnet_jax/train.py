@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from zfnet_jax import checkpoints, input_pipeline, models, rundir, train_state
+from zfnet_jax import checkpoints, console, input_pipeline, models, rundir, train_state
 
 AXIS = "data"
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
@@ -300,9 +300,7 @@ class Run:
   tx: optax.GradientTransformation
 
   def say(self, msg: str, warn: bool = False) -> None:
-    (logging.warning if warn else logging.info)(msg)
-    if jax.process_index() == 0:
-      print(msg, flush=True)
+    console.say(msg, warn=warn)
 
 
 def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
@@ -356,7 +354,7 @@ def restore_or_initialise(run: Run, mngr) -> train_state.TrainState:
     run.say(f"Starting from {config.restore_path} step {step}")
   start = int(jax.device_get(state.step))
   if start > run.num_steps:
-    logging.warning("checkpoint step %d is past the run's %d steps", start, run.num_steps)
+    run.say(f"checkpoint step {start} is past the run's {run.num_steps} steps", warn=True)
   return state
 
 
@@ -403,18 +401,20 @@ def evaluate_and_plateau(run: Run, state, step: int, log: MetricsLog):
                              for k, v in vals.items()})
     res["lr_scale"] = float(vals["lr_scale"])
   log.write(step, step / run.steps_per_epoch, "eval", res)
-  if jax.process_index() == 0:
-    print(f"eval step {step}: top1_err {res['top1_error']:.4f} "
-          f"top5_err {res['top5_error']:.4f}", flush=True)
+  run.say(f"evaluation at step {step} (epoch {step / run.steps_per_epoch:.2f}): top-1 error "
+          f"{res['top1_error']:.4f}, top-5 error {res['top5_error']:.4f}")
   return state
 
 
 class _Progress:
-  """Averages the pending step metrics every ``log_every_steps`` steps and reports them."""
+  """The training bar: averages the pending step metrics every ``log_every_steps`` steps,
+  writes them to the metrics log and shows loss, error and learning rate."""
 
   def __init__(self, run: Run, start: int):
     self.run, self.pending = run, []
     self.t_log, self.step_log = time.time(), start
+    self.bar = console.progress(desc=f"training {run.config.model.name}", total=run.num_steps,
+                                initial=start, unit="step")
 
   def add(self, metrics) -> None:
     self.pending.append(metrics)
@@ -430,12 +430,13 @@ class _Progress:
     avg["steps_per_second"] = sps
     avg["images_per_second"] = sps * run.config.batch_size
     log.write(step, step / run.steps_per_epoch, "train", avg)
-    eta = (run.num_steps - step) / max(sps, 1e-9)
-    logging.info("step %d/%d loss %.4f", step, run.num_steps, avg["loss"])
-    if jax.process_index() == 0:
-      print(f"step {step}/{run.num_steps} epoch {step / run.steps_per_epoch:.2f} loss "
-            f"{avg['loss']:.4f} top1_err {avg['top1_error']:.4f} lr "
-            f"{avg['learning_rate']:.2e} {sps:.2f} steps/s ETA {eta / 60:.1f} min", flush=True)
+    self.bar.set_postfix(epoch=f"{step / run.steps_per_epoch:.2f}", loss=f"{avg['loss']:.4f}",
+                         err=f"{avg['top1_error']:.4f}", lr=f"{avg['learning_rate']:.1e}",
+                         refresh=False)
+    self.bar.update(step - self.bar.n)
+
+  def close(self) -> None:
+    self.bar.close()
 
 
 class _Preemption:
@@ -472,16 +473,21 @@ class _Preemption:
 def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> dict:
   """Errors on the eval split (10 crops if configured); writes results.json."""
   config = run.config
+  t0 = time.time()
   res = evaluate(config, run.workdir, state, run.model, run.mesh, ten_crop=config.ten_crop_eval)
   if not config.ten_crop_eval:
     res["top1_error_10crop"] = res["top5_error_10crop"] = float("nan")
-  res.update(train_seconds=train_seconds, steps=int(jax.device_get(state.step)),
+  res.update(train_seconds=train_seconds, eval_seconds=time.time() - t0,
+             steps=int(jax.device_get(state.step)),
              lr_scale=float(jax.device_get(state.lr_scale)))
   log.write(run.num_steps, run.num_steps / run.steps_per_epoch, "eval", res)
   if jax.process_index() == 0:
     rundir.write_json(rundir.path(run.workdir, rundir.RESULTS),
                       dict(res, versions=rundir.versions()))
-    print("results: " + json.dumps(res), flush=True)
+  crops = (f" ({res['top1_error_10crop']:.4f} with 10 crops)" if config.ten_crop_eval else "")
+  run.say(f"final evaluation of {config.model.name} on {res['num_eval_examples']} images: "
+          f"top-1 error {res['top1_error']:.4f}{crops}, top-5 error {res['top5_error']:.4f}; "
+          f"trained in {console.minutes(train_seconds)}")
   return res
 
 
@@ -519,10 +525,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     eval_every = (max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
                   if config.eval_every_epochs > 0 else 0)
     batches = input_pipeline.create_train_iterator(config, workdir, start)
-    progress = _Progress(run, start)
-    run.say(f"Training {config.model.name} on {config.dataset.name}: {run.num_steps} steps "
+    run.say(f"training {config.model.name} on {config.dataset.name}: {run.num_steps} steps "
             f"({run.steps_per_epoch} per epoch), global batch {config.batch_size} over "
             f"{devices.size} device(s)")
+    progress = _Progress(run, start)
     t0, step = time.time(), start
     with input_pipeline.single_thread_blas(), _Preemption() as preemption:
       for step in range(start + 1, run.num_steps + 1):
@@ -547,6 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
           run.say(f"SIGTERM: stopped after step {step} and saved checkpoint step {step} in "
                   f"{workdir}/checkpoints; rerun the same command to resume", warn=True)
           return {"preempted": True, "steps": step}
+    progress.close()
     train_seconds = time.time() - t0
     check_finite(state, mngr, workdir)
     return final_evaluation(run, state, log, train_seconds)

@@ -44,9 +44,8 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
-from tqdm import tqdm
 
-from zfnet_jax import checkpoints, deconv, input_pipeline, models, train_state
+from zfnet_jax import checkpoints, console, deconv, input_pipeline, models, train_state
 from zfnet_jax import sections as sections_lib
 
 LAYER_OUTPUTS = {1: ("norm1", "pool1"), 2: ("norm2", "pool2"), 3: ("conv3",), 4: ("conv4",),
@@ -106,8 +105,8 @@ def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label
   for split in splits:
     ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False)
     n0 = sum(map(len, images))
-    for img, lab in tqdm(tfds.as_numpy(ds.map(prep, num_parallel_calls=8).batch(256)),
-                         desc=f"{name}:{split}", unit="batch"):
+    for img, lab in console.progress(tfds.as_numpy(ds.map(prep, num_parallel_calls=8).batch(256)),
+                                     desc=f"{name}:{split}", unit="batch"):
       images.append(img)
       labels.append(lab)
     counts.append(sum(map(len, images)) - n0)
@@ -199,7 +198,7 @@ def extract_features(net, variables, images: np.ndarray, mean: np.ndarray,
             for l, n in names.items()}
 
   outs = {l: [] for l in names}
-  for i in tqdm(range(0, len(images), batch_size), desc="features", unit="batch"):
+  for i in console.progress(range(0, len(images), batch_size), desc="features", unit="batch"):
     x = np.asarray(images[i:i + batch_size], np.float32)
     pad = batch_size - len(x) if len(images) > batch_size else 0
     y = run(np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)]) if pad else x)
@@ -290,7 +289,7 @@ def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
   key = jax.random.PRNGKey(seed + 1)
   mean = jnp.asarray(mean, jnp.float32)
   loss = 0.0
-  for i in tqdm(range(steps), desc="scratch", unit="step"):
+  for i in console.progress(range(steps), desc="scratch", unit="step"):
     idx = rng.choice(len(images), size=min(batch_size, len(images)), replace=False)
     params, opt_state, loss = step(params, opt_state, images[idx], labels[idx], mean,
                                    jax.random.fold_in(key, i))
@@ -341,7 +340,7 @@ def probes(net, variables, mean, data: TargetData, settings, input_size: int
       for n in splits for k in settings.classifiers]
   header += [f"paper Caltech-101 30/class {k}" for k in settings.classifiers]
   rows = []
-  for l, name in tqdm(names.items(), desc="probes", unit="layer"):
+  for l, name in console.progress(names.items(), desc="probes", unit="layer"):
     f = feats[l]
     row = [str(l), name, str(f.shape[1])]
     for n, folds in splits.items():

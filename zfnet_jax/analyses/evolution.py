@@ -21,10 +21,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from PIL import Image
 
-from zfnet_jax import deconv, figures, models
+from zfnet_jax import console, deconv, figures, models
 from zfnet_jax import sections as sections_lib
 
 TILE = 48  # side of a tile in pixels (receptive-field crops are resized to it)
@@ -183,8 +182,8 @@ def grids(net, checkpoints: Sequence[tuple[float, Any]], images: np.ndarray,
   if not checkpoints:
     raise ValueError("no evolution checkpoints given")
   epochs, per = [], {l: [] for l in layers}
-  it = tqdm.tqdm(checkpoints, desc="feature evolution", unit="checkpoint",
-                 disable=not progress)
+  it = console.progress(checkpoints, desc="feature evolution", unit="checkpoint",
+                        disable=not progress)
   for epoch, variables in it:
     if callable(variables):
       variables = variables()
