@@ -406,29 +406,38 @@ def _pick(out, output):
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "output", "rule"))
-def _project_fn_jit(fn, images, channels, positions, strongest, output, rule):
-  g = rewrite.deconvnet_transform(lambda x: _pick(fn(x), output), rule)
+def _project_fn_jit(fn, params, images, channels, positions, strongest, output, rule):
+  call = (lambda x: fn(x)) if params is None else (lambda x: fn(params, x))
+  g = rewrite.deconvnet_transform(lambda x: _pick(call(x), output), rule)
   return _project_core(g, images, channels, positions, strongest)
 
 
 def project_fn(fn: Callable, images: jax.Array, *, channel, position=None,
-               output: Any = None, rule: str = "deconvnet",
-               return_info: bool = False):
-  """Projection of one activation per image of any CNN (see ``deconvnet_transform``).
+               output: Any = None, rule: str = "deconvnet", params: Any = None,
+               chunk_size: int | None = None, return_info: bool = False):
+  """Projections of one activation per image of any CNN (see ``deconvnet_transform``).
 
   Args:
     fn: images (N, H, W, C) -> the target activation (N, h, w, c) or (N, units),
-      or a pytree of intermediates from which ``output`` picks the target.
-      E.g. ``lambda x: model.apply(variables, x, method="features")`` with
-      ``output="conv3"``; an NNX module's call; a pure JAX function.
-      ``fn`` is a static argument of a jitted function: pass the same object
-      again to reuse the compilation.
-    images: (N, H, W, C).
+      or a pytree of intermediates from which ``output`` picks the target; with
+      ``params``, ``fn(params, images)``.  E.g. ``lambda x: model.apply(variables,
+      x, method="features")`` with ``output="conv3"``; an NNX module's call; a
+      pure JAX function.
+    images: (N, H, W, C): one request per image (repeat an image for several
+      requests on it).
     channel: int, or (N,) ints, the map (or fc unit) to project.
     position: None (strongest activation of the map in each image), (row, col),
       or (N, 2).
     output: None, a key of ``fn``'s output, or a callable on it.
     rule: "deconvnet", "guided" or "backprop".
+    params: the network's parameters, passed as ``fn(params, images)``.  ``fn``
+      (and ``output``) are static: jax compiles once per function *object*, so a
+      new lambda per call compiles again.  Define ``fn`` once (e.g.
+      ``fn = functools.partial(model.apply, method="features")``) and pass the
+      weights as ``params=``: one compilation then serves every call with the
+      same shapes, whatever the weights.
+    chunk_size: at most this many requests per jitted batch (memory bound; the
+      last chunk is padded, so all chunks share one compilation); None: one batch.
     return_info: also return the (N, 2) positions used and the (N,) activation
       values the projections started from.
   Returns:
@@ -439,8 +448,12 @@ def project_fn(fn: Callable, images: jax.Array, *, channel, position=None,
   shape = getattr(images, "shape", None)
   if shape is None or len(shape) < 2:
     raise ValueError(f"images must be a batch (N, ...), got shape {shape}")
+  if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or
+                                 chunk_size < 1):
+    raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
   n = shape[0]
-  act = jax.eval_shape(lambda x: _pick(fn(x), output), images)
+  call = fn if params is None else functools.partial(fn, params)
+  act = jax.eval_shape(lambda x: _pick(call(x), output), images)
   if not hasattr(act, "shape") or act.ndim not in (2, 4) or act.shape[0] != n:
     raise ValueError(f"the target activation must be (N, h, w, c) or (N, units) with "
                      f"N={n}, got {jax.tree_util.tree_map(lambda a: a.shape, act)}; "
@@ -450,17 +463,24 @@ def project_fn(fn: Callable, images: jax.Array, *, channel, position=None,
   chans = np.asarray(channel)
   for c in chans.reshape(-1):
     _check_channel(what, hwc, c.item() if isinstance(c, np.generic) else c)
-  channels = jnp.broadcast_to(jnp.asarray(chans, jnp.int32), (n,))
+  channels = np.broadcast_to(chans.astype(np.int32), (n,))
   if position is None:
-    positions, strongest = jnp.zeros((n, 2), jnp.int32), jnp.ones((n,), bool)
+    positions, strongest = np.zeros((n, 2), np.int32), np.ones((n,), bool)
   else:
     pos = np.asarray(position)
     for p in pos.reshape(-1, 2):
       _check_position(what, hwc, tuple(p))
-    positions = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (n, 2))
-    strongest = jnp.zeros((n,), bool)
-  proj, pos, values = _project_fn_jit(fn, images, channels, positions, strongest,
-                                      output=output, rule=rule)
+    positions, strongest = np.broadcast_to(pos.astype(np.int32), (n, 2)), np.zeros((n,), bool)
+  size = n if chunk_size is None else min(int(chunk_size), n)
+  outs = []
+  for s in range(0, n, size):
+    take = np.minimum(np.arange(s, s + size), n - 1)       # the last chunk padded
+    got = _project_fn_jit(fn, params, images[take], jnp.asarray(channels[take]),
+                          jnp.asarray(positions[take]), jnp.asarray(strongest[take]),
+                          output=output, rule=rule)
+    outs.append([a[:min(size, n - s)] for a in got])
+  proj, pos, values = (jnp.concatenate(parts) if len(outs) > 1 else parts[0]
+                       for parts in zip(*outs))
   return (proj, pos, values) if return_info else proj
 
 
