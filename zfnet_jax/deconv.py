@@ -552,6 +552,64 @@ def _project_features(features, variables, images, channels, positions, stronges
   return _project_core(lambda x: g(variables, x), images, channels, positions, strongest)
 
 
+def _fit_field(left: np.ndarray, right: np.ndarray, s: int) -> tuple[int, int, int]:
+  """(size, stride, offset) whose windows, clipped to [0, s), are columns
+  [left[j], right[j]] for every unit j (see ``probe_receptive_fields``)."""
+  j = np.arange(len(left))
+  for stride in range(1, s + 1):
+    offsets = np.arange(s - 1, -4 * s, -1)                   # least padding first
+    starts = offsets[:, None] + j * stride                   # (O, W)
+    ok = (np.clip(starts, 0, s - 1) == left).all(axis=1)
+    for offset, start in zip(offsets[ok], starts[ok]):
+      free = right < s - 1                                   # right edges inside the image
+      if free.any():
+        size = int(right[free][0] - start[free][0] + 1)
+      else:
+        size = int(max(1, (s - start).max()))
+      if (np.clip(start + size - 1, 0, s - 1) == right).all():
+        return size, stride, int(offset)
+  raise ValueError("no receptive-field geometry fits the probed windows")
+
+
+def probe_receptive_fields(features: Callable, variables, channels: int, input_size: int, *,
+                           batch_size: int = 16) -> dict[str, models.ReceptiveField]:
+  """Receptive field of every spatial layer of ``features``, found by probing.
+
+  Image c of a batch holds NaN in input column c (every row and channel); a unit
+  whose map column turns NaN sees that column.  The columns each unit sees give its
+  window clipped to the image; ``_fit_field`` finds the geometry that reproduces
+  every clipped window exactly (where the image is too small to tell, the smallest
+  stride, then the least padding and the smallest size).  Rows are assumed to behave as columns (square kernels, symmetric strides).
+  Raises ValueError for a layer no NaN reaches (an op that stops NaNs, e.g.
+  ``jnp.where(x > 0, x, 0)``): give ``receptive_fields=`` then.
+  """
+  s = int(input_size)
+  jit = jax.jit(features)
+  seen = {}                                   # layer -> (S, W) bool: column c hits unit column j
+  for c0 in range(0, s, batch_size):
+    cols = np.arange(c0, min(c0 + batch_size, s))
+    x = np.zeros((len(cols), s, s, channels), np.float32)
+    x[np.arange(len(cols)), :, cols, :] = np.nan
+    for name, act in jit(variables, jnp.asarray(x)).items():
+      if np.ndim(act) != 4:
+        continue
+      hit = np.isnan(np.asarray(act)).any(axis=(1, 3))          # (B, W)
+      seen.setdefault(name, []).append(hit)
+  out = {}
+  for name, parts in seen.items():
+    hit = np.concatenate(parts)                                 # (S, W)
+    w = hit.shape[1]
+    if not hit.any(axis=0).all():
+      raise ValueError(f"probing the receptive fields of {name!r}: NaN reached no input "
+                       "for some of its units (an op that stops NaN, such as "
+                       "jnp.where(x > 0, x, 0)?); give receptive_fields= to from_features")
+    left = np.array([np.flatnonzero(hit[:, j])[0] for j in range(w)])
+    right = np.array([np.flatnonzero(hit[:, j])[-1] for j in range(w)])
+    size, stride, offset = _fit_field(left, right, s)
+    out[name] = models.ReceptiveField(size, stride, offset)
+  return out
+
+
 def from_features(features: Callable, variables, channels: int, *,
                   receptive_fields: Callable[[int], dict] | Mapping | None = None,
                   name: str = "network") -> Network:
@@ -560,7 +618,8 @@ def from_features(features: Callable, variables, channels: int, *,
   Projections go through ``rewrite.deconvnet_transform`` (its ReLUs and
   max-pools take the rule).  ``channels``: input channels; ``variables``: any
   variables of the network (only their shapes are kept, for the layer table).
-  ``receptive_fields``: {layer: models.ReceptiveField} or input_size -> that.
+  ``receptive_fields``: {layer: models.ReceptiveField} or input_size -> that; None:
+  found by ``probe_receptive_fields`` (once per input size, cached).
   """
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)),
                           variables)
@@ -584,5 +643,8 @@ def from_features(features: Callable, variables, channels: int, *,
   fields = receptive_fields
   if isinstance(receptive_fields, Mapping):
     fields = lambda input_size: dict(receptive_fields)
+  elif receptive_fields is None:                       # found by probing, once per size
+    fields = functools.lru_cache(maxsize=8)(
+        lambda input_size: probe_receptive_fields(features, variables, channels, input_size))
   net = Network(features, table, project, fields, name)
   return net
