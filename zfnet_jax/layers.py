@@ -12,6 +12,9 @@ goes *down* (the VJP) changes:
   down.  Ties go to the first maximum in row-major order within the window, as
   cuda-convnet and PyTorch do; padded positions hold -inf and are never chosen.
   The forward value is ``lax.reduce_window``'s; the same in every rule.
+* ``reduce_max`` (a max-pool written as reshape + max): the first maximum over
+  the reduced axes takes the whole signal on the way down, in every rule.
+* ``adaptive_avg_pool``: torch's ``AdaptiveAvgPool2d`` (linear; its own VJP).
 * convolution needs nothing special: its VJP *is* the paper's "filter" step
   (the transposed, i.e. flipped, filters; biases play no part in a VJP).
 * ``contrast_norm`` (local response normalisation across maps) goes down with
