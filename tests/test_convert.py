@@ -52,14 +52,14 @@ class TorchAlexNet(tnn.Module):
 class TorchVGG(tnn.Module):
   """torchvision.models.VGG with make_layers(cfg "D") and no batch norm: vgg16()."""
 
-  def __init__(self, num_classes=1000):
+  def __init__(self, num_classes=1000, relu=lambda: tnn.ReLU(inplace=True)):
     super().__init__()
     mods, c = [], 3
     for v in VGG16_CFG:
       if v == "M":
         mods.append(tnn.MaxPool2d(kernel_size=2, stride=2))
       else:
-        mods += [tnn.Conv2d(c, v, kernel_size=3, padding=1), tnn.ReLU(inplace=True)]
+        mods += [tnn.Conv2d(c, v, kernel_size=3, padding=1), relu()]
         c = v
     self.features = tnn.Sequential(*mods)
     self.avgpool = tnn.AdaptiveAvgPool2d((7, 7))
@@ -140,8 +140,8 @@ def assert_close(got, want, what, rtol=1e-4):
   assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol} * {scale:.3g}"
 
 
-def compare(arch, net, names, sizes, seed=0):
-  model, variables = convert.from_torchvision(net.state_dict(), arch)
+def compare(arch, net, names, sizes, imported, seed=0):
+  model, variables = imported[arch]
   feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))
   for size in sizes:
     xt, x = images(2, size, seed + size)
@@ -159,25 +159,35 @@ def alexnet():
   return randomise(TorchAlexNet(), 0)
 
 
-# 224: the adaptive pool is the identity (pool5 6x6); 99: pool5 2x2 -> 6x6
-# (bins repeat pixels); 271: pool5 7x7 -> 6x6 (overlapping bins).
-def test_alexnet_logits_and_every_layer_equal_torchvision(alexnet):
-  model, variables = compare("alexnet", alexnet, ALEXNET_OUTPUTS, (224, 99, 271))
-  assert isinstance(model, models.TorchvisionAlexNet) and model.num_classes == 1000
-  assert models.count_params(variables) == sum(p.numel() for p in alexnet.parameters())
-
-
 @pytest.fixture(scope="module")
 def vgg16():
   return randomise(TorchVGG(), 1)
 
 
+@pytest.fixture(scope="module")
+def imported(request):
+  """{arch: from_torchvision(state dict of the module's random torch net, arch)}, made once."""
+  class Cache(dict):
+    def __missing__(self, arch):
+      self[arch] = convert.from_torchvision(request.getfixturevalue(arch).state_dict(), arch)
+      return self[arch]
+  return Cache()
+
+
+# 224: the adaptive pool is the identity (pool5 6x6); 99: pool5 2x2 -> 6x6
+# (bins repeat pixels); 271: pool5 7x7 -> 6x6 (overlapping bins).
+def test_alexnet_logits_and_every_layer_equal_torchvision(alexnet, imported):
+  model, variables = compare("alexnet", alexnet, ALEXNET_OUTPUTS, (224, 99, 271), imported)
+  assert isinstance(model, models.TorchvisionAlexNet) and model.num_classes == 1000
+  assert models.count_params(variables) == sum(p.numel() for p in alexnet.parameters())
+
+
 @pytest.mark.parametrize("sizes", [pytest.param((32, 80), id="32,80"),
                                    pytest.param((224,), id="224", marks=pytest.mark.slow)])
-def test_vgg16_logits_and_every_layer_equal_torchvision(vgg16, sizes):
+def test_vgg16_logits_and_every_layer_equal_torchvision(vgg16, imported, sizes):
   # 32: pool5 1x1 -> 7x7; 80: pool5 2x2 -> 7x7; 224: the identity.
   net = vgg16
-  model, variables = compare("vgg16", net, vgg16_outputs(), sizes)
+  model, variables = compare("vgg16", net, vgg16_outputs(), sizes, imported)
   assert isinstance(model, models.VGG16)
   assert models.count_params(variables) == sum(p.numel() for p in net.parameters())
 
@@ -193,13 +203,13 @@ def test_adaptive_avg_pool_equals_torch():
                                rtol=1e-6, atol=1e-6, err_msg=f"{(h, w)} -> {out}")
 
 
-def test_sources_pth_and_numpy_mapping_give_the_same_variables(alexnet, tmp_path):
+def test_sources_pth_and_numpy_mapping_give_the_same_variables(alexnet, imported, tmp_path):
   state = alexnet.state_dict()
-  _, want = convert.from_torchvision(state, "alexnet")
+  _, want = imported["alexnet"]   # from the mapping of torch tensors
   path = tmp_path / "alexnet.pth"
   torch.save(state, path)
   numpy_state = {k: v.numpy() for k, v in state.items()}
-  for source in (str(path), path, numpy_state):
+  for source in (path, numpy_state):
     _, got = convert.from_torchvision(source, "alexnet")
     jax.tree.map(np.testing.assert_array_equal, got, want)
   # Layouts by hand: conv OIHW -> HWIO; fc6 row (c, h, w) of torch -> (h, w, c) of ours.
@@ -251,15 +261,19 @@ class DeconvReLUModule(tnn.Module):
     return DeconvReLU.apply(x)
 
 
-@pytest.mark.parametrize("layer,size", [("conv2", 224), ("conv5", 224), ("conv5", 99)])
-def test_deconvnet_projections_of_imported_alexnet_equal_torch_reference(alexnet, layer, size):
+@pytest.mark.parametrize("arch,layer,size", [("alexnet", "conv2", 224), ("alexnet", "conv5", 224),
+                                             ("alexnet", "conv5", 99), ("vgg16", "conv3_3", 48)])
+def test_deconvnet_projections_of_imported_model_equal_torch_reference(arch, layer, size,
+                                                                        request, imported):
   """torch reference: forward with the deconvnet ReLU; backward from a one-hot holding the
   unit's own value; max-pool goes down through torch's own indices (its first maximum)."""
-  net = TorchAlexNet(relu=DeconvReLUModule)
-  net.load_state_dict(alexnet.state_dict())
-  model, variables = convert.from_torchvision(alexnet.state_dict(), "alexnet")
+  source = request.getfixturevalue(arch)
+  net = (TorchAlexNet if arch == "alexnet" else TorchVGG)(relu=DeconvReLUModule)
+  net.load_state_dict(source.state_dict())
+  model, variables = imported[arch]
+  names = ALEXNET_OUTPUTS if arch == "alexnet" else vgg16_outputs()
   xt, x = images(2, size, 11)
-  seq, idx = ALEXNET_OUTPUTS[layer]
+  seq, idx = names[layer]
   xt.requires_grad_(True)
   act = net.features[:idx + 1](xt)                       # (N, C, H, W)
   channel = int(act.detach().amax(dim=(0, 2, 3)).argmax())   # a map that fires

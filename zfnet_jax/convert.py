@@ -156,7 +156,7 @@ def _convert(state, keys, model) -> dict:
     value = _to_numpy(state[key])
     if tuple(value.shape) != want:
       raise ValueError(f"key {key!r}: expected shape {want}, got {tuple(value.shape)}")
-    value = value.astype(np.float32)
+    value = value.astype(np.float32, copy=False)
     if value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)                 # OIHW -> HWIO
     elif value.ndim == 2 and layer == "fc6":
