@@ -201,3 +201,163 @@ def test_wrappers_without_a_relu_keep_their_own_rules():
     for rule in layers.RULES:
       g = jax.grad(lambda a: jnp.sum(rewrite.deconvnet_transform(f, rule)(a)))(x)
       np.testing.assert_array_equal(g, jnp.full(5, want))
+
+
+# ----------------------------------------------------------------------------
+# Every spelling of a ReLU, a clamp or a max-pool is rewritten or refused, never
+# left with its plain gradient (issue 19, item 3).
+# ----------------------------------------------------------------------------
+
+def relu_rule_np(r, x, rule):
+  """The ReLU step of each rule, in NumPy (x: the ReLU's input)."""
+  return {"backprop": r * (x > 0), "deconvnet": np.maximum(r, 0),
+          "guided": r * (x > 0) * (r > 0)}[rule]
+
+
+RELU_SPELLINGS = {
+    "jnp.where(x >= 0, x, 0)": lambda a: jnp.where(a >= 0, a, 0),
+    "jnp.where(x < 0, 0, x)": lambda a: jnp.where(a < 0, 0, a),
+    "jnp.where(0 > x, 0.0, x)": lambda a: jnp.where(0 > a, 0.0, a),
+    "jnp.where(~(x <= 0), x, 0)": lambda a: jnp.where(~(a <= 0), a, 0),
+    "jnp.where(x > 0, x, 0) under jit": jax.jit(lambda a: jnp.where(a > 0, a, 0)),
+    "x * (x > 0)": lambda a: a * (a > 0),
+    "(x >= 0) * x": lambda a: (a >= 0) * a,
+    "x * (x > 0).astype(x.dtype)": lambda a: a * (a > 0).astype(a.dtype),
+    "jnp.clip(x, 0)": lambda a: jnp.clip(a, 0),
+    "jnp.clip(x, 0, None)": lambda a: jnp.clip(a, 0, None),
+    "lax.max(x, 0.0)": lambda a: jax.lax.max(a, 0.0),
+}
+CLAMP_SPELLINGS = {
+    "jnp.clip(x, 0, 6)": lambda a: jnp.clip(a, 0, 6),
+    "jnp.minimum(jnp.maximum(x, 0), 6)": lambda a: jnp.minimum(jnp.maximum(a, 0), 6),
+    "jnp.maximum(jnp.minimum(x, 6), 0)": lambda a: jnp.maximum(jnp.minimum(a, 6), 0),
+    "jax.nn.relu6": jax.nn.relu6,
+}
+
+
+def sign_data():
+  """x with negatives, zeros, values above 6 (never exactly 6), and a cotangent of both signs."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 5, 5, 3)).astype(np.float32) * 4
+  x[0, 0, :3, 0] = 0.0
+  x[x == 6.0] = 6.5
+  r = rng.normal(size=x.shape).astype(np.float32)
+  return x, r
+
+
+@pytest.mark.parametrize("name", list(RELU_SPELLINGS) + list(CLAMP_SPELLINGS))
+def test_every_relu_and_clamp_spelling_takes_the_rule(name):
+  """ReLU: the rule's step.  Clamp min(max(x, 0), 6): the rule's ReLU step, then the
+  upper bound's own gradient (the signal stops where x >= 6), as documented."""
+  fn = {**RELU_SPELLINGS, **CLAMP_SPELLINGS}[name]
+  x, r = sign_data()
+  clamp = name in CLAMP_SPELLINGS
+  forward = np.minimum(np.maximum(x, 0), 6) if clamp else np.maximum(x, 0)
+  results = {}
+  for rule in layers.RULES:
+    y, vjp = jax.vjp(rewrite.deconvnet_transform(fn, rule), jnp.asarray(x))
+    np.testing.assert_array_equal(y, forward, err_msg=name)
+    want = relu_rule_np(r, x, rule) * ((x < 6) if clamp else 1)
+    results[rule] = got = np.asarray(vjp(jnp.asarray(r))[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=0, err_msg=f"{name} {rule}")
+  assert np.abs(results["deconvnet"] - results["backprop"]).max() > 0.1   # the rule matters
+
+
+def np_reshape_max_pool(h, r, k):
+  """k x k / k max-pool of h (N, H, W, C) and its switch unpooling of r, by loops:
+  each window's signal goes to its first maximum in row-major order."""
+  n, hh, ww, c = h.shape
+  out = np.zeros((n, hh // k, ww // k, c), h.dtype)
+  down = np.zeros_like(h)
+  for b in range(n):
+    for i in range(hh // k):
+      for j in range(ww // k):
+        for ch in range(c):
+          win = h[b, i * k:(i + 1) * k, j * k:(j + 1) * k, ch]
+          out[b, i, j, ch] = win.max()
+          di, dj = divmod(int(np.argmax(win)), k)
+          down[b, i * k + di, j * k + dj, ch] += r[b, i, j, ch]
+  return out, down
+
+
+@pytest.mark.parametrize("rule", layers.RULES)
+def test_max_pool_as_reshape_and_max_unpools_through_switches(rule):
+  """relu -> 2x2/2 max-pool written as reshape + max (reduce_max): every rule unpools
+  through the switch (first maximum), also where ReLU zeros tie in a window; the
+  plain gradient would split the signal among ties."""
+  x, _ = sign_data()
+  x = x[:, :4, :4]
+  x[1, :2, :2, :] = -1.0   # whole windows of zeros after the ReLU: ties
+  r = np.random.default_rng(4).normal(size=(4, 2, 2, 3)).astype(np.float32)
+
+  def pool2(h):
+    n, hh, ww, c = h.shape
+    return h.reshape(n, hh // 2, 2, ww // 2, 2, c).max(axis=(2, 4))
+
+  fn = lambda a: pool2(jnp.maximum(a, 0))
+
+  h = np.maximum(x, 0)
+  pooled, unpooled = np_reshape_max_pool(h, r, 2)
+  y, vjp = jax.vjp(rewrite.deconvnet_transform(fn, rule), jnp.asarray(x))
+  np.testing.assert_array_equal(y, pooled)
+  want = relu_rule_np(unpooled, x, rule)
+  np.testing.assert_allclose(vjp(jnp.asarray(r))[0], want, rtol=1e-6, atol=1e-7)
+  # Ties: the plain max's VJP splits the signal among them, the switch does not.
+  plain = jax.vjp(pool2, jnp.asarray(h))[1](jnp.asarray(r))[0]
+  assert np.abs(np.asarray(plain) - unpooled).max() > 0.01
+
+
+def test_global_and_channel_max_take_the_switch():
+  """reduce_max over (H, W) (global max-pool) and over channels (maxout): the first
+  maximum in row-major order over the reduced axes takes the whole signal."""
+  x = np.zeros((2, 3, 3, 4), np.float32)
+  x[0, 1, 2, 0] = x[0, 2, 0, 0] = 5.0      # a tie: (1, 2) comes first
+  x[1, :, :, 1] = 2.0                      # all tied: (0, 0) comes first
+  r = np.array([[1.5, -2.0, 3.0, 0.5], [4.0, 1.0, -1.0, 2.0]], np.float32)
+  _, vjp = jax.vjp(rewrite.deconvnet_transform(lambda a: a.max(axis=(1, 2)), "deconvnet"),
+                   jnp.asarray(x))
+  got = np.asarray(vjp(jnp.asarray(r))[0])
+  want = np.zeros_like(x)
+  for b in range(2):
+    for c in range(4):
+      i, j = divmod(int(np.argmax(x[b, :, :, c])), 3)
+      want[b, i, j, c] = r[b, c]
+  np.testing.assert_array_equal(got, want)
+  assert got[0, 1, 2, 0] == 1.5 and got[0, 2, 0, 0] == 0.0
+  r2 = np.ones((2, 3, 3), np.float32)
+  _, vjp = jax.vjp(rewrite.deconvnet_transform(lambda a: jnp.max(a, axis=-1), "guided"),
+                   jnp.asarray(x))
+  got = np.asarray(vjp(jnp.asarray(r2))[0])
+  want = np.zeros_like(x)
+  for idx in np.ndindex(2, 3, 3):
+    want[idx + (int(np.argmax(x[idx])),)] = 1.0
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name,fn,match", [
+    ("leaky relu", jax.nn.leaky_relu, "select on the sign of x .* not a ReLU"),
+    ("jnp.where(x >= 0, x, 0.1 * x)", lambda a: jnp.where(a >= 0, a, 0.1 * a),
+     "select on the sign of x .* not a ReLU"),
+    ("elu", jax.nn.elu, "select on the sign of x .* not a ReLU"),
+    ("jnp.where(x > 0, 0, x)", lambda a: jnp.where(a > 0, 0.0, a),
+     "select on the sign of x .* not a ReLU"),
+    ("x * (x < 0)", lambda a: a * (a < 0), r"x \* \(x < 0\), the negative part"),
+    ("x - jnp.minimum(x, 0)", lambda a: a - jnp.minimum(a, 0), r"min\(x, 0\), the negative part"),
+])
+def test_sign_functions_that_are_no_relu_are_refused(name, fn, match):
+  x, _ = sign_data()
+  with pytest.raises(rewrite.UnsupportedConstructError, match=match):
+    rewrite.deconvnet_transform(fn, "deconvnet")(jnp.asarray(x))
+
+
+def test_masks_and_stabilised_softmax_keep_their_gradients():
+  """A sign test of one array gating another (a mask), and the stop-gradient max
+  of softmax/logsumexp, are no ReLU and no max-pool: plain gradients."""
+  x, _ = sign_data()
+  m = jnp.asarray(x[::-1].copy())
+  fns = (lambda a: jnp.where(m > 0, a, 0.0), lambda a: a * (m > 0),
+         lambda a: jax.nn.softmax(a, axis=-1), lambda a: jax.nn.logsumexp(a, axis=(1, 2)))
+  for fn in fns:
+    g = jax.grad(lambda a: jnp.sum(jnp.sin(rewrite.deconvnet_transform(fn, "deconvnet")(a))))
+    want = jax.grad(lambda a: jnp.sum(jnp.sin(fn(a))))
+    np.testing.assert_allclose(g(jnp.asarray(x)), want(jnp.asarray(x)), rtol=1e-6, atol=1e-7)

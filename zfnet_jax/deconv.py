@@ -59,7 +59,8 @@ MAX_ABS_PIXEL = 255.0  # mean-subtracted 0..255 pixels lie in [-255, 255]
 
 def check_images(model: models.PaperNet, variables, images, what="images"):
   """ValueError unless ``images`` fit the model: (N, S, S, C) float, C the model's
-  input channels, S the size its fc layers were built for, and (when not traced)
+  input channels, S the size its fc layers were built for (any size that fits the
+  convs for a model with an adaptive pool before fc6), and (when not traced)
   finite mean-subtracted pixels in [-255, 255]."""
   _check_images(images, what)
   params = variables.get("params", {}) if hasattr(variables, "get") else {}
@@ -69,7 +70,7 @@ def check_images(model: models.PaperNet, variables, images, what="images"):
     raise ValueError(f"{what} have {channels} channels; the model takes {kernel.shape[2]} "
                      f"(shape {tuple(images.shape)})")
   fc = next((params[n]["kernel"] for n in ("fc6", "fc7", "fc8") if n in params), None)
-  if fc is not None:
+  if fc is not None and not getattr(model, "adaptive_pool", False):
     try:
       h, w, c = models.layer_shapes(model, size)["pool5"]
       ok = h * w * c == fc.shape[0]

@@ -12,6 +12,9 @@ goes *down* (the VJP) changes:
   down.  Ties go to the first maximum in row-major order within the window, as
   cuda-convnet and PyTorch do; padded positions hold -inf and are never chosen.
   The forward value is ``lax.reduce_window``'s; the same in every rule.
+* ``reduce_max`` (a max-pool written as reshape + max): the first maximum over
+  the reduced axes takes the whole signal on the way down, in every rule.
+* ``adaptive_avg_pool``: torch's ``AdaptiveAvgPool2d`` (linear; its own VJP).
 * convolution needs nothing special: its VJP *is* the paper's "filter" step
   (the transposed, i.e. flipped, filters; biases play no part in a VJP).
 * ``contrast_norm`` (local response normalisation across maps) goes down with
@@ -33,6 +36,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 RULES = ("backprop", "deconvnet", "guided")
 NORM_RULES = ("exact", "identity")
@@ -236,6 +240,65 @@ def unpool(r: jax.Array, switches: jax.Array, in_shape: Sequence[int],
   """
   return general_unpool(r, switches, tuple(in_shape),
                         *_nhwc_pool_args(tuple(in_shape), window, stride))
+
+
+def _reduce_switches(x, axes):
+  """x with ``axes`` moved last and flattened, and the first argmax over them."""
+  moved = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+  flat = moved.reshape(moved.shape[:x.ndim - len(axes)] + (-1,))
+  return moved.shape, jnp.argmax(flat, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def reduce_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``lax.reduce_max`` over ``axes`` (a max-pool written as reshape + max) whose
+  VJP gives each output's whole signal to its switch: the first maximum in
+  row-major order over the reduced axes (as ``max_pool``; the plain gradient
+  splits it among tied maxima)."""
+  return lax.reduce_max(x, axes)
+
+
+def _reduce_max_fwd(x, axes):
+  shape, switch = _reduce_switches(x, axes)
+  return lax.reduce_max(x, axes), (switch, jnp.zeros((0,) + shape, x.dtype))
+
+
+def _reduce_max_bwd(axes, res, r):
+  switch, carrier = res
+  shape = carrier.shape[1:]
+  k = len(axes)
+  ndim = len(shape)
+  onehot = jax.nn.one_hot(switch, int(np.prod(shape[ndim - k:])), dtype=r.dtype) * r[..., None]
+  moved = onehot.reshape(shape)
+  return (jnp.moveaxis(moved, tuple(range(ndim - k, ndim)), axes),)
+
+
+reduce_max.defvjp(_reduce_max_fwd, _reduce_max_bwd)
+
+
+def adaptive_bins(n: int, out: int) -> list[tuple[int, int]]:
+  """PyTorch's adaptive-pooling bins of ``n`` pixels into ``out``:
+  [floor(i n / out), ceil((i + 1) n / out)) for i < out (they overlap when out does
+  not divide n, and repeat pixels when out > n)."""
+  return [((i * n) // out, -(-((i + 1) * n) // out)) for i in range(out)]
+
+
+def adaptive_avg_pool(x: jax.Array, out: tuple[int, int]) -> jax.Array:
+  """(N, H, W, C) -> (N, out_h, out_w, C): torch's ``AdaptiveAvgPool2d(out)``.
+
+  The mean of each bin (``adaptive_bins``); the identity where a side already
+  has that size.  Linear, so its VJP spreads each value evenly over its bin.
+  """
+  for axis, size in ((1, out[0]), (2, out[1])):
+    n = x.shape[axis]
+    if n == size:
+      continue
+    a = np.zeros((size, n), np.float32)
+    for i, (lo, hi) in enumerate(adaptive_bins(n, size)):
+      a[i, lo:hi] = 1.0 / (hi - lo)
+    eq = "in,bnwc->biwc" if axis == 1 else "jw,bhwc->bhjc"
+    x = jnp.einsum(eq, jnp.asarray(a, x.dtype), x, precision=lax.Precision.HIGHEST)
+  return x
 
 
 # ----------------------------------------------------------------------------

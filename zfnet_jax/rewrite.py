@@ -46,16 +46,22 @@ def _prims(jaxpr, acc=None) -> set:
   return acc
 
 
-def _has_target(jaxpr, incoming_pred=False) -> bool:
-  """Could ``jaxpr`` hold a ReLU or a max-pool (so it must be rewritten)?
+_COMPARISONS = ("gt", "ge", "lt", "le")
+_TARGETS = {"max", "min", "reduce_window_max", "reduce_max"}
+# A ReLU or max-pool inside these (scan, while, cond, shard_map, ...) cannot be reached.
+_UNREACHABLE = {"max", "reduce_window_max", "reduce_max"}
 
-  max / reduce_window_max always count; select_n or mul only with a comparison
-  in the jaxpr or a comparison result coming in (``incoming_pred``).
+
+def _has_target(jaxpr, incoming_facts=False) -> bool:
+  """Could ``jaxpr`` hold a ReLU, a max-pool or a sign test (so it must be rewritten)?
+
+  max / min / reduce_window_max / reduce_max and comparisons always count;
+  select_n, mul, not, convert_element_type only with a sign test coming in.
   """
   names = _prims(_sub_jaxpr(jaxpr))
-  if names & {"max", "reduce_window_max"}:
+  if names & _TARGETS or names & set(_COMPARISONS):
     return True
-  return bool(names & {"select_n", "mul"}) and (incoming_pred or bool(names & {"gt", "lt"}))
+  return incoming_facts and bool(names & {"select_n", "mul", "not", "convert_element_type"})
 
 
 def _jvp_name(eqn) -> str | None:
@@ -76,14 +82,20 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
   """Evaluate ``jaxpr`` with ReLUs and max-pools replaced by the rule versions.
 
   ReLU patterns: max(x, 0) / max(0, x) (jax.nn.relu, jnp.maximum, jnp.clip(x, 0)),
-  select_n(x > 0, 0, x) (jnp.where(x > 0, x, 0)) and x * (x > 0).  Facts about
-  vars (holds zeros; is x > 0; is the float indicator of x > 0) follow values
-  into inlined sub-jaxprs.  ``in_facts``: one (zero, positive, indicator) per invar.
+  select_n on a sign test of x that keeps x where it is positive and 0 elsewhere
+  (jnp.where(x > 0, x, 0), jnp.where(x >= 0, x, 0), jnp.where(x < 0, 0, x),
+  jnp.where(~(x < 0), x, 0), ...) and x * (x > 0) (or x >= 0).  A select or product
+  on x's own sign test that is no ReLU (leaky ReLU, ELU, x * (x < 0)) and min(x, 0)
+  raise ``UnsupportedConstructError``.  Facts about vars (holds zeros; is a sign
+  test of x; is the number 0/1 of a sign test of x) follow values into inlined
+  sub-jaxprs.  ``in_facts``: one (zero, sign, indicator) per invar, where sign and
+  indicator are None or (x, positive): the test is true where x > 0 (or >= 0) if
+  ``positive``, where x < 0 (or <= 0) if not.
   """
   env = {}
   zeros = set()      # vars known to hold only zeros
-  positive = {}      # var -> x, for var = (x > 0)
-  indicator = {}     # var -> x, for var = float(x > 0)
+  sign = {}          # var -> (x, positive) for var = a sign test of x
+  indicator = {}     # var -> (x, positive) for var = convert(sign test of x)
 
   def read(v):
     return v.val if isinstance(v, xcore.Literal) else env[v]
@@ -96,7 +108,7 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
   def facts(v):
     if isinstance(v, xcore.Literal):
       return (is_zero(v), None, None)
-    return (v in zeros, positive.get(v), indicator.get(v))
+    return (v in zeros, sign.get(v), indicator.get(v))
 
   def as_relu(x, eqn):
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -106,6 +118,12 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
           f"a ReLU whose zero is larger than its input ({eqn}); broadcast the input first")
     return [layers.relu(x, rule)]
 
+  def refuse(what, eqn):
+    raise UnsupportedConstructError(
+        f"{what} ({eqn}): deconvnet_transform gives the rule to ReLUs (max(x, 0), "
+        f"jnp.where(x > 0, x, 0), x * (x > 0)) and max-pools, and refuses other "
+        f"functions of the sign of x rather than let them keep plain gradients")
+
   for v, c in zip(jaxpr.constvars, consts):
     env[v] = c
     if _is_zero_const(c):
@@ -113,11 +131,11 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
   for i, (v, a) in enumerate(zip(jaxpr.invars, args)):
     env[v] = a
     if in_facts is not None:
-      z, pos, ind = in_facts[i]
+      z, sgn, ind = in_facts[i]
       if z:
         zeros.add(v)
-      if pos is not None:
-        positive[v] = pos
+      if sgn is not None:
+        sign[v] = sgn
       if ind is not None:
         indicator[v] = ind
 
@@ -127,16 +145,30 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
     out = None
     if name == "max" and len(eqn.invars) == 2 and any(map(is_zero, eqn.invars)):
       out = as_relu(invals[1] if is_zero(eqn.invars[0]) else invals[0], eqn)
-    elif (name == "select_n" and len(eqn.invars) == 3 and eqn.invars[0] in positive
-          and is_zero(eqn.invars[1]) and invals[2] is positive[eqn.invars[0]]):
-      out = as_relu(invals[2], eqn)
-    elif name == "mul" and len(eqn.invars) == 2 and any(v in indicator for v in eqn.invars
-                                                        if not isinstance(v, xcore.Literal)):
-      a, b = eqn.invars
-      if not isinstance(b, xcore.Literal) and indicator.get(b) is invals[0]:
-        out = as_relu(invals[0], eqn)
-      elif not isinstance(a, xcore.Literal) and indicator.get(a) is invals[1]:
-        out = as_relu(invals[1], eqn)
+    elif (name == "min" and len(eqn.invars) == 2 and any(map(is_zero, eqn.invars))
+          and not all(map(is_zero, eqn.invars))
+          and jnp.issubdtype(jnp.result_type(*invals), jnp.floating)):
+      refuse("min(x, 0), the negative part of x (e.g. x - jnp.minimum(x, 0), an ELU)", eqn)
+    elif (name == "select_n" and len(eqn.invars) == 3
+          and not isinstance(eqn.invars[0], xcore.Literal) and eqn.invars[0] in sign):
+      x, positive = sign[eqn.invars[0]]
+      (a, b), (va, vb) = eqn.invars[1:], invals[1:]   # a where the test is false, b where true
+      if (positive and is_zero(a) and vb is x) or (not positive and va is x and is_zero(b)):
+        out = as_relu(x, eqn)
+      elif va is x or vb is x:
+        refuse("a select on the sign of x that passes x and is not a ReLU (a leaky ReLU, "
+               "an ELU, jnp.where(x > 0, 0, x), ...)", eqn)
+    elif name == "mul" and len(eqn.invars) == 2:
+      for k in (0, 1):
+        v, other = eqn.invars[k], invals[1 - k]
+        if isinstance(v, xcore.Literal) or v not in indicator or indicator[v][0] is not other:
+          continue
+        if not indicator[v][1]:
+          refuse("x * (x < 0), the negative part of x", eqn)
+        out = as_relu(other, eqn)
+        break
+    elif name == "reduce_max" and jnp.issubdtype(invals[0].dtype, jnp.floating):
+      out = [layers.reduce_max(invals[0], tuple(int(a) for a in eqn.params["axes"]))]
     elif name == "reduce_window_max":
       p = eqn.params
       if any(d != 1 for d in tuple(p["base_dilation"]) + tuple(p["window_dilation"])):
@@ -172,7 +204,7 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
       sub_consts = sub.consts if isinstance(sub, xcore.ClosedJaxpr) else ()
       out = _eval_with_rule(_sub_jaxpr(sub), sub_consts, invals, rule,
                             [facts(v) for v in eqn.invars])
-    elif any(_prims(s) & {"max", "reduce_window_max"} for s in xcore.jaxprs_in_params(eqn.params)):
+    elif any(_prims(s) & _UNREACHABLE for s in xcore.jaxprs_in_params(eqn.params)):
       raise UnsupportedConstructError(
           f"primitive {name!r} contains a ReLU or max-pool, and deconvnet_transform "
           f"cannot rewrite inside it (supported: {', '.join(sorted(_INLINE))}); "
@@ -183,20 +215,29 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
       with eqn.ctx.manager:
         ans = prim.bind(*invals, **bind_params)
       out = ans if prim.multiple_results else [ans]
-      # Track the facts the ReLU patterns need.
-      v0 = eqn.invars[0] if eqn.invars else None
-      if name in _SHAPE_OPS and v0 is not None and is_zero(v0):
-        zeros.add(eqn.outvars[0])
-      elif name == "gt" and is_zero(eqn.invars[1]):
-        positive[eqn.outvars[0]] = invals[0]
-      elif name == "lt" and is_zero(eqn.invars[0]):
-        positive[eqn.outvars[0]] = invals[1]
-      elif (name == "convert_element_type" and not isinstance(v0, xcore.Literal)
-            and v0 in positive):
-        indicator[eqn.outvars[0]] = positive[v0]
+      _track(eqn, name, invals, is_zero, zeros, sign, indicator)
     for v, val in zip(eqn.outvars, out):
       env[v] = val
   return [read(v) for v in jaxpr.outvars]
+
+
+def _track(eqn, name, invals, is_zero, zeros, sign, indicator):
+  """Record the facts the ReLU patterns need about ``eqn``'s output."""
+  v0 = eqn.invars[0] if eqn.invars else None
+  known = lambda v, table: not isinstance(v, xcore.Literal) and v in table
+  if name in _SHAPE_OPS and v0 is not None and is_zero(v0):
+    zeros.add(eqn.outvars[0])
+  elif name in _COMPARISONS and len(invals) == 2 and is_zero(eqn.invars[0]) != is_zero(
+      eqn.invars[1]):
+    k = 1 if is_zero(eqn.invars[0]) else 0        # the operand that is not zero
+    if jnp.issubdtype(jnp.result_type(invals[k]), jnp.floating):
+      # x > 0, x >= 0, 0 < x, 0 <= x: true where x is positive.
+      sign[eqn.outvars[0]] = (invals[k], (name in ("gt", "ge")) == (k == 0))
+  elif name == "not" and known(v0, sign):
+    x, positive = sign[v0]
+    sign[eqn.outvars[0]] = (x, not positive)
+  elif name == "convert_element_type" and (known(v0, sign) or known(v0, indicator)):
+    indicator[eqn.outvars[0]] = sign[v0] if v0 in sign else indicator[v0]
 
 
 def _sub_jaxpr(sub):
@@ -209,23 +250,35 @@ def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
   Works on any JAX function (a Flax Linen ``apply``, an NNX module, pure JAX):
   traces ``fn`` to a jaxpr and evaluates it with
     * ReLUs -- ``max(x, 0)`` (``jax.nn.relu``, ``flax.linen.relu``,
-      ``nnx.relu``, ``relu6``, ``jnp.maximum(x, 0)``, ``jnp.clip(x, 0)``),
-      ``jnp.where(x > 0, x, 0)`` and ``x * (x > 0)`` -- replaced by
-      ``layers.relu(x, rule)``;
+      ``nnx.relu``, ``jnp.maximum(x, 0)``, ``jnp.clip(x, 0)``,
+      ``jnp.clip(x, 0, None)``), ``jnp.where`` on a sign test of x that keeps x
+      where it is positive and 0 elsewhere (``jnp.where(x > 0, x, 0)``,
+      ``jnp.where(x >= 0, x, 0)``, ``jnp.where(x < 0, 0, x)``, ``~(x <= 0)``, ...)
+      and ``x * (x > 0)`` / ``x * (x >= 0)`` -- replaced by ``layers.relu(x, rule)``;
+    * clamps ``min(max(x, 0), c)`` (``jax.nn.relu6``, ``jnp.clip(x, 0, 6)``, in
+      either order): the ReLU takes the rule, the upper bound keeps its gradient
+      (the signal stops where x >= c);
     * ``reduce_window_max`` (``nn.max_pool``, ``lax.reduce_window(x, -inf,
       lax.max, ...)``, any padding, no dilation) replaced by a max-pool that
       unpools through its switches (ties: first maximum in row-major order);
+    * ``reduce_max`` (a max-pool written as reshape + ``max``, a global max-pool,
+      maxout) replaced by ``layers.reduce_max``: the first maximum takes the whole
+      signal (the plain gradient splits it among ties);
   recursing into jit, closed_call, custom_jvp_call, custom_vjp_call and
   checkpoint.  Convolutions, dense layers and everything else keep their own
   VJP (a convolution's is the paper's transposed filters).  A ``custom_vjp``
   function with a ReLU or max-pool inside is differentiated through its forward
   pass (its own backward rule is dropped); one without keeps its rule.  ``max(x, y)`` with
   no zero operand is an ordinary op (not a ReLU) and keeps its gradient, as
-  does softplus (``logaddexp(x, 0)``).  A ReLU or max-pool the rewriter cannot
-  reach raises ``UnsupportedConstructError`` naming the construct: a max inside
-  scan, while, cond, shard_map, ...; a dilated max-pool or one with an init
-  value other than -inf; a ``custom_jvp`` function that mixes a max with other
-  ops.  Nothing silently falls back to plain gradients.
+  do softplus (``logaddexp(x, 0)``), a sign test of one array that masks
+  another (``jnp.where(m > 0, x, 0)``) and a max under ``stop_gradient``
+  (softmax).  What the rewriter cannot give the rule to raises
+  ``UnsupportedConstructError`` naming the construct: a max inside scan, while,
+  cond, shard_map, ...; a dilated max-pool or one with an init value other than
+  -inf; a ``custom_jvp`` function that mixes a max with other ops; a select or
+  product on x's own sign that is no ReLU (``jax.nn.leaky_relu``, ``jax.nn.elu``,
+  ``jnp.where(x > 0, 0, x)``, ``x * (x < 0)``) and ``min(x, 0)``.  Nothing
+  silently falls back to plain gradients.
 
   Array arguments (and pytrees of them) are traced; every other argument (bools,
   strings, modules, Python numbers) is static.  Wrap the result in ``jax.jit``.
