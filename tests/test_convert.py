@@ -352,3 +352,21 @@ def test_imagenet_class_names():
   assert (short[0], short[1], short[207], short[281], short[409], short[999]) == (
       "tench", "goldfish", "golden retriever", "tabby", "analog clock", "toilet tissue")
   assert names[0] == "tench, Tinca tinca"
+
+
+def test_for_pixels_takes_mean_subtracted_pixels_and_gives_torchvisions_logits(alexnet,
+                                                                               imported):
+  """Fed 0..255 pixels minus 255*mean, the folded model equals torch on (x/255-mean)/std."""
+  model, variables = imported["alexnet"]
+  rng = np.random.default_rng(4)
+  pixels = rng.integers(0, 256, (2, 99, 99, 3)).astype(np.float32)
+  mean = np.asarray(convert.TORCHVISION_MEAN, np.float32)
+  std = np.asarray(convert.TORCHVISION_STD, np.float32)
+  normalised = (pixels / 255.0 - mean) / std
+  with torch.no_grad():
+    want = alexnet(torch.from_numpy(normalised.transpose(0, 3, 1, 2))).numpy()
+  folded = convert.for_pixels(variables, "alexnet")
+  got = np.asarray(model.apply(folded, jnp.asarray(pixels - np.asarray(convert.PIXEL_MEAN,
+                                                                          np.float32))))
+  assert_close(got, want, "alexnet logits from pixels")
+  assert np.abs(got - np.asarray(model.apply(variables, jnp.asarray(pixels)))).max() > 1e-3

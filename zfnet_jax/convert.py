@@ -139,6 +139,31 @@ def from_torchvision(source, arch: str) -> tuple[models.TorchvisionNet, dict]:
   return model, {"params": _convert(state, keys, model)}
 
 
+PIXEL_MEAN = tuple(255.0 * m for m in TORCHVISION_MEAN)   # the same mean in 0..255 pixels
+FIRST_CONV = {"alexnet": "conv1", "vgg16": "conv1_1"}
+
+
+def for_pixels(variables, arch: str, mean=TORCHVISION_MEAN, std=TORCHVISION_STD) -> dict:
+  """The same network taking what this project's pipeline gives: 0..255 RGB pixels
+  minus ``255 * mean`` per channel (``PIXEL_MEAN``), instead of torchvision's
+  ``(x / 255 - mean) / std``.
+
+  That input is ``x_ms / (255 std)``: the scale is folded into the first conv's
+  kernel (HWIO, divided along I), so logits, activations and projections are
+  exactly the torchvision model's (zero padding is zero in both spaces), and the
+  report's figures show ``image + PIXEL_MEAN`` as pixels.
+  """
+  if arch not in FIRST_CONV:
+    raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(FIRST_CONV)}")
+  del mean   # subtracted by the pipeline (pixel_mean); only the scale is folded
+  scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+  params = dict(variables["params"])
+  first = dict(params[FIRST_CONV[arch]])
+  first["kernel"] = jnp.asarray(first["kernel"]) * scale[None, None, :, None]
+  params[FIRST_CONV[arch]] = first
+  return {**variables, "params": params}
+
+
 @functools.lru_cache(maxsize=None)
 def _shapes(model) -> dict:
   """{layer: {parameter: shape}} of ``model`` (no arrays are made)."""
