@@ -108,6 +108,8 @@ def test_report_has_a_panel_for_every_conv_layer(setup):
     assert f"#layer-{layer}" in page.links  # table of contents
     img = Image.open(os.path.join(os.path.dirname(path), srcs[0]))
     assert img.format == "PNG" and min(img.size) > 50
+  with open(path, encoding="utf-8") as f:
+    assert f.read().count("Legibility (zfnet_jax.legibility)") == len(CONVS)
   for section, src in (("results", "curves.png"), ("filters", "filters_conv1.png")):
     assert page.sections[section] == [src]
   assert sorted(os.listdir(os.path.dirname(os.path.dirname(path)))) == [

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from zfnet_jax import console, deconv, figures
+from zfnet_jax import legibility as legibility_lib
 from zfnet_jax import layers as layers_lib
 from zfnet_jax import models
 from zfnet_jax import sections as sections_lib
@@ -280,6 +281,26 @@ def project(net, variables, scan_result: ScanResult, layer: str,
                     projections.reshape(shape), patches.reshape(shape), rf)
 
 
+def window_masks(rf: models.ReceptiveField, positions: np.ndarray, input_size: int
+                 ) -> np.ndarray:
+  """bool (R, t, t): True where each unit's cropped window (``crop_receptive_field``)
+  lies inside the image; positions (R, 2)."""
+  ones = np.ones((len(positions), input_size, input_size, 1), np.float32)
+  return crop_receptive_field(ones, rf, positions, fill=0.0)[..., 0] > 0
+
+
+def legibility(a: LayerAtlas, input_size: int) -> legibility_lib.Legibility:
+  """``zfnet_jax.legibility`` of a layer's filled units: the projections' edge
+  maps against their patches', the baseline from other maps' patches."""
+  filled = a.ids.ravel() >= 0
+  t, c = a.projections.shape[2], a.projections.shape[-1]
+  proj = a.projections.reshape(-1, t, t, c)[filled]
+  patch = a.patches.reshape(-1, t, t, c)[filled]
+  groups = np.repeat(a.channels, a.ids.shape[1])[filled]
+  mask = window_masks(a.receptive_field, a.positions.reshape(-1, 2)[filled], input_size)
+  return legibility_lib.legibility(proj, patch, groups, mask)
+
+
 def build(net, variables, batches: Iterable[Mapping[str, np.ndarray]],
           pixel_mean: np.ndarray, *, layers: Sequence[str], k: int = 9, num_maps: int = -1,
           rule: str = "deconvnet", chunk_size: int = 64, seed: int = 0,
@@ -369,6 +390,13 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
         f"tiles {a.projections.shape[2]} px) (right). Best first, row by row.")
     s.paragraphs.append(f"{dead} of the {topk.values.shape[0]} maps never fire (maximum <= 0) "
                         f"on these examples.")
+    if len(a.channels) > 1:
+      leg = legibility(a, int(np.shape(context.pixel_mean)[0]))
+      s.paragraphs.append(
+          f"Legibility (zfnet_jax.legibility): the projections' edge maps correlate "
+          f"{np.mean(leg.matched):.3f} with their own patches' and {np.mean(leg.baseline):.3f} "
+          f"with other maps' patches; score {leg.score:.3f} (0 = no better than a "
+          f"mismatched patch).")
     k = a.projections.shape[1]
     for p, start in enumerate(range(0, len(a.channels), MAPS_PER_IMAGE)):
       sl = slice(start, start + MAPS_PER_IMAGE)

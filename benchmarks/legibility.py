@@ -1,0 +1,104 @@
+"""Legibility of the atlas projections of trained runs (``zfnet_jax.legibility``).
+
+  python benchmarks/legibility.py --run before=/tmp/qs_old --run after=/tmp/qs \
+      [--rules deconvnet,guided] [--layers conv1,...,conv5] [--max_examples 10000]
+      [--json docs/results/legibility.json] [--images docs/images]
+
+For each run (a trained workdir: latest checkpoint, its own config) and rule:
+the top-9 units of every map of each layer over the first ``max_examples``
+evaluation images (``atlas.build``, all maps), their projections and
+receptive-field patches, and the legibility per layer: mean match of each
+projection's edge map with its patch's edge map, the mismatched-patch baseline,
+and the score (match - baseline).  Writes the numbers, with machine, date,
+command and package versions, to ``--json``; with ``--images``, a Fig. 2 tile
+(the first 4 maps shown by the report, deconvnet) per run and layer:
+``legibility_<run>_<layer>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from zfnet_jax import conv  # pylint: disable=g-bad-import-order
+
+conv.configure_xla_cpu()
+
+import numpy as np  # pylint: disable=g-bad-import-order
+
+from zfnet_jax import atlas, checkpoints, figures, input_pipeline, rundir
+from zfnet_jax import legibility as legibility_lib
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def measure(workdir: str, rules, layers, max_examples: int, image_prefix: str | None):
+  model, variables, config = checkpoints.load_trained(workdir)
+  mean = input_pipeline.pixel_mean(config, workdir)
+  batches = lambda: input_pipeline.create_eval_iterator(
+      config, workdir, batch_size=256, max_examples=max_examples)
+  out = {}
+  for rule in rules:
+    t0 = time.time()
+    maps, _ = atlas.build(model, variables, batches(), mean, layers=layers, k=9, num_maps=-1,
+                          rule=rule, seed=config.seed, progress=False)
+    out[rule] = {l: atlas.legibility(a, mean.shape[0]).as_dict() for l, a in maps.items()}
+    print(f"{workdir} {rule} ({time.time() - t0:.0f} s):", flush=True)
+    for l, d in out[rule].items():
+      print(f"  {l}: {d}", flush=True)
+    if image_prefix and rule == "deconvnet":
+      for n, l in enumerate(layers):
+        a = maps[l]
+        shown = atlas.choose_maps(len(a.channels), config.report.num_maps, config.seed + n)[:4]
+        img = figures.atlas_panel(a.projections[shown], a.patches[shown], a.channels[shown])
+        figures.save_png(img, f"{image_prefix}_{l}.png")
+  return {"workdir": workdir, "results": rundir.read_json(rundir.path(workdir, rundir.RESULTS)),
+          "optimizer": config.optimizer, "learning_rate": config.learning_rate,
+          "weight_decay": config.weight_decay, "num_epochs": config.num_epochs,
+          "legibility": out}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--run", action="append", required=True, help="label=workdir")
+  ap.add_argument("--rules", default="deconvnet,guided")
+  ap.add_argument("--layers", default="conv1,conv2,conv3,conv4,conv5")
+  ap.add_argument("--max_examples", type=int, default=10_000)
+  ap.add_argument("--json", default="")
+  ap.add_argument("--images", default="")
+  args = ap.parse_args(argv)
+  runs = dict(r.split("=", 1) for r in args.run)
+  record = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                        "platform": platform.platform()},
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+            "versions": rundir.versions(),
+            "measure": legibility_lib.__doc__.strip().split("\n\n")[1].replace("\n", " "),
+            "runs": {}}
+  for label, wd in runs.items():
+    prefix = os.path.join(args.images, f"legibility_{label}") if args.images else None
+    record["runs"][label] = measure(wd, args.rules.split(","), args.layers.split(","),
+                                    args.max_examples, prefix)
+  if args.json:
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    rundir.write_json(args.json, record)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()
