@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax import lax
 
 from zfnet_jax import layers
 from zfnet_jax import models
@@ -299,6 +300,108 @@ def _project_requests(batch, table, images, layer, channels, positions, chunk_si
   if order != list(range(r)):
     out = out[np.argsort(np.asarray(order))]
   return out
+
+
+# ----------------------------------------------------------------------------
+# The way down, stage by stage (Fig. 1).
+# ----------------------------------------------------------------------------
+
+class Stage(NamedTuple):
+  """One stage of a walk-through.
+
+  name: "<layer>: <step>", e.g. "conv3: rectify".
+  layer: the layer whose step it undoes; step: "unit" (the one non-zero activation),
+    "rectify", "filter", "unpool" or "normalise" (contrast normalisation's VJP).
+  signal: float32 (H, W, C) after the step (fc layers: (1, 1, units)); the last
+    stage's signal is the pixel projection (S, S, C).
+  switches: unpool stages only: int32 (Ho, Wo, C, 2), the input (row, col) of each
+    pool window's maximum, recorded on the way up; else None.
+  position: the "unit" stage only: the unit's (row, col); else None.
+  """
+  name: str
+  layer: str
+  step: str
+  signal: np.ndarray
+  switches: np.ndarray | None = None
+  position: tuple[int, int] | None = None
+
+
+def walkthrough(model, variables, image, *, layer: str, channel: int,
+                position: tuple[int, int] | None = None,
+                rule: str = "deconvnet") -> list[Stage]:
+  """Every intermediate signal of ``project`` for one unit of one image (paper Sec. 2.1).
+
+  From the unit's own activation (all others of ``layer`` zeroed), each layer below
+  is undone in turn: a conv or fc layer by "rectify" (its ReLU's backward ``rule``)
+  then "filter" (transposed filters, no bias); a max-pool by "unpool" through its
+  switches; contrast normalisation by "normalise" (the model's ``norm_rule`` VJP).
+
+  Args:
+    model: one of our models (a ``PaperNet``, or its ``Network``).
+    image: (S, S, C) or (1, S, S, C) float, mean-subtracted.
+    layer, channel, position, rule: as ``project`` (position None: the strongest
+      activation of the map).
+  Returns:
+    [Stage], top to bottom; the last stage's signal equals ``project(...)[0]``.
+  """
+  layers.check_rule(rule)
+  module = model.module if isinstance(model, Network) else model
+  if not isinstance(module, models.PaperNet):
+    raise ValueError(f"walkthrough needs one of our models (a PaperNet), got "
+                     f"{type(module).__name__}; other networks: project_fn")
+  x = image[None] if np.ndim(image) == 3 else image
+  if getattr(x, "ndim", np.ndim(x)) != 4 or np.shape(x)[0] != 1:
+    raise ValueError(f"image must be (S, S, C) or (1, S, S, C), got shape {np.shape(image)}")
+  x = jnp.asarray(x)
+  check_images(module, variables, x, "image")
+  shape = _check_layer(module, x.shape[1], layer)
+  _check_channel(layer, shape, channel)
+  _check_position(layer, shape, position)
+  model = module.clone(rule=rule)
+  feats, state = model.apply(variables, x, method="features", mutable=["switches"])
+  table = model.layer_table(x.shape[1])
+  names = [s.name for s in table]
+  act = feats[layer]
+  act4 = act.reshape(1, 1, 1, -1) if act.ndim == 2 else act
+  positions, strongest_ = _broadcast_position(position, 1)
+  r, pos, _ = _select(act4, jnp.asarray([channel], jnp.int32), positions, strongest_)
+  r = r.reshape(act.shape)
+  out = lambda a: np.asarray(jax.device_get(a), np.float32).reshape(
+      (1, 1, -1) if a.ndim == 2 else a.shape[1:])
+  stages = [Stage(f"{layer}: unit", layer, "unit", out(r),
+                  position=tuple(int(v) for v in np.asarray(pos[0])))]
+  params = variables["params"]
+  for k in range(names.index(layer), -1, -1):
+    spec = table[k]
+    below = feats[names[k - 1]] if k else x.astype(model.dtype)
+    vjp = lambda fn, at: (lambda z: jax.vjp(fn, at)[1](z)[0])
+    sw = None
+    if spec.kind in ("conv", "fc"):
+      steps = [("filter", vjp(_layer_fn(spec, params, model.dtype), below))]
+      if spec.name != "logits":    # feats[name] > 0 exactly where the ReLU's input is
+        steps.insert(0, ("rectify", vjp(functools.partial(layers.relu, rule=rule),
+                                        feats[spec.name])))
+    elif spec.kind == "pool":
+      sw = state["switches"][spec.name]
+      steps = [("unpool", functools.partial(layers.unpool, switches=sw, in_shape=below.shape))]
+    else:
+      steps = [("normalise", vjp(functools.partial(layers.contrast_norm,
+                                                   norm_rule=model.norm_rule), below))]
+    for step, down in steps:
+      r = down(r)
+      switch_pos = None if sw is None else np.asarray(layers.switch_positions(sw)[0], np.int32)
+      stages.append(Stage(f"{spec.name}: {step}", spec.name, step, out(r), switch_pos))
+  return stages
+
+
+def _layer_fn(spec: models.LayerSpec, params, dtype) -> Callable:
+  """The linear part (no bias) of a conv or fc layer: its VJP is the "filter" step."""
+  kernel = params["fc8" if spec.name == "logits" else spec.name]["kernel"].astype(dtype)
+  if spec.kind == "fc":
+    return lambda z: z.reshape(z.shape[0], -1) @ kernel
+  return lambda z: lax.conv_general_dilated(z, kernel, (spec.stride, spec.stride),
+                                            (spec.pad, spec.pad),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 # ----------------------------------------------------------------------------
