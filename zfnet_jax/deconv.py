@@ -358,40 +358,55 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   _check_channel(layer, shape, channel)
   _check_position(layer, shape, position)
   model = module.clone(rule=rule)
+  positions, strongest_ = _broadcast_position(position, 1)
+  signals, pos, switch_pos = jax.device_get(_walk(
+      model, variables, x, jnp.asarray([channel], jnp.int32), positions, strongest_,
+      layer=layer))
+  out = lambda a: np.asarray(a, np.float32).reshape((1, 1, -1) if a.ndim == 2 else a.shape[1:])
+  stages = [Stage(f"{layer}: unit", layer, "unit", out(signals[0]),
+                  position=tuple(int(v) for v in pos[0]))]
+  for (spec, step), r in zip(_plan(model, x.shape[1], layer), signals[1:]):
+    sw = np.asarray(switch_pos[spec.name], np.int32) if step == "unpool" else None
+    stages.append(Stage(f"{spec.name}: {step}", spec.name, step, out(r), sw))
+  return stages
+
+
+def _plan(model, input_size: int, layer: str) -> list[tuple[models.LayerSpec, str]]:
+  """The steps from ``layer`` down to the pixels: [(layer spec, step)]."""
+  table = model.layer_table(input_size)
+  plan = []
+  for spec in reversed(table[:[s.name for s in table].index(layer) + 1]):
+    if spec.kind in ("conv", "fc"):
+      plan += ([(spec, "rectify")] if spec.name != "logits" else []) + [(spec, "filter")]
+    else:
+      plan.append((spec, "unpool" if spec.kind == "pool" else "normalise"))
+  return plan
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layer"))
+def _walk(model, variables, x, channels, positions, strongest_, layer):
+  """([signal after each step], (1, 2) unit position, {pool: (Ho, Wo, C, 2) switches})."""
   feats, state = model.apply(variables, x, method="features", mutable=["switches"])
-  table = model.layer_table(x.shape[1])
-  names = [s.name for s in table]
+  names = list(feats)
   act = feats[layer]
   act4 = act.reshape(1, 1, 1, -1) if act.ndim == 2 else act
-  positions, strongest_ = _broadcast_position(position, 1)
-  r, pos, _ = _select(act4, jnp.asarray([channel], jnp.int32), positions, strongest_)
-  r = r.reshape(act.shape)
-  out = lambda a: np.asarray(jax.device_get(a), np.float32).reshape(
-      (1, 1, -1) if a.ndim == 2 else a.shape[1:])
-  stages = [Stage(f"{layer}: unit", layer, "unit", out(r),
-                  position=tuple(int(v) for v in np.asarray(pos[0])))]
-  params = variables["params"]
-  for k in range(names.index(layer), -1, -1):
-    spec = table[k]
-    below = feats[names[k - 1]] if k else x.astype(model.dtype)
-    vjp = lambda fn, at: (lambda z: jax.vjp(fn, at)[1](z)[0])
-    sw = None
-    if spec.kind in ("conv", "fc"):
-      steps = [("filter", vjp(_layer_fn(spec, params, model.dtype), below))]
-      if spec.name != "logits":    # feats[name] > 0 exactly where the ReLU's input is
-        steps.insert(0, ("rectify", vjp(functools.partial(layers.relu, rule=rule),
-                                        feats[spec.name])))
-    elif spec.kind == "pool":
+  r, pos, _ = _select(act4, channels, positions, strongest_)
+  signals, switch_pos, r = [r], {}, r.reshape(act.shape)
+  vjp = lambda fn, at, z: jax.vjp(fn, at)[1](z)[0]
+  for spec, step in _plan(model, x.shape[1], layer):
+    below = feats[names[names.index(spec.name) - 1]] if spec.name != names[0] else x
+    if step == "rectify":    # feats[name] > 0 exactly where the ReLU's input is
+      r = vjp(functools.partial(layers.relu, rule=model.rule), feats[spec.name], r)
+    elif step == "filter":
+      r = vjp(_layer_fn(spec, variables["params"], model.dtype), below.astype(model.dtype), r)
+    elif step == "unpool":
       sw = state["switches"][spec.name]
-      steps = [("unpool", functools.partial(layers.unpool, switches=sw, in_shape=below.shape))]
+      r = layers.unpool(r, sw, below.shape)
+      switch_pos[spec.name] = layers.switch_positions(sw)[0]
     else:
-      steps = [("normalise", vjp(functools.partial(layers.contrast_norm,
-                                                   norm_rule=model.norm_rule), below))]
-    for step, down in steps:
-      r = down(r)
-      switch_pos = None if sw is None else np.asarray(layers.switch_positions(sw)[0], np.int32)
-      stages.append(Stage(f"{spec.name}: {step}", spec.name, step, out(r), switch_pos))
-  return stages
+      r = vjp(functools.partial(layers.contrast_norm, norm_rule=model.norm_rule), below, r)
+    signals.append(r)
+  return signals, pos, switch_pos
 
 
 def _layer_fn(spec: models.LayerSpec, params, dtype) -> Callable:
