@@ -5,10 +5,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from helpers import np_conv_down, np_lrn, np_pool, np_relu_down, np_unpool, plain_network
-from zfnet_jax import deconv, models
+from zfnet_jax import deconv, models, sections
+from zfnet_jax.analyses import walkthrough
 
 SIZE = 64
 GEOMETRY = {"conv1": (7, 2, 0), "conv2": (5, 2, 0), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
@@ -114,3 +116,37 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="needs one of our models"):
     deconv.walkthrough(net, other_vars, np.zeros((32, 32, 1), np.float32), layer="conv1",
                        channel=0)
+
+
+def test_report_section_walks_down_from_each_layers_strongest_unit(tmp_path):
+  """One figure and one .npz per layer; the unit is the NumPy argmax over the images, its
+  arrays are the walk-through's stages; a bad layer is refused before any work."""
+  model, variables, x = tiny()
+  images = np.stack([x, x[::-1] * 0.5, np.roll(x, 9, axis=1)])
+  net = deconv.network(model)
+  data = sections.Data("fake", SIZE, SIZE, 1)
+  options = walkthrough.validate(ml_collections.ConfigDict({"layers": ()}), net, data)
+  assert options.layers == ("conv1", "conv2", "conv3", "conv4", "conv5")
+  with pytest.raises(ValueError, match="unknown walkthrough layer 'conv7'"):
+    walkthrough.validate(ml_collections.ConfigDict({"layers": ("conv7",)}), net, data)
+  context = sections.Context(net=net, variables=variables, images=images,
+                             labels=np.array([0, 1, 2]), ids=np.array([5, 6, 7]),
+                             pixel_mean=np.full((SIZE, SIZE, 1), 128, np.float32),
+                             class_names=("a", "b", "c", "d"), out_dir=str(tmp_path),
+                             rule="guided")
+  chosen = walkthrough.Options(("pool2", "fc6"))
+  [sec] = walkthrough.sections(context, chosen)
+  assert [f for f, _ in sec.figures] == [f"walkthrough_{l}.png" for l in chosen.layers]
+  feats = model.apply(variables, images, method="features")
+  for layer in chosen.layers:
+    a = np.asarray(feats[layer])
+    a = a.reshape(len(a), 1, 1, -1) if a.ndim == 2 else a
+    n, i, j, c = np.unravel_index(np.argmax(a), a.shape)   # first maximum
+    assert f"{layer}, map {c} at ({i}, {j})" in dict(sec.figures)[f"walkthrough_{layer}.png"]
+    stages = deconv.walkthrough(model, variables, images[n], layer=layer, channel=int(c),
+                                position=(int(i), int(j)), rule="guided")
+    saved = np.load(tmp_path / f"walkthrough_{layer}.npz")
+    assert list(saved) == [f"{k:02d}_{s.layer}_{s.step}" for k, s in enumerate(stages)]
+    for key, s in zip(saved, stages):
+      np.testing.assert_array_equal(saved[key], s.signal)
+    assert (tmp_path / f"walkthrough_{layer}.png").stat().st_size > 1000
