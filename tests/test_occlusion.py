@@ -100,7 +100,9 @@ def test_config_validated_before_work(tiny):
                               ("evolution.maps", (0, 8), r"evolution map \[8\]"),
                               ("invariance.layers", ("conv1", "fc9"), "fc9"),
                               ("correspondence.boxes", "missing.json", "missing.json"),
-                              ("diagnostics.dead_threshold", 2.0, "2.0")):
+                              ("diagnostics.dead_threshold", 2.0, "2.0"),
+                              ("walkthrough.layers", ("conv2", "conv9"),
+                               "walkthrough layer 'conv9'")):
     bad = configs.default_config()
     bad.dataset.crop_size = S
     bad.dataset.name, bad.dataset.resize_size = "fashion_mnist_idx", 72
