@@ -103,7 +103,7 @@ def plot(stages: list[deconv.Stage], display: np.ndarray, field, channel: int, t
       ax.set_title(f"{stage.name}{' = projection' if last else ''}\n{h}x{w}x{c}", fontsize=8)
       if stage.step == "unpool":
         pts = _active_switches(prev, stage)
-        ax.scatter(pts[:, 1], pts[:, 0], s=float(np.clip((60 / h) ** 2, 1, 12)), c="red",
+        ax.scatter(pts[:, 1], pts[:, 0], s=float(np.clip((40 / h) ** 2, 1, 12)), c="red",
                    marker="o", linewidths=0)
       prev = stage
   fig.suptitle(title, fontsize=9)
