@@ -510,6 +510,27 @@ def receptive_patch(model, images, layer: str, position, *,
   return crops[0] if single else crops
 
 
+def crop_receptive_field(images: np.ndarray, rf: models.ReceptiveField,
+                         positions: np.ndarray, fill: float = 0.5) -> np.ndarray:
+  """Crop each image to its unit's receptive field.
+
+  images (R, S, S, C); positions (R, 2) (row, col) of the units -> (R, t, t, C)
+  with t = min(rf.size, S).  The clipped window sits where it lies in the full
+  receptive field (when rf.size <= S), so the part outside the image is
+  ``fill``; when rf.size > S the window is the whole image.
+  """
+  s = images.shape[1]
+  t = min(rf.size, s)
+  out = np.full((images.shape[0], t, t, images.shape[3]), fill, np.float32)
+  for n, (i, j) in enumerate(np.asarray(positions)):
+    r0, r1, c0, c1 = rf.window(int(i), int(j), s)
+    dr = t - (r1 - r0) if rf.offset + i * rf.stride < 0 else 0
+    dc = t - (c1 - c0) if rf.offset + j * rf.stride < 0 else 0
+    out[n, dr:dr + r1 - r0, dc:dc + c1 - c0] = images[n, r0:r1, c0:c1]
+  return out
+
+
+
 # ----------------------------------------------------------------------------
 # Any CNN (through ``zfnet_jax.rewrite``).
 # ----------------------------------------------------------------------------
