@@ -279,6 +279,22 @@ def np_lrn(a, k, n, alpha, beta):
   return b, vjp
 
 
+def crop_to_field(image, rf, i, j):
+  """(S, S, C) -> unit (i, j)'s receptive field as the atlas crops it: t = min(size, S)
+  pixels a side, mid-grey outside the image; along each axis the t pixels that start at
+  the field's first pixel, or, when the field starts before the image, that end at its
+  last pixel inside the image."""
+  s = image.shape[0]
+  t = min(rf.size, s)
+  padded = np.pad(image, ((rf.size, rf.size), (rf.size, rf.size), (0, 0)), constant_values=0.5)
+
+  def span(k):
+    first = rf.offset + k * rf.stride
+    lo = first if first >= 0 else min(first + rf.size, s) - t
+    return slice(lo + rf.size, lo + rf.size + t)
+  return padded[span(i), span(j)]
+
+
 # -- a hand-built Flax CNN that is not one of our models ---------------------------
 
 class PlainCNN(nn.Module):

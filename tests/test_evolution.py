@@ -29,19 +29,8 @@ def brute_force_tile(model, variables, images, layer, ch):
   else:
     p = deconv.project(model, variables, images[n:n + 1], layer=layer, channel=ch,
                        position=(i, j))
-  return crop_to_field(deconv.to_image(p[0]), net.receptive_fields(images.shape[1])[layer],
+  return helpers.crop_to_field(deconv.to_image(p[0]), net.receptive_fields(images.shape[1])[layer],
                        i, j)
-
-
-def crop_to_field(image, rf, i, j):
-  """(S, S, C) -> the unit's receptive field as the atlas crops it: min(size, S) pixels a
-  side, the whole image when the field is larger, else mid-grey where it leaves the image."""
-  s = image.shape[0]
-  if rf.size >= s:
-    return image
-  padded = np.pad(image, ((rf.size, rf.size), (rf.size, rf.size), (0, 0)), constant_values=0.5)
-  r0, c0 = rf.offset + i * rf.stride + rf.size, rf.offset + j * rf.stride + rf.size
-  return padded[r0:r0 + rf.size, c0:c0 + rf.size]
 
 
 def nearest(tile, t):

@@ -517,7 +517,9 @@ def crop_receptive_field(images: np.ndarray, rf: models.ReceptiveField,
   images (R, S, S, C); positions (R, 2) (row, col) of the units -> (R, t, t, C)
   with t = min(rf.size, S).  The clipped window sits where it lies in the full
   receptive field (when rf.size <= S), so the part outside the image is
-  ``fill``; when rf.size > S the window is the whole image.
+  ``fill``; when rf.size > S the crop is the S pixels of each axis that start at
+  the field's first pixel or, when the field starts before the image, end at its
+  last pixel inside the image (the whole image when the field covers it).
   """
   s = images.shape[1]
   t = min(rf.size, s)
