@@ -70,27 +70,39 @@ def _active_switches(prev: deconv.Stage, stage: deconv.Stage) -> np.ndarray:
 def plot(stages: list[deconv.Stage], display: np.ndarray, field, channel: int, title: str,
          path: str) -> str:
   """Fig. 1 for one unit.  Top row: the input (receptive field boxed), the receptive
-  field patch, the unit.  Then one row per layer: normalise, unpool, rectify, filter;
-  each stage summed over channels (zero = mid-grey, each scaled on its own), the
-  last the pixel projection.  display: (S, S) or (S, S, 3) in [0, 1]; field:
-  (row0, row1, col0, col1) of the unit's receptive field in the image."""
+  field's patch and projection (cropped as the atlas crops them), the unit.  Then one
+  row per layer: normalise, unpool, rectify, filter; each stage summed over channels
+  (zero = mid-grey, each scaled on its own), the last the pixel projection.
+  display: (S, S) or (S, S, 3) in [0, 1]; field: the layer's ``models.ReceptiveField``
+  (None: the whole image)."""
   plt = figures.pyplot()
   rows = _groups(stages)
   fig, axes = plt.subplots(1 + len(rows), len(COLUMNS),
                            figsize=(2.0 * len(COLUMNS), 2.1 * (1 + len(rows))), squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
-  r0, r1, c0, c1 = field
+  unit, size = stages[0], display.shape[0]
+  image = display.reshape(size, size, -1)
+  projection = deconv.to_image(stages[-1].signal)
+  if field is None:
+    r0, r1, c0, c1 = 0, size, 0, size
+    patch, crop = image, projection
+  else:
+    r0, r1, c0, c1 = field.window(*unit.position, size)
+    patch, crop = (deconv.crop_receptive_field(a[None], field, np.asarray([unit.position]))[0]
+                   for a in (image, projection))
   figures.imshow(axes[0, 0], display)
   axes[0, 0].add_patch(matplotlib.patches.Rectangle((c0 - .5, r0 - .5), c1 - c0, r1 - r0,
                                                     fill=False, ec="red", lw=1.5))
   axes[0, 0].set_title("input, receptive field", fontsize=8)
-  figures.imshow(axes[0, 1], display[r0:r1, c0:c1])
-  axes[0, 1].set_title(f"receptive field ({r1 - r0}x{c1 - c0})", fontsize=8)
+  for ax, picture, what in ((axes[0, 1], patch, "patch"), (axes[0, 2], crop, "projection")):
+    figures.imshow(ax, picture[..., 0] if picture.shape[-1] == 1 else picture,
+                   interpolation="nearest")
+    ax.set_title(f"receptive field: {what}\n{picture.shape[0]}x{picture.shape[1]}", fontsize=8)
   unit = stages[0]
-  _show(axes[0, 2], unit.signal)
-  axes[0, 2].set_title(f"{unit.name}\nmap {channel} at {unit.position}", fontsize=8)
-  for ax in axes[0, :3]:
+  _show(axes[0, 3], unit.signal)
+  axes[0, 3].set_title(f"{unit.name}\nmap {channel} at {unit.position}", fontsize=8)
+  for ax in axes[0]:
     ax.axis("on")
   prev = unit
   for r, row in enumerate(rows, start=1):
@@ -128,8 +140,7 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
   if not len(context.images):
     sec.paragraphs.append("No analysed images.")
     return [sec]
-  size = context.images.shape[1]
-  fields = net.receptive_fields(size)
+  fields = net.receptive_fields(context.images.shape[1])
   sec.paragraphs.append(
       "How the deconvnet projects a unit back to pixels (paper Fig. 1, Sec. 2.1): for each "
       "layer, the strongest unit over the analysed images. Its activation is kept, every "
@@ -139,7 +150,8 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
       "carry signal), the ReLU by the " + context.rule + " rule (rectify), the convolution "
       "by its transposed filters (filter). Each picture is the signal after that step, "
       "summed over channels (zero = mid-grey, each scaled on its own); the last is the "
-      "pixel projection. Arrays: walkthrough_<layer>.npz (one key per stage).")
+      "pixel projection, shown in the top row cropped to the unit's receptive field beside "
+      "the image patch (as in the atlas). Arrays: walkthrough_<layer>.npz (one key per stage).")
   units = strongest_units(net, context.variables, context.images, options.layers,
                           context.batch_size)
   for layer in options.layers:
@@ -148,12 +160,10 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
                                 channel=channel, position=position, rule=context.rule)
     np.savez_compressed(context.path(f"walkthrough_{layer}.npz"),
                         **{f"{k:02d}_{s.layer}_{s.step}": s.signal for k, s in enumerate(stages)})
-    field = (fields[layer].window(*position, size) if layer in fields
-             else (0, size, 0, size))
     label = context.class_name(context.labels[n])
     title = (f"{layer}, map {channel} at {position} (activation {value:.3g}) on image "
              f"{int(context.ids[n])} ({label})")
-    plot(stages, common.to_display(context.images[n], context.pixel_mean), field, channel,
-         title, context.path(f"walkthrough_{layer}.png"))
+    plot(stages, common.to_display(context.images[n], context.pixel_mean), fields.get(layer),
+         channel, title, context.path(f"walkthrough_{layer}.png"))
     sec.figures.append((f"walkthrough_{layer}.png", title + "."))
   return [sec]
