@@ -113,7 +113,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="unknown rule 'zeiler'"):
     deconv.walkthrough(model, variables, x, layer="conv2", channel=0, rule="zeiler")
   net, other_vars = plain_network()
-  with pytest.raises(ValueError, match="needs one of our models"):
+  with pytest.raises(ValueError, match="needs one of our models .a PaperNet., got PlainCNN"):
     deconv.walkthrough(net, other_vars, np.zeros((32, 32, 1), np.float32), layer="conv1",
                        channel=0)
 

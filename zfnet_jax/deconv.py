@@ -347,8 +347,9 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   layers.check_rule(rule)
   module = model.module if isinstance(model, Network) else model
   if not isinstance(module, models.PaperNet):
-    raise ValueError(f"walkthrough needs one of our models (a PaperNet), got "
-                     f"{type(module).__name__}; other networks: project_fn")
+    what = model.name if module is None else type(module).__name__
+    raise ValueError(f"walkthrough needs one of our models (a PaperNet), got {what}; "
+                     "other networks: project_fn")
   x = image[None] if np.ndim(image) == 3 else image
   if getattr(x, "ndim", np.ndim(x)) != 4 or np.shape(x)[0] != 1:
     raise ValueError(f"image must be (S, S, C) or (1, S, S, C), got shape {np.shape(image)}")
