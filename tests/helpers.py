@@ -193,6 +193,41 @@ def slow_down_training(delay):
 
 # -- NumPy references of the layers ------------------------------------------------
 
+def np_conv(x, w, b, s, p):
+  """cuda-convnet convolution: pad p top/left, whatever the last window needs bottom/right."""
+  n, k = x.shape[0], w.shape[0]
+  out = 1 + -(-(2 * p + n - k) // s)
+  hi = max((out - 1) * s + k - n - p, 0)
+  xp = np.pad(x, ((p, hi), (p, hi), (0, 0)))
+  y = np.zeros((out, out, w.shape[3]))
+  for i, j in itertools.product(range(out), range(out)):
+    y[i, j] = np.tensordot(xp[i * s:i * s + k, j * s:j * s + k], w, axes=3) + b
+  return y
+
+
+def np_conv_down(r, w, s, p, n):
+  """The paper's "filter" step: correlate the stride-dilated signal, fully padded,
+  with the flipped filters (in/out channels swapped); crop the top/left padding."""
+  ho, k = r.shape[0], w.shape[0]
+  d = np.zeros(((ho - 1) * s + 1, (ho - 1) * s + 1, r.shape[2]))
+  d[::s, ::s] = r
+  d = np.pad(d, ((k - 1, k - 1), (k - 1, k - 1), (0, 0)))
+  flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)  # (k, k, out, in)
+  full = (ho - 1) * s + k  # rows of the padded input the windows cover
+  g = np.zeros((full, full, w.shape[2]))
+  for i, j in itertools.product(range(full), range(full)):
+    g[i, j] = np.tensordot(d[i:i + k, j:j + k], flipped, axes=3)
+  out = np.zeros((n, n, w.shape[2]))
+  m = min(n, full - p)
+  out[:m, :m] = g[p:p + m, p:p + m]
+  return out
+
+
+def np_relu_down(r, x, rule):
+  return {"backprop": r * (x > 0), "deconvnet": np.maximum(r, 0),
+          "guided": r * (x > 0) * (r > 0)}[rule]
+
+
 def np_pool(x, window=3, stride=2, pad=((0, 0), (0, 0))):
   """Max-pool of (H, W, C) by explicit loops; (out, switches (Ho, Wo, C, 2)).
 
@@ -242,6 +277,22 @@ def np_lrn(a, k, n, alpha, beta):
         g[..., q] -= 2 * alpha * beta * r[..., ch] * a[..., ch] * a[..., q] * d[..., ch] ** (-beta - 1)
     return g
   return b, vjp
+
+
+def crop_to_field(image, rf, i, j):
+  """(S, S, C) -> unit (i, j)'s receptive field as the atlas crops it: t = min(size, S)
+  pixels a side, mid-grey outside the image; along each axis the t pixels that start at
+  the field's first pixel, or, when the field starts before the image, that end at its
+  last pixel inside the image."""
+  s = image.shape[0]
+  t = min(rf.size, s)
+  padded = np.pad(image, ((rf.size, rf.size), (rf.size, rf.size), (0, 0)), constant_values=0.5)
+
+  def span(k):
+    first = rf.offset + k * rf.stride
+    lo = first if first >= 0 else min(first + rf.size, s) - t
+    return slice(lo + rf.size, lo + rf.size + t)
+  return padded[span(i), span(j)]
 
 
 # -- a hand-built Flax CNN that is not one of our models ---------------------------

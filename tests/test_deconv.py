@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import np_lrn, np_pool, np_unpool
+from helpers import np_conv, np_conv_down, np_lrn, np_pool, np_relu_down, np_unpool
 from zfnet_jax import deconv, layers, models, rewrite
 
 SIZE = 64
@@ -19,41 +19,6 @@ SIZE = 64
 # ----------------------------------------------------------------------------
 # NumPy reference deconvnet of a PaperNet (one image, HWC, float64).
 # ----------------------------------------------------------------------------
-
-def np_conv(x, w, b, s, p):
-  """cuda-convnet convolution: pad p top/left, whatever the last window needs bottom/right."""
-  n, k = x.shape[0], w.shape[0]
-  out = 1 + -(-(2 * p + n - k) // s)
-  hi = max((out - 1) * s + k - n - p, 0)
-  xp = np.pad(x, ((p, hi), (p, hi), (0, 0)))
-  y = np.zeros((out, out, w.shape[3]))
-  for i, j in itertools.product(range(out), range(out)):
-    y[i, j] = np.tensordot(xp[i * s:i * s + k, j * s:j * s + k], w, axes=3) + b
-  return y
-
-
-def np_conv_down(r, w, s, p, n):
-  """The paper's "filter" step: correlate the stride-dilated signal, fully padded,
-  with the flipped filters (in/out channels swapped); crop the top/left padding."""
-  ho, k = r.shape[0], w.shape[0]
-  d = np.zeros(((ho - 1) * s + 1, (ho - 1) * s + 1, r.shape[2]))
-  d[::s, ::s] = r
-  d = np.pad(d, ((k - 1, k - 1), (k - 1, k - 1), (0, 0)))
-  flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)  # (k, k, out, in)
-  full = (ho - 1) * s + k  # rows of the padded input the windows cover
-  g = np.zeros((full, full, w.shape[2]))
-  for i, j in itertools.product(range(full), range(full)):
-    g[i, j] = np.tensordot(d[i:i + k, j:j + k], flipped, axes=3)
-  out = np.zeros((n, n, w.shape[2]))
-  m = min(n, full - p)
-  out[:m, :m] = g[p:p + m, p:p + m]
-  return out
-
-
-def np_relu_down(r, x, rule):
-  return {"backprop": r * (x > 0), "deconvnet": np.maximum(r, 0),
-          "guided": r * (x > 0) * (r > 0)}[rule]
-
 
 def np_forward(params, img, conv_geometry):
   """Forward of a PaperNet with contrast norm; records every step for the way down.

@@ -29,7 +29,8 @@ def brute_force_tile(model, variables, images, layer, ch):
   else:
     p = deconv.project(model, variables, images[n:n + 1], layer=layer, channel=ch,
                        position=(i, j))
-  return deconv.to_image(deconv.receptive_patch(model, np.asarray(p[0]), layer, (i, j)))
+  return helpers.crop_to_field(deconv.to_image(p[0]), net.receptive_fields(images.shape[1])[layer],
+                       i, j)
 
 
 def nearest(tile, t):
@@ -65,9 +66,10 @@ def test_strongest_equals_numpy_argmax():
 
 def test_tensorboard_panel_holds_the_projections_of_the_strongest_units():
   """Row = layer, column = map, 2 px white gaps: the deconvnet projection of the map's
-  NumPy-argmax unit over the images, cropped to its receptive field (conv1 7 px, conv4
-  107 px; conv4's projection crosses conv3's ReLU with no pool between, where the rules differ),
-  enlarged to 107 px by nearest neighbours, as grey uint8."""
+  NumPy-argmax unit over the images, cropped to its receptive field (conv1 7 px; conv4's
+  107 px field is larger than the 64 px image: the whole image; conv4's projection crosses
+  conv3's ReLU with no pool between, where the rules differ), enlarged to 107 px by nearest
+  neighbours, as grey uint8."""
   model = models.ZFNetLowRes(num_classes=3, conv_features=(4, 6, 6, 6, 8), fc_features=8)
   images = np.asarray(np.random.default_rng(1).normal(size=(5, 64, 64, 1)) * 50, np.float32)
   variables = {"params": model.init(jax.random.PRNGKey(1), images[:1])["params"]}

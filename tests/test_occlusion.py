@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, models, report, sections
+from zfnet_jax import configs, deconv, models, report, sections
 
 import helpers
 from zfnet_jax.analyses import occlusion
@@ -100,7 +100,9 @@ def test_config_validated_before_work(tiny):
                               ("evolution.maps", (0, 8), r"evolution map \[8\]"),
                               ("invariance.layers", ("conv1", "fc9"), "fc9"),
                               ("correspondence.boxes", "missing.json", "missing.json"),
-                              ("diagnostics.dead_threshold", 2.0, "2.0")):
+                              ("diagnostics.dead_threshold", 2.0, "2.0"),
+                              ("walkthrough.layers", ("conv2", "conv9"),
+                               "walkthrough layer 'conv9'")):
     bad = configs.default_config()
     bad.dataset.crop_size = S
     bad.dataset.name, bad.dataset.resize_size = "fashion_mnist_idx", 72
@@ -146,7 +148,17 @@ def test_sections_on_a_hand_built_cnn(tmp_path):
   assert [f for f, _ in sec.figures] == ["occlusion_7.png", "occlusion_9.png"]
   assert [row[:2] for row in sec.tables[0][1]] == [["7", "a"], ["9", "c"]]
   saved = np.load(tmp_path / "occlusion_9.npz")
-  assert saved["projection"].shape == (32, 32, 1) and int(saved["label"]) == 2
+  assert int(saved["label"]) == 2
+  # (c): the projection of the map's strongest unit, cropped to its 10-px receptive field.
+  cnn, ch = helpers.PlainCNN(), int(saved["channel"])
+  features = lambda x: cnn.apply(variables, x, method="features")
+  a = np.asarray(features(images[1:])["c2"][0, ..., ch])
+  i, j = np.unravel_index(np.argmax(a), a.shape)
+  assert tuple(saved["projection_position"]) == (i, j)
+  p = deconv.project_fn(features, images[1:], output="c2", channel=ch, position=(i, j))
+  want = helpers.crop_to_field(deconv.to_image(p[0]), helpers.PLAIN_FIELDS["c2"], i, j)
+  assert saved["projection"].shape == (10, 10, 1) and want.std() > 0.02
+  np.testing.assert_allclose(saved["projection"], want, atol=1e-5)
   assert (options.size, options.stride) == (8, 1)   # 56 and 8 px at 224, scaled to 32
 
 

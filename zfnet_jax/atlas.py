@@ -227,26 +227,6 @@ def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
 # 2. Projections and receptive-field patches.
 # ----------------------------------------------------------------------------
 
-def crop_receptive_field(images: np.ndarray, rf: models.ReceptiveField,
-                         positions: np.ndarray, fill: float = 0.5) -> np.ndarray:
-  """Crop each image to its unit's receptive field.
-
-  images (R, S, S, C); positions (R, 2) (row, col) of the units -> (R, t, t, C)
-  with t = min(rf.size, S).  The clipped window sits where it lies in the full
-  receptive field (when rf.size <= S), so the part outside the image is
-  ``fill``; when rf.size > S the window is the whole image.
-  """
-  s = images.shape[1]
-  t = min(rf.size, s)
-  out = np.full((images.shape[0], t, t, images.shape[3]), fill, np.float32)
-  for n, (i, j) in enumerate(np.asarray(positions)):
-    r0, r1, c0, c1 = rf.window(int(i), int(j), s)
-    dr = t - (r1 - r0) if rf.offset + i * rf.stride < 0 else 0
-    dc = t - (c1 - c0) if rf.offset + j * rf.stride < 0 else 0
-    out[n, dr:dr + r1 - r0, dc:dc + c1 - c0] = images[n, r0:r1, c0:c1]
-  return out
-
-
 def project(net, variables, scan_result: ScanResult, layer: str,
             channels: np.ndarray, pixel_mean: np.ndarray, *, rule: str = "deconvnet",
             chunk_size: int = 64) -> LayerAtlas:
@@ -272,9 +252,9 @@ def project(net, variables, scan_result: ScanResult, layer: str,
     p = pos.reshape(-1, 2)[flat]
     proj = net.project(variables, jnp.asarray(imgs), layer=layer, channels=np.asarray(chans),
                        positions=np.asarray(p), rule=rule, chunk_size=chunk_size)
-    projections[flat] = crop_receptive_field(np.asarray(deconv.to_image(proj)), rf, p)
+    projections[flat] = deconv.crop_receptive_field(np.asarray(deconv.to_image(proj)), rf, p)
     display = np.clip((imgs + np.asarray(pixel_mean, np.float32)) / 255.0, 0.0, 1.0)
-    patches[flat] = crop_receptive_field(display, rf, p)
+    patches[flat] = deconv.crop_receptive_field(display, rf, p)
   labels = np.array([scan_result.labels.get(int(i), -1) for i in ids.ravel()]).reshape(m, k)
   shape = (m, k, t, t, cin)
   return LayerAtlas(layer, channels, values, ids, pos, labels,

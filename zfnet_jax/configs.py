@@ -96,6 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.num_images = 4            # first N examples of the split (occlusion, invariance)
   c.analyses.image_ids = ()            # or exactly these examples (index in the split)
   c.analyses.batch_size = 64           # forward passes per jitted batch
+  c.analyses.walkthrough = ml_collections.ConfigDict()
+  c.analyses.walkthrough.enabled = True
+  c.analyses.walkthrough.layers = ()   # Fig. 1 stages for one unit each (() = every conv)
   c.analyses.occlusion = ml_collections.ConfigDict()
   c.analyses.occlusion.enabled = True
   c.analyses.occlusion.layer = "conv5"  # map (b)/(c) is this layer's strongest map

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from zfnet_jax import console
 from zfnet_jax import layers
@@ -304,6 +305,124 @@ def _project_requests(batch, table, images, layer, channels, positions, chunk_si
 
 
 # ----------------------------------------------------------------------------
+# The way down, stage by stage (Fig. 1).
+# ----------------------------------------------------------------------------
+
+class Stage(NamedTuple):
+  """One stage of a walk-through.
+
+  name: "<layer>: <step>", e.g. "conv3: rectify".
+  layer: the layer whose step it undoes; step: "unit" (the one non-zero activation),
+    "rectify", "filter", "unpool" or "normalise" (contrast normalisation's VJP).
+  signal: float32 (H, W, C) after the step (fc layers: (1, 1, units)); the last
+    stage's signal is the pixel projection (S, S, C).
+  switches: unpool stages only: int32 (Ho, Wo, C, 2), the input (row, col) of each
+    pool window's maximum, recorded on the way up; else None.
+  position: the "unit" stage only: the unit's (row, col); else None.
+  """
+  name: str
+  layer: str
+  step: str
+  signal: np.ndarray
+  switches: np.ndarray | None = None
+  position: tuple[int, int] | None = None
+
+
+def walkthrough(model, variables, image, *, layer: str, channel: int,
+                position: tuple[int, int] | None = None,
+                rule: str = "deconvnet") -> list[Stage]:
+  """Every intermediate signal of ``project`` for one unit of one image (paper Sec. 2.1).
+
+  From the unit's own activation (all others of ``layer`` zeroed), each layer below
+  is undone in turn: a conv or fc layer by "rectify" (its ReLU's backward ``rule``)
+  then "filter" (transposed filters, no bias); a max-pool by "unpool" through its
+  switches; contrast normalisation by "normalise" (the model's ``norm_rule`` VJP).
+
+  Args:
+    model: one of our models (a ``PaperNet``, or its ``Network``).
+    image: (S, S, C) or (1, S, S, C) float, mean-subtracted.
+    layer, channel, position, rule: as ``project`` (position None: the strongest
+      activation of the map).
+  Returns:
+    [Stage], top to bottom; the last stage's signal equals ``project(...)[0]``.
+  """
+  layers.check_rule(rule)
+  module = model.module if isinstance(model, Network) else model
+  if not isinstance(module, models.PaperNet):
+    what = model.name if module is None else type(module).__name__
+    raise ValueError(f"walkthrough needs one of our models (a PaperNet), got {what}; "
+                     "other networks: project_fn")
+  x = image[None] if np.ndim(image) == 3 else image
+  if getattr(x, "ndim", np.ndim(x)) != 4 or np.shape(x)[0] != 1:
+    raise ValueError(f"image must be (S, S, C) or (1, S, S, C), got shape {np.shape(image)}")
+  x = jnp.asarray(x)
+  check_images(module, variables, x, "image")
+  shape = _check_layer(module, x.shape[1], layer)
+  _check_channel(layer, shape, channel)
+  _check_position(layer, shape, position)
+  model = module.clone(rule=rule)
+  positions, strongest_ = _broadcast_position(position, 1)
+  signals, pos, switch_pos = jax.device_get(_walk(
+      model, variables, x, jnp.asarray([channel], jnp.int32), positions, strongest_,
+      layer=layer))
+  out = lambda a: np.asarray(a, np.float32).reshape((1, 1, -1) if a.ndim == 2 else a.shape[1:])
+  stages = [Stage(f"{layer}: unit", layer, "unit", out(signals[0]),
+                  position=tuple(int(v) for v in pos[0]))]
+  for (spec, step), r in zip(_plan(model, x.shape[1], layer), signals[1:]):
+    sw = np.asarray(switch_pos[spec.name], np.int32) if step == "unpool" else None
+    stages.append(Stage(f"{spec.name}: {step}", spec.name, step, out(r), sw))
+  return stages
+
+
+def _plan(model, input_size: int, layer: str) -> list[tuple[models.LayerSpec, str]]:
+  """The steps from ``layer`` down to the pixels: [(layer spec, step)]."""
+  table = model.layer_table(input_size)
+  plan = []
+  for spec in reversed(table[:[s.name for s in table].index(layer) + 1]):
+    if spec.kind in ("conv", "fc"):
+      plan += ([(spec, "rectify")] if spec.name != "logits" else []) + [(spec, "filter")]
+    else:
+      plan.append((spec, "unpool" if spec.kind == "pool" else "normalise"))
+  return plan
+
+
+@functools.partial(jax.jit, static_argnames=("model", "layer"))
+def _walk(model, variables, x, channels, positions, strongest_, layer):
+  """([signal after each step], (1, 2) unit position, {pool: (Ho, Wo, C, 2) switches})."""
+  feats, state = model.apply(variables, x, method="features", mutable=["switches"])
+  names = list(feats)
+  act = feats[layer]
+  act4 = act.reshape(1, 1, 1, -1) if act.ndim == 2 else act
+  r, pos, _ = _select(act4, channels, positions, strongest_)
+  signals, switch_pos, r = [r], {}, r.reshape(act.shape)
+  vjp = lambda fn, at, z: jax.vjp(fn, at)[1](z)[0]
+  for spec, step in _plan(model, x.shape[1], layer):
+    below = feats[names[names.index(spec.name) - 1]] if spec.name != names[0] else x
+    if step == "rectify":    # feats[name] > 0 exactly where the ReLU's input is
+      r = vjp(functools.partial(layers.relu, rule=model.rule), feats[spec.name], r)
+    elif step == "filter":
+      r = vjp(_layer_fn(spec, variables["params"], model.dtype), below.astype(model.dtype), r)
+    elif step == "unpool":
+      sw = state["switches"][spec.name]
+      r = layers.unpool(r, sw, below.shape)
+      switch_pos[spec.name] = layers.switch_positions(sw)[0]
+    else:
+      r = vjp(functools.partial(layers.contrast_norm, norm_rule=model.norm_rule), below, r)
+    signals.append(r)
+  return signals, pos, switch_pos
+
+
+def _layer_fn(spec: models.LayerSpec, params, dtype) -> Callable:
+  """The linear part (no bias) of a conv or fc layer: its VJP is the "filter" step."""
+  kernel = params["fc8" if spec.name == "logits" else spec.name]["kernel"].astype(dtype)
+  if spec.kind == "fc":
+    return lambda z: z.reshape(z.shape[0], -1) @ kernel
+  return lambda z: lax.conv_general_dilated(z, kernel, (spec.stride, spec.stride),
+                                            (spec.pad, spec.pad),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# ----------------------------------------------------------------------------
 # Switches as data.
 # ----------------------------------------------------------------------------
 
@@ -392,6 +511,29 @@ def receptive_patch(model, images, layer: str, position, *,
     return crops[0] if single else crops
   crops = np.stack(crops)
   return crops[0] if single else crops
+
+
+def crop_receptive_field(images: np.ndarray, rf: models.ReceptiveField,
+                         positions: np.ndarray, fill: float = 0.5) -> np.ndarray:
+  """Crop each image to its unit's receptive field.
+
+  images (R, S, S, C); positions (R, 2) (row, col) of the units -> (R, t, t, C)
+  with t = min(rf.size, S).  The clipped window sits where it lies in the full
+  receptive field (when rf.size <= S), so the part outside the image is
+  ``fill``; when rf.size > S the crop is the S pixels of each axis that start at
+  the field's first pixel or, when the field starts before the image, end at its
+  last pixel inside the image (the whole image when the field covers it).
+  """
+  s = images.shape[1]
+  t = min(rf.size, s)
+  out = np.full((images.shape[0], t, t, images.shape[3]), fill, np.float32)
+  for n, (i, j) in enumerate(np.asarray(positions)):
+    r0, r1, c0, c1 = rf.window(int(i), int(j), s)
+    dr = t - (r1 - r0) if rf.offset + i * rf.stride < 0 else 0
+    dc = t - (c1 - c0) if rf.offset + j * rf.stride < 0 else 0
+    out[n, dr:dr + r1 - r0, dc:dc + c1 - c0] = images[n, r0:r1, c0:c1]
+  return out
+
 
 
 # ----------------------------------------------------------------------------

@@ -35,7 +35,8 @@ import numpy as np
 from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, rundir
 from zfnet_jax import sections as sections_lib
 from zfnet_jax import train_state, transfer
-from zfnet_jax.analyses import correspondence, diagnostics, evolution, invariance, occlusion
+from zfnet_jax.analyses import (correspondence, diagnostics, evolution, invariance, occlusion,
+                                walkthrough)
 
 FOLD_LINES = 40      # longer text blocks and tables start folded (<details>)
 CSP = ("default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
@@ -123,6 +124,7 @@ def _with(subtree: ml_collections.ConfigDict, **extra) -> ml_collections.ConfigD
 REGISTRY: tuple[Entry, ...] = (
     Entry("run", RunSections, lambda c: None),
     Entry("atlas", atlas, lambda c: c.report),
+    _analysis("walkthrough", walkthrough),
     _analysis("occlusion", occlusion),
     _analysis("invariance", invariance),
     Entry("correspondence", correspondence,

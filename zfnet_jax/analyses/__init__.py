@@ -1,5 +1,7 @@
 """The paper's analyses (Sec. 4, Figs. 4-7, Table 1) as functions of a network and arrays.
 
+* ``walkthrough``: the deconvnet's way down, stage by stage, for one unit per
+  layer (Fig. 1).
 * ``occlusion``: occlusion sensitivity (Fig. 7).
 * ``invariance``: feature distances and class probability under translation,
   scale and rotation (Fig. 5).

@@ -108,9 +108,10 @@ def tiles(net, variables, images: np.ndarray, layers: Sequence[str], maps: Seque
           rule: str = "deconvnet", batch_size: int = 64, tile: int | None = TILE
           ) -> dict[str, np.ndarray]:
   """{layer: (M, t, t, C) in [0, 1]}: per map, the projection of its strongest activation
-  over ``images`` (N, S, S, C), cropped to the receptive field (t = its size; parts
-  outside the image mid-grey) and resized to ``tile`` x ``tile`` (nearest up, bilinear
-  down; None = not)."""
+  over ``images`` (N, S, S, C), cropped to the receptive field as the atlas crops
+  (``deconv.crop_receptive_field``: t = min(its size, S); parts outside the image
+  mid-grey; the whole image when the field is larger) and resized to ``tile`` x ``tile``
+  (nearest up, bilinear down; None = not)."""
   net = deconv.as_network(net)
   check(net, images.shape[1], layers, maps)
   best = strongest(net, variables, images, layers, maps, batch_size)
@@ -121,11 +122,14 @@ def tiles(net, variables, images: np.ndarray, layers: Sequence[str], maps: Seque
   proj = np.asarray(net.project(variables, images[req_img], layer=names,
                                 channels=np.tile(np.asarray(maps, np.int32), len(layers)),
                                 positions=req_pos, rule=rule))
-  out = {l: [] for l in layers}
-  for p, layer, pos in zip(proj, names, req_pos):
-    crop = deconv.to_image(deconv.receptive_patch(net, p, layer, tuple(pos), fill=0.0))
-    out[layer].append(crop if tile is None else _resize(crop, tile))
-  return {l: np.stack(v) for l, v in out.items()}
+  fields = net.receptive_fields(images.shape[1])
+  out = {}
+  for k, layer in enumerate(layers):
+    part = slice(k * m, (k + 1) * m)
+    crops = deconv.crop_receptive_field(deconv.to_image(proj[part]), fields[layer],
+                                        req_pos[part])
+    out[layer] = crops if tile is None else np.stack([_resize(c, tile) for c in crops])
+  return out
 
 
 def _resize(image: np.ndarray, tile: int) -> np.ndarray:

@@ -9,11 +9,13 @@ drawn over exactly that cell, so maps overlay the image pixel for pixel.
 
 For each position: (b) the total activation (sum over positions) of the map of
 ``layer`` that is strongest on the unoccluded image, (d) the probability of the
-true class, (e) the most probable class (and its probability).  (c) is that
-map's deconvnet projection for the unoccluded image.  All positions of an image
-go through one jitted ``lax.map`` in chunks of ``chunk_size`` occluded images,
-so memory is bounded by the chunk and a 224x224 image at stride 8 (784
-positions) takes seconds on an accelerator.
+true class, (e) the most probable class (and its probability).  (c) is the
+projection of that map's strongest unit on the unoccluded image, cropped to the
+unit's receptive field as the atlas crops (Fig. 7 (c)'s black square; uncropped when
+the network's receptive fields are unknown).  All positions of an image go
+through one jitted ``lax.map`` in chunks of ``chunk_size`` occluded images, so
+memory is bounded by the chunk and a 224x224 image at stride 8 (784 positions)
+takes seconds on an accelerator.
 
 Defaults (paper: not stated): size = crop/4 (56 px at 224, 16 at 64),
 stride = crop/28 (8 px at 224, 2 at 64), fill = the training mean at each pixel
@@ -146,7 +148,8 @@ def _scan(net, layer, chunk_size, variables, image, fill, sq, label, channel):
 def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
          class_names, path: str) -> str:
   """One row of Fig. 7: (a) image + square, (b) activation map, (c) projection,
-  (d) P(true class) map, (e) most probable class map with a legend."""
+  (d) P(true class) map, (e) most probable class map with a legend.  projection: (t, t)
+  or (t, t, 3) in [0, 1], cropped to the unit's receptive field."""
   plt = figures.pyplot()
   patches = matplotlib.patches
   size = display.shape[0]
@@ -172,7 +175,7 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
     fig.colorbar(im, ax=ax, fraction=0.046)
   if projection is not None:
     figures.imshow(axes[2], projection)
-  axes[2].set_title("(c) deconvnet projection of that map", fontsize=9)
+  axes[2].set_title("(c) projection of that map, receptive field", fontsize=9)
   axes[2].set_xticks([])
   axes[2].set_yticks([])
   classes = sorted(set(np.unique(result["top_class"]).tolist()))
@@ -194,6 +197,7 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
 def sections(context: sections_lib.Context, s: Settings) -> list[sections_lib.Section]:
   """Fig. 7 for each analysed image: occlusion_<id>.npz and .png, one Section."""
   net, size = context.net, context.images.shape[1]
+  field = net.receptive_fields(size).get(s.layer) if net.fields is not None else None
   fill = fill_image(s.fill, context.pixel_mean, context.images.shape[1:])
   fill_text = "the training mean, mid-grey" if s.fill < 0 else f"pixel value {s.fill:g}"
   sec = sections_lib.Section(
@@ -202,18 +206,23 @@ def sections(context: sections_lib.Context, s: Settings) -> list[sections_lib.Se
           f"A square of {s.size}x{s.size} px (fill: {fill_text}) slides over each "
           f"{size}x{size} input with its centre on a grid of stride {s.stride} px, clipped at "
           f"the border. Per position: (b) total activation of the {s.layer} map that is "
-          "strongest on the unoccluded image, (c) that map's deconvnet projection, "
+          "strongest on the unoccluded image, (c) the projection of that map's strongest unit, "
+          "cropped to its receptive field (the whole image when the field is larger), "
           "(d) probability of the true class, (e) most probable class (paper Fig. 7). Each "
           "map cell is drawn over the pixels whose occlusion it measures. Arrays: "
           "occlusion_<id>.npz."])
   rows = []
   for image, label, i in zip(context.images, context.labels, context.ids):
     r = scan(net, context.variables, image, int(label), s, fill=fill)
+    a = common.activations(net, context.variables, image[None], [s.layer])[s.layer][0]
+    a = a[..., int(r["channel"])]
+    pos = np.asarray([np.unravel_index(np.argmax(a), a.shape)], np.int32)  # its strongest unit
     proj = net.project(context.variables, jnp.asarray(image[None]), layer=s.layer,
-                       channels=np.array([int(r["channel"])]), positions=None,
+                       channels=np.array([int(r["channel"])]), positions=pos,
                        rule=context.rule)
-    proj = np.asarray(deconv.to_image(proj))[0]
-    r["projection"] = np.asarray(proj, np.float32)
+    proj = deconv.to_image(proj)
+    proj = (proj if field is None else deconv.crop_receptive_field(proj, field, pos))[0]
+    r["projection"], r["projection_position"] = proj, pos[0]
     np.savez_compressed(context.path(f"occlusion_{int(i)}.npz"), **r)
     disp = common.to_display(image, context.pixel_mean)
     proj = proj[..., 0] if proj.shape[-1] == 1 else proj

@@ -1,0 +1,152 @@
+"""The Fig. 1 walk-through: every stage is one NumPy step of the previous one, the
+last is ``deconv.project``."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ml_collections
+import pytest
+
+from helpers import np_conv_down, np_lrn, np_pool, np_relu_down, np_unpool, plain_network
+from zfnet_jax import deconv, models, sections
+from zfnet_jax.analyses import walkthrough
+
+SIZE = 64
+GEOMETRY = {"conv1": (7, 2, 0), "conv2": (5, 2, 0), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
+            "conv5": (3, 1, 1)}   # Fig. 3's kernel, stride, padding
+
+
+@functools.lru_cache(maxsize=None)
+def tiny():
+  """A narrow ZFNetLowRes with random He-normal weights and an image with flat regions
+  (tied pool windows)."""
+  model = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(SIZE, SIZE, 1)) * 60).astype(np.float32)
+  x[:, :SIZE // 3] = 0.0
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[None])["params"]
+  params = jax.tree_util.tree_map(
+      lambda a: (np.zeros(a.shape) if len(a.shape) == 1 else
+                 rng.normal(size=a.shape) * np.sqrt(2.0 / np.prod(a.shape[:-1])))
+      .astype(np.float32), shapes)
+  params["conv2"]["bias"][:] = [0.0, -50.0, 0.1, 0.0]   # a dead map: all-zero windows
+  return model, {"params": jax.tree_util.tree_map(jnp.asarray, params)}, x
+
+
+CASES = [("deconvnet", "conv5", 0, None), ("guided", "conv4", 2, (1, 1)),
+         ("backprop", "conv3", 1, None), ("deconvnet", "pool1", 2, (4, 9)),
+         ("guided", "norm2", 3, (0, 2)), ("deconvnet", "fc6", 1, None),
+         ("backprop", "logits", 2, None)]
+
+
+@pytest.mark.parametrize("rule,layer,channel,position", CASES)
+def test_each_stage_is_one_numpy_step_and_the_last_is_project(rule, layer, channel, position):
+  model, variables, x = tiny()
+  stages = deconv.walkthrough(model, variables, x, layer=layer, channel=channel,
+                              position=position, rule=rule)
+  feats = {k: np.asarray(v[0], np.float64)
+           for k, v in model.apply(variables, x[None], method="features").items()}
+  params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+  order = [s.name for s in model.layer_table(SIZE)]
+  below = lambda name: feats[order[order.index(name) - 1]] if name != "conv1" else x
+
+  # The one non-zero activation: the unit's own value (first maximum when not given).
+  a = feats[layer].reshape(1, 1, -1) if feats[layer].ndim == 1 else feats[layer]
+  pos = position or np.unravel_index(np.argmax(a[..., channel]), a.shape[:2])
+  want = np.zeros_like(a)
+  want[pos[0], pos[1], channel] = a[pos[0], pos[1], channel]
+  assert stages[0].name == f"{layer}: unit" and stages[0].position == tuple(pos)
+  assert np.abs(want).max() > 0, "degenerate test case: the unit is off"
+  np.testing.assert_allclose(stages[0].signal, want, rtol=1e-5)
+
+  expected = []   # the paper's order of steps, by name
+  for name in reversed(order[:order.index(layer) + 1]):
+    if name.startswith(("conv", "fc")):
+      expected += [f"{name}: rectify", f"{name}: filter"]
+    elif name == "logits":
+      expected += ["logits: filter"]
+    else:
+      expected += [f"{name}: {'unpool' if name.startswith('pool') else 'normalise'}"]
+  assert [s.name for s in stages[1:]] == expected
+
+  for prev, stage in zip(stages, stages[1:]):
+    r, name = np.asarray(prev.signal, np.float64), stage.layer
+    if stage.step == "rectify":
+      want = np_relu_down(r, feats[name].reshape(r.shape), rule)
+    elif stage.step == "filter" and name in GEOMETRY:
+      k, s, p = GEOMETRY[name]
+      want = np_conv_down(r, params[name]["kernel"], s, p, below(name).shape[0])
+    elif stage.step == "filter":
+      w = params["fc8" if name == "logits" else name]["kernel"]
+      want = (w @ r.reshape(-1)).reshape(np.shape(below(name)) if below(name).ndim == 3
+                                         else (1, 1, -1))
+    elif stage.step == "unpool":
+      inp = below(name)
+      hi = -(-max(inp.shape[0] - 3, 0) // 2) * 2 + 3 - inp.shape[0]
+      _, sw = np_pool(inp, pad=((0, hi), (0, hi)))
+      np.testing.assert_array_equal(stage.switches, sw, err_msg=stage.name)
+      want = np_unpool(r, sw, inp.shape)
+    else:
+      assert stage.step == "normalise", stage.name
+      want = np_lrn(below(name), 2.0, 5, 1e-4, 0.75)[1](r.copy())
+    assert stage.signal.shape == want.shape, stage.name
+    np.testing.assert_allclose(stage.signal, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max() + 1e-12, err_msg=stage.name)
+    assert (stage.switches is None) == (stage.step != "unpool")
+
+  proj = deconv.project(model, variables, jnp.asarray(x[None]), layer=layer, channel=channel,
+                        position=position, rule=rule)
+  assert stages[-1].signal.shape == x.shape and np.abs(stages[-1].signal).max() > 0
+  np.testing.assert_allclose(stages[-1].signal, np.asarray(proj[0]), rtol=1e-5,
+                             atol=1e-5 * np.abs(proj).max())
+
+
+def test_bad_arguments():
+  model, variables, x = tiny()
+  with pytest.raises(ValueError, match="unknown layer 'conv9'"):
+    deconv.walkthrough(model, variables, x, layer="conv9", channel=0)
+  with pytest.raises(ValueError, match="channel 4 out of range"):
+    deconv.walkthrough(model, variables, x, layer="conv2", channel=4)
+  with pytest.raises(ValueError, match=r"image must be \(S, S, C\)"):
+    deconv.walkthrough(model, variables, np.stack([x, x]), layer="conv2", channel=0)
+  with pytest.raises(ValueError, match="unknown rule 'zeiler'"):
+    deconv.walkthrough(model, variables, x, layer="conv2", channel=0, rule="zeiler")
+  net, other_vars = plain_network()
+  with pytest.raises(ValueError, match="needs one of our models .a PaperNet., got PlainCNN"):
+    deconv.walkthrough(net, other_vars, np.zeros((32, 32, 1), np.float32), layer="conv1",
+                       channel=0)
+
+
+def test_report_section_walks_down_from_each_layers_strongest_unit(tmp_path):
+  """One figure and one .npz per layer; the unit is the NumPy argmax over the images, its
+  arrays are the walk-through's stages; a bad layer is refused before any work."""
+  model, variables, x = tiny()
+  images = np.stack([x, x[::-1] * 0.5, np.roll(x, 9, axis=1)])
+  net = deconv.network(model)
+  data = sections.Data("fake", SIZE, SIZE, 1)
+  options = walkthrough.validate(ml_collections.ConfigDict({"layers": ()}), net, data)
+  assert options.layers == ("conv1", "conv2", "conv3", "conv4", "conv5")
+  with pytest.raises(ValueError, match="unknown walkthrough layer 'conv7'"):
+    walkthrough.validate(ml_collections.ConfigDict({"layers": ("conv7",)}), net, data)
+  context = sections.Context(net=net, variables=variables, images=images,
+                             labels=np.array([0, 1, 2]), ids=np.array([5, 6, 7]),
+                             pixel_mean=np.full((SIZE, SIZE, 1), 128, np.float32),
+                             class_names=("a", "b", "c", "d"), out_dir=str(tmp_path),
+                             rule="guided")
+  chosen = walkthrough.Options(("pool2", "fc6"))
+  [sec] = walkthrough.sections(context, chosen)
+  assert [f for f, _ in sec.figures] == [f"walkthrough_{l}.png" for l in chosen.layers]
+  feats = model.apply(variables, images, method="features")
+  for layer in chosen.layers:
+    a = np.asarray(feats[layer])
+    a = a.reshape(len(a), 1, 1, -1) if a.ndim == 2 else a
+    n, i, j, c = np.unravel_index(np.argmax(a), a.shape)   # first maximum
+    assert f"{layer}, map {c} at ({i}, {j})" in dict(sec.figures)[f"walkthrough_{layer}.png"]
+    stages = deconv.walkthrough(model, variables, images[n], layer=layer, channel=int(c),
+                                position=(int(i), int(j)), rule="guided")
+    saved = np.load(tmp_path / f"walkthrough_{layer}.npz")
+    assert list(saved) == [f"{k:02d}_{s.layer}_{s.step}" for k, s in enumerate(stages)]
+    for key, s in zip(saved, stages):
+      np.testing.assert_array_equal(saved[key], s.signal)
+    assert (tmp_path / f"walkthrough_{layer}.png").stat().st_size > 1000
