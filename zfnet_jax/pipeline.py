@@ -20,7 +20,10 @@ TENSORBOARD_IMAGES = 64   # training examples behind the live Fig. 4 panels
 
 
 def summary(config: ml_collections.ConfigDict) -> str:
-  """The model's layer table (works without the dataset: then ImageNet's 1000 classes, RGB)."""
+  """The model's layer table (works without the dataset: then ImageNet's 1000 classes, RGB).
+
+  The config is validated first (``train.validate``), as for training."""
+  train.validate(config)
   try:
     info = input_pipeline.dataset_info(config)
     num_classes, channels, note = info.num_classes, info.channels, ""

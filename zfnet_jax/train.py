@@ -54,7 +54,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
   Checks the model, dataset and optimiser settings (each by the module that
   owns them) and the loop's own; ``num_devices``: check that the global batch
-  divides over them.  Evolution epochs beyond the run are checked by
+  divides over them.  Evolution epochs beyond the run are left out by
   ``evolution_steps`` (it needs the dataset size).  ``schedule="plateau"`` needs
   an evaluation before the last step: for ``num_train_steps`` runs the interval
   is counted in steps (this reads the dataset's size), for ``num_epochs`` runs
@@ -198,19 +198,26 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 
 def evolution_steps(config, steps_per_epoch: int, num_steps: int) -> dict[int, float]:
-  """{step: epoch} of the feature-evolution checkpoints (Fig. 4), scaled to the run."""
+  """{step: epoch} of the feature-evolution checkpoints (Fig. 4), scaled to the run.
+
+  Epochs beyond the run (a shortened run) are left out with a one-line notice."""
   run_epochs = num_steps / steps_per_epoch
   ref = config.evolution_reference_epochs
   scale = run_epochs / ref if ref and ref > 0 else 1.0
-  out = {}
+  out, dropped = {}, []
   for e in config.evolution_epochs:
     epoch = e * scale
     if epoch > run_epochs + 1e-6:
-      raise ValueError(f"evolution epoch {e} (scaled: {epoch:.3g}) is beyond the run "
-                       f"({run_epochs:.3g} epochs); allowed: epochs <= {run_epochs:.3g} "
-                       "(or set evolution_reference_epochs to scale them)")
+      dropped.append(e)
+      continue
     step = min(num_steps, max(1, int(round(epoch * steps_per_epoch))))
     out[step] = round(step / steps_per_epoch, 4)
+  if dropped:
+    msg = (f"NOTE: evolution epochs {dropped} are beyond the run ({run_epochs:.3g} epochs) "
+           f"and left out; kept: {[round(e, 4) for e in out.values()]}")
+    logging.info(msg)
+    if jax.process_index() == 0:
+      print(msg, flush=True)
   return dict(sorted(out.items()))
 
 
