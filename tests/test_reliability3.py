@@ -85,3 +85,57 @@ def test_shortened_quickstart_drops_evolution_epochs_beyond_the_run(num_epochs, 
   assert sorted(out) == [round(e * per_epoch) for e in kept]
   notice = [l for l in capsys.readouterr().out.splitlines() if "evolution epochs" in l]
   assert len(notice) == 1 and str(list(dropped)) in notice[0]
+
+
+# -- item 10: data that is not what it seems --------------------------------------------
+
+def _jpeg_folder(root, classes=("cat", "dog"), n=5):
+  """A folder dataset of random JPEGs; returns the path of one truncated file that PIL's
+  verify() accepts (the first 60% of a good JPEG)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for cls in classes:
+    os.makedirs(root / cls)
+    for i in range(n):
+      Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(
+          root / cls / f"{i}.jpg", quality=90)
+  bad = root / classes[-1] / "truncated.jpg"
+  data = (root / classes[-1] / "0.jpg").read_bytes()
+  bad.write_bytes(data[:len(data) * 6 // 10])
+  with Image.open(bad) as im:
+    im.verify()                      # the trap: PIL's check passes
+  return str(bad)
+
+
+def _folder_config(root):
+  c = helpers.small_config("", steps=2, batch=4)
+  c.dataset.name, c.dataset.folder = "folder", str(root)
+  c.dataset.eval_split, c.dataset.folder_eval_fraction = "validation", 0.2
+  c.dataset.resize_size, c.dataset.crop_size = 16, 12
+  return c
+
+
+def test_truncated_jpeg_is_skipped_and_counted_or_named(tmp_path):
+  bad = _jpeg_folder(tmp_path / "imgs")
+  c = _folder_config(tmp_path / "imgs")
+  info = ip.dataset_info(c)
+  # 6 dog files (every 5th to eval): train 4 cats + 4 good dogs; the truncated one skipped.
+  assert (info.num_train, info.num_eval) == (8, 2)
+  assert ip._folder_split(c, "train")[3] == 1 and bad not in ip._folder_split(c, "train")[0]
+  mean = ip.full_pixel_mean(c, str(tmp_path / "wd"))    # decoded every training image
+  assert mean.shape == (16, 16, 3) and np.isfinite(mean).all()
+  c.dataset.on_corrupt = "stop"
+  with pytest.raises(ValueError, match=re.escape(bad) + ".*truncated"):
+    ip.dataset_info(c)
+
+
+def test_empty_class_folder_is_left_out_with_a_warning_or_an_error(tmp_path, caplog):
+  _jpeg_folder(tmp_path / "imgs", classes=("cat", "dog", "emu"))
+  os.makedirs(tmp_path / "imgs" / "bird")      # empty: not a class
+  c = _folder_config(tmp_path / "imgs")
+  info = ip.dataset_info(c)
+  assert info.class_names == ("cat", "dog", "emu") and info.num_classes == 3
+  assert any("bird" in r.getMessage() and "empty" in r.getMessage() for r in caplog.records)
+  c.dataset.on_corrupt = "stop"
+  with pytest.raises(ValueError, match=r"\['bird'\] hold no images"):
+    ip.dataset_info(c)

@@ -527,9 +527,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
                   if config.eval_every_epochs > 0 else 0)
     batches = input_pipeline.create_train_iterator(config, workdir, start)
     progress = _Progress(run, start)
-    run.say(f"Training {config.model.name} on {config.dataset.name}: {run.num_steps} steps "
-            f"({run.steps_per_epoch} per epoch), global batch {config.batch_size} over "
-            f"{devices.size} device(s)")
+    run.say(f"Training {config.model.name} on {config.dataset.name} ({run.info.num_classes} "
+            f"classes, {run.info.num_train} training and {run.info.num_eval} eval images): "
+            f"{run.num_steps} steps ({run.steps_per_epoch} per epoch), global batch "
+            f"{config.batch_size} over {devices.size} device(s)")
     t0, step = time.time(), start
     with input_pipeline.single_thread_blas(), _Preemption() as preemption:
       for step in range(start + 1, run.num_steps + 1):
