@@ -12,7 +12,7 @@ import os
 import jax
 import ml_collections
 
-from zfnet_jax import input_pipeline, models, report, rundir, sections, train
+from zfnet_jax import checkpoints, input_pipeline, models, report, rundir, sections, train
 from zfnet_jax.analyses import evolution
 
 EXIT_PREEMPTED = train.EXIT_PREEMPTED
@@ -86,6 +86,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
       train.validate(report.comparison_config(config))
   out = {}
   if train_model:
+    # A resume with an incompatible config stops before the hooks write anything.
+    checkpoints.check_resume(config, workdir, input_pipeline.dataset_info(config))
     results = train.train_and_evaluate(config, workdir,
                                        hooks=training_hooks(config, workdir))
     out["results"] = results

@@ -313,7 +313,9 @@ class Run:
 
 
 def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
-  """Create the run directory and write config.json, dataset_info.json, evolution.json."""
+  """Create the run directory and write config.json, dataset_info.json, evolution.json
+  (after ``checkpoints.check_resume`` accepted the config: a resume with an incompatible
+  change raises ValueError and writes nothing)."""
   if config.restore_path:
     checkpoints.resolve_restore_path(config.restore_path)   # a bad path, before any file
   try:
@@ -326,7 +328,10 @@ def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   num_steps = total_steps(config, steps_per_epoch)
   evolution = evolution_steps(config, steps_per_epoch, num_steps)
+  changes = checkpoints.check_resume(config, workdir, info)   # before anything is written
   if jax.process_index() == 0:
+    if changes:
+      print(checkpoints.record_changes(workdir, changes), flush=True)
     rundir.write_json(rundir.path(workdir, rundir.CONFIG),
                       json.loads(config.to_json_best_effort()))
     rundir.write_json(rundir.path(workdir, rundir.DATASET_INFO), dataclasses.asdict(info))
@@ -381,10 +386,14 @@ def check_finite(state, mngr, workdir: str) -> None:
   bad = int(jax.device_get(state.nonfinite_step))
   if bad >= 0:
     mngr.wait_until_finished()
+    last = mngr.latest_step()   # saved only after this check passed; restores check finiteness
+    kept = (f"the last good checkpoint is step {last} in {workdir}/checkpoints" if last is not
+            None else f"no checkpoint was saved in {workdir}/checkpoints before it (a rerun "
+            "starts from the beginning)")
     raise FloatingPointError(
         f"non-finite loss or gradient at step {bad + 1} (loss "
         f"{float(jax.device_get(state.nonfinite_loss))}; training stopped before applying it; "
-        f"the last good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints)")
+        f"{kept})")
 
 
 def save(run: Run, mngr, state, step: int) -> None:
