@@ -5,8 +5,8 @@ in deconv (test_deconv.test_bad_arguments), atlas (test_atlas), report
 (test_report), occlusion, invariance, correspondence, evolution, diagnostics
 (their tests); a folder with one class or corrupt files, missing ImageNet
 tarballs, a missing or truncated Fashion-MNIST file (test_input_pipeline); a
-restore path that does not exist, a batch that does not divide over the devices
-and an evolution epoch beyond the run (test_train).
+restore path that does not exist and a batch that does not divide over the devices
+(test_train); bad flags, a changed config on resume (test_reliability3).
 """
 import gzip
 import os
@@ -143,10 +143,6 @@ def test_failed_runs_leave_a_workdir_the_next_run_can_use(tmp_path):
   one = jax.devices()[:1]
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is truncated"):
     train.train_and_evaluate(small_config(bad, steps=2), wd, devices=one)
-  c = small_config(good, steps=2)
-  c.evolution_epochs, c.evolution_reference_epochs = (3,), 0.0
-  with pytest.raises(ValueError, match="evolution epoch 3 "):
-    train.train_and_evaluate(c, wd, devices=one)
   c = small_config(good, steps=2)
   c.restore_path = str(tmp_path / "no_such_run")
   with pytest.raises(FileNotFoundError, match="no_such_run"):

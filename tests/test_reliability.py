@@ -176,7 +176,7 @@ def test_flipped_byte_in_latest_checkpoint_falls_back_and_trains_identically(dat
   shutil.copytree(full_wd, wd)
   bad = flip_a_parameter_byte(os.path.join(wd, "checkpoints", str(STEPS)))
   with pytest.raises(ValueError, match=re.escape(bad)):
-    checkpoints.load_trained(wd)
+    checkpoints.load_trained(wd, STEPS)     # that step: named, no fallback
   res = run(tiny_config(fmnist_dir), wd)
   out = capsys.readouterr().err
   warning = [line for line in out.splitlines() if "damaged" in line]

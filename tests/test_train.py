@@ -165,11 +165,6 @@ def test_bad_batch_and_restore_path_are_errors(fmnist_dir, tmp_path):
   c.restore_path = str(tmp_path / "does_not_exist")
   with pytest.raises(FileNotFoundError, match="does_not_exist"):
     train.train_and_evaluate(c, str(tmp_path / "b"))
-  c = small_config(fmnist_dir)
-  c.evolution_epochs = (50,)
-  c.evolution_reference_epochs = 0.0
-  with pytest.raises(ValueError, match="evolution epoch 50"):
-    train.train_and_evaluate(c, str(tmp_path / "c"))
 
 
 def test_plateau_without_evaluation_during_training_is_a_config_error(fmnist_dir, tmp_path):

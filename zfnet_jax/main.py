@@ -13,8 +13,10 @@ Exit codes: 0 done; 1 crash (a bug: traceback) or non-finite loss; 2 bad input
 (config, data, paths: a one-line ``error: ...``); 75 stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume).
 """
+import collections
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -30,6 +32,44 @@ flags.DEFINE_enum("mode", "train", ["train", "report", "summary"],
 config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config"])
+
+
+def _usage_error(msg: str):
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with bad flags as one line ``error: ...`` and exit 2.
+
+  Before parsing: a ``--config`` file that does not exist is named, and a
+  ``--config.KEY`` given more than once is refused (absl would concatenate
+  repeated tuple values).  While parsing: an unknown key and a value that does
+  not parse as the key's type are named, with the expected type.
+  """
+  given = [m.group(2) for m in (re.match(r"^--?(no)?config\.([^=]+)", a) for a in argv[1:]) if m]
+  repeated = [k for k, n in collections.Counter(given).items() if n > 1]
+  if repeated:
+    _usage_error(f"--config.{repeated[0]} is given {given.count(repeated[0])} times; give it "
+                 f"once (a tuple as one value: --config.{repeated[0]}='(a, b, c)')")
+  files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith(("--config=", "-config="))]
+  if files and not os.path.isfile(files[-1].split(":", 1)[0]):
+    _usage_error(f"config file {files[-1].split(':', 1)[0]!r} does not exist")
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    m = re.match(r"flag --([^=]+)=(.*?): (.*)", str(e), re.S)
+    if m and m.group(1) in FLAGS:
+      flag = FLAGS[m.group(1)]
+      expected = getattr(flag.parser, "flag_type", lambda: "?")()
+      _usage_error(f"--{m.group(1)}={m.group(2)}: expected {expected} (the type of "
+                   f"{m.group(1)}), got {m.group(2)!r}")
+    _usage_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except (KeyError, AttributeError) as e:   # ml_collections: a key the config lacks
+    name = str(e).strip("\"'")
+    key = next((k for k in given if name in k.split(".")), name)
+    _usage_error(f"--config.{key}: unknown config key {name!r} (not in the config "
+                 f"{files[-1] if files else ''}; see --mode=summary or zfnet_jax/configs.py)")
 
 
 def main(argv):
@@ -72,4 +112,4 @@ def run(argv):
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")     # TensorFlow's C++ INFO lines
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")   # its oneDNN notice (tf.data only here)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,7 +14,7 @@ import time
 import jax
 import ml_collections
 
-from zfnet_jax import console, input_pipeline, models, report, rundir, sections, train
+from zfnet_jax import checkpoints, console, input_pipeline, models, report, rundir, sections, train
 from zfnet_jax.analyses import evolution
 
 EXIT_PREEMPTED = train.EXIT_PREEMPTED
@@ -22,7 +22,10 @@ TENSORBOARD_IMAGES = 64   # training examples behind the live Fig. 4 panels
 
 
 def summary(config: ml_collections.ConfigDict) -> str:
-  """The model's layer table (works without the dataset: then ImageNet's 1000 classes, RGB)."""
+  """The model's layer table (works without the dataset: then ImageNet's 1000 classes, RGB).
+
+  The config is validated first (``train.validate``), as for training."""
+  train.validate(config)
   try:
     info = input_pipeline.dataset_info(config)
     num_classes, channels, note = info.num_classes, info.channels, ""
@@ -205,6 +208,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
     console.say(line)
   phases, out = console.Phases(), {}
   if train_model:
+    # A resume with an incompatible config stops before the hooks write anything.
+    checkpoints.check_resume(config, workdir, input_pipeline.dataset_info(config))
     hooks = training_hooks(config, workdir) + [_Estimate(config, workdir, write_report)]
     with phases("training and evaluation"):
       results = train.train_and_evaluate(config, workdir, hooks=hooks)

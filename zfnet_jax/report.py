@@ -229,16 +229,19 @@ def load_comparisons(config, workdir: str) -> dict[str, tuple[Any, Any, str]]:
 
 def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
                  plan: list | None = None) -> str:
-  """Rebuild <workdir>/report from the workdir's latest checkpoint.
+  """Rebuild <workdir>/report from the workdir's newest checkpoint that restores.
 
-  The model and parameters come from the run (``checkpoints.load_trained``);
+  The model and parameters come from the run (``checkpoints.load_latest``: a damaged
+  newer step is skipped, and the page and console say which step was used and why);
   the dataset and report options from ``config``.  ``plan``: the result of
   ``validate`` when the caller has validated already.  Returns the path of index.html.
   """
   check_rule(config)   # the cheapest check, before any file is read
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-  model, variables, _ = checkpoints.load_trained(workdir)
+  model, variables, _, step, why = checkpoints.load_latest(workdir)
+  source = f"Model: checkpoint step {step}" + (f" ({why})" if why else " (the newest)") + "."
+  console.say(f"report: {source}")
   info = input_pipeline.dataset_info(config)
   split = config.report.split or config.dataset.eval_split
   max_examples = config.report.max_examples
@@ -251,20 +254,22 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
   return render_report(config, workdir, model, variables, batches,
                        input_pipeline.pixel_mean(config, workdir),
                        class_names=info.class_names, total=total, registry=registry,
-                       plan=plan)
+                       plan=plan, source=source)
 
 
 def render_report(config, workdir: str, model, variables,
                   batches: Iterable[Mapping[str, np.ndarray]] | Callable[[], Iterable],
                   pixel_mean: np.ndarray, *, class_names: Sequence[str] | None = None,
                   total: int | None = None, progress: bool = True, extra_sections: bool = True,
-                  registry: Sequence[Entry] = REGISTRY, plan: list | None = None) -> str:
+                  registry: Sequence[Entry] = REGISTRY, plan: list | None = None,
+                  source: str = "") -> str:
   """Write <workdir>/report from a model, its variables and a split's batches.
 
   batches: as ``input_pipeline.create_eval_iterator`` yields them (or a
   function returning such an iterator); pixel_mean float32 (S, S, C): image +
   pixel_mean = display pixels in 0..255.  ``extra_sections=False``: only the
-  run's sections and the atlas (``CORE``).  Returns the path of index.html.
+  run's sections and the atlas (``CORE``).  ``source``: where the variables come from
+  (a line at the top of the page).  Returns the path of index.html.
   """
   net = deconv.as_network(model)
   pixel_mean = np.asarray(pixel_mean, np.float32)
@@ -294,7 +299,7 @@ def render_report(config, workdir: str, model, variables,
     rundir.write_json(os.path.join(tmp, rundir.TIMINGS), seconds)
     title = f"zfnet_jax report: {config.model.name} on {config.dataset.name}"
     note = (f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in {time.time() - t0:.0f} s "
-            f"from {os.path.abspath(workdir)}.")
+            f"from {os.path.abspath(workdir)}." + (f" {source}" if source else ""))
     with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
       f.write(render_html(title, page, note))
     _swap(tmp, final)

@@ -54,7 +54,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
   Checks the model, dataset and optimiser settings (each by the module that
   owns them) and the loop's own; ``num_devices``: check that the global batch
-  divides over them.  Evolution epochs beyond the run are checked by
+  divides over them.  Evolution epochs beyond the run are left out by
   ``evolution_steps`` (it needs the dataset size).  ``schedule="plateau"`` needs
   an evaluation before the last step: for ``num_train_steps`` runs the interval
   is counted in steps (this reads the dataset's size), for ``num_epochs`` runs
@@ -198,19 +198,23 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 
 def evolution_steps(config, steps_per_epoch: int, num_steps: int) -> dict[int, float]:
-  """{step: epoch} of the feature-evolution checkpoints (Fig. 4), scaled to the run."""
+  """{step: epoch} of the feature-evolution checkpoints (Fig. 4), scaled to the run.
+
+  Epochs beyond the run (a shortened run) are left out with a one-line notice."""
   run_epochs = num_steps / steps_per_epoch
   ref = config.evolution_reference_epochs
   scale = run_epochs / ref if ref and ref > 0 else 1.0
-  out = {}
+  out, dropped = {}, []
   for e in config.evolution_epochs:
     epoch = e * scale
     if epoch > run_epochs + 1e-6:
-      raise ValueError(f"evolution epoch {e} (scaled: {epoch:.3g}) is beyond the run "
-                       f"({run_epochs:.3g} epochs); allowed: epochs <= {run_epochs:.3g} "
-                       "(or set evolution_reference_epochs to scale them)")
+      dropped.append(e)
+      continue
     step = min(num_steps, max(1, int(round(epoch * steps_per_epoch))))
     out[step] = round(step / steps_per_epoch, 4)
+  if dropped:
+    console.say(f"note: evolution epochs {dropped} are beyond the run ({run_epochs:.3g} "
+                f"epochs) and left out; kept: {[round(e, 4) for e in out.values()]}")
   return dict(sorted(out.items()))
 
 
@@ -304,7 +308,9 @@ class Run:
 
 
 def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
-  """Create the run directory and write config.json, dataset_info.json, evolution.json."""
+  """Create the run directory and write config.json, dataset_info.json, evolution.json
+  (after ``checkpoints.check_resume`` accepted the config: a resume with an incompatible
+  change raises ValueError and writes nothing)."""
   if config.restore_path:
     checkpoints.resolve_restore_path(config.restore_path)   # a bad path, before any file
   try:
@@ -317,7 +323,10 @@ def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   num_steps = total_steps(config, steps_per_epoch)
   evolution = evolution_steps(config, steps_per_epoch, num_steps)
+  changes = checkpoints.check_resume(config, workdir, info)   # before anything is written
   if jax.process_index() == 0:
+    if changes:
+      console.say(checkpoints.record_changes(workdir, changes))
     rundir.write_json(rundir.path(workdir, rundir.CONFIG),
                       json.loads(config.to_json_best_effort()))
     rundir.write_json(rundir.path(workdir, rundir.DATASET_INFO), dataclasses.asdict(info))
@@ -372,10 +381,14 @@ def check_finite(state, mngr, workdir: str) -> None:
   bad = int(jax.device_get(state.nonfinite_step))
   if bad >= 0:
     mngr.wait_until_finished()
+    last = mngr.latest_step()   # saved only after this check passed; restores check finiteness
+    kept = (f"the last good checkpoint is step {last} in {workdir}/checkpoints" if last is not
+            None else f"no checkpoint was saved in {workdir}/checkpoints before it (a rerun "
+            "starts from the beginning)")
     raise FloatingPointError(
         f"non-finite loss or gradient at step {bad + 1} (loss "
         f"{float(jax.device_get(state.nonfinite_loss))}; training stopped before applying it; "
-        f"the last good checkpoint is step {mngr.latest_step()} in {workdir}/checkpoints)")
+        f"{kept})")
 
 
 def save(run: Run, mngr, state, step: int) -> None:
@@ -525,9 +538,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     eval_every = (max(1, int(round(config.eval_every_epochs * run.steps_per_epoch)))
                   if config.eval_every_epochs > 0 else 0)
     batches = input_pipeline.create_train_iterator(config, workdir, start)
-    run.say(f"training {config.model.name} on {config.dataset.name}: {run.num_steps} steps "
-            f"({run.steps_per_epoch} per epoch), global batch {config.batch_size} over "
-            f"{devices.size} device(s)")
+    run.say(f"training {config.model.name} on {config.dataset.name} ({run.info.num_classes} "
+            f"classes, {run.info.num_train} training and {run.info.num_eval} eval images): "
+            f"{run.num_steps} steps ({run.steps_per_epoch} per epoch), global batch "
+            f"{config.batch_size} over {devices.size} device(s)")
     progress = _Progress(run, start)
     t0, step = time.time(), start
     with input_pipeline.single_thread_blas(), _Preemption() as preemption:
