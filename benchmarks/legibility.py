@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -34,17 +33,6 @@ import numpy as np  # pylint: disable=g-bad-import-order
 
 from zfnet_jax import atlas, checkpoints, figures, input_pipeline, rundir
 from zfnet_jax import legibility as legibility_lib
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def measure(workdir: str, rules, layers, max_examples: int, image_prefix: str | None):
@@ -83,8 +71,7 @@ def main(argv=None):
   ap.add_argument("--images", default="")
   args = ap.parse_args(argv)
   runs = dict(r.split("=", 1) for r in args.run)
-  record = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                        "platform": platform.platform()},
+  record = {"machine": rundir.machine(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
             "versions": rundir.versions(),
