@@ -7,9 +7,13 @@ r"""Command line: train and evaluate, then write the visual report.
 Console: progress lines and warnings; ``--verbosity=0`` brings back the
 libraries' INFO logging (Orbax, JAX).
 
-Exit codes: 0 done; 1 crash (a bug: traceback) or non-finite loss; 2 bad input
-(config, data, paths: a one-line ``error: ...``); 75 stopped by SIGTERM after
-saving a checkpoint (rerun the same command to resume).
+Exit codes: 0 done; 1 crash (a bug: traceback), non-finite or diverging loss
+(the last good checkpoint is kept); 2 bad input (config, data, paths), a workdir
+in use by another training process, or a full disk (each a one-line
+``error: ...``; after a full disk the last good checkpoint is kept: free space
+and rerun); 75 stopped by SIGTERM, at any point (training: after saving a
+checkpoint; evaluation or report: their work dropped, nothing half-written
+left), rerun the same command to resume.
 """
 import os
 import sys

@@ -7,6 +7,7 @@ once, before any long work: training's by ``train.validate``, the report's by
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -61,19 +62,47 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
 
 def train_comparison(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Train the counterpart of Fig. 6 (AlexNet <-> ZFNet) in its sub-workdir unless it
-  has finished there; returns that workdir (None when the model has no counterpart)."""
+  has finished there; returns that workdir (None when the model has no counterpart).
+  SIGTERM while it trains raises ``train.Preempted`` (its checkpoint saved)."""
   sub = report.comparison_workdir(config, workdir)
   if sub is not None and not os.path.exists(rundir.path(sub, rundir.RESULTS)):
     print(f"Training the comparison model {report.COUNTERPART[config.model.name]} in {sub}",
           flush=True)
-    train.train_and_evaluate(report.comparison_config(config), sub)
+    if train.train_and_evaluate(report.comparison_config(config), sub).get("preempted"):
+      raise train.Preempted()
   return sub
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = True,
         write_report: bool = True) -> dict:
-  """Train (resuming) and/or write the report; returns {"results", "preempted", "report"}."""
+  """Train (resuming) and/or write the report; returns {"results", "preempted", "report"}.
+
+  Training holds the workdir's lock (``train.workdir_lock``) to the end of the report;
+  the report alone takes no lock (it reads checkpoints and replaces only ``report/``,
+  built in a temporary folder).  SIGTERM at any point returns {"preempted": True}
+  (nothing half-written is left; rerun to finish); a full disk raises ``rundir.DiskFull``.
+  """
   train.maybe_initialize_distributed(config)
+  out = {}
+  try:
+    with train.sigterm_raises():
+      return _run(config, workdir, train_model, write_report, out)
+  except train.Preempted:
+    if jax.process_index() == 0:
+      print("SIGTERM: stopped before the report was written; rerun the same command to "
+            "finish", flush=True)
+    out["preempted"] = True
+    return out
+  except Exception as e:  # pylint: disable=broad-except
+    if rundir.is_disk_full(e) and not isinstance(e, rundir.DiskFull):
+      raise rundir.DiskFull(f"the disk is full (no space left on device writing "
+                            f"{rundir.disk_full_path(e, workdir)}); the report was not written "
+                            "(the run's checkpoints are kept); free space and rerun the same "
+                            "command") from None
+    raise
+
+
+def _run(config, workdir: str, train_model: bool, write_report: bool, out: dict) -> dict:
   plan = None
   if write_report:
     plan = validate_report(config)  # before hours of training, not after
@@ -81,17 +110,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
     if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and \
         report.comparison_workdir(config, workdir) is not None:
       train.validate(report.comparison_config(config))
-  out = {}
   if train_model:
-    results = train.train_and_evaluate(config, workdir,
-                                       hooks=training_hooks(config, workdir))
-    out["results"] = results
-    if results.get("preempted"):
-      out["preempted"] = True
-      return out
-  if write_report:
-    d = config.analyses
-    if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison:
-      train_comparison(config, workdir)
-    out["report"] = report.write_report(config, workdir, plan=plan)
+    train.validate(config)   # before the lock creates the workdir
+  with (train.workdir_lock(os.path.abspath(workdir)) if train_model else
+        contextlib.nullcontext()):
+    if train_model:
+      results = train.train_and_evaluate(config, workdir,
+                                         hooks=training_hooks(config, workdir))
+      out["results"] = results
+      if results.get("preempted"):
+        out["preempted"] = True
+        return out
+    if write_report:
+      d = config.analyses
+      if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison:
+        train_comparison(config, workdir)
+      out["report"] = report.write_report(config, workdir, plan=plan)
   return out
