@@ -144,7 +144,7 @@ def test_lock_names_its_holder_and_a_stale_one_is_taken_over(data, tmp_path, cap
   fmnist_dir, _ = data
   wd = str(tmp_path / "wd")
   os.makedirs(wd)
-  lock = os.path.join(wd, rundir.LOCK)
+  lock = os.path.join(wd, "training.lock")
   # A live holder (this test, through its own file descriptor): refused at once.
   fd = os.open(lock, os.O_RDWR | os.O_CREAT)
   fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -152,7 +152,7 @@ def test_lock_names_its_holder_and_a_stale_one_is_taken_over(data, tmp_path, cap
   with pytest.raises(OSError, match=f"workdir {wd} is in use by another training process "
                                     r"\(pid 4242 on host otherhost"):
     run(config(fmnist_dir, steps=2), wd)
-  assert os.listdir(wd) == [rundir.LOCK]        # nothing else written
+  assert os.listdir(wd) == ["training.lock"]    # nothing else written
   os.close(fd)
   # A holder killed without releasing: its record is stale; taken over with a notice.
   gone = dead_pid()
@@ -287,6 +287,16 @@ def test_sigterm_in_final_evaluation_and_in_report_exits_75_then_rerun_finishes(
 
 # -- 8. leftovers of interrupted writes ---------------------------------------------------------
 
+def plant(paths):
+  """0-byte files for ``*.tmp<pid>`` names, else folders holding a cut-off file."""
+  for p in paths:
+    if ".tmp" in os.path.basename(p) and not os.path.basename(p).startswith(".report"):
+      open(p, "w").close()
+    else:
+      os.makedirs(os.path.join(p, "state"))
+      open(os.path.join(p, "state", "_METADATA"), "w").write('{"tree": ')
+
+
 def test_leftovers_are_cleaned_on_the_next_start_but_not_those_in_use(data, tmp_path, capsys):
   fmnist_dir, full = data
   wd = str(tmp_path / "wd")
@@ -302,21 +312,17 @@ def test_leftovers_are_cleaned_on_the_next_start_but_not_those_in_use(data, tmp_
            os.path.join(wd, f".report-old-{gone}@{host}-abc123")]
   in_use = [os.path.join(wd, f".report-tmp-{live}@{host}-abc123"),           # a live report
             os.path.join(wd, f".report-tmp-{gone}@another-host-abc123")]     # unknown: kept
-  for p in stale + in_use:
-    if ".tmp" in os.path.basename(p) and not os.path.basename(p).startswith(".report"):
-      open(p, "w").close()                      # 0 bytes
-    else:
-      os.makedirs(os.path.join(p, "state"))
-      open(os.path.join(p, "state", "_METADATA"), "w").write('{"tree": ')
-  # A report-only process removes only report folders whose process is gone.
-  rundir.clean_leftovers(wd, locked=False)
-  assert [os.path.exists(p) for p in stale] == [True] * 5 + [False] * 2
-  assert all(os.path.exists(p) for p in in_use)
+  plant(stale + in_use)
   res = run(config(fmnist_dir), wd)             # training start, the lock held: all
   assert res["steps"] == STEPS
   assert not any(os.path.exists(p) for p in stale), [p for p in stale if os.path.exists(p)]
   assert all(os.path.exists(p) for p in in_use)
   assert "leftover(s) of interrupted writes" in capsys.readouterr().out
+  # A report-only process (no lock) removes only report folders whose process is gone.
+  plant(stale[2:])
+  rundir.clean_leftovers(wd, locked=False)
+  assert [os.path.exists(p) for p in stale[2:]] == [True] * 3 + [False] * 2
+  assert all(os.path.exists(p) for p in in_use)
   assert steps_on_disk(wd) == [STEPS - EVERY, STEPS]
 
 

@@ -49,6 +49,8 @@ def run(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:   # library INFO chatter (Orbax, JAX) off by default
     logging.set_verbosity(logging.WARNING)
+  # A full disk: Orbax's threads each log the error with a traceback; the run says it once.
+  logging.get_absl_logger().addFilter(lambda r: "os_error_code='28'" not in r.getMessage())
   conv.configure_xla_cpu()   # before JAX starts (imported below)
   # pylint: disable=g-import-not-at-top
   from zfnet_jax import pipeline

@@ -234,13 +234,12 @@ def workdir_lock(workdir: str):
     error = None
     if jax.process_index() == 0:
       try:
-        try:
-          os.makedirs(workdir, exist_ok=True)
-        except OSError as e:
-          raise PermissionError(f"workdir {workdir!r} is not writable") from e
+        os.makedirs(workdir, exist_ok=True)
         stack.enter_context(rundir.lock(workdir))
-      except OSError as e:
+      except rundir.WorkdirInUse as e:
         error = e
+      except OSError as e:
+        error = PermissionError(f"workdir {workdir!r} is not writable ({e.strerror})")
     if jax.process_count() > 1:
       failed = bool(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
       if failed and error is None:
