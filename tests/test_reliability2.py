@@ -328,14 +328,16 @@ def test_leftovers_are_cleaned_on_the_next_start_but_not_those_in_use(data, tmp_
 
 # -- 11. a full disk ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("where", ["orbax", "metrics"])
 def test_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(data, tmp_path,
-                                                                     monkeypatch):
-  """ENOSPC as Orbax reports it (TensorStore's ValueError) at the save of step 8, and as
+                                                                     monkeypatch, where):
+  """ENOSPC as Orbax reports it (TensorStore's ValueError) at the save of step 8, or as
   an OSError from the metrics writer at step 10 (after step 8 is saved)."""
   fmnist_dir, _ = data
   wd = str(tmp_path / "wd")
   real_save, real_append = checkpoints.save, rundir.append_metrics
   target = os.path.join(wd, "checkpoints", "8.orbax-checkpoint-tmp", "state", "_sharding")
+  metrics = os.path.join(wd, "metrics.jsonl")
 
   def full_save(mngr, step, state, meta):
     if step == 8:
@@ -343,25 +345,19 @@ def test_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(data, tmp_p
                        "write 8640 bytes to file 15: No space left on device "
                        "[os_error_code='28']")
     real_save(mngr, step, state, meta)
-  monkeypatch.setattr(checkpoints, "save", full_save)
-  with pytest.raises((OSError, ValueError)) as e:
-    run(config(fmnist_dir), wd)
-  msg = str(e.value)
-  assert isinstance(e.value, OSError) and "\n" not in msg and len(msg) < 400, msg
-  assert msg.startswith("the disk is full") and target in msg
-  assert f"last good checkpoint, step 4 in {wd}/checkpoints, is kept" in msg
-  assert steps_on_disk(wd) == [4]
-
-  monkeypatch.setattr(checkpoints, "save", real_save)
-  metrics = os.path.join(wd, "metrics.jsonl")
 
   def full_append(file, row):
     if row["step"] == 10:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
     real_append(file, row)
-  monkeypatch.setattr(rundir, "append_metrics", full_append)
-  with pytest.raises(OSError) as e:
+  if where == "orbax":
+    monkeypatch.setattr(checkpoints, "save", full_save)
+  else:
+    monkeypatch.setattr(rundir, "append_metrics", full_append)
+  with pytest.raises((OSError, ValueError)) as e:
     run(config(fmnist_dir), wd)
-  msg = str(e.value)
-  assert msg.startswith("the disk is full") and metrics in msg and "\n" not in msg
-  assert f"last good checkpoint, step 8 in {wd}/checkpoints, is kept" in msg
+  msg, kept = str(e.value), 4 if where == "orbax" else 8
+  assert isinstance(e.value, OSError) and "\n" not in msg and len(msg) < 400, msg
+  assert msg.startswith("the disk is full") and (target if where == "orbax" else metrics) in msg
+  assert f"last good checkpoint, step {kept} in {wd}/checkpoints, is kept" in msg
+  assert steps_on_disk(wd) == [4, 8][:kept // 4]
