@@ -44,13 +44,25 @@ def main(argv):
     sys.exit(1)
 
 
+def _quiet_closed_loop(hook):
+  """sys.excepthook without the "Event loop is closed" that TensorStore's callbacks
+  print once Orbax has given up a save (after a full disk)."""
+  def quiet(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      hook(kind, value, tb)
+  return quiet
+
+
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:   # library INFO chatter (Orbax, JAX) off by default
     logging.set_verbosity(logging.WARNING)
-  # A full disk: Orbax's threads each log the error with a traceback; the run says it once.
-  logging.get_absl_logger().addFilter(lambda r: "os_error_code='28'" not in r.getMessage())
+  # A full disk: Orbax's threads and tasks each log the error with a traceback (through
+  # absl's handler); the run says it once.
+  logging.get_absl_handler().addFilter(
+      lambda r: not any(t in r.getMessage() for t in ("No space left", "os_error_code='28'")))
+  sys.excepthook = _quiet_closed_loop(sys.excepthook)
   conv.configure_xla_cpu()   # before JAX starts (imported below)
   # pylint: disable=g-import-not-at-top
   from zfnet_jax import pipeline
