@@ -64,6 +64,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.eval_every_epochs = 1.0
   c.ten_crop_eval = True
+  # Divergence guard (train): stop (exit 1, last good checkpoint kept) when a logged
+  # training loss (mean since the previous row) exceeds max_loss, or stays above
+  # divergence_factor x max(first step's loss, ln num_classes) for divergence_patience
+  # consecutive rows; no checkpoint is saved while the loss is above that level. 0 = off.
+  c.max_loss = 1e4
+  c.divergence_factor = 100.0
+  c.divergence_patience = 3
 
   # -- checkpoints, logging --------------------------------------------------
   c.checkpoint_every_steps = 1000

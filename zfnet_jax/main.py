@@ -9,9 +9,13 @@ Console: the plan, an estimate of the time left, one progress bar per long phase
 table with the report's path; ``--verbosity=0`` brings back the libraries' INFO
 logging (Orbax, JAX).
 
-Exit codes: 0 done; 1 crash (a bug: traceback) or non-finite loss; 2 bad input
-(config, data, paths: a one-line ``error: ...``); 75 stopped by SIGTERM after
-saving a checkpoint (rerun the same command to resume).
+Exit codes: 0 done; 1 crash (a bug: traceback), non-finite or diverging loss
+(the last good checkpoint is kept); 2 bad input (config, data, paths), a workdir
+in use by another training process, or a full disk (each a one-line
+``error: ...``; after a full disk the last good checkpoint is kept: free space
+and rerun); 75 stopped by SIGTERM, at any point (training: after saving a
+checkpoint; evaluation or report: their work dropped, nothing half-written
+left), rerun the same command to resume.
 """
 import collections
 import logging as std_logging
@@ -88,12 +92,26 @@ def _no_orbax_warnings(record) -> bool:
   return record.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _quiet_closed_loop(hook):
+  """sys.excepthook without the "Event loop is closed" that TensorStore's callbacks
+  print once Orbax has given up a save (after a full disk)."""
+  def quiet(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      hook(kind, value, tb)
+  return quiet
+
+
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:   # library chatter (Orbax, JAX) off by default
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_logger().addFilter(_no_orbax_warnings)
+  # A full disk: Orbax's threads and tasks each log the error with a traceback (through
+  # absl's handler); the run says it once.
+  logging.get_absl_handler().addFilter(
+      lambda r: not any(t in r.getMessage() for t in ("No space left", "os_error_code='28'")))
+  sys.excepthook = _quiet_closed_loop(sys.excepthook)
   conv.configure_xla_cpu()   # before JAX starts (imported below)
   # pylint: disable=g-import-not-at-top
   from zfnet_jax import pipeline

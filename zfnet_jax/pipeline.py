@@ -7,6 +7,7 @@ once, before any long work: training's by ``train.validate``, the report's by
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -66,11 +67,13 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
 
 def train_comparison(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   """Train the counterpart of Fig. 6 (AlexNet <-> ZFNet) in its sub-workdir unless it
-  has finished there; returns that workdir (None when the model has no counterpart)."""
+  has finished there; returns that workdir (None when the model has no counterpart).
+  SIGTERM while it trains raises ``train.Preempted`` (its checkpoint saved)."""
   sub = report.comparison_workdir(config, workdir)
   if sub is not None and not os.path.exists(rundir.path(sub, rundir.RESULTS)):
     console.say(f"training the comparison model {report.COUNTERPART[config.model.name]} in {sub}")
-    train.train_and_evaluate(report.comparison_config(config), sub)
+    if train.train_and_evaluate(report.comparison_config(config), sub).get("preempted"):
+      raise train.Preempted()
   return sub
 
 
@@ -193,9 +196,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
   summary table at the end; writes <workdir>/timings.json (seconds per phase, machine,
   command, versions).  The total counts from ``$ZFNET_JAX_STARTED`` (seconds since the
   epoch) when set, so ``launch/quickstart.sh`` includes its install step.
+
+  Training holds the workdir's lock (``train.workdir_lock``) to the end of the report;
+  the report alone takes no lock (it reads checkpoints and replaces only ``report/``,
+  built in a temporary folder).  SIGTERM at any point returns {"preempted": True}
+  (nothing half-written is left; rerun to finish); a full disk raises ``rundir.DiskFull``.
   """
   started = float(os.environ.get("ZFNET_JAX_STARTED") or time.time())
   train.maybe_initialize_distributed(config)
+  out = {}
+  try:
+    with train.sigterm_raises():
+      return _run(config, workdir, train_model, write_report, out, started)
+  except train.Preempted:
+    console.say("SIGTERM: stopped before the report was written; rerun the same command to "
+                "finish", warn=True)
+    out["preempted"] = True
+    return out
+  except Exception as e:  # pylint: disable=broad-except
+    if rundir.is_disk_full(e) and not isinstance(e, rundir.DiskFull):
+      raise rundir.DiskFull(f"the disk is full (no space left on device writing "
+                            f"{rundir.disk_full_path(e, workdir)}); the report was not written "
+                            "(the run's checkpoints are kept); free space and rerun the same "
+                            "command") from None
+    raise
+
+
+def _run(config, workdir: str, train_model: bool, write_report: bool, out: dict,
+         started: float) -> dict:
   report_plan = None
   if write_report:
     report_plan = validate_report(config)  # before hours of training, not after
@@ -203,28 +231,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
     if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and \
         report.comparison_workdir(config, workdir) is not None:
       train.validate(report.comparison_config(config))
+  if train_model:
+    train.validate(config)   # before the lock creates the workdir
   for line in plan(config, workdir, train_model=train_model, write_report=write_report,
                    report_plan=report_plan):
     console.say(line)
-  phases, out = console.Phases(), {}
-  if train_model:
-    # A resume with an incompatible config stops before the hooks write anything.
-    checkpoints.check_resume(config, workdir, input_pipeline.dataset_info(config))
-    hooks = training_hooks(config, workdir) + [_Estimate(config, workdir, write_report)]
-    with phases("training and evaluation"):
-      results = train.train_and_evaluate(config, workdir, hooks=hooks)
-    out["results"] = results
-    if results.get("preempted"):
-      out["preempted"] = True
-      return out
-  if write_report:
-    if _comparison_wanted(config, workdir):
-      with phases("comparison model"):
-        train_comparison(config, workdir)
-    with phases("report"):
-      out["report"] = report.write_report(config, workdir, plan=report_plan)
-    out["report_sections"] = _read_or_empty(
-        os.path.join(os.path.dirname(out["report"]), rundir.TIMINGS))
+  phases = console.Phases()
+  with (train.workdir_lock(os.path.abspath(workdir)) if train_model else
+        contextlib.nullcontext()):
+    if train_model:
+      # A resume with an incompatible config stops before the hooks write anything.
+      checkpoints.check_resume(config, workdir, input_pipeline.dataset_info(config))
+      hooks = training_hooks(config, workdir) + [_Estimate(config, workdir, write_report)]
+      with phases("training and evaluation"):
+        results = train.train_and_evaluate(config, workdir, hooks=hooks)
+      out["results"] = results
+      if results.get("preempted"):
+        out["preempted"] = True
+        return out
+    if write_report:
+      if _comparison_wanted(config, workdir):
+        with phases("comparison model"):
+          train_comparison(config, workdir)
+      with phases("report"):
+        out["report"] = report.write_report(config, workdir, plan=report_plan)
+      out["report_sections"] = _read_or_empty(
+          os.path.join(os.path.dirname(out["report"]), rundir.TIMINGS))
   if jax.process_index() == 0:
     rundir.write_json(rundir.path(workdir, rundir.TIMINGS), {
         "phases": phases.seconds, "report_sections": out.get("report_sections", {}),

@@ -280,7 +280,8 @@ def render_report(config, workdir: str, model, variables,
   if plan is None:
     plan = validate(config, net, data, registry)        # every option, before any work
   final = os.path.join(workdir, rundir.REPORT)
-  tmp = tempfile.mkdtemp(prefix=".report-tmp-", dir=workdir)
+  rundir.clean_leftovers(workdir, locked=False)   # report folders of writers that are gone
+  tmp = tempfile.mkdtemp(prefix=rundir.report_tmp_prefix(), dir=workdir)
   try:
     t0 = time.time()
     context = build_context(config, workdir, net, variables, batches, pixel_mean, data, tmp,
@@ -375,7 +376,8 @@ def _swap(tmp: str, final: str) -> None:
   new one is in place."""
   old = None
   if os.path.exists(final):
-    old = tempfile.mkdtemp(prefix=".report-old-", dir=os.path.dirname(final))
+    old = tempfile.mkdtemp(prefix=rundir.report_tmp_prefix().replace("-tmp-", "-old-"),
+                           dir=os.path.dirname(final))
     os.rename(final, os.path.join(old, "report"))
   os.chmod(tmp, 0o755)
   os.rename(tmp, final)

@@ -19,6 +19,7 @@ Training knows nothing above it: whatever should happen during training
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -73,7 +74,7 @@ def validate(config, num_devices: int | None = None) -> None:
          f"global batch_size={config.batch_size} does not divide by the {num_devices} "
          f"devices; use a multiple of {num_devices}")
   for name in ("eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
-               "log_every_steps"):
+               "log_every_steps", "divergence_patience"):
     need(config[name] >= 1, f"{name}={config[name]}; allowed: a positive int")
   need(config.num_train_steps > 0 or config.num_epochs > 0,
        f"num_epochs={config.num_epochs}, num_train_steps={config.num_train_steps}; one must "
@@ -81,6 +82,12 @@ def validate(config, num_devices: int | None = None) -> None:
   e = config.eval_every_epochs
   need(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0,
        f"eval_every_epochs={e!r}; allowed: a non-negative number")
+  for name in ("max_loss", "divergence_factor"):
+    v = config[name]
+    need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and
+         (v == 0 or v > (1 if name == "divergence_factor" else 0)),
+         f"{name}={v!r}; allowed: 0 (off) or a number > "
+         f"{1 if name == 'divergence_factor' else 0}")
   bad = [e for e in config.evolution_epochs if not e > 0]
   need(not bad, f"evolution_epochs has {bad}; allowed: positive epochs")
   if config.schedule == "plateau":   # needs evaluations before the last step
@@ -189,6 +196,57 @@ def maybe_initialize_distributed(config) -> None:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+class Preempted(BaseException):
+  """SIGTERM outside the training loop (start-up, final evaluation, report): the work in
+  progress is dropped (temporary files removed by the ``finally`` blocks it unwinds).
+  A BaseException, so ``except Exception`` (a checkpoint fallback) cannot swallow it."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+  """While inside: the first SIGTERM raises ``Preempted`` in the main thread (later ones
+  are ignored, so clean-up runs).  The training loop replaces it by a flag (``_Preemption``):
+  there SIGTERM finishes the step and saves it."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  fired = []
+
+  def handle(signum, frame):
+    del signum, frame
+    if not fired:
+      fired.append(True)
+      raise Preempted()
+  old = signal.signal(signal.SIGTERM, handle)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Process 0 creates ``workdir`` and holds its training lock (``rundir.lock``) while
+  inside; with several processes all of them raise ``rundir.WorkdirInUse`` if it could not."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        os.makedirs(workdir, exist_ok=True)
+        stack.enter_context(rundir.lock(workdir))
+      except rundir.WorkdirInUse as e:
+        error = e
+      except OSError as e:
+        error = PermissionError(f"workdir {workdir!r} is not writable ({e.strerror})")
+    if jax.process_count() > 1:
+      failed = bool(np.max(multihost_utils.process_allgather(np.int32(error is not None))))
+      if failed and error is None:
+        error = rundir.WorkdirInUse(f"workdir {workdir} is in use: process 0 could not lock it")
+    if error is not None:
+      raise error
+    yield
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -338,9 +396,10 @@ def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
              train_state.optimizer_from_config(config))
 
 
-def restore_or_initialise(run: Run, mngr) -> train_state.TrainState:
-  """The newest good checkpoint of the workdir, else ``config.restore_path``, else a
-  fresh state (parameters from ``config.seed``), replicated over the mesh."""
+def restore_or_initialise(run: Run, mngr) -> tuple[train_state.TrainState, dict]:
+  """(state, meta): the newest good checkpoint of the workdir, else ``config.restore_path``,
+  else a fresh state (parameters from ``config.seed``), replicated over the mesh; meta:
+  the checkpoint's JSON record ({} unless resuming this workdir)."""
   config = run.config
   shape = (1, run.info.input_size, run.info.input_size, run.info.channels)
   init = train_state.init_fn(run.model, shape, run.tx, seed=config.seed,
@@ -350,8 +409,9 @@ def restore_or_initialise(run: Run, mngr) -> train_state.TrainState:
                           state)
   ckpt_dir = rundir.path(run.workdir, rundir.CHECKPOINTS)
   restored = checkpoints.restore_latest(mngr, abstract, ckpt_dir)
+  meta = {}
   if restored is not None:
-    state, _, latest = restored
+    state, meta, latest = restored
     run.say(f"Resuming from checkpoint step {latest} in {ckpt_dir}")
   elif config.restore_path:
     restore_dir, restore_step = checkpoints.resolve_restore_path(config.restore_path)
@@ -364,7 +424,7 @@ def restore_or_initialise(run: Run, mngr) -> train_state.TrainState:
   start = int(jax.device_get(state.step))
   if start > run.num_steps:
     run.say(f"checkpoint step {start} is past the run's {run.num_steps} steps", warn=True)
-  return state
+  return state, dict(meta or {})
 
 
 def build_train_step(run: Run):
@@ -391,11 +451,13 @@ def check_finite(state, mngr, workdir: str) -> None:
         f"{kept})")
 
 
-def save(run: Run, mngr, state, step: int) -> None:
+def save(run: Run, mngr, state, step: int, progress: "_Progress") -> None:
+  """Save ``step`` with its record: data position, and the progress bookkeeping
+  (``_Progress.record``: training seconds so far, metrics since the last log row)."""
   check_finite(state, mngr, run.workdir)
   meta = {"step": step, "epoch": step / run.steps_per_epoch,
           "data_position": step * run.config.batch_size,
-          "batch_size": run.config.batch_size, "seed": run.config.seed}
+          "batch_size": run.config.batch_size, "seed": run.config.seed, **progress.record()}
   checkpoints.save(mngr, step, state, meta)
 
 
@@ -420,24 +482,74 @@ def evaluate_and_plateau(run: Run, state, step: int, log: MetricsLog):
 
 
 class _Progress:
-  """The training bar: averages the pending step metrics every ``log_every_steps`` steps,
-  writes them to the metrics log and shows loss, error and learning rate."""
+  """The training bar, training time, the step metrics since the last log row (averaged
+  into a row every ``log_every_steps`` steps) and the divergence guard.  ``record()``
+  goes into each checkpoint and ``meta`` (a restored checkpoint's record; {} for a fresh
+  run or one written before these fields) continues it, so a resumed run counts all its
+  segments' time and logs the rows an uninterrupted run logs."""
 
-  def __init__(self, run: Run, start: int):
-    self.run, self.pending = run, []
-    self.t_log, self.step_log = time.time(), start
+  def __init__(self, run: Run, start: int, meta: dict):
+    self.run = run
+    self.pending = list(meta.get("pending_metrics", []))
+    self.seconds0, self.t0 = float(meta.get("train_seconds", 0.0)), time.time()
+    self.step_log = int(meta.get("log_step", start))
+    self.t_log = float(meta.get("log_seconds", self.seconds0))
+    self.initial_loss = meta.get("initial_loss")
+    self.above = 0                  # consecutive rows above the divergence level
     self.bar = console.progress(desc=f"training {run.config.model.name}", total=run.num_steps,
                                 initial=start, unit="step")
+
+  def seconds(self) -> float:
+    """Training seconds of the run so far, all segments."""
+    return self.seconds0 + time.time() - self.t0
+
+  def close(self) -> None:
+    self.bar.close()
 
   def add(self, metrics) -> None:
     self.pending.append(metrics)
 
-  def report(self, step: int, log: MetricsLog) -> None:
+  def _floats(self) -> list[dict]:
+    self.pending = [{k: float(v) for k, v in m.items()} for m in jax.device_get(self.pending)]
+    return self.pending
+
+  def record(self) -> dict:
+    return {"train_seconds": self.seconds(), "pending_metrics": self._floats(),
+            "log_step": self.step_log, "log_seconds": self.t_log,
+            "initial_loss": self.initial_loss}
+
+  @property
+  def diverging(self) -> bool:
+    """The last row was above the divergence level: no checkpoint is saved."""
+    return self.above > 0
+
+  def check_divergence(self, step: int, loss: float, mngr) -> None:
+    """FloatingPointError when ``loss`` (the row at ``step``) is above ``max_loss``, or
+    the rows have stayed above the divergence level for ``divergence_patience`` rows (or
+    the run ends above it)."""
+    c = self.run.config
+    level = c.divergence_factor * max(self.initial_loss, math.log(self.run.info.num_classes))
+    self.above = self.above + 1 if c.divergence_factor and loss > level else 0
+    why = None
+    if c.max_loss and loss > c.max_loss:
+      why = f"above max_loss={c.max_loss:g}"
+    elif self.above >= c.divergence_patience or (self.above and step == self.run.num_steps):
+      why = (f"above {level:.4g} (divergence_factor={c.divergence_factor:g} x the starting "
+             f"loss) for {self.above} log rows")
+    if why:
+      raise FloatingPointError(
+          f"training diverged at step {step}: loss {loss:.4g} {why}; training stopped; the "
+          f"last good checkpoint is step {mngr.latest_step()} in {self.run.workdir}/checkpoints "
+          "(lower the learning rate)")
+
+  def report(self, step: int, log: MetricsLog, mngr) -> None:
     run = self.run
-    m = jax.device_get(self.pending)
+    m = self._floats()
+    if self.initial_loss is None:
+      self.initial_loss = m[0]["loss"]
     self.pending = []
     avg = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-    now = time.time()
+    now = self.seconds()
     sps = (step - self.step_log) / max(now - self.t_log, 1e-9)
     self.t_log, self.step_log = now, step
     avg["steps_per_second"] = sps
@@ -447,9 +559,8 @@ class _Progress:
                          err=f"{avg['top1_error']:.4f}", lr=f"{avg['learning_rate']:.1e}",
                          refresh=False)
     self.bar.update(step - self.bar.n)
-
-  def close(self) -> None:
-    self.bar.close()
+    if math.isfinite(avg["loss"]):    # a non-finite one is check_finite's
+      self.check_divergence(step, avg["loss"], mngr)
 
 
 class _Preemption:
@@ -484,7 +595,8 @@ class _Preemption:
 
 
 def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> dict:
-  """Errors on the eval split (10 crops if configured); writes results.json."""
+  """Errors on the eval split (10 crops if configured); writes results.json (replacing
+  the evaluation row of a final evaluation that was interrupted before it)."""
   config = run.config
   t0 = time.time()
   res = evaluate(config, run.workdir, state, run.model, run.mesh, ten_crop=config.ten_crop_eval)
@@ -493,6 +605,8 @@ def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> 
   res.update(train_seconds=train_seconds, eval_seconds=time.time() - t0,
              steps=int(jax.device_get(state.step)),
              lr_scale=float(jax.device_get(state.lr_scale)))
+  if log.active:
+    rundir.drop_metrics(log.path, lambda r: r["split"] == "eval" and r["step"] >= run.num_steps)
   log.write(run.num_steps, run.num_steps / run.steps_per_epoch, "eval", res)
   if jax.process_index() == 0:
     rundir.write_json(rundir.path(run.workdir, rundir.RESULTS),
@@ -504,6 +618,29 @@ def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> 
   return res
 
 
+def finished_results(run: Run, step: int) -> dict | None:
+  """The results.json of a run that has finished at ``step`` (None if it has not)."""
+  try:
+    res = rundir.read_json(rundir.path(run.workdir, rundir.RESULTS))
+  except (OSError, ValueError):
+    return None
+  if not isinstance(res, dict) or res.get("steps") != step or step != run.num_steps:
+    return None
+  res.pop("versions", None)
+  return res
+
+
+def _disk_full(e: BaseException, workdir: str) -> rundir.DiskFull:
+  """The one-line error for a full disk: where, and the checkpoint that is kept."""
+  ckpt = rundir.path(workdir, rundir.CHECKPOINTS)
+  steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+  kept = (f"the last good checkpoint, step {max(steps)} in {ckpt}, is kept" if steps else
+          "no checkpoint was written yet")
+  return rundir.DiskFull(f"the disk is full (no space left on device writing "
+                         f"{rundir.disk_full_path(e, workdir)}); training stopped; {kept}; "
+                         "free space and rerun the same command to resume")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
                        hooks: Sequence[Hook] = ()) -> dict:
   """Train with ``config`` in ``workdir`` (resuming if it holds checkpoints); returns results.
@@ -513,25 +650,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
 
   Results (also ``<workdir>/results.json``, with the package versions): top1_error,
   top5_error (centre crop), top1_error_10crop, top5_error_10crop,
-  num_eval_examples, train_seconds, steps, plus loss and the learning-rate factor.
+  num_eval_examples, train_seconds (all segments of a resumed run), steps, plus loss
+  and the learning-rate factor.  A finished run (its last checkpoint restores and
+  results.json is there) is not evaluated again: its results are returned unchanged.
 
-  Faults: on SIGTERM it finishes the current step, saves it and returns
-  ``{"preempted": True, "steps": n}`` (rerun to resume); a damaged newest
-  checkpoint is reported and the previous one used; a non-finite loss or
-  gradient raises FloatingPointError naming the step (nothing after the last
-  good checkpoint is saved).
+  Faults: the workdir is locked (``rundir.lock``; another training process on it
+  raises ``rundir.WorkdirInUse``) and what interrupted writes left is removed
+  (``rundir.clean_leftovers``); on SIGTERM in the loop it finishes the current step,
+  saves it and returns ``{"preempted": True, "steps": n}`` (rerun to resume), and
+  elsewhere (start-up, final evaluation) drops that work and returns the same; a
+  damaged newest checkpoint is reported and the previous one used; a non-finite loss
+  or gradient, or a diverging loss (``_Progress.check_divergence``), raises
+  FloatingPointError naming the step (nothing after the last good checkpoint is
+  saved, no results.json written); a full disk raises ``rundir.DiskFull`` (one line).
   """
   maybe_initialize_distributed(config)
   workdir = os.path.abspath(workdir)
   devices = np.array(jax.devices() if devices is None else list(devices))
   validate(config, devices.size)
-  run = prepare_run(config, workdir, devices)
+  ckpt_dir = rundir.path(workdir, rundir.CHECKPOINTS)
+  try:
+    with sigterm_raises(), workdir_lock(workdir):
+      if jax.process_index() == 0:
+        rundir.clean_leftovers(workdir, locked=True)
+      try:
+        return _train(prepare_run(config, workdir, devices), hooks)
+      except Exception as e:  # pylint: disable=broad-except
+        if rundir.is_disk_full(e):
+          raise _disk_full(e, workdir) from None
+        raise
+  except Preempted:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] \
+        if os.path.isdir(ckpt_dir) else []
+    step = max(steps) if steps else None
+    console.say(f"SIGTERM: stopped; the last checkpoint is step {step} in {ckpt_dir}; rerun "
+                "the same command to finish", warn=True)
+    return {"preempted": True, "steps": step}
+
+
+def _train(run: Run, hooks: Sequence[Hook]) -> dict:
+  """The loop of ``train_and_evaluate`` (the workdir locked), then the final evaluation."""
+  config, workdir = run.config, run.workdir
   mngr = checkpoints.manager(rundir.path(workdir, rundir.CHECKPOINTS), config.keep_checkpoints,
                              tuple(run.evolution))
-  log = MetricsLog(workdir)
+  log, ok = None, False
   try:
-    state = restore_or_initialise(run, mngr)
+    state, meta = restore_or_initialise(run, mngr)
     start = int(jax.device_get(state.step))
+    done = finished_results(run, start)
+    if done is not None:
+      run.say(f"The run in {workdir} has finished (step {start}); its records are unchanged")
+      ok = True
+      return done
+    log = MetricsLog(workdir)
     log.drop_after(start)
     p_train = build_train_step(run)
     sharding = NamedSharding(run.mesh, P(AXIS))
@@ -541,9 +712,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     run.say(f"training {config.model.name} on {config.dataset.name} ({run.info.num_classes} "
             f"classes, {run.info.num_train} training and {run.info.num_eval} eval images): "
             f"{run.num_steps} steps ({run.steps_per_epoch} per epoch), global batch "
-            f"{config.batch_size} over {devices.size} device(s)")
-    progress = _Progress(run, start)
-    t0, step = time.time(), start
+            f"{config.batch_size} over {run.mesh.devices.size} device(s)")
+    progress = _Progress(run, start, meta)
     with input_pipeline.single_thread_blas(), _Preemption() as preemption:
       for step in range(start + 1, run.num_steps + 1):
         state, metrics = p_train(state, _global(next(batches), sharding))
@@ -553,25 +723,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
             hook(step, state, log.writer)
         if step % config.log_every_steps == 0 or step == run.num_steps:
           check_finite(state, mngr, workdir)
-          progress.report(step, log)
+          progress.report(step, log, mngr)
         if eval_every and step % eval_every == 0 and step != run.num_steps:
           check_finite(state, mngr, workdir)
           state = evaluate_and_plateau(run, state, step, log)
-        if step % config.checkpoint_every_steps == 0 or step in run.evolution or \
-            step == run.num_steps:
-          save(run, mngr, state, step)
+        if (step % config.checkpoint_every_steps == 0 or step in run.evolution or
+            step == run.num_steps) and not progress.diverging:
+          save(run, mngr, state, step, progress)
         if preemption.agreed():
-          if mngr.latest_step() != step:
-            save(run, mngr, state, step)
+          if progress.diverging:
+            msg = (f"stopped after step {step}; the loss is above the divergence level, so "
+                   f"the last checkpoint kept is step {mngr.latest_step()}")
+          else:
+            if mngr.latest_step() != step:
+              save(run, mngr, state, step, progress)
+            msg = f"stopped after step {step} and saved checkpoint step {step}"
           mngr.wait_until_finished()
-          run.say(f"SIGTERM: stopped after step {step} and saved checkpoint step {step} in "
-                  f"{workdir}/checkpoints; rerun the same command to resume", warn=True)
+          progress.close()
+          run.say(f"SIGTERM: {msg} in {workdir}/checkpoints; rerun the same command to resume",
+                  warn=True)
+          ok = True
           return {"preempted": True, "steps": step}
     progress.close()
-    train_seconds = time.time() - t0
     check_finite(state, mngr, workdir)
-    return final_evaluation(run, state, log, train_seconds)
+    res = final_evaluation(run, state, log, progress.seconds())
+    ok = True
+    return res
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    log.close()
+    try:
+      mngr.wait_until_finished()
+      mngr.close()
+      if log is not None:
+        log.close()
+    except Exception:  # pylint: disable=broad-except
+      if ok:
+        raise

@@ -1,0 +1,363 @@
+"""Reliability II: the workdir lock, divergence, records across a resume, SIGTERM outside
+the training loop, leftovers of interrupted writes, a full disk (issue 21, items 1, 4, 6,
+7, 8, 11).
+
+A tiny ZFNetLowRes on random Fashion-MNIST-format data, one CPU device; faults are
+injected in-process (a hook that sends SIGTERM to this process, a writer that raises
+ENOSPC) or, where the exit code or a second process matters, in ``zfnet_jax.main``
+subprocesses.
+"""
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from zfnet_jax import checkpoints, input_pipeline as ip, rundir, train
+
+import helpers
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+STEPS, EVERY, LOG = helpers.RELIABILITY_STEPS, helpers.RELIABILITY_EVERY, 5
+
+
+def config(fmnist_dir, steps=STEPS):
+  """reliability_config logging every 5 steps (rows average several steps; checkpoints
+  every 4 fall between rows)."""
+  c = helpers.reliability_config(fmnist_dir, steps)
+  c.log_every_steps = LOG
+  return c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """(fmnist dir, workdir of an uninterrupted run)."""
+  d = str(tmp_path_factory.mktemp("fm"))
+  helpers.make_fmnist(d, n_train=64, n_test=8)
+  ip._fashion_mnist.cache_clear()
+  full = str(tmp_path_factory.mktemp("full"))
+  run(config(d), full)
+  return d, full
+
+
+def run(c, workdir, hooks=()):
+  return train.train_and_evaluate(c, workdir, devices=jax.devices()[:1], hooks=hooks)
+
+
+def steps_on_disk(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def rows(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def dead_pid():
+  """The pid of a process that has ended (and been reaped)."""
+  p = subprocess.Popen(["true"])
+  p.wait()
+  return p.pid
+
+
+def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="run"):
+  """``python -m zfnet_jax.main`` on ``config`` (plus ``overrides``, lines on ``c``) after
+  ``setup`` (lines run in the child first: fault injection)."""
+  cfg = tmp_path / f"{name}_cfg.py"
+  cfg.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {TESTS!r})
+      import helpers
+      def get_config():
+        c = helpers.reliability_config({fmnist_dir!r})
+        c.log_every_steps = {LOG}
+      """) + textwrap.indent(textwrap.dedent(overrides), "  ") + "  return c\n")
+  runner = tmp_path / f"{name}_main.py"
+  runner.write_text(textwrap.dedent(f"""
+      import os, signal, sys, time
+      sys.path.insert(0, {TESTS!r})
+      from absl import app
+      import helpers
+      from zfnet_jax import input_pipeline as ip, main, report, train
+      """) + textwrap.dedent(setup) + textwrap.dedent(f"""
+      sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
+      app.run(main.main)
+      """))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return subprocess.Popen([sys.executable, str(runner)], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env)
+
+
+# -- 1. the workdir lock ----------------------------------------------------------------
+
+@pytest.mark.slow   # two processes start (imports, compilation)
+def test_second_training_process_stops_at_once_naming_the_first(data, tmp_path):
+  fmnist_dir, _ = data
+  wd, release = str(tmp_path / "wd"), str(tmp_path / "release")
+  # The first process waits before step 6 until the test releases it.
+  hold = f"""
+      make = ip.create_train_iterator
+      def held(*args, **kwargs):
+        for i, b in enumerate(make(*args, **kwargs), start=args[2] + 1):
+          while i == 6 and not os.path.exists({release!r}):
+            time.sleep(0.05)
+          yield b
+      ip.create_train_iterator = held
+      """
+  first = start_main(tmp_path, fmnist_dir, wd, setup=hold, name="first")
+  t0 = time.time()
+  while EVERY not in steps_on_disk(wd):
+    assert first.poll() is None, first.communicate()[0][-3000:]
+    assert time.time() - t0 < 120
+    time.sleep(0.05)
+  second = start_main(tmp_path, fmnist_dir, wd, name="second")
+  out = second.communicate(timeout=120)[0]
+  assert second.returncode == 2, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  assert last.startswith(f"error: workdir {wd} is in use by another training process "
+                         f"(pid {first.pid} on host {socket.gethostname()}"), last
+  assert "Traceback" not in out and first.poll() is None
+  open(release, "w").close()
+  out = first.communicate(timeout=120)[0]
+  assert first.returncode == 0, out[-3000:]
+  # The first run's records are whole: one row per log, in order, one evaluation.
+  want = sorted(set(range(LOG, STEPS + 1, LOG)) | {STEPS})
+  assert [r["step"] for r in rows(wd) if r["split"] == "train"] == want
+  assert [r["step"] for r in rows(wd) if r["split"] == "eval"] == [STEPS]
+  assert steps_on_disk(wd) == [STEPS - EVERY, STEPS]
+
+
+def test_lock_names_its_holder_and_a_stale_one_is_taken_over(data, tmp_path, capsys):
+  fmnist_dir, _ = data
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  lock = os.path.join(wd, "training.lock")
+  # A live holder (this test, through its own file descriptor): refused at once.
+  fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  os.write(fd, json.dumps({"pid": 4242, "host": "otherhost", "since": "today"}).encode())
+  with pytest.raises(OSError, match=f"workdir {wd} is in use by another training process "
+                                    r"\(pid 4242 on host otherhost"):
+    run(config(fmnist_dir, steps=2), wd)
+  assert os.listdir(wd) == ["training.lock"]    # nothing else written
+  os.close(fd)
+  # A holder killed without releasing: its record is stale; taken over with a notice.
+  gone = dead_pid()
+  with open(lock, "w") as f:
+    json.dump({"pid": gone, "host": socket.gethostname(), "since": "yesterday"}, f)
+  res = run(config(fmnist_dir, steps=2), wd)
+  assert res["steps"] == 2
+  out = capsys.readouterr().out
+  assert f"WARNING: taking over the lock of workdir {wd}: its holder (pid {gone} on host " \
+         f"{socket.gethostname()}" in out
+  assert os.path.getsize(lock) == 0             # released
+
+
+# -- 4. divergence -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_loss,at", [(1e4, 2), (0.0, 4)])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, max_loss, at):
+  """Adam at learning rate 1e6: the loss jumps from ln 10 to ~1e25 at step 2 and stays
+  far above (never NaN).  With the ceiling it stops at step 2; without it after
+  ``divergence_patience`` (3) rows above 100 x ln 10, at step 4."""
+  fmnist_dir, _ = data
+  c = helpers.small_config(fmnist_dir, steps=12)
+  c.optimizer, c.learning_rate, c.weight_decay = "adam", 1e6, 0.0
+  c.checkpoint_every_steps, c.max_loss = 1, max_loss
+  wd = str(tmp_path / "div")
+  with pytest.raises(FloatingPointError,
+                     match=f"training diverged at step {at}: .*last good checkpoint is step 1"):
+    run(c, wd)
+  assert steps_on_disk(wd) == [1]               # no diverged state saved
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  loss = [r["loss"] for r in rows(wd) if r["split"] == "train"]
+  assert loss[0] == pytest.approx(np.log(10), abs=0.05) and min(loss[1:]) > 100 * np.log(10)
+  params = helpers.saved_state(os.path.join(wd, "checkpoints", "1"))["params"]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+# -- 6. records after a resume -------------------------------------------------------------
+
+@pytest.mark.slow   # about 7 s of sleeps, two starts
+def test_records_after_sigterm_and_resume_match_an_uninterrupted_run(data, tmp_path):
+  fmnist_dir, full = data
+  wd, stop = str(tmp_path / "wd"), 18     # stop: between rows (15, 20) and checkpoints (16, 20)
+  seen = {}                               # step -> wall time of its hook
+
+  def hook(step, state, writer):
+    del state, writer
+    if step <= stop:
+      time.sleep(0.4)                     # a long first segment: it must count
+    seen[step] = time.time()
+    if step == stop and not os.path.exists(os.path.join(wd, "resumed")):
+      os.kill(os.getpid(), signal.SIGTERM)
+  out = run(config(fmnist_dir), wd, hooks=[hook])
+  assert out == {"preempted": True, "steps": stop}
+  open(os.path.join(wd, "resumed"), "w").close()
+  res = run(config(fmnist_dir), wd, hooks=[hook])
+  # Every row as in the uninterrupted run (the steps 16-18 before the stop are in row 20).
+  keys = ("step", "epoch", "split", "loss", "top1_error", "top5_error", "learning_rate")
+  got, want = rows(wd), rows(full)
+  assert [[r[k] for k in keys[:3]] for r in got] == [[r[k] for k in keys[:3]] for r in want]
+  for g, w in zip(got, want):
+    for k in keys[3:]:
+      if k in w:
+        assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g, w)
+  # Training time of both segments: at least the time between their steps' hooks.
+  spans = (seen[stop] - seen[1]) + (seen[STEPS] - seen[stop + 1])
+  assert res["train_seconds"] >= spans, (res["train_seconds"], spans)
+
+
+def test_rerun_of_a_finished_run_changes_nothing_in_its_records(data, tmp_path):
+  fmnist_dir, full = data
+  wd = str(tmp_path / "wd")
+  shutil.copytree(full, wd)
+  files = ("metrics.jsonl", "results.json", "config.json", "evolution.json")
+  before = {f: open(os.path.join(wd, f), "rb").read() for f in files}
+  events = sorted(f for f in os.listdir(wd) if f.startswith("events.out"))
+  again = run(config(fmnist_dir), wd)
+  stored = json.load(open(os.path.join(wd, "results.json")))
+  assert json.dumps(again, sort_keys=True) == \
+      json.dumps({k: v for k, v in stored.items() if k != "versions"}, sort_keys=True)
+  assert {f: open(os.path.join(wd, f), "rb").read() for f in files} == before
+  assert sorted(f for f in os.listdir(wd) if f.startswith("events.out")) == events
+
+
+# -- 7. SIGTERM outside the training loop ------------------------------------------------------
+
+REPORT = """
+c.report.enabled = True
+c.analyses.enabled = False
+c.report.layers = ("conv1",)
+c.report.num_maps, c.report.top_k = 2, 2
+c.report.max_examples, c.report.batch_size, c.report.chunk_size = 8, 8, 8
+"""
+
+
+@pytest.mark.slow   # three runs of main in subprocesses
+def test_sigterm_in_final_evaluation_and_in_report_exits_75_then_rerun_finishes(data, tmp_path):
+  fmnist_dir, _ = data
+  wd = str(tmp_path / "wd")
+  kill_in = lambda module, name: f"""
+      real = {module}.{name}
+      def {name}(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)                       # the signal arrives while it runs
+        return real(*args, **kwargs)
+      {module}.{name} = {name}
+      """
+  # 1. SIGTERM during the final evaluation: exit 75, the last checkpoint kept, no results.
+  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("train", "evaluate"),
+                 overrides=REPORT, name="eval")
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 75, out[-3000:]
+  assert "SIGTERM" in out and "Traceback" not in out
+  assert max(steps_on_disk(wd)) == STEPS
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  # 2. SIGTERM while the report is written: exit 75, no temporary folder left.
+  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("report", "render_html"),
+                 overrides=REPORT, name="report")
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 75, out[-3000:]
+  assert "Traceback" not in out
+  assert [f for f in os.listdir(wd) if f.startswith(".report")] == []
+  assert not os.path.exists(os.path.join(wd, "report"))
+  results = open(os.path.join(wd, "results.json")).read()
+  # 3. The same command again finishes the remaining work (the report) only.
+  p = start_main(tmp_path, fmnist_dir, wd, overrides=REPORT, name="again")
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out[-3000:]
+  assert os.path.exists(os.path.join(wd, "report", "index.html"))
+  assert open(os.path.join(wd, "results.json")).read() == results
+  assert [r["step"] for r in rows(wd) if r["split"] == "eval"] == [STEPS]
+
+
+# -- 8. leftovers of interrupted writes ---------------------------------------------------------
+
+def plant(paths):
+  """0-byte files for ``*.tmp<pid>`` names, else folders holding a cut-off file."""
+  for p in paths:
+    if ".tmp" in os.path.basename(p) and not os.path.basename(p).startswith(".report"):
+      open(p, "w").close()
+    else:
+      os.makedirs(os.path.join(p, "state"))
+      open(os.path.join(p, "state", "_METADATA"), "w").write('{"tree": ')
+
+
+def test_leftovers_are_cleaned_on_the_next_start_but_not_those_in_use(data, tmp_path, capsys):
+  fmnist_dir, full = data
+  wd = str(tmp_path / "wd")
+  shutil.copytree(full, wd)
+  host, gone, live = socket.gethostname(), dead_pid(), os.getppid()
+  ck = os.path.join(wd, "checkpoints")
+  stale = [os.path.join(ck, f"{STEPS + EVERY}.orbax-checkpoint-tmp"),        # a killed save
+           os.path.join(ck, f"{STEPS + 2 * EVERY}.orbax-checkpoint-tmp-1234"),
+           os.path.join(wd, f"config.json.tmp{gone}"),                       # a full disk
+           os.path.join(ck, str(STEPS), f"{checkpoints.MANIFEST}.tmp{gone}"),
+           os.path.join(wd, ".report-tmp-k2j4f_x1"),                         # older naming
+           os.path.join(wd, f".report-tmp-{gone}@{host}-abc123"),
+           os.path.join(wd, f".report-old-{gone}@{host}-abc123")]
+  in_use = [os.path.join(wd, f".report-tmp-{live}@{host}-abc123"),           # a live report
+            os.path.join(wd, f".report-tmp-{gone}@another-host-abc123")]     # unknown: kept
+  plant(stale + in_use)
+  res = run(config(fmnist_dir), wd)             # training start, the lock held: all
+  assert res["steps"] == STEPS
+  assert not any(os.path.exists(p) for p in stale), [p for p in stale if os.path.exists(p)]
+  assert all(os.path.exists(p) for p in in_use)
+  assert "leftover(s) of interrupted writes" in capsys.readouterr().out
+  # A report-only process (no lock) removes only report folders whose process is gone.
+  plant(stale[2:])
+  rundir.clean_leftovers(wd, locked=False)
+  assert [os.path.exists(p) for p in stale[2:]] == [True] * 3 + [False] * 2
+  assert all(os.path.exists(p) for p in in_use)
+  assert steps_on_disk(wd) == [STEPS - EVERY, STEPS]
+
+
+# -- 11. a full disk ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["orbax", "metrics"])
+def test_full_disk_says_so_in_one_line_and_keeps_the_last_checkpoint(data, tmp_path,
+                                                                     monkeypatch, where):
+  """ENOSPC as Orbax reports it (TensorStore's ValueError) at the save of step 8, or as
+  an OSError from the metrics writer at step 10 (after step 8 is saved)."""
+  fmnist_dir, _ = data
+  wd = str(tmp_path / "wd")
+  real_save, real_append = checkpoints.save, rundir.append_metrics
+  target = os.path.join(wd, "checkpoints", "8.orbax-checkpoint-tmp", "state", "_sharding")
+  metrics = os.path.join(wd, "metrics.jsonl")
+
+  def full_save(mngr, step, state, meta):
+    if step == 8:
+      raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{target}": Failed to '
+                       "write 8640 bytes to file 15: No space left on device "
+                       "[os_error_code='28']")
+    real_save(mngr, step, state, meta)
+
+  def full_append(file, row):
+    if row["step"] == 10:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
+    real_append(file, row)
+  if where == "orbax":
+    monkeypatch.setattr(checkpoints, "save", full_save)
+  else:
+    monkeypatch.setattr(rundir, "append_metrics", full_append)
+  with pytest.raises((OSError, ValueError)) as e:
+    run(config(fmnist_dir), wd)
+  msg, kept = str(e.value), 4 if where == "orbax" else 8
+  assert isinstance(e.value, OSError) and "\n" not in msg and len(msg) < 400, msg
+  assert msg.startswith("the disk is full") and (target if where == "orbax" else metrics) in msg
+  assert f"last good checkpoint, step {kept} in {wd}/checkpoints, is kept" in msg
+  assert steps_on_disk(wd) == [4, 8][:kept // 4]
