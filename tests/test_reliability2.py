@@ -160,8 +160,8 @@ def test_lock_names_its_holder_and_a_stale_one_is_taken_over(data, tmp_path, cap
     json.dump({"pid": gone, "host": socket.gethostname(), "since": "yesterday"}, f)
   res = run(config(fmnist_dir, steps=2), wd)
   assert res["steps"] == 2
-  out = capsys.readouterr().out
-  assert f"WARNING: taking over the lock of workdir {wd}: its holder (pid {gone} on host " \
+  out = capsys.readouterr().err
+  assert f"warning: taking over the lock of workdir {wd}: its holder (pid {gone} on host " \
          f"{socket.gethostname()}" in out
   assert os.path.getsize(lock) == 0             # released
 

@@ -24,6 +24,7 @@ import fcntl
 import importlib.metadata
 import json
 import os
+import sys
 import platform
 import re
 import shutil
@@ -237,8 +238,8 @@ def lock(workdir: str) -> Iterator[None]:
         raise WorkdirInUse(f"workdir {os.path.dirname(file)} is in use by another training "
                            f"process ({_describe(old)}; lock {file}); wait for it to end, "
                            "or delete the lock file if that process has ended")
-      print(f"WARNING: taking over the lock of workdir {os.path.dirname(file)}: its holder "
-            f"({_describe(old)}) ended without releasing it", flush=True)
+      print(f"warning: taking over the lock of workdir {os.path.dirname(file)}: its holder "
+            f"({_describe(old)}) ended without releasing it", file=sys.stderr, flush=True)
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": host,
                               "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
