@@ -24,11 +24,11 @@ import fcntl
 import importlib.metadata
 import json
 import os
-import sys
 import platform
 import re
 import shutil
 import socket
+import sys
 import time
 from typing import Any, Callable, Iterator
 
