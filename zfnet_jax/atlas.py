@@ -266,7 +266,7 @@ def window_masks(rf: models.ReceptiveField, positions: np.ndarray, input_size: i
   """bool (R, t, t): True where each unit's cropped window (``crop_receptive_field``)
   lies inside the image; positions (R, 2)."""
   ones = np.ones((len(positions), input_size, input_size, 1), np.float32)
-  return crop_receptive_field(ones, rf, positions, fill=0.0)[..., 0] > 0
+  return deconv.crop_receptive_field(ones, rf, positions, fill=0.0)[..., 0] > 0
 
 
 def legibility(a: LayerAtlas, input_size: int) -> legibility_lib.Legibility:
