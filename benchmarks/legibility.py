@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -29,7 +28,6 @@ from zfnet_jax import conv  # pylint: disable=g-bad-import-order
 
 conv.configure_xla_cpu()
 
-import numpy as np  # pylint: disable=g-bad-import-order
 
 from zfnet_jax import atlas, checkpoints, figures, input_pipeline, rundir
 from zfnet_jax import legibility as legibility_lib

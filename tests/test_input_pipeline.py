@@ -1,7 +1,6 @@
 """Input pipeline: IDX reader, preprocessing, determinism, eval padding, folders, errors."""
 import gzip
 import os
-import struct
 
 import jax
 import numpy as np

@@ -1,5 +1,4 @@
 """Layer-level checks of zfnet_jax.layers against NumPy loops and hand derivations."""
-import itertools
 
 import jax
 import jax.numpy as jnp

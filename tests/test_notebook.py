@@ -1,5 +1,4 @@
 """The Colab notebook runs top to bottom (tiny settings on CPU, no downloads)."""
-import os
 import pathlib
 
 import pytest

@@ -1,6 +1,5 @@
 """Occlusion maps vs a plain Python loop over square positions, and by hand."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

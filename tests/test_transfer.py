@@ -1,5 +1,4 @@
 """Transfer and per-layer probes (zfnet_jax.transfer) against hand-made references."""
-import json
 import os
 
 import jax

@@ -272,7 +272,7 @@ def _load(workdir: str, step: int | None):
     else:
       restored, _, step, damaged = _first_good(mngr, abstract, ckpt_dir)
       if damaged:
-        note = (f"the newest good checkpoint; damaged: "
+        note = ("the newest good checkpoint; damaged: "
                 + "; ".join(f"step {b} ({why})" for b, why in damaged))
   finally:
     mngr.close()
