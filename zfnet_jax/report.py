@@ -8,9 +8,9 @@ validates every enabled contributor's options once, before any long work,
 builds the ``Context`` once (model, variables, examples, pixel mean, class
 names, checkpoints, comparison models), then collects the sections.
 
-Safety: every piece of text from data, config or results is escaped
-(``html.escape``); the page carries no script and a Content-Security-Policy
-that forbids scripts and any load from the network.  The report is built in a
+Safety: the page is rendered by ``zfnet_jax.pages`` (Jinja2 templates, autoescaped):
+every piece of text from data, config or results is escaped; the page carries no
+script and a Content-Security-Policy that forbids scripts and any load from the network.  The report is built in a
 temporary directory next to the old one and swapped in at the end, so a failure
 leaves the previous report as it was.
 """
@@ -18,28 +18,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import html
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
-import urllib.parse
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, rundir
+from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, pages
+from zfnet_jax import rundir
 from zfnet_jax import sections as sections_lib
 from zfnet_jax import train_state, transfer
 from zfnet_jax.analyses import correspondence, diagnostics, evolution, invariance, occlusion
 
-FOLD_LINES = 40      # longer text blocks and tables start folded (<details>)
-CSP = ("default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
-       "base-uri 'none'; form-action 'none'")
 
 
 # ----------------------------------------------------------------------------
@@ -294,7 +289,7 @@ def render_report(config, workdir: str, model, variables,
     note = (f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in {time.time() - t0:.0f} s "
             f"from {os.path.abspath(workdir)}.")
     with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
-      f.write(render_html(title, page, note))
+      f.write(pages.render(title, page, note))
     _swap(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -374,79 +369,3 @@ def _swap(tmp: str, final: str) -> None:
   os.rename(tmp, final)
   if old:
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------
-# HTML.
-# ----------------------------------------------------------------------------
-
-_STYLE = """
-body { font-family: sans-serif; margin: 0 2em 2em 16em; max-width: 80em; color: #222; }
-nav { position: fixed; top: 0; left: 0; width: 14em; height: 100%; overflow: auto;
-      background: #f4f4f4; padding: 1em; box-sizing: border-box; }
-nav ul { padding-left: 1em; } section { border-top: 1px solid #ccc; padding-top: .5em; }
-figure { margin: 1em 0; } img { max-width: 100%; image-rendering: pixelated; }
-figcaption { font-size: 90%; color: #444; } pre { background: #f8f8f8; padding: .5em;
-overflow: auto; max-height: 30em; } table { border-collapse: collapse; font-size: 90%; }
-td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }
-"""
-
-
-def _e(text) -> str:
-  return html.escape(str(text), quote=True)
-
-
-def _anchor(text: str, used: set[str]) -> str:
-  base = re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-") or "section"
-  a, n = base, 1
-  while a in used:
-    n += 1
-    a = f"{base}-{n}"
-  used.add(a)
-  return a
-
-
-def _src(rel: str) -> str:
-  """A relative figure path as a safe URL (no scheme, no '..')."""
-  rel = str(rel).replace(os.sep, "/")
-  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", rel) or rel.startswith("/") or ".." in rel.split("/"):
-    raise ValueError(f"figure path {rel!r} must be relative to the report directory")
-  return _e(urllib.parse.quote(rel))
-
-
-def render_html(title: str, sections: Sequence[sections_lib.Section], note: str = "") -> str:
-  """The page: a table of contents and one <section> per Section, all text escaped."""
-  used = {"top", "contents"}
-  anchors = [_anchor(s.anchor, used) for s in sections]
-  out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',  # a constant
-         '<meta name="referrer" content="no-referrer">',
-         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
-         '<nav id="contents"><strong>Contents</strong><ul>']
-  out += [f'<li><a href="#{a}">{_e(s.title)}</a></li>' for s, a in zip(sections, anchors)]
-  out += ["</ul></nav>", f'<h1 id="top">{_e(title)}</h1>']
-  if note:
-    out.append(f"<p>{_e(note)}</p>")
-  for s, a in zip(sections, anchors):
-    out.append(f'<section id="{a}"><h2>{_e(s.title)}</h2>')
-    out += [f"<p>{_e(p)}</p>" for p in s.paragraphs]
-    for p in getattr(s, "preformatted", []):
-      block = f"<pre>{_e(p)}</pre>"
-      lines = str(p).count("\n") + 1
-      out.append(block if lines <= FOLD_LINES else
-                 f"<details><summary>show ({lines} lines)</summary>{block}</details>")
-    for rel, caption in s.figures:
-      src = _src(rel)
-      out.append(f'<figure><a href="{src}"><img src="{src}" alt="{_e(caption)}" '
-                 f'loading="eager"></a><figcaption>{_e(caption)}</figcaption></figure>')
-    for header, rows in s.tables:
-      fold = len(rows) > FOLD_LINES
-      if fold:
-        out.append(f"<details><summary>show table ({len(rows)} rows)</summary>")
-      out.append("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header)
-                 + "</tr></thead><tbody>")
-      out += ["<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows]
-      out.append("</tbody></table>" + ("</details>" if fold else ""))
-    out.append('<p><a href="#top">back to top</a></p></section>')
-  out.append("</body></html>")
-  return "\n".join(out) + "\n"
