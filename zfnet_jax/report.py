@@ -222,16 +222,21 @@ def load_comparisons(config, workdir: str) -> dict[str, tuple[Any, Any, str]]:
 
 def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
                  plan: list | None = None) -> str:
-  """Rebuild <workdir>/report from the workdir's latest checkpoint.
+  """Rebuild <workdir>/report from the workdir's latest checkpoint (or the shipped
+  weights ``config.pretrained`` names).
 
-  The model and parameters come from the run (``checkpoints.load_trained``);
+  The model, parameters and pixel mean come from the run (``checkpoints.load_model``);
   the dataset and report options from ``config``.  ``plan``: the result of
   ``validate`` when the caller has validated already.  Returns the path of index.html.
   """
   check_rule(config)   # the cheapest check, before any file is read
-  if not os.path.isdir(workdir):
+  if config.get("pretrained"):    # shipped weights: the workdir only receives the report
+    os.makedirs(workdir, exist_ok=True)
+  elif not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-  model, variables, _ = checkpoints.load_trained(workdir)
+  loaded = checkpoints.load_model(config, workdir)
+  if config.get("pretrained") and not os.path.exists(rundir.path(workdir, rundir.MEAN)):
+    np.save(rundir.path(workdir, rundir.MEAN), loaded.full_pixel_mean)   # the model's own
   info = input_pipeline.dataset_info(config)
   split = config.report.split or config.dataset.eval_split
   max_examples = config.report.max_examples
@@ -241,8 +246,8 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
   batches = lambda: input_pipeline.create_eval_iterator(
       config, workdir, split=split, batch_size=config.report.batch_size,
       max_examples=max_examples)
-  return render_report(config, workdir, model, variables, batches,
-                       input_pipeline.pixel_mean(config, workdir),
+  return render_report(config, workdir, loaded.model, loaded.variables, batches,
+                       loaded.pixel_mean,
                        class_names=info.class_names, total=total, registry=registry,
                        plan=plan)
 
@@ -290,7 +295,7 @@ def render_report(config, workdir: str, model, variables,
             f"from {os.path.abspath(workdir)}.")
     with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
       f.write(pages.render(title, page, note))
-    _swap(tmp, final)
+    rundir.replace_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -356,16 +361,3 @@ def _overview(config, model, size, channels, class_names) -> sections_lib.Sectio
     s.tables.append((["class", "name"], [[str(i), str(n)] for i, n in enumerate(class_names)]))
   s.preformatted.append(config.to_json_best_effort(indent=2, sort_keys=True))
   return s
-
-
-def _swap(tmp: str, final: str) -> None:
-  """Replace ``final`` by ``tmp``; the old directory is removed only once the
-  new one is in place."""
-  old = None
-  if os.path.exists(final):
-    old = tempfile.mkdtemp(prefix=".report-old-", dir=os.path.dirname(final))
-    os.rename(final, os.path.join(old, "report"))
-  os.chmod(tmp, 0o755)
-  os.rename(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
