@@ -96,8 +96,8 @@ def resolve(spec: str | Sequence[Any]) -> tuple[list[Any], list[tuple[str, str]]
 
 
 def output_names(inputs: Sequence[Any]) -> list[str]:
-  """One folder name per input, unique in the batch: the file's stem, then the stem
-  and extension if two inputs share a stem, then -2, -3... (arrays: image-<i>)."""
+  """One folder name per input, unique in the batch: the file's stem; stem-extension
+  when inputs share a stem with other extensions; then -2, -3... (arrays: image-<i>)."""
   def clean(s):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("._") or "image"
   stems, exts = [], []
@@ -111,7 +111,8 @@ def output_names(inputs: Sequence[Any]) -> list[str]:
       exts.append("")
   names, used = [], set()
   for stem, ext in zip(stems, exts):
-    name = f"{stem}-{ext}" if stems.count(stem) > 1 and ext else stem
+    pairs = sum(1 for s, e in zip(stems, exts) if (s, e) == (stem, ext))
+    name = f"{stem}-{ext}" if stems.count(stem) > pairs and ext else stem
     base, n = name, 1
     while name in used:
       n += 1
