@@ -242,7 +242,9 @@ def test_cli_visualize_on_two_photographs_with_a_trained_model(tiny_workdir, tmp
   (tmp_path / "in").mkdir()
   for f in PHOTOS:
     shutil.copy(f, tmp_path / "in")
-  (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+  Image.open(PHOTOS[0]).save(tmp_path / "whole.png")
+  data = (tmp_path / "whole.png").read_bytes()
+  (tmp_path / "in" / "broken.png").write_bytes(data[:len(data) // 2])   # cut short
   r = _main("--config=" + str(REPO / "experiments" / "quickstart.py"), f"--workdir={work}",
             "--mode=visualize", f"--images={tmp_path / 'in'}", "--config.visualize.num_maps=4",
             "--config.analyses.occlusion.stride=8", cwd=tmp_path)
@@ -276,3 +278,26 @@ def test_cli_visualize_with_the_shipped_weights_needs_no_training(tmp_path):
   z = np.load(work / "visualize" / "flower" / "arrays.npz")
   assert z["probabilities"].shape == (10,) and abs(float(z["probabilities"].sum()) - 1) < 1e-5
   assert os.listdir(work) == ["visualize"]          # no checkpoints, nothing trained
+
+
+def test_report_with_the_shipped_weights_on_a_fresh_workdir(tmp_path):
+  from zfnet_jax import pipeline, report   # pylint: disable=g-import-not-at-top
+  helpers.make_fmnist(tmp_path / "fmnist", n_train=40, n_test=20)
+  config = helpers.fmnist_config(tmp_path / "fmnist", resize=S, crop=S)
+  config.pretrained = "quickstart"
+  config.report.update(dict(layers=("conv1", "conv2"), num_maps=2, max_examples=-1,
+                            batch_size=16, chunk_size=16))
+  work = str(tmp_path / "fresh")
+  with pytest.raises(ValueError, match="pretrained='quickstart' is for --mode=report"):
+    pipeline.run(config, work, train_model=True)
+  path = report.write_report(config, work, registry=[e for e in report.REGISTRY
+                                                     if e.name in report.CORE])
+  text = open(path, encoding="utf-8").read()
+  assert 'id="layer-conv1"' in text and 'id="layer-conv2"' in text and "Ankle boot" in text
+  # The model's own pixel mean, not one recomputed from these (random) images.
+  np.testing.assert_array_equal(np.load(os.path.join(work, "pixel_mean.npy")),
+                                np.load(os.path.join(checkpoints.SHIPPED, "quickstart",
+                                                     "pixel_mean.npy")))
+  config.dataset.crop_size = 32
+  with pytest.raises(ValueError, match="takes 64x64x1 images; the dataset gives 32x32x1"):
+    pipeline.validate_report(config)

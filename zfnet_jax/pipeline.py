@@ -60,8 +60,8 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
   if config.get("pretrained"):   # the shipped model, checked against the data it will see
     shipped = checkpoints.shipped_dir(config.pretrained)
     model_config = checkpoints.load_config(shipped).model
-    num_classes = checkpoints.load_dataset_info(shipped).num_classes
     trained = checkpoints.load_dataset_info(shipped)
+    num_classes = trained.num_classes
     if (trained.input_size, trained.channels) != (config.dataset.crop_size, info.channels):
       raise ValueError(f"pretrained={config.pretrained!r} takes {trained.input_size}x"
                        f"{trained.input_size}x{trained.channels} images; the dataset gives "
