@@ -147,7 +147,7 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
          class_names, path: str, label_kind: str = "true") -> str:
   """One row of Fig. 7: (a) image + square, (b) activation map, (c) projection,
   (d) P(true class) map, (e) most probable class map with a legend.
-  ``label_kind``: what ``result["label"]`` is ("true", or "top" for an unlabelled image)."""
+  ``label_kind``: what ``result["label"]`` is ("true", or "top class" for an unlabelled image)."""
   plt = figures.pyplot()
   patches = matplotlib.patches
   size = display.shape[0]
