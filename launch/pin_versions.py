@@ -14,7 +14,7 @@ import os
 import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ("jaxlib", "tensorstore", "ml-dtypes", "scipy", "protobuf", "keras", "grimp")
+CORE = ("jaxlib", "tensorstore", "ml-dtypes", "scipy", "protobuf", "keras", "grimp", "MarkupSafe")
 
 
 def requirements() -> list[str]:

@@ -5,8 +5,10 @@ No test module imports another test module; they import this one.
 import contextlib
 import gzip
 import itertools
+import json
 import os
 import struct
+import subprocess
 import time
 
 import flax.linen as nn
@@ -345,3 +347,46 @@ def saved_state(step_dir):
   with ocp.StandardCheckpointer() as c:
     state = c.restore(os.path.join(step_dir, "state"))
   return jax.tree.map(np.asarray, state)
+
+
+# -- a real browser (headless Chromium) opening a static page ----------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium(*args, timeout=90):
+  return subprocess.run(
+      [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+       "--disable-component-update", "--no-first-run", "--disable-sync", "--mute-audio",
+       *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+CHECKER = """<script nonce="zfcheck">
+window.__alerts = []; window.alert = function (m) { window.__alerts.push(String(m)); };
+window.addEventListener("load", function () {
+  var r = {alerts: window.__alerts, scripts: document.scripts.length, images: [], sections: []};
+  for (const im of document.images) r.images.push([im.getAttribute("src"), im.naturalWidth]);
+  for (const s of document.querySelectorAll("section")) r.sections.push(s.id);
+  var pre = document.createElement("pre"); pre.id = "zfcheck";
+  var m = "ZF" + "CHECK"; pre.textContent = m + JSON.stringify(r) + m;
+  document.body.appendChild(pre);
+});</script>"""
+
+
+def browser_check(report_dir, tmp, name, *, keep_csp=True, inject=""):
+  """Open a copy of index.html (with a checker script allowed by a nonce) in
+  headless Chromium; returns what the checker saw after load."""
+  text = open(os.path.join(report_dir, "index.html"), encoding="utf-8").read()
+  if keep_csp:
+    text = text.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-zfcheck';")
+  else:
+    text = text.replace("Content-Security-Policy", "x-no-csp")
+  text = text.replace("<title>", CHECKER + "<title>", 1)  # after the CSP
+  text = text.replace("</h1>", "</h1>" + inject, 1)
+  page = os.path.join(report_dir, name)
+  with open(page, "w", encoding="utf-8") as f:
+    f.write(text)
+  out = chromium(f"--user-data-dir={tmp / ('profile-' + name)}", "--virtual-time-budget=10000",
+                 "--dump-dom", f"file://{page}")
+  assert "ZFCHECK" in out.stdout, out.stderr[-2000:]
+  return json.loads(out.stdout.split("ZFCHECK")[1])

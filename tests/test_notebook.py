@@ -21,3 +21,5 @@ def test_notebook_runs(tmp_path, monkeypatch):
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert len(images) >= 5                    # deconvnet grids and analysis figures inline
   assert (tmp_path / "run" / "transfer" / "probes.csv").exists()
+  # The shipped model on the sample photograph (no upload outside Colab), its page written.
+  assert (tmp_path / "run" / "visualize" / "china" / "index.html").exists()

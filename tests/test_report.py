@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
+
 from zfnet_jax import checkpoints, configs, models, report, sections
 
 S = 64
 PAYLOAD = "<script>alert(1)</script>"
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = helpers.CHROMIUM
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 
@@ -210,42 +211,7 @@ def test_sections_from_a_registered_contributor_are_rendered_and_their_errors_ra
   assert open(path).read() == text
 
 
-def _chromium(*args, timeout=90):
-  return subprocess.run(
-      [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-       "--disable-component-update", "--no-first-run", "--disable-sync", "--mute-audio",
-       *args], capture_output=True, text=True, timeout=timeout, check=False)
-
-
-_CHECKER = """<script nonce="zfcheck">
-window.__alerts = []; window.alert = function (m) { window.__alerts.push(String(m)); };
-window.addEventListener("load", function () {
-  var r = {alerts: window.__alerts, scripts: document.scripts.length, images: [], sections: []};
-  for (const im of document.images) r.images.push([im.getAttribute("src"), im.naturalWidth]);
-  for (const s of document.querySelectorAll("section")) r.sections.push(s.id);
-  var pre = document.createElement("pre"); pre.id = "zfcheck";
-  var m = "ZF" + "CHECK"; pre.textContent = m + JSON.stringify(r) + m;
-  document.body.appendChild(pre);
-});</script>"""
-
-
-def _browser_check(report_dir, tmp, name, *, keep_csp=True, inject=""):
-  """Open a copy of index.html (with a checker script allowed by a nonce) in
-  headless Chromium; returns what the checker saw after load."""
-  text = open(os.path.join(report_dir, "index.html"), encoding="utf-8").read()
-  if keep_csp:
-    text = text.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-zfcheck';")
-  else:
-    text = text.replace("Content-Security-Policy", "x-no-csp")
-  text = text.replace("<title>", _CHECKER + "<title>", 1)  # after the CSP
-  text = text.replace("</h1>", "</h1>" + inject, 1)
-  page = os.path.join(report_dir, name)
-  with open(page, "w", encoding="utf-8") as f:
-    f.write(text)
-  out = _chromium(f"--user-data-dir={tmp / ('profile-' + name)}", "--virtual-time-budget=10000",
-                  "--dump-dom", f"file://{page}")
-  assert "ZFCHECK" in out.stdout, out.stderr[-2000:]
-  return json.loads(out.stdout.split("ZFCHECK")[1])
+_chromium, _browser_check = helpers.chromium, helpers.browser_check
 
 
 @pytest.mark.browser

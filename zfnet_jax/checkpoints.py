@@ -19,9 +19,17 @@ as before; a newer version than this code knows is refused.
 Resuming with a changed config (``check_resume``): a change of the parameter
 or optimiser-state shapes, or of the dataset, is refused before anything is
 written; other changes are allowed and recorded in ``config_changes.jsonl``.
+
+Shipped weights (``load_model`` with ``config.pretrained``): a folder holding a
+run's ``config.json``, ``dataset_info.json``, ``pixel_mean.npy``, ``results.json``
+and its parameters as ``params.npz`` (float32, keys "layer/name").  The trained
+quickstart model ships inside the package (``zfnet_jax/shipped/quickstart``,
+``pretrained="quickstart"``); ``launch/ship_weights.py WORKDIR`` writes one from a
+finished run (``save_shipped``).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -386,3 +395,116 @@ def record_changes(workdir: str, changes: dict[str, tuple]) -> str:
   return ("config changed since this workdir's last run: "
           + ", ".join(f"{k} ({o!r} -> {n!r})" for k, (o, n) in changes.items())
           + f" (recorded in {CONFIG_CHANGES})")
+
+
+# ----------------------------------------------------------------------------
+# Shipped weights: a model that works before any training.
+# ----------------------------------------------------------------------------
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
+PARAMS = "params.npz"
+SHIPPED_FILES = (rundir.CONFIG, rundir.DATASET_INFO, rundir.MEAN, rundir.RESULTS, PARAMS)
+
+
+def shipped_names() -> list[str]:
+  """The weights that ship inside the package (``config.pretrained`` names)."""
+  return sorted(d for d in os.listdir(SHIPPED) if os.path.isdir(os.path.join(SHIPPED, d))) \
+      if os.path.isdir(SHIPPED) else []
+
+
+def shipped_dir(pretrained: str) -> str:
+  """The folder of ``pretrained``: a shipped name or a folder ``save_shipped`` wrote;
+  ValueError naming it and the shipped names otherwise."""
+  folder = os.path.join(SHIPPED, pretrained) if pretrained in shipped_names() else pretrained
+  missing = [f for f in SHIPPED_FILES if not os.path.isfile(os.path.join(folder, f))]
+  if missing:
+    raise ValueError(f"pretrained={pretrained!r} is neither a shipped model ("
+                     f"{', '.join(shipped_names()) or 'none'}) nor a folder with "
+                     f"{', '.join(SHIPPED_FILES)} (missing: {', '.join(missing)})")
+  return folder
+
+
+def save_shipped(workdir: str, out_dir: str, step: int | None = None) -> str:
+  """Write the shipped form of a finished run (its latest checkpoint, or ``step``)
+  into ``out_dir``; returns ``out_dir``."""
+  for name in (rundir.CONFIG, rundir.DATASET_INFO, rundir.MEAN, rundir.RESULTS):
+    if not os.path.isfile(rundir.path(workdir, name)):
+      raise FileNotFoundError(f"{rundir.path(workdir, name)} not found: {workdir!r} is not a "
+                              "finished training run")
+  _, variables, _ = load_trained(workdir, step)
+  flat = {"/".join(k.key for k in path): np.asarray(leaf, np.float32)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])}
+  os.makedirs(out_dir, exist_ok=True)
+  np.savez_compressed(os.path.join(out_dir, PARAMS), **flat)
+  for name in (rundir.CONFIG, rundir.DATASET_INFO):
+    rundir.write_json(os.path.join(out_dir, name), rundir.read_json(rundir.path(workdir, name)))
+  np.save(os.path.join(out_dir, rundir.MEAN), np.load(rundir.path(workdir, rundir.MEAN)))
+  results = rundir.read_json(rundir.path(workdir, rundir.RESULTS))
+  results["shipped_from"] = {"workdir": os.path.abspath(workdir), "step": step or "latest",
+                             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+  rundir.write_json(os.path.join(out_dir, rundir.RESULTS), results)
+  return out_dir
+
+
+def load_shipped(pretrained: str):
+  """(model, {"params": ...}, its config, its DatasetInfo, full pixel mean (R, R, C))."""
+  folder = shipped_dir(pretrained)
+  config = load_config(folder)
+  info = load_dataset_info(folder)
+  model = models.from_config(config.model, info.num_classes)
+  with np.load(os.path.join(folder, PARAMS)) as z:
+    arrays = {k: z[k] for k in z.files}
+  shape = (1, info.input_size, info.input_size, info.channels)
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(
+      shape, np.float32))["params"]
+  params = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(expected):
+    key = "/".join(k.key for k in path)
+    if key not in arrays or arrays[key].shape != leaf.shape:
+      got = arrays[key].shape if key in arrays else "missing"
+      raise ValueError(f"{folder}/{PARAMS}: parameter {key} is {got}, the model "
+                       f"{config.model.name} needs {leaf.shape}")
+    node = params
+    for k in path[:-1]:
+      node = node.setdefault(k.key, {})
+    node[path[-1].key] = jax.numpy.asarray(arrays.pop(key))
+  if arrays:
+    raise ValueError(f"{folder}/{PARAMS}: unexpected parameters {sorted(arrays)}")
+  return model, {"params": params}, config, info, np.load(os.path.join(folder, rundir.MEAN))
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A model ready to analyse: module, {"params": ...}, the config it was trained
+  with, pixel_mean float32 (S, S, C) (image + mean = 0..255 pixels), class names,
+  full_pixel_mean (R, R, C) before the centre crop, and source: one sentence saying
+  which weights these are (the checkpoint step used and why, or the shipped folder)."""
+  model: object
+  variables: dict
+  config: ml_collections.ConfigDict
+  pixel_mean: np.ndarray
+  class_names: tuple[str, ...]
+  full_pixel_mean: np.ndarray
+  source: str = ""
+
+
+def load_model(config, workdir: str | None) -> Loaded:
+  """The model ``config`` asks for: the shipped weights ``config.pretrained`` names
+  (a shipped name or a folder), else the latest checkpoint of ``workdir``."""
+  if config.get("pretrained"):
+    model, variables, run_config, info, mean = load_shipped(config.pretrained)
+    crop = run_config.dataset.crop_size
+    return Loaded(model, variables, run_config,
+                  np.ascontiguousarray(input_pipeline.centre_crop(mean, crop), np.float32),
+                  info.class_names, np.asarray(mean, np.float32),
+                  f"Model: the shipped weights {config.pretrained!r} "
+                  f"({shipped_dir(config.pretrained)}).")
+  if workdir is None:
+    raise ValueError("no model: give a workdir with a finished run or config.pretrained "
+                     f"(shipped: {', '.join(shipped_names())})")
+  model, variables, run_config, step, why = load_latest(workdir)
+  full = np.asarray(input_pipeline.full_pixel_mean(run_config, workdir), np.float32)
+  return Loaded(model, variables, run_config, np.ascontiguousarray(
+      input_pipeline.centre_crop(full, run_config.dataset.crop_size)),
+                load_dataset_info(workdir).class_names, full,
+                f"Model: checkpoint step {step}" + (f" ({why})." if why else " (the newest)."))

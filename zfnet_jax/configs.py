@@ -79,6 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.evolution_reference_epochs = 70.0  # evolution_epochs are for a run this long (paper: 70);
                                        # scaled by num_epochs / this. 0 = use them as given
   c.restore_path = ""                  # explicit checkpoint to start from ("" = resume workdir)
+  c.pretrained = ""                    # report/visualize without training: "quickstart" (shipped
+                                       # in the package) or a folder of launch/ship_weights.py
   c.log_every_steps = 100
   c.distributed = False                # call jax.distributed.initialize()
 
@@ -93,6 +95,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.report.max_examples = 10_000       # examples scanned for the top-k (-1 = all)
   c.report.batch_size = 256
   c.report.chunk_size = 64             # projections per batched VJP
+
+  # -- visualize (zfnet_jax.visualize): --mode=visualize --images=PATH -------
+  c.visualize = ml_collections.ConfigDict()
+  c.visualize.layers = ()              # () = report.layers
+  c.visualize.num_maps = 9             # strongest maps of each layer shown per image
+  c.visualize.occlusion = True         # Fig. 7 panels for the top class (analyses.occlusion.*)
 
   # -- analyses (zfnet_jax.analyses): Sec. 4, Figs. 4-7, Table 1 ------------
   # Added to the report by report.write_report; sizes in pixels of the model

@@ -707,3 +707,70 @@ def load_examples(config, workdir: str | None, *, split: str | None = None, num:
     raise ValueError(f"image ids {missing} not in split {split!r} ({len(got)} examples read)")
   sel = [index[i] for i in want]
   return images[sel], labels[sel], got[sel]
+
+
+# ----------------------------------------------------------------------------
+# One image from a file or an array (``zfnet_jax.visualize``).
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Preprocessing:
+  """How an image becomes a model input, as the model was trained.
+
+  The smaller side is resized to ``resize_size`` (R) and the centre R x R square
+  kept (``_np_resize_centre``, the in-memory pipeline's resize), then the centre
+  ``crop_size`` (S) square; the input is (pixels - mean) / std, pixels in 0..255.
+  mean: (S, S, C) per-pixel or (C,) per-channel, in 0..255 units; std: 1 (our
+  models: mean-subtracted pixels) or (C,) in 0..255 units (ImageNet-normalised models).
+  channels: 1 (an RGB image is converted to grey) or 3 (a grey one to RGB).
+  """
+  resize_size: int
+  crop_size: int
+  channels: int
+  mean: np.ndarray
+  std: float | np.ndarray = 1.0
+
+  def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    """uint8 or float pixels (H, W, C) in 0..255 -> float32 (S, S, C) model input."""
+    x = np.asarray(pixels, np.float32)
+    if x.ndim == 2:
+      x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] != self.channels:
+      raise ValueError(f"image must be (H, W, {self.channels}) pixels, got shape {x.shape}")
+    x = _np_resize_centre(x[None], self.resize_size)
+    x = centre_crop(x, self.crop_size)[0]
+    return ((x - np.asarray(self.mean, np.float32)) /
+            np.asarray(self.std, np.float32)).astype(np.float32)
+
+  def display(self, x: np.ndarray) -> np.ndarray:
+    """Model inputs (..., S, S, C) -> display pixels in [0, 1]."""
+    return np.clip((np.asarray(x, np.float32) * np.asarray(self.std, np.float32) +
+                    np.asarray(self.mean, np.float32)) / 255.0, 0.0, 1.0)
+
+
+def preprocessing(config, pixel_mean: np.ndarray) -> Preprocessing:
+  """Our models' preprocessing: ``config.dataset`` sizes, the (S, S, C) training mean."""
+  mean = np.asarray(pixel_mean, np.float32)
+  return Preprocessing(int(config.dataset.resize_size), int(config.dataset.crop_size),
+                       int(mean.shape[-1]), mean)
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+  """uint8 (H, W, channels) pixels of a JPEG/PNG/... file (EXIF rotation applied,
+  converted to grey or RGB); ValueError naming the path if it is missing, not an
+  image or corrupt."""
+  from PIL import Image, ImageOps, UnidentifiedImageError
+  if not os.path.exists(path):
+    raise ValueError(f"{path}: no such file")
+  if os.path.isdir(path):
+    raise ValueError(f"{path}: a folder, not an image file")
+  try:
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      im = im.convert("L" if channels == 1 else "RGB")
+      pixels = np.asarray(im, np.uint8)
+  except UnidentifiedImageError:
+    raise ValueError(f"{path}: not an image (allowed: {', '.join(IMAGE_EXTENSIONS)})") from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f"{path}: corrupt or truncated image ({e})") from None
+  return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)

@@ -3,6 +3,8 @@ r"""Command line: train and evaluate, then write the visual report.
   python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs
   python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs \
       --mode=report --config.report.rule=guided
+  python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs \
+      --mode=visualize --images=photos/ --config.pretrained=quickstart   # no training needed
 
 Console: the plan, an estimate of the time left, one progress bar per long phase
 (plain lines every 30 s when the output is not a terminal), warnings, and a summary
@@ -16,6 +18,8 @@ in use by another training process, or a full disk (each a one-line
 and rerun); 75 stopped by SIGTERM, at any point (training: after saving a
 checkpoint; evaluation or report: their work dropped, nothing half-written
 left), rerun the same command to resume.
+--mode=visualize also exits 2 when any input image was missing or unreadable, after
+the others were done.
 """
 import collections
 import logging as std_logging
@@ -30,9 +34,12 @@ from zfnet_jax import conv
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
-flags.DEFINE_enum("mode", "train", ["train", "report", "summary"],
+flags.DEFINE_enum("mode", "train", ["train", "report", "visualize", "summary"],
                   "train: train, evaluate, then write the report; report: rebuild the "
-                  "report from the workdir's latest checkpoint; summary: print the model.")
+                  "report from the workdir's latest checkpoint; visualize: what the model "
+                  "sees in --images (pages in <workdir>/visualize/); summary: print the model.")
+flags.DEFINE_string("images", None, "--mode=visualize: an image file, a folder, a glob or a "
+                    "comma-separated list of these (JPEG/PNG, any size, grey or colour).")
 config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -120,7 +127,19 @@ def run(argv):
     print(pipeline.summary(config))
     return
   if FLAGS.workdir is None:
-    raise app.UsageError("--workdir is required for --mode=train and --mode=report")
+    raise app.UsageError("--workdir is required for --mode=train, report and visualize")
+  if FLAGS.mode == "visualize":
+    if not FLAGS.images:
+      raise app.UsageError("--mode=visualize needs --images=PATH (a file, folder, glob or "
+                           "comma-separated list)")
+    from zfnet_jax import console, visualize
+    batch = visualize.run(config, FLAGS.workdir, FLAGS.images)
+    for page in batch.done.values():
+      console.say(f"visualize: {page}")
+    if batch.failed:
+      raise ValueError(f"{len(batch.failed)} of {len(batch.failed) + len(batch.done)} inputs "
+                       f"failed: {'; '.join(m for _, m in batch.failed)}")
+    return
   out = pipeline.run(config, FLAGS.workdir, train_model=FLAGS.mode == "train",
                      write_report=config.report.enabled or FLAGS.mode == "report")
   if out.get("preempted"):

@@ -15,7 +15,8 @@ import time
 import jax
 import ml_collections
 
-from zfnet_jax import checkpoints, console, input_pipeline, models, report, rundir, sections, train
+from zfnet_jax import checkpoints, console, input_pipeline, models, report, rundir, sections
+from zfnet_jax import train
 from zfnet_jax.analyses import evolution
 
 EXIT_PREEMPTED = train.EXIT_PREEMPTED
@@ -59,7 +60,17 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
   models.validate(config.model)
   input_pipeline.validate(config.dataset)
   info = input_pipeline.dataset_info(config)
-  model = models.from_config(config.model, info.num_classes)
+  model_config, num_classes = config.model, info.num_classes
+  if config.get("pretrained"):   # the shipped model, checked against the data it will see
+    shipped = checkpoints.shipped_dir(config.pretrained)
+    model_config = checkpoints.load_config(shipped).model
+    trained = checkpoints.load_dataset_info(shipped)
+    num_classes = trained.num_classes
+    if (trained.input_size, trained.channels) != (config.dataset.crop_size, info.channels):
+      raise ValueError(f"pretrained={config.pretrained!r} takes {trained.input_size}x"
+                       f"{trained.input_size}x{trained.channels} images; the dataset gives "
+                       f"{config.dataset.crop_size}x{config.dataset.crop_size}x{info.channels}")
+  model = models.from_config(model_config, num_classes)
   data = sections.Data(config.dataset.name, config.dataset.crop_size,
                        config.dataset.resize_size, info.channels)
   return report.validate(config, model, data)
@@ -113,6 +124,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
 def _comparison_wanted(config, workdir) -> bool:
   d = config.analyses
   return bool(d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and
+              not config.get("pretrained") and
               report.comparison_workdir(config, workdir) is not None and
               not os.path.exists(rundir.path(report.comparison_workdir(config, workdir),
                                              rundir.RESULTS)))
@@ -203,6 +215,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
   (nothing half-written is left; rerun to finish); a full disk raises ``rundir.DiskFull``.
   """
   started = float(os.environ.get("ZFNET_JAX_STARTED") or time.time())
+  if train_model and config.get("pretrained"):
+    raise ValueError(f"config.pretrained={config.pretrained!r} is for --mode=report and "
+                     "--mode=visualize; training starts from scratch (or restore_path)")
   train.maybe_initialize_distributed(config)
   out = {}
   try:

@@ -8,9 +8,9 @@ validates every enabled contributor's options once, before any long work,
 builds the ``Context`` once (model, variables, examples, pixel mean, class
 names, checkpoints, comparison models), then collects the sections.
 
-Safety: every piece of text from data, config or results is escaped
-(``html.escape``); the page carries no script and a Content-Security-Policy
-that forbids scripts and any load from the network.  The report is built in a
+Safety: the page is rendered by ``zfnet_jax.pages`` (Jinja2 templates, autoescaped):
+every piece of text from data, config or results is escaped; the page carries no
+script and a Content-Security-Policy that forbids scripts and any load from the network.  The report is built in a
 temporary directory next to the old one and swapped in at the end, so a failure
 leaves the previous report as it was.
 """
@@ -18,29 +18,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import html
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
-import urllib.parse
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, rundir
+from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, pages
+from zfnet_jax import rundir
 from zfnet_jax import sections as sections_lib
 from zfnet_jax import train_state, transfer
 from zfnet_jax.analyses import (correspondence, diagnostics, evolution, invariance, occlusion,
                                 walkthrough)
 
-FOLD_LINES = 40      # longer text blocks and tables start folded (<details>)
-CSP = ("default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
-       "base-uri 'none'; form-action 'none'")
 
 
 # ----------------------------------------------------------------------------
@@ -229,19 +224,25 @@ def load_comparisons(config, workdir: str) -> dict[str, tuple[Any, Any, str]]:
 
 def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
                  plan: list | None = None) -> str:
-  """Rebuild <workdir>/report from the workdir's newest checkpoint that restores.
+  """Rebuild <workdir>/report from the workdir's latest checkpoint (or the shipped
+  weights ``config.pretrained`` names).
 
-  The model and parameters come from the run (``checkpoints.load_latest``: a damaged
-  newer step is skipped, and the page and console say which step was used and why);
+  The model, parameters and pixel mean come from the run (``checkpoints.load_model``:
+  the newest checkpoint that restores; a damaged newer step is skipped, and the page
+  and console say which step was used and why);
   the dataset and report options from ``config``.  ``plan``: the result of
   ``validate`` when the caller has validated already.  Returns the path of index.html.
   """
   check_rule(config)   # the cheapest check, before any file is read
-  if not os.path.isdir(workdir):
+  if config.get("pretrained"):    # shipped weights: the workdir only receives the report
+    os.makedirs(workdir, exist_ok=True)
+  elif not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-  model, variables, _, step, why = checkpoints.load_latest(workdir)
-  source = f"Model: checkpoint step {step}" + (f" ({why})" if why else " (the newest)") + "."
+  loaded = checkpoints.load_model(config, workdir)
+  source = loaded.source
   console.say(f"report: {source}")
+  if config.get("pretrained") and not os.path.exists(rundir.path(workdir, rundir.MEAN)):
+    np.save(rundir.path(workdir, rundir.MEAN), loaded.full_pixel_mean)   # the model's own
   info = input_pipeline.dataset_info(config)
   split = config.report.split or config.dataset.eval_split
   max_examples = config.report.max_examples
@@ -251,8 +252,8 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
   batches = lambda: input_pipeline.create_eval_iterator(
       config, workdir, split=split, batch_size=config.report.batch_size,
       max_examples=max_examples)
-  return render_report(config, workdir, model, variables, batches,
-                       input_pipeline.pixel_mean(config, workdir),
+  return render_report(config, workdir, loaded.model, loaded.variables, batches,
+                       loaded.pixel_mean,
                        class_names=info.class_names, total=total, registry=registry,
                        plan=plan, source=source)
 
@@ -302,8 +303,8 @@ def render_report(config, workdir: str, model, variables,
     note = (f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in {time.time() - t0:.0f} s "
             f"from {os.path.abspath(workdir)}." + (f" {source}" if source else ""))
     with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
-      f.write(render_html(title, page, note))
-    _swap(tmp, final)
+      f.write(pages.render(title, page, note))
+    rundir.replace_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -369,93 +370,3 @@ def _overview(config, model, size, channels, class_names) -> sections_lib.Sectio
     s.tables.append((["class", "name"], [[str(i), str(n)] for i, n in enumerate(class_names)]))
   s.preformatted.append(config.to_json_best_effort(indent=2, sort_keys=True))
   return s
-
-
-def _swap(tmp: str, final: str) -> None:
-  """Replace ``final`` by ``tmp``; the old directory is removed only once the
-  new one is in place."""
-  old = None
-  if os.path.exists(final):
-    old = tempfile.mkdtemp(prefix=rundir.report_tmp_prefix().replace("-tmp-", "-old-"),
-                           dir=os.path.dirname(final))
-    os.rename(final, os.path.join(old, "report"))
-  os.chmod(tmp, 0o755)
-  os.rename(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------
-# HTML.
-# ----------------------------------------------------------------------------
-
-_STYLE = """
-body { font-family: sans-serif; margin: 0 2em 2em 16em; max-width: 80em; color: #222; }
-nav { position: fixed; top: 0; left: 0; width: 14em; height: 100%; overflow: auto;
-      background: #f4f4f4; padding: 1em; box-sizing: border-box; }
-nav ul { padding-left: 1em; } section { border-top: 1px solid #ccc; padding-top: .5em; }
-figure { margin: 1em 0; } img { max-width: 100%; image-rendering: pixelated; }
-figcaption { font-size: 90%; color: #444; } pre { background: #f8f8f8; padding: .5em;
-overflow: auto; max-height: 30em; } table { border-collapse: collapse; font-size: 90%; }
-td, th { border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }
-"""
-
-
-def _e(text) -> str:
-  return html.escape(str(text), quote=True)
-
-
-def _anchor(text: str, used: set[str]) -> str:
-  base = re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-") or "section"
-  a, n = base, 1
-  while a in used:
-    n += 1
-    a = f"{base}-{n}"
-  used.add(a)
-  return a
-
-
-def _src(rel: str) -> str:
-  """A relative figure path as a safe URL (no scheme, no '..')."""
-  rel = str(rel).replace(os.sep, "/")
-  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", rel) or rel.startswith("/") or ".." in rel.split("/"):
-    raise ValueError(f"figure path {rel!r} must be relative to the report directory")
-  return _e(urllib.parse.quote(rel))
-
-
-def render_html(title: str, sections: Sequence[sections_lib.Section], note: str = "") -> str:
-  """The page: a table of contents and one <section> per Section, all text escaped."""
-  used = {"top", "contents"}
-  anchors = [_anchor(s.anchor, used) for s in sections]
-  out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',  # a constant
-         '<meta name="referrer" content="no-referrer">',
-         f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
-         '<nav id="contents"><strong>Contents</strong><ul>']
-  out += [f'<li><a href="#{a}">{_e(s.title)}</a></li>' for s, a in zip(sections, anchors)]
-  out += ["</ul></nav>", f'<h1 id="top">{_e(title)}</h1>']
-  if note:
-    out.append(f"<p>{_e(note)}</p>")
-  for s, a in zip(sections, anchors):
-    out.append(f'<section id="{a}"><h2>{_e(s.title)}</h2>')
-    out += [f"<p>{_e(p)}</p>" for p in s.paragraphs]
-    for p in getattr(s, "preformatted", []):
-      block = f"<pre>{_e(p)}</pre>"
-      lines = str(p).count("\n") + 1
-      out.append(block if lines <= FOLD_LINES else
-                 f"<details><summary>show ({lines} lines)</summary>{block}</details>")
-    for rel, caption in s.figures:
-      src = _src(rel)
-      out.append(f'<figure><a href="{src}"><img src="{src}" alt="{_e(caption)}" '
-                 f'loading="eager"></a><figcaption>{_e(caption)}</figcaption></figure>')
-    for header, rows in s.tables:
-      fold = len(rows) > FOLD_LINES
-      if fold:
-        out.append(f"<details><summary>show table ({len(rows)} rows)</summary>")
-      out.append("<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header)
-                 + "</tr></thead><tbody>")
-      out += ["<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows]
-      out.append("</tbody></table>" + ("</details>" if fold else ""))
-    out.append('<p><a href="#top">back to top</a></p></section>')
-  out.append("</body></html>")
-  return "\n".join(out) + "\n"

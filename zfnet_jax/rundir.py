@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterator
 
@@ -59,6 +60,20 @@ def write_text(file: str, text: str) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
   os.replace(tmp, file)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+  """Replace the folder ``final`` by ``tmp`` (a sibling); the old one is removed only
+  once the new one is in place."""
+  old = None
+  if os.path.exists(final):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-old-{os.getpid()}@"
+                                  f"{socket.gethostname()}-", dir=os.path.dirname(final))
+    os.rename(final, os.path.join(old, os.path.basename(final)))
+  os.chmod(tmp, 0o755)
+  os.rename(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(file: str, obj: Any) -> None:

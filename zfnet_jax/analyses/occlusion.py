@@ -146,10 +146,11 @@ def _scan(net, layer, chunk_size, variables, image, fill, sq, label, channel):
 # ----------------------------------------------------------------------------
 
 def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
-         class_names, path: str) -> str:
+         class_names, path: str, label_kind: str = "true") -> str:
   """One row of Fig. 7: (a) image + square, (b) activation map, (c) projection,
   (d) P(true class) map, (e) most probable class map with a legend.  projection: (t, t)
-  or (t, t, 3) in [0, 1], cropped to the unit's receptive field."""
+  or (t, t, 3) in [0, 1], cropped to the unit's receptive field.
+  ``label_kind``: what ``result["label"]`` is ("true", or "top class" for an unlabelled image)."""
   plt = figures.pyplot()
   patches = matplotlib.patches
   size = display.shape[0]
@@ -163,7 +164,7 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
   c = n // 2
   axes[0].add_patch(patches.Rectangle((sq[c, 0] - .5, sq[c, 0] - .5), sq[c, 1] - sq[c, 0],
                                       sq[c, 1] - sq[c, 0], fc=(.5, .5, .5, .8), ec="k"))
-  axes[0].set_title(f"(a) true: {names[label]}", fontsize=9)
+  axes[0].set_title(f"(a) {label_kind}: {names[label]}", fontsize=9)
   for ax, key, title, cmap in ((axes[1], "activation", f"(b) total activation, "
                                 f"map {int(result['channel'])}", "jet"),
                                (axes[3], "prob_true", f"(d) p({names[label]})", "jet")):
