@@ -230,6 +230,12 @@ def _tfds_split_size(builder, split: str) -> int:
   return n if n >= 0 else sum(1 for _ in ds)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+  """A warning about the data, said once per process (every split lists the folder)."""
+  console.say(msg, warn=True)
+
+
 @functools.lru_cache(maxsize=4)
 def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_corrupt: str
                   ) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int]:
@@ -258,7 +264,7 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
       raise ValueError(f"folder dataset {base!r}: class folder(s) {empty} hold no images "
                        f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove them or set "
                        "--config.dataset.on_corrupt=skip to leave them out")
-    console.say(f"folder dataset {base}: left out empty class folder(s) {empty}", warn=True)
+    _warn_once(f"folder dataset {base}: left out empty class folder(s) {empty}")
     classes = [cls for cls in classes if listed[cls]]
   if len(classes) < 2:
     raise ValueError(f"folder dataset {base!r} has {len(classes)} class sub-folder(s) "
