@@ -21,7 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 if [ "${1:-}" = "--test" ]; then
-  python -m pip install -q -c constraints.txt -e '.[test]'
+  python -m pip install -q --root-user-action=ignore -c constraints.txt -e '.[test]'
 else
-  python -m pip install -q -c constraints.txt -e .
+  python -m pip install -q --root-user-action=ignore -c constraints.txt -e .
 fi
