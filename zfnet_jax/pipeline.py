@@ -61,7 +61,12 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
   input_pipeline.validate(config.dataset)
   info = input_pipeline.dataset_info(config)
   model_config, num_classes = config.model, info.num_classes
-  if config.get("pretrained"):   # the shipped model, checked against the data it will see
+  if checkpoints.is_imported(config):   # torchvision's weights: checked when loaded
+    checkpoints.imported_preprocessing(config)
+    if not os.path.isfile(config.pretrained):
+      raise ValueError(f"pretrained={config.pretrained!r}: no such weights file")
+    num_classes = 1000
+  elif config.get("pretrained"):   # the shipped model, checked against the data it will see
     shipped = checkpoints.shipped_dir(config.pretrained)
     model_config = checkpoints.load_config(shipped).model
     trained = checkpoints.load_dataset_info(shipped)

@@ -247,8 +247,8 @@ def image(net, variables, pixels: np.ndarray, out_dir: str, *,
     shown = deconv.to_image(p)                                       # (M, S, S, C)
     rf = fields.get(l)
     if rf is not None:
-      crops = atlas.crop_receptive_field(shown, rf, pos)
-      patches = atlas.crop_receptive_field(np.repeat(display[None], m, 0), rf, pos)
+      crops = deconv.crop_receptive_field(shown, rf, pos)
+      patches = deconv.crop_receptive_field(np.repeat(display[None], m, 0), rf, pos)
       windows = np.array([rf.window(int(i), int(j), size) for i, j in pos], np.int32)
       arrays[f"{l}/receptive_field"] = np.array([rf.size, rf.stride, rf.offset], np.int32)
     else:
