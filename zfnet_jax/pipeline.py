@@ -104,13 +104,13 @@ def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
          write_report: bool, report_plan: list | None) -> list[str]:
   """The lines ``run`` prints before it starts: what it will do, in order."""
   info = input_pipeline.dataset_info(config)
-  spe = input_pipeline.steps_per_epoch(config)
-  steps = train.total_steps(config, spe)
   lines = [f"zfnet_jax: {config.model.name} on {config.dataset.name} "
            f"({info.num_train} training, {info.num_eval} {config.dataset.eval_split} images) "
            f"in {os.path.abspath(workdir)}"]
   todo = []
   if train_model:
+    spe = input_pipeline.steps_per_epoch(config)
+    steps = train.total_steps(config, spe)
     crops = "10 crops" if config.ten_crop_eval else "centre crop"
     todo.append(f"train {steps / spe:g} epochs ({steps} steps of {config.batch_size} images, "
                 f"{config.optimizer}), then evaluate ({crops})")
