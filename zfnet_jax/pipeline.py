@@ -59,12 +59,14 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
   """The report's plan (``report.validate``) for the model ``config`` describes."""
   models.validate(config.model)
   input_pipeline.validate(config.dataset)
-  info = input_pipeline.dataset_info(config)
-  model_config, num_classes = config.model, info.num_classes
-  if checkpoints.is_imported(config):   # torchvision's weights: checked when loaded
+  imported = checkpoints.is_imported(config)
+  if imported:   # torchvision's weights: their shapes are checked when loaded
     checkpoints.imported_preprocessing(config)
     if not os.path.isfile(config.pretrained):
       raise ValueError(f"pretrained={config.pretrained!r}: no such weights file")
+  info = input_pipeline.dataset_info(config)
+  model_config, num_classes = config.model, info.num_classes
+  if imported:
     num_classes = 1000
   elif config.get("pretrained"):   # the shipped model, checked against the data it will see
     shipped = checkpoints.shipped_dir(config.pretrained)
