@@ -154,7 +154,7 @@ def test_cli_visualize_two_photographs_with_imported_alexnet(weights, tmp_path):
   r = _main(f"--config={REPO / 'experiments' / 'torchvision_alexnet.py'}",
             f"--config.pretrained={weights}", f"--workdir={work}", "--mode=visualize",
             f"--images={','.join(PHOTOS)}", "--config.visualize.num_maps=2",
-            "--config.visualize.layers=conv2,conv5", "--config.analyses.occlusion.stride=16",
+            "--config.visualize.layers=('conv2','conv5')", "--config.analyses.occlusion.stride=16",
             *SMALL, cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   assert sorted(os.listdir(work)) == ["visualize"]            # nothing trained or saved
@@ -201,7 +201,7 @@ def test_cli_report_over_a_folder_with_imported_alexnet(weights, tmp_path, layou
             "--config.dataset.name=folder", f"--config.dataset.folder={root}",
             "--config.dataset.folder_eval_fraction=0.34", "--config.report.max_examples=6",
             "--config.report.num_maps=2", "--config.report.top_k=2",
-            "--config.report.layers=conv1,conv5", "--config.report.batch_size=8",
+            "--config.report.layers=('conv1','conv5')", "--config.report.batch_size=8",
             "--config.analyses.num_images=1", "--config.analyses.occlusion.stride=16",
             "--config.analyses.invariance.enabled=False",
             "--config.analyses.diagnostics.enabled=False",
