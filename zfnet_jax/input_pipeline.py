@@ -273,7 +273,8 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
   if len(classes) < 2 and classes != [UNLABELLED]:
     raise ValueError(f"folder dataset {base!r} has {len(classes)} class sub-folder(s) "
                      f"{classes}{f' with images (empty: {empty})' if empty else ''}; need at "
-                     "least 2 (one sub-folder of images per class)")
+                     "least 2 (one sub-folder of images per class), or images directly in the folder (one "
+                     f"{UNLABELLED!r} class: for --mode=report/visualize of imported weights)")
   every = max(2, round(1 / fraction)) if fraction > 0 else 0
   is_eval = split == eval_split and base == root
   paths, labels, skipped = [], [], 0
