@@ -6,8 +6,7 @@ The weights are the user's file (nothing is downloaded), e.g. saved once with
 Command:
   python -m zfnet_jax.main --config=experiments/vgg16.py --config.pretrained=vgg16.pth \
       --workdir=/tmp/vgg16 --mode=visualize --images=photos/
-Preprocessing as torchvision's (experiments/torchvision_alexnet.py).  VGG16 is about
-15 GFLOPs an image: on CPUs expect tens of seconds per visualised image.
+Preprocessing as torchvision's (experiments/torchvision_alexnet.py).
 """
 from zfnet_jax import configs
 
