@@ -268,7 +268,7 @@ def test_sigterm_in_final_evaluation_and_in_report_exits_75_then_rerun_finishes(
   assert max(steps_on_disk(wd)) == STEPS
   assert not os.path.exists(os.path.join(wd, "results.json"))
   # 2. SIGTERM while the report is written: exit 75, no temporary folder left.
-  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("report", "render_html"),
+  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("report.pages", "render"),
                  overrides=REPORT, name="report")
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 75, out[-3000:]

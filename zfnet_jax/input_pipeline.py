@@ -233,6 +233,12 @@ def _tfds_split_size(builder, split: str) -> int:
 UNLABELLED = "unlabelled"   # the one class of a flat folder of images
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+  """A warning about the data, said once per process (every split lists the folder)."""
+  console.say(msg, warn=True)
+
+
 @functools.lru_cache(maxsize=4)
 def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_corrupt: str
                   ) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int]:
@@ -268,13 +274,14 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
       raise ValueError(f"folder dataset {base!r}: class folder(s) {empty} hold no images "
                        f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove them or set "
                        "--config.dataset.on_corrupt=skip to leave them out")
-    console.say(f"folder dataset {base}: left out empty class folder(s) {empty}", warn=True)
+    _warn_once(f"folder dataset {base}: left out empty class folder(s) {empty}")
     classes = [cls for cls in classes if listed[cls]]
   if len(classes) < 2 and classes != [UNLABELLED]:
     raise ValueError(f"folder dataset {base!r} has {len(classes)} class sub-folder(s) "
                      f"{classes}{f' with images (empty: {empty})' if empty else ''}; need at "
-                     "least 2 (one sub-folder of images per class), or images directly in the folder (one "
-                     f"{UNLABELLED!r} class: for --mode=report/visualize of imported weights)")
+                     "least 2 (one sub-folder of images per class), or images directly in "
+                     f"the folder (one {UNLABELLED!r} class: for --mode=report/visualize of "
+                     "imported weights)")
   every = max(2, round(1 / fraction)) if fraction > 0 else 0
   is_eval = split == eval_split and base == root
   paths, labels, skipped = [], [], 0
