@@ -17,4 +17,5 @@ from zfnet_jax import configs
 
 def get_config(variant: str = ""):
   del variant
-  return configs.torchvision_imported("TorchvisionAlexNet", ("conv1", "conv2", "conv3", "conv4", "conv5"), "conv5")
+  return configs.torchvision_imported(
+      "TorchvisionAlexNet", ("conv1", "conv2", "conv3", "conv4", "conv5"), "conv5")
