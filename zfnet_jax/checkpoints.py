@@ -26,6 +26,13 @@ and its parameters as ``params.npz`` (float32, keys "layer/name").  The trained
 quickstart model ships inside the package (``zfnet_jax/shipped/quickstart``,
 ``pretrained="quickstart"``); ``launch/ship_weights.py WORKDIR`` writes one from a
 finished run (``save_shipped``).
+
+Imported weights (``config.pretrained`` a torchvision ``.pth``/``.pt``/``.safetensors``
+state dict, ``config.model.name`` TorchvisionAlexNet or VGG16): the network was
+trained on ``(pixels * dataset.pixel_scale - dataset.mean) / dataset.std``; the
+scale ``pixel_scale / std`` is folded into the first conv (``convert.for_pixels``),
+so the model takes this project's input, pixels minus the constant pixel mean
+``dataset.mean / pixel_scale``, and the figures show image + mean as pixels.
 """
 from __future__ import annotations
 
@@ -44,7 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from zfnet_jax import configs, console, input_pipeline, models, rundir, train_state
+from zfnet_jax import configs, console, convert, input_pipeline, models, rundir, train_state
 
 
 def manager(ckpt_dir: str, keep: int, keep_steps=(), read_only: bool = False
@@ -488,9 +495,64 @@ class Loaded:
   source: str = ""
 
 
+WEIGHTS_FILES = (".pth", ".pt", ".safetensors")
+IMPORTED_ARCH = {"TorchvisionAlexNet": "alexnet", "VGG16": "vgg16"}   # model.name -> arch
+
+
+def is_imported(config) -> bool:
+  """Whether ``config.pretrained`` names a weights file to import (``WEIGHTS_FILES``)."""
+  return str(config.get("pretrained") or "").lower().endswith(WEIGHTS_FILES)
+
+
+def imported_preprocessing(config) -> tuple[np.ndarray, np.ndarray]:
+  """(pixel mean (3,) in 0..255 units, std for ``convert.for_pixels``) of an imported
+  model's config; ValueError naming the bad key (model.name, dataset.pixel_scale, mean,
+  std) and what is allowed.  For our models, dataset.mean and std must stay ()."""
+  d = config.dataset
+  if not is_imported(config):
+    if tuple(d.mean) or tuple(d.std) or d.pixel_scale != 1.0:
+      raise ValueError(f"dataset.mean={tuple(d.mean)}, std={tuple(d.std)}, pixel_scale="
+                       f"{d.pixel_scale} are for imported weights (pretrained=*"
+                       f"{'|*'.join(WEIGHTS_FILES)}); our models subtract the training mean: "
+                       "leave them (), (), 1.0")
+    raise ValueError(f"pretrained={config.get('pretrained')!r} is not a weights file")
+  if config.model.name not in IMPORTED_ARCH:
+    raise ValueError(f"pretrained={config.pretrained!r} is a weights file: model.name must be "
+                     f"one of {', '.join(IMPORTED_ARCH)}, got {config.model.name!r}")
+  mean, std = np.asarray(d.mean, np.float64), np.asarray(d.std, np.float64)
+  if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
+    raise ValueError(f"dataset.mean={tuple(d.mean)} and dataset.std={tuple(d.std)}: need 3 "
+                     "values each (RGB), std > 0 (torchvision: (0.485, 0.456, 0.406), "
+                     "(0.229, 0.224, 0.225))")
+  if not float(d.pixel_scale) > 0:
+    raise ValueError(f"dataset.pixel_scale={d.pixel_scale!r}; allowed: > 0 (torchvision: 1/255)")
+  scale = float(d.pixel_scale)
+  return (mean / scale).astype(np.float32), std / (255.0 * scale)
+
+
+def load_imported(config) -> Loaded:
+  """The torchvision weights ``config.pretrained`` names, folded for this project's
+  input (module docstring), with ImageNet's class names when there are 1000 classes."""
+  mean, std = imported_preprocessing(config)
+  arch = IMPORTED_ARCH[config.model.name]
+  model, variables = convert.from_torchvision(config.pretrained, arch)
+  variables = convert.for_pixels(variables, arch, std=std)
+  d = config.dataset
+  names = (tuple(convert.imagenet_class_names()) if model.num_classes == 1000
+           else tuple(str(i) for i in range(model.num_classes)))
+  full = np.broadcast_to(mean, (d.resize_size, d.resize_size, 3)).astype(np.float32)
+  return Loaded(model, variables, config, np.ascontiguousarray(full[:d.crop_size, :d.crop_size]),
+                names, full, f"Model: {config.model.name} imported from {config.pretrained!r}.")
+
+
 def load_model(config, workdir: str | None) -> Loaded:
-  """The model ``config`` asks for: the shipped weights ``config.pretrained`` names
-  (a shipped name or a folder), else the latest checkpoint of ``workdir``."""
+  """The model ``config`` asks for: the weights file ``config.pretrained`` names
+  (``load_imported``), the shipped weights it names (a shipped name or a folder),
+  else the latest checkpoint of ``workdir``."""
+  if is_imported(config):
+    return load_imported(config)
+  if tuple(config.dataset.get("mean", ())) or tuple(config.dataset.get("std", ())):
+    imported_preprocessing(config)   # raises: the keys are for imported weights only
   if config.get("pretrained"):
     model, variables, run_config, info, mean = load_shipped(config.pretrained)
     crop = run_config.dataset.crop_size

@@ -15,7 +15,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   # -- model (zfnet_jax.models) ----------------------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.name = "ZFNet"              # ZFNet | AlexNet | ZFNetLowRes | AlexNetLowRes
+  c.model.name = "ZFNet"              # ZFNet | AlexNet | ZFNetLowRes | AlexNetLowRes, or for
+                                       # imported weights TorchvisionAlexNet | VGG16
   c.model.conv_features = (96, 256, 384, 384, 256)
   c.model.fc_features = 4096
   c.model.removed = ()                 # Table 3: any of conv3, conv4, fc6, fc7
@@ -37,6 +38,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.resize_size = 256          # smaller side -> this, centre crop this
   c.dataset.crop_size = 224            # random crops for training, model input size
   c.dataset.random_flip = True
+  # Imported weights only (pretrained=*.pth|*.pt|*.safetensors): the network was trained on
+  # (pixels * pixel_scale - mean) / std per RGB channel, pixels 0..255 (torchvision: 1/255,
+  # (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).  () = our models: minus the training mean.
+  c.dataset.pixel_scale = 1.0
+  c.dataset.mean = ()
+  c.dataset.std = ()
   c.dataset.on_corrupt = "skip"        # folder datasets: "skip" (and count) or "stop"
   c.dataset.shuffle_buffer = 10_000
   c.dataset.prefetch = 2
@@ -80,7 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
                                        # scaled by num_epochs / this. 0 = use them as given
   c.restore_path = ""                  # explicit checkpoint to start from ("" = resume workdir)
   c.pretrained = ""                    # report/visualize without training: "quickstart" (shipped
-                                       # in the package) or a folder of launch/ship_weights.py
+                                       # in the package), a folder of launch/ship_weights.py, or a
+                                       # torchvision state dict (.pth/.pt/.safetensors; model.name
+                                       # TorchvisionAlexNet | VGG16, see experiments/vgg16.py)
   c.log_every_steps = 100
   c.distributed = False                # call jax.distributed.initialize()
 
@@ -207,4 +216,30 @@ def imagenet_variant(model_name: str, variants: dict, variant: str, where: str):
   c.dataset.eval_split = "validation"
   for key, value in variants[variant][0].items():
     c.model[key] = value
+  return c
+
+
+def torchvision_imported(model_name: str, layers: tuple[str, ...], occlusion_layer: str):
+  """The shared config of torchvision's ImageNet models (``pretrained`` = weights file)."""
+  c = default_config()
+  c.model.name = model_name
+  c.pretrained = ""                    # --config.pretrained=FILE.pth|.pt|.safetensors (required)
+  c.dataset.name = "imagenet2012"      # report over: a TFDS split, or name=folder + folder=DIR
+  c.dataset.eval_split = "validation"  # (class sub-folders, or a flat folder of images)
+  c.dataset.resize_size = 256
+  c.dataset.crop_size = 224
+  c.dataset.pixel_scale = 1.0 / 255.0
+  c.dataset.mean = (0.485, 0.456, 0.406)
+  c.dataset.std = (0.229, 0.224, 0.225)
+  c.report.enabled = True
+  c.report.layers = layers
+  c.report.max_examples = 1000
+  c.report.batch_size = 32
+  c.analyses.occlusion.layer = occlusion_layer
+  c.analyses.invariance.layers = (layers[0], "fc7")
+  c.analyses.walkthrough.layers = layers[:2]
+  c.analyses.evolution.enabled = False     # no training run: no checkpoints to evolve
+  c.analyses.correspondence.enabled = False  # its boxes are Fashion-MNIST's
+  c.analyses.diagnostics.train_comparison = False
+  c.analyses.evolution.layers = layers
   return c

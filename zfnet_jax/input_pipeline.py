@@ -230,6 +230,9 @@ def _tfds_split_size(builder, split: str) -> int:
   return n if n >= 0 else sum(1 for _ in ds)
 
 
+UNLABELLED = "unlabelled"   # the one class of a flat folder of images
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(msg: str) -> None:
   """A warning about the data, said once per process (every split lists the folder)."""
@@ -241,6 +244,9 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
                   ) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...], int]:
   """(paths, labels, class names, number skipped) of one split of a folder dataset.
 
+  A flat folder (images directly in ``root``, no class sub-folder with images) is one
+  class ``UNLABELLED`` whose every split is all of its images (for the report and
+  visualize of a model trained elsewhere; training needs 2 classes).
   If ``root/<split>/`` exists it is used; otherwise every class is split
   deterministically: each ``round(1/fraction)``-th file (sorted) goes to eval.
   Every image is decoded once (JPEGs at 1/8 scale, about 0.6 ms each), so a
@@ -258,6 +264,10 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
     raise ValueError(f"dataset.on_corrupt={on_corrupt!r}; allowed: skip, stop")
   listed = {cls: sorted(f for f in os.listdir(os.path.join(base, cls))
                         if f.lower().endswith(IMAGE_EXTENSIONS)) for cls in classes}
+  flat = sorted(f for f in os.listdir(base) if f.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(base, f)))
+  if flat and not any(listed.values()):   # a flat folder: one class, every split = all of it
+    classes, listed, fraction = [UNLABELLED], {UNLABELLED: flat}, 0.0
   empty = [cls for cls in classes if not listed[cls]]
   if empty:
     if on_corrupt == "stop":
@@ -266,10 +276,12 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
                        "--config.dataset.on_corrupt=skip to leave them out")
     _warn_once(f"folder dataset {base}: left out empty class folder(s) {empty}")
     classes = [cls for cls in classes if listed[cls]]
-  if len(classes) < 2:
+  if len(classes) < 2 and classes != [UNLABELLED]:
     raise ValueError(f"folder dataset {base!r} has {len(classes)} class sub-folder(s) "
                      f"{classes}{f' with images (empty: {empty})' if empty else ''}; need at "
-                     "least 2 (one sub-folder of images per class)")
+                     "least 2 (one sub-folder of images per class), or images directly in "
+                     f"the folder (one {UNLABELLED!r} class: for --mode=report/visualize of "
+                     "imported weights)")
   every = max(2, round(1 / fraction)) if fraction > 0 else 0
   is_eval = split == eval_split and base == root
   paths, labels, skipped = [], [], 0
@@ -278,7 +290,7 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
     if base == root and every:
       files = [f for i, f in enumerate(files) if (i % every == every - 1) == is_eval]
     for f in files:
-      p = os.path.join(base, cls, f)
+      p = os.path.join(base, f) if classes == [UNLABELLED] else os.path.join(base, cls, f)
       try:
         with Image.open(p) as im:
           im.verify()

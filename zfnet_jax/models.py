@@ -316,8 +316,13 @@ def count_params(tree) -> int:
 def validate(model_config) -> None:
   """ValueError naming the first impossible ``config.model`` value and what is allowed."""
   m = model_config
+  if m.name in IMPORTED:
+    if not 0.0 <= m.dropout_rate < 1.0:
+      raise ValueError(f"model.dropout_rate={m.dropout_rate!r}; allowed: 0 <= x < 1")
+    return
   if m.name not in MODELS:
-    raise ValueError(f"model.name={m.name!r}; allowed: {', '.join(MODELS)}")
+    raise ValueError(f"model.name={m.name!r}; allowed: {', '.join(MODELS)}, or for imported "
+                     f"weights {', '.join(IMPORTED)}")
   if len(m.conv_features) != 5 or not all(isinstance(f, int) and f > 0 for f in m.conv_features):
     raise ValueError(f"model.conv_features={tuple(m.conv_features)!r}; allowed: 5 positive ints")
   if not (isinstance(m.fc_features, int) and not isinstance(m.fc_features, bool)
@@ -334,6 +339,9 @@ def from_config(model_config, num_classes: int) -> PaperNet:
   """Build the model a ``config.model`` section describes."""
   kwargs = dict(model_config)
   name = kwargs.pop("name")
+  if name in IMPORTED:     # torchvision's layout: only these options apply
+    return IMPORTED[name](num_classes=num_classes, dropout_rate=kwargs["dropout_rate"],
+                          dtype=jnp.dtype(kwargs.get("dtype", "float32")))
   kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
   kwargs["conv_features"] = tuple(kwargs["conv_features"])
   kwargs["removed"] = tuple(kwargs["removed"])
@@ -458,3 +466,8 @@ class VGG16(TorchvisionNet):
   arch = _vgg_arch(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)))
   pool_size = 7
   dropout_before_fc6 = False
+
+
+# config.model.name of the models that take imported weights (``zfnet_jax.convert``).
+IMPORTED: dict[str, type[TorchvisionNet]] = {"TorchvisionAlexNet": TorchvisionAlexNet,
+                                             "VGG16": VGG16}

@@ -59,9 +59,16 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
   """The report's plan (``report.validate``) for the model ``config`` describes."""
   models.validate(config.model)
   input_pipeline.validate(config.dataset)
+  imported = checkpoints.is_imported(config)
+  if imported:   # torchvision's weights: their shapes are checked when loaded
+    checkpoints.imported_preprocessing(config)
+    if not os.path.isfile(config.pretrained):
+      raise ValueError(f"pretrained={config.pretrained!r}: no such weights file")
   info = input_pipeline.dataset_info(config)
   model_config, num_classes = config.model, info.num_classes
-  if config.get("pretrained"):   # the shipped model, checked against the data it will see
+  if imported:
+    num_classes = 1000
+  elif config.get("pretrained"):   # the shipped model, checked against the data it will see
     shipped = checkpoints.shipped_dir(config.pretrained)
     model_config = checkpoints.load_config(shipped).model
     trained = checkpoints.load_dataset_info(shipped)
@@ -99,13 +106,13 @@ def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
          write_report: bool, report_plan: list | None) -> list[str]:
   """The lines ``run`` prints before it starts: what it will do, in order."""
   info = input_pipeline.dataset_info(config)
-  spe = input_pipeline.steps_per_epoch(config)
-  steps = train.total_steps(config, spe)
   lines = [f"zfnet_jax: {config.model.name} on {config.dataset.name} "
            f"({info.num_train} training, {info.num_eval} {config.dataset.eval_split} images) "
            f"in {os.path.abspath(workdir)}"]
   todo = []
   if train_model:
+    spe = input_pipeline.steps_per_epoch(config)
+    steps = train.total_steps(config, spe)
     crops = "10 crops" if config.ten_crop_eval else "centre crop"
     todo.append(f"train {steps / spe:g} epochs ({steps} steps of {config.batch_size} images, "
                 f"{config.optimizer}), then evaluate ({crops})")

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -241,9 +242,19 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
   loaded = checkpoints.load_model(config, workdir)
   source = loaded.source
   console.say(f"report: {source}")
-  if config.get("pretrained") and not os.path.exists(rundir.path(workdir, rundir.MEAN)):
+  imported = checkpoints.is_imported(config)
+  if imported or (config.get("pretrained") and
+                  not os.path.exists(rundir.path(workdir, rundir.MEAN))):
     np.save(rundir.path(workdir, rundir.MEAN), loaded.full_pixel_mean)   # the model's own
   info = input_pipeline.dataset_info(config)
+  class_names, relabel = info.class_names, None
+  if imported:     # predictions are named by the model's classes (ImageNet's)
+    class_names = loaded.class_names
+    if info.num_classes != len(class_names):   # a folder's labels are not the model's classes
+      relabel = top_class_fn(loaded.model, loaded.variables)
+      console.say(f"report: the {info.num_classes} class(es) of {config.dataset.name!r} are not "
+                  f"the model's {len(class_names)}: images are labelled with the model's top "
+                  "class")
   split = config.report.split or config.dataset.eval_split
   max_examples = config.report.max_examples
   total = info.num_eval if split == config.dataset.eval_split else None
@@ -254,8 +265,14 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
       max_examples=max_examples)
   return render_report(config, workdir, loaded.model, loaded.variables, batches,
                        loaded.pixel_mean,
-                       class_names=info.class_names, total=total, registry=registry,
-                       plan=plan, source=source)
+                       class_names=class_names, total=total, registry=registry,
+                       plan=plan, source=source, relabel=relabel)
+
+
+def top_class_fn(model, variables) -> Callable[[np.ndarray], np.ndarray]:
+  """images (N, S, S, C) -> int32 (N,): the model's most probable class of each."""
+  fn = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x), -1).astype(jnp.int32))
+  return lambda images: np.asarray(fn(variables, jnp.asarray(images)))
 
 
 def render_report(config, workdir: str, model, variables,
@@ -263,16 +280,22 @@ def render_report(config, workdir: str, model, variables,
                   pixel_mean: np.ndarray, *, class_names: Sequence[str] | None = None,
                   total: int | None = None, progress: bool = True, extra_sections: bool = True,
                   registry: Sequence[Entry] = REGISTRY, plan: list | None = None,
-                  source: str = "") -> str:
+                  source: str = "", relabel: Callable | None = None) -> str:
   """Write <workdir>/report from a model, its variables and a split's batches.
 
   batches: as ``input_pipeline.create_eval_iterator`` yields them (or a
   function returning such an iterator); pixel_mean float32 (S, S, C): image +
   pixel_mean = display pixels in 0..255.  ``extra_sections=False``: only the
   run's sections and the atlas (``CORE``).  ``source``: where the variables come from
-  (a line at the top of the page).  Returns the path of index.html.
+  (a line at the top of the page).  ``relabel``: images (N, S, S, C) -> labels (N,)
+  replacing the data's labels (an unlabelled folder: the model's top class).
+  Returns the path of index.html.
   """
   net = deconv.as_network(model)
+  if relabel is not None:
+    source = (source + " Labels: the model's top class.").strip()
+    raw = batches if callable(batches) else (lambda: batches)
+    batches = lambda: ({**b, "label": relabel(b["image"])} for b in raw())
   pixel_mean = np.asarray(pixel_mean, np.float32)
   size, channels = pixel_mean.shape[0], pixel_mean.shape[-1]
   data = sections_lib.Data(config.dataset.name, size, config.dataset.resize_size, channels)
@@ -287,7 +310,7 @@ def render_report(config, workdir: str, model, variables,
     t0 = time.time()
     context = build_context(config, workdir, net, variables, batches, pixel_mean, data, tmp,
                             class_names=class_names, total=total, progress=progress,
-                            analysed=any(e.analysis for e, _ in plan))
+                            analysed=any(e.analysis for e, _ in plan), relabel=relabel)
     page, seconds = [], {}
     with input_pipeline.single_thread_blas():
       for entry, options in plan:
@@ -313,19 +336,21 @@ def render_report(config, workdir: str, model, variables,
 
 def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.ndarray,
                   data: sections_lib.Data, out_dir: str, *, class_names=None, total=None,
-                  progress: bool = True, analysed: bool = True) -> sections_lib.Context:
+                  progress: bool = True, analysed: bool = True,
+                  relabel: Callable | None = None) -> sections_lib.Context:
   """The one Context of a report: the analysed examples are loaded only when an
-  analysis runs; checkpoints and comparison models are loaded when asked for."""
+  analysis runs; checkpoints and comparison models are loaded when asked for.
+  ``relabel``: as in ``render_report``."""
   a = config.analyses
   default_split = a.split or config.dataset.eval_split
 
   def examples(ids=None, split=None, num=-1):
-    return input_pipeline.load_examples(config, workdir, split=split or default_split,
-                                        ids=ids, num=num)
+    images, labels, got = input_pipeline.load_examples(
+        config, workdir, split=split or default_split, ids=ids, num=num)
+    return images, (labels if relabel is None else relabel(images)), got
   if analysed:
     ids = list(a.image_ids)
-    images, labels, example_ids = input_pipeline.load_examples(
-        config, workdir, split=default_split, num=a.num_images, ids=ids or None)
+    images, labels, example_ids = examples(ids=ids or None, num=a.num_images)
   else:
     images = np.zeros((0, data.input_size, data.input_size, data.channels), np.float32)
     labels = example_ids = np.zeros((0,), np.int64)

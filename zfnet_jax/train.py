@@ -62,6 +62,13 @@ def validate(config, num_devices: int | None = None) -> None:
   compared in epochs.
   """
   models.validate(config.model)
+  if config.model.name in models.IMPORTED:
+    raise ValueError(f"model.name={config.model.name!r} takes imported weights: use it with "
+                     "--mode=report or --mode=visualize and --config.pretrained=FILE; train "
+                     f"one of {', '.join(models.MODELS)}")
+  if tuple(config.dataset.mean) or tuple(config.dataset.std):
+    raise ValueError("dataset.mean and dataset.std are for imported weights; training "
+                     "subtracts the training mean: leave them ()")
   input_pipeline.validate(config.dataset)
   train_state.validate(config)
 
