@@ -16,6 +16,8 @@ from sklearn.datasets import load_sample_images
 from zfnet_jax import checkpoints, configs, convert, deconv, input_pipeline, models, pipeline
 from zfnet_jax import train
 
+import helpers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PHOTOS = load_sample_images().filenames          # china.jpg, flower.jpg (427x640 RGB)
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -181,6 +183,11 @@ def test_cli_visualize_two_photographs_with_imported_alexnet(weights, tmp_path):
         ref = ref / (255 * STD)
         np.testing.assert_allclose(z[f"{layer}/projections"][k], ref, rtol=1e-4,
                                    atol=1e-5 * float(np.abs(ref).max()))
+    # The page in a real browser: every picture loads (Chromium is installed in CI).
+    seen = helpers.browser_check(str(folder), tmp_path, f"check-{name}.html")
+    pngs = sorted(f.name for f in folder.glob("*.png"))
+    assert seen["alerts"] == [] and sorted(src for src, _ in seen["images"]) == pngs
+    assert pngs and all(w > 0 for _, w in seen["images"]), seen["images"]
 
 
 @pytest.mark.slow
