@@ -9,6 +9,8 @@ import json
 import os
 import struct
 import subprocess
+import sys
+import textwrap
 import time
 
 import flax.linen as nn
@@ -390,3 +392,39 @@ def browser_check(report_dir, tmp, name, *, keep_csp=True, inject=""):
                  "--dump-dom", f"file://{page}")
   assert "ZFCHECK" in out.stdout, out.stderr[-2000:]
   return json.loads(out.stdout.split("ZFCHECK")[1])
+
+
+# -- ``python -m zfnet_jax.main`` in a child process, with faults injected -------------
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="run"):
+  """``python -m zfnet_jax.main`` on ``reliability_config(fmnist_dir)`` (plus
+  ``overrides``, lines on ``c``) after ``setup`` (lines run in the child first: fault
+  injection, e.g. ``helpers.slow_down_training(0.1)``); stdout and stderr piped."""
+  cfg = tmp_path / f"{name}_cfg.py"
+  cfg.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {TESTS!r})
+      import helpers
+      def get_config():
+        c = helpers.reliability_config({fmnist_dir!r})
+      """) + textwrap.indent(textwrap.dedent(overrides), "  ") + "  return c\n")
+  runner = tmp_path / f"{name}_main.py"
+  runner.write_text(textwrap.dedent(f"""
+      import os, signal, sys, time
+      sys.path.insert(0, {TESTS!r})
+      from absl import app
+      import helpers
+      from zfnet_jax import input_pipeline as ip, main, report, train
+      """) + textwrap.dedent(setup) + textwrap.dedent(f"""
+      sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
+      app.run(main.main)
+      """))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             # Reruns reuse the first run's compiled steps.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return subprocess.Popen([sys.executable, str(runner)], cwd=os.path.dirname(TESTS),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -12,9 +12,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import jax
@@ -26,8 +23,6 @@ from zfnet_jax import checkpoints, input_pipeline as ip, train
 import helpers
 from helpers import make_fmnist
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
 STEPS, EVERY = helpers.RELIABILITY_STEPS, helpers.RELIABILITY_EVERY
 tiny_config = helpers.reliability_config
 
@@ -63,31 +58,8 @@ def steps_on_disk(workdir):
 
 def start_main(tmp_path, fmnist_dir, workdir, delay):
   """``python -m zfnet_jax.main`` on the tiny config, each training batch delayed."""
-  cfg = tmp_path / "cfg.py"
-  cfg.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {TESTS!r})
-      from helpers import reliability_config
-      def get_config():
-        return reliability_config({fmnist_dir!r})
-      """))
-  runner = tmp_path / "run_main.py"
-  runner.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {TESTS!r})
-      from absl import app
-      import helpers
-      from zfnet_jax import main
-      helpers.slow_down_training({delay})
-      sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
-      app.run(main.main)
-      """))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             # The reruns reuse the first run's compiled steps.
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return subprocess.Popen([sys.executable, str(runner)], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env)
+  return helpers.start_main(tmp_path, fmnist_dir, workdir,
+                            setup=f"helpers.slow_down_training({delay})")
 
 
 def wait_for_step(proc, workdir, step, timeout=120):

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -27,8 +26,7 @@ from zfnet_jax import checkpoints, input_pipeline as ip, rundir, train
 
 import helpers
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, LOG = helpers.RELIABILITY_STEPS, helpers.RELIABILITY_EVERY, 5
 
 
@@ -72,33 +70,9 @@ def dead_pid():
 
 
 def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="run"):
-  """``python -m zfnet_jax.main`` on ``config`` (plus ``overrides``, lines on ``c``) after
-  ``setup`` (lines run in the child first: fault injection)."""
-  cfg = tmp_path / f"{name}_cfg.py"
-  cfg.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {TESTS!r})
-      import helpers
-      def get_config():
-        c = helpers.reliability_config({fmnist_dir!r})
-        c.log_every_steps = {LOG}
-      """) + textwrap.indent(textwrap.dedent(overrides), "  ") + "  return c\n")
-  runner = tmp_path / f"{name}_main.py"
-  runner.write_text(textwrap.dedent(f"""
-      import os, signal, sys, time
-      sys.path.insert(0, {TESTS!r})
-      from absl import app
-      import helpers
-      from zfnet_jax import input_pipeline as ip, main, report, train
-      """) + textwrap.dedent(setup) + textwrap.dedent(f"""
-      sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
-      app.run(main.main)
-      """))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return subprocess.Popen([sys.executable, str(runner)], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env)
+  """``helpers.start_main`` with this module's logging cadence."""
+  return helpers.start_main(tmp_path, fmnist_dir, workdir, setup=setup, name=name,
+                            overrides=f"c.log_every_steps = {LOG}\n" + textwrap.dedent(overrides))
 
 
 # -- 1. the workdir lock ----------------------------------------------------------------
