@@ -38,12 +38,13 @@ def interactive() -> bool:
 
 
 class _Lines(tqdm):
-  """A tqdm bar for logs: a plain line every ``mininterval`` seconds and at the end."""
+  """A tqdm bar for logs: a plain line every ``mininterval`` seconds once work has
+  started, and one at the end."""
 
   def display(self, msg=None, pos=None):
     del pos
-    if self.n == getattr(self, "_last_n", None) and msg is None:
-      return True
+    if msg is None and self.n in (self.initial, getattr(self, "_last_n", None)):
+      return True             # nothing done yet, or nothing new since the last line
     self._last_n = self.n
     print(msg or str(self), file=self.fp, flush=True)
     return True
