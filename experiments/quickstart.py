@@ -3,11 +3,11 @@ r"""The embedded default: low-resolution ZFNet on offline Fashion-MNIST.
 Command:
   python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/quickstart
 Reads the IDX files of Debian's dataset-fashion-mnist package (no download).
-Expected runtime: about 5 minutes of training on 2 CPU cores (10 epochs, 17-20 steps/s
-on an AMD EPYC), then 2 minutes for the AlexNet comparison, the digits transfer and the
-report (5.5 minutes in all, measured 2026-12-03).
-Measured result: test top-1 error 0.088 (centre crop), 0.083 (10 crops); with
-weight_decay 2e-3 (2026-12-03, loaded AMD EPYC): 0.0877 / 0.0835.
+Expected runtime: about 5 minutes of training and evaluation on 2 CPU cores (10 epochs,
+14-19 steps/s on an AMD EPYC), then 2 minutes for the AlexNet comparison, the digits
+transfer and the report: 7 min 15 s in all with the install step, measured 2026-12-03
+(docs/results/quickstart/).
+Measured result: test top-1 error 0.0877 (centre crop), 0.0835 (10 crops).
 """
 from zfnet_jax import configs
 
