@@ -177,7 +177,7 @@ def _quiet_closed_event_loops() -> None:
 
 def _first_good(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
   """(state, meta, step, [(damaged step, one-line reason)]) of the newest step that
-  restores, newest first; each damaged step is reported in one WARNING line.  ValueError
+  restores, newest first; each damaged step is reported in one ``warning:`` line.  ValueError
   when none restores; None when there are no steps."""
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
