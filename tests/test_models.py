@@ -148,3 +148,43 @@ def test_from_config():
   c.model.fc_features = 2048
   m = models.from_config(c.model, 17)
   assert isinstance(m, models.AlexNet) and m.fc_features == 2048 and m.num_classes == 17
+
+
+@pytest.mark.parametrize("kernel,stride,pad,size", [(5, 1, 1, 28), (7, 1, 4, 28), (11, 4, 0, 64),
+                                                    (9, 2, 3, 64)])
+def test_conv1_geometry_from_config(kernel, stride, pad, size):
+  """config.model.conv1_* set the first layer: sizes by cuda-convnet's rule by hand,
+  parameter count by hand, and the receptive fields still equal brute force."""
+  c = configs.default_config()
+  c.model.name = "ZFNetLowRes"
+  c.model.conv_features = (32, 64, 96, 96, 64)
+  c.model.conv1_kernel, c.model.conv1_stride, c.model.conv1_pad = kernel, stride, pad
+  models.validate(c.model)
+  m = models.from_config(c.model, 10)
+  v, s = _shapes(m, size, 1)
+  n1 = 1 + -(-(2 * pad + size - kernel) // stride)                # conv1
+  p1 = -(-(n1 - 3) // 2) + 1                                       # ceil-mode pool 3/2
+  n2 = 1 + -(-(p1 - 5) // 2)                                       # conv2 5x5/2, no pad
+  assert s["conv1"] == (n1, n1, 32) and s["pool1"] == (p1, p1, 32) and s["conv2"][0] == n2
+  assert models.count_params(v["params"]["conv1"]) == _conv(kernel, 1, 32)
+  rf = models.receptive_fields(m, size)["conv1"]
+  assert (rf.size, rf.stride, rf.offset) == (kernel, stride, -pad)
+  # brute force: a NaN pixel reaches exactly the conv1 units whose window holds it
+  vv = m.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))
+  x = np.ones((1, size, size, 1), np.float32)
+  x[0, size // 2, 3, 0] = np.nan
+  nan = np.isnan(np.asarray(m.apply(vv, x, method="features")["conv1"])).any(-1)[0]
+  expect = np.array([[rf.window(i, j, size)[0] <= size // 2 < rf.window(i, j, size)[1]
+                      and rf.window(i, j, size)[2] <= 3 < rf.window(i, j, size)[3]
+                      for j in range(n1)] for i in range(n1)])
+  np.testing.assert_array_equal(nan, expect)
+
+
+@pytest.mark.parametrize("key,value", [("conv1_kernel", 0), ("conv1_stride", 0),
+                                       ("conv1_pad", -1), ("conv1_pad", 7)])
+def test_conv1_geometry_rejects_bad_values(key, value):
+  c = configs.default_config()
+  c.model[key] = value
+  with pytest.raises(ValueError, match=f"model.{key}={value}" if key != "conv1_pad" or value < 0
+                     else "conv1_pad=7 with conv1_kernel=7"):
+    models.validate(c.model)

@@ -24,6 +24,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.5
   c.model.kernel_init_std = 1e-2       # paper: weights 1e-2; None -> He normal
   c.model.conv1_init_std = ml_collections.config_dict.placeholder(float)  # None: kernel_init_std
+  # The first layer's geometry (None: the model's own, ZFNet 7/2/0, AlexNet 11/4/0); the
+  # layer table, receptive fields and parameter counts follow (cuda-convnet size rules).
+  c.model.conv1_kernel = ml_collections.config_dict.placeholder(int)
+  c.model.conv1_stride = ml_collections.config_dict.placeholder(int)
+  c.model.conv1_pad = ml_collections.config_dict.placeholder(int)
   c.model.dtype = "float32"            # bfloat16 for mixed precision on GPU/TPU
 
   # -- data (zfnet_jax.input_pipeline) ---------------------------------------

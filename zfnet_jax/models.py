@@ -333,6 +333,16 @@ def validate(model_config) -> None:
     raise ValueError(f"model.removed has {bad}; allowed: {', '.join(REMOVABLE)}")
   if not 0.0 <= m.dropout_rate < 1.0:
     raise ValueError(f"model.dropout_rate={m.dropout_rate!r}; allowed: 0 <= x < 1")
+  for key, low in (("conv1_kernel", 1), ("conv1_stride", 1), ("conv1_pad", 0)):
+    v = m.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+      raise ValueError(f"model.{key}={v!r}; allowed: an int >= {low} (or None: the model's own)")
+  geo = MODELS[m.name]
+  kernel = m.get("conv1_kernel") or geo.conv1_kernel
+  pad = m.get("conv1_pad") if m.get("conv1_pad") is not None else geo.conv1_pad
+  if pad >= kernel:
+    raise ValueError(f"model.conv1_pad={pad!r} with conv1_kernel={kernel}; allowed: "
+                     f"0 <= pad < kernel")
 
 
 def from_config(model_config, num_classes: int) -> PaperNet:
@@ -343,6 +353,9 @@ def from_config(model_config, num_classes: int) -> PaperNet:
     return IMPORTED[name](num_classes=num_classes, dropout_rate=kwargs["dropout_rate"],
                           dtype=jnp.dtype(kwargs.get("dtype", "float32")))
   kwargs["dtype"] = jnp.dtype(kwargs.get("dtype", "float32"))
+  for key in ("conv1_kernel", "conv1_stride", "conv1_pad"):
+    if kwargs.get(key) is None:     # the model's own first layer
+      kwargs.pop(key, None)
   kwargs["conv_features"] = tuple(kwargs["conv_features"])
   kwargs["removed"] = tuple(kwargs["removed"])
   return create_model(name, num_classes=num_classes, **kwargs)
