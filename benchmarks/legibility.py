@@ -4,7 +4,8 @@
       [--rules deconvnet,guided] [--layers conv1,...,conv5] [--max_examples 10000]
       [--json docs/results/legibility.json] [--images docs/images]
 
-For each run (a trained workdir: latest checkpoint, its own config) and rule:
+For each run (a trained workdir: latest checkpoint, its own config; or a folder of
+shipped weights) and rule:
 the top-9 units of every map of each layer over the first ``max_examples``
 evaluation images (``atlas.build``, all maps), their projections and
 receptive-field patches, and the legibility per layer: mean match of each
@@ -33,8 +34,17 @@ from zfnet_jax import atlas, checkpoints, figures, input_pipeline, rundir
 from zfnet_jax import legibility as legibility_lib
 
 
+def _load(workdir: str):
+  """(model, variables, config): a run's newest checkpoint, or shipped weights (a folder
+  with params.npz, e.g. zfnet_jax/shipped/quickstart)."""
+  if os.path.exists(os.path.join(workdir, checkpoints.PARAMS)):
+    model, variables, config, _, _ = checkpoints.load_shipped(workdir)
+    return model, variables, config
+  return checkpoints.load_trained(workdir)
+
+
 def measure(workdir: str, rules, layers, max_examples: int, image_prefix: str | None):
-  model, variables, config = checkpoints.load_trained(workdir)
+  model, variables, config = _load(workdir)
   mean = input_pipeline.pixel_mean(config, workdir)
   batches = lambda: input_pipeline.create_eval_iterator(
       config, workdir, batch_size=256, max_examples=max_examples)
