@@ -21,6 +21,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.fc_features = 4096
   c.model.removed = ()                 # Table 3: any of conv3, conv4, fc6, fc7
   c.model.contrast_norm = True
+  # Contrast normalisation: b = a / (k + alpha' * sum of a^2 over n neighbouring maps)^beta,
+  # alpha' = alpha (Krizhevsky 2012's formula, the default) or alpha / n (lrn_alpha_over_n:
+  # cuda-convnet's cmrnorm, which the paper's code most likely used; Caffe, PyTorch).
+  c.model.lrn_k = 2.0
+  c.model.lrn_n = 5
+  c.model.lrn_alpha = 1e-4
+  c.model.lrn_beta = 0.75
+  c.model.lrn_alpha_over_n = False
   c.model.dropout_rate = 0.5
   c.model.kernel_init_std = 1e-2       # paper: weights 1e-2; None -> He normal
   c.model.conv1_init_std = ml_collections.config_dict.placeholder(float)  # None: kernel_init_std
