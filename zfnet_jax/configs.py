@@ -138,6 +138,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.occlusion.stride = -1     # step between square centres (-1: crop_size / 28, 8 at 224)
   c.analyses.occlusion.fill = -1.0     # square's pixel value 0..255 (-1: training mean = grey)
   c.analyses.occlusion.chunk_size = 128  # occluded images per forward pass (bounds memory)
+  c.analyses.occlusion.companion_examples = 2000  # (c): the map's top 9 in other images among
+                                                 # the first N of report.split (0 = off)
   c.analyses.invariance = ml_collections.ConfigDict()
   c.analyses.invariance.enabled = True
   c.analyses.invariance.layers = ("conv1", "fc7")
