@@ -165,9 +165,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.diagnostics.dead_threshold = 0.05  # dead: filter RMS < this x the largest RMS
   c.analyses.diagnostics.fft_size = 32          # filters zero-padded to this for spectra
   c.analyses.diagnostics.high_freq = 0.25       # cycles/px: "high" spatial frequency
-  c.analyses.diagnostics.train_comparison = False  # train the other model (AlexNet<->ZFNet)
-  c.analyses.diagnostics.comparison_epochs = -1.0  # its epochs (-1: same as this run)
-  c.analyses.diagnostics.comparison_workdir = ""   # "" = <workdir>/comparison_<model>
+  c.analyses.diagnostics.train_comparison = False  # train the comparison runs below
+  c.analyses.diagnostics.comparisons = ("counterpart", "no_clip")  # the other model
+  # (AlexNet<->ZFNet), and this model without feature scale clipping (Fig. 6(a))
+  c.analyses.diagnostics.comparison_epochs = -1.0  # their epochs (-1: same as this run)
+  c.analyses.diagnostics.comparison_workdir = ""   # counterpart's; "" = <workdir>/
+                                                   # comparison_<model> (no_clip: _noclip)
 
   # -- transfer (zfnet_jax.transfer): Sec. 5.2 transfer and Table 7 probes ----
   c.transfer = ml_collections.ConfigDict()
