@@ -174,6 +174,7 @@ def test_validate():
       diagnostics.validate(bad, model, data)
 
 
+@pytest.mark.slow   # two trainings and a report: ~100 s on 2 loaded cores
 def test_pipeline_trains_the_no_clip_comparison_and_shows_its_filter_statistics(tmp_path):
   """Fig. 6(a): the top-level pipeline trains this model with clip_filters=False beside the
   run (clip radius 0.01 < the initial filter RMS of ~0.05, so clipping binds) and the

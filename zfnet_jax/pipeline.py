@@ -1,4 +1,4 @@
-"""The whole job behind ``main``: train, train the Fig. 6 comparison model, write the report.
+"""The whole job behind ``main``: train, train the Fig. 6 comparison runs, write the report.
 
 The top floor: it may import everything, and nothing imports it but ``main``
 (and notebooks or tests that want the whole job).  Every option is validated

@@ -198,8 +198,9 @@ def comparison_workdir(config, workdir: str, kind: str = "counterpart") -> str |
 def comparison_config(config, kind: str = "counterpart") -> ml_collections.ConfigDict:
   """A comparison run with this run's widths and recipe: the counterpart (AlexNet <->
   ZFNet) or this model with ``clip_filters=False``; epochs
-  ``analyses.diagnostics.comparison_epochs`` (-1 = this run's), centre-crop evaluation
-  only (its weights are what the report compares); no report."""
+  ``analyses.diagnostics.comparison_epochs`` (-1 = this run's); no evolution
+  checkpoints, centre-crop evaluation only (the report compares its final weights); no
+  report."""
   c = copy.deepcopy(config)
   with c.unlocked():
     if kind == "counterpart":
@@ -209,8 +210,7 @@ def comparison_config(config, kind: str = "counterpart") -> ml_collections.Confi
     if config.analyses.diagnostics.comparison_epochs > 0:
       c.num_epochs = float(config.analyses.diagnostics.comparison_epochs)
       c.num_train_steps = -1
-      if not config.evolution_reference_epochs > 0:   # unscaled epochs must fit the run
-        c.evolution_epochs = tuple(e for e in config.evolution_epochs if e <= c.num_epochs)
+    c.evolution_epochs = ()     # the report compares its final weights only
     c.ten_crop_eval = False
     c.report.enabled = False
     c.analyses.enabled = False
