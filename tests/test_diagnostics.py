@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import checkpoints, configs, models, pipeline, sections
+from zfnet_jax import checkpoints, configs, models, pipeline, report, sections
 
 import helpers
 from zfnet_jax.analyses import diagnostics
@@ -208,3 +208,21 @@ def test_pipeline_trains_the_no_clip_comparison_and_shows_its_filter_statistics(
     assert "</td><td>".join(cells[:1] + ["7x7"] + cells[1:]) in html.replace("\n", ""), cells
   assert rows["ZFNetLowRes"].max() <= 0.01 + 1e-6 < rows["ZFNetLowRes without clipping"].max()
   assert "without feature scale clipping (paper Fig. 6 (a))" in html
+
+
+def test_comparison_runs_of_a_config():
+  """Which Fig. 6 comparison runs a run has, where they train and with what config."""
+  c = configs.default_config()                       # ZFNet, clipping on
+  assert report.comparison_kinds(c) == ["counterpart", "no_clip"]
+  nc = report.comparison_config(c, "no_clip")
+  assert (nc.model.name, nc.clip_filters, c.clip_filters) == ("ZFNet", False, True)
+  assert nc.model.to_dict() == c.model.to_dict() and nc.learning_rate == c.learning_rate
+  assert report.comparison_config(c, "counterpart").model.name == "AlexNet"
+  assert report.comparison_workdir(c, "/w", "no_clip") == "/w/comparison_ZFNet_noclip"
+  assert report.comparison_workdir(c, "/w") == "/w/comparison_AlexNet"
+  c.clip_filters = False                             # nothing to compare without clipping
+  assert report.comparison_kinds(c) == ["counterpart"]
+  assert report.comparison_workdir(c, "/w", "no_clip") is None
+  c.analyses.diagnostics.comparisons = ("no_clip", "alexnet")
+  with pytest.raises(ValueError, match=r"\['alexnet'\]; allowed: counterpart, no_clip"):
+    report.comparison_kinds(c)
