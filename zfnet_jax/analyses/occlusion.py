@@ -173,8 +173,10 @@ def companions(net, variables, batches: Iterable[Mapping[str, np.ndarray]], laye
 
   Each image is ranked by its largest activation of the map (one unit per image, as
   Fig. 2 and Fig. 7 (c) show; ties: the lower example id).  batches: dicts with
-  'image' (B, S, S, C), 'id' (B,), optional 'mask' (B,) (False = padding).  Returns values float32 (M, k) (-inf: empty), ids int64 (M, k)
-  (-1: empty), positions int32 (M, k, 2) (row, col) in the map, images {id: (S, S, C)}.
+  'image' (B, S, S, C), 'id' (B,) unique, optional 'mask' (B,) (False = padding).
+  Memory: the current top-k images only.  Returns channels (M,), values float32 (M, k)
+  (-inf: empty), ids int64 (M, k) (-1: empty), positions int32 (M, k, 2) (row, col) in
+  the map, images {id: (S, S, C)}.
   """
   channels = np.asarray(channels, np.int64)
   m = len(channels)
@@ -198,7 +200,7 @@ def companions(net, variables, batches: Iterable[Mapping[str, np.ndarray]], laye
     order = np.lexsort((ids, -values))[:, :k]                      # value desc, then id
     values, ids, flat = (np.take_along_axis(v, order, 1) for v in (values, ids, flat))
     wanted = set(ids.ravel().tolist())
-    images.update({int(j): x[n] for n, j in enumerate(bid) if int(j) in wanted})
+    images.update({int(j): x[n].copy() for n, j in enumerate(bid) if int(j) in wanted})
     images = {j: v for j, v in images.items() if j in wanted}
   short = k - values.shape[1]
   if short > 0:
