@@ -172,15 +172,16 @@ COMPARISONS = ("counterpart", "no_clip")
 
 def comparison_kinds(config) -> list[str]:
   """The kinds of ``analyses.diagnostics.comparisons`` that apply to this run: the
-  counterpart when its model has one, no_clip when this run clips.  ValueError for an
-  unknown kind."""
+  counterpart when its model has one, no_clip when this run trains one of our models
+  with clipping.  ValueError for an unknown kind."""
   kinds = list(config.analyses.diagnostics.comparisons)
   bad = [k for k in kinds if k not in COMPARISONS]
   if bad:
     raise ValueError(f"analyses.diagnostics.comparisons has {bad}; allowed: "
                      f"{', '.join(COMPARISONS)}")
   return [k for k in COMPARISONS if k in kinds and (
-      config.model.name in COUNTERPART if k == "counterpart" else config.clip_filters)]
+      config.model.name in COUNTERPART if k == "counterpart" else
+      config.clip_filters and config.model.name in models.MODELS)]
 
 
 def comparison_workdir(config, workdir: str, kind: str = "counterpart") -> str | None:
