@@ -19,7 +19,8 @@ CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated
 * deconvnet: conv5 projections/s, batched (``deconv.project_many``), and the
   cost per projection relative to a plain ``jax.vjp`` of the same slice on the
   same batch (``benchmarks/bench_deconv.py``'s reference).
-* occlusion positions/s (``analyses.occlusion.scan``), top-9 scan images/s
+* occlusion positions/s (``analyses.occlusion.scan``) beside the forward rate at the
+  same batch, interleaved, and their ratio; top-9 scan images/s
   (``atlas.scan`` over conv1..conv5).
 * input pipeline images/s (``input_pipeline.create_train_iterator``): offline
   Fashion-MNIST, and a folder of 256x256 JPEGs generated here (decode, resize,
@@ -277,21 +278,25 @@ def bench_deconvnet(args, model, variables):
          "same switch max-pool, backprop rule")
 
 
-def bench_occlusion(args, model, variables, fwd_rate):
-  try:
-    from zfnet_jax.analyses import occlusion
-    settings = occlusion.Settings(size=56, stride=args.occlusion_stride, fill=-1.0,
-                                  layer="conv5", chunk_size=args.batch)
-    scan = occlusion.scan
-  except (ImportError, AttributeError, TypeError) as e:
-    report("occlusion", "n/a", "", f"zfnet_jax.analyses.occlusion API missing: {e}")
-    return
+def bench_occlusion(args, model, variables):
+  """Occlusion positions/s (``analyses.occlusion.scan``: the occluded copies go through one
+  jitted forward in chunks of --batch) against the forward pass's images/s at that batch,
+  interleaved (A B A B ...), and their ratio (issue 17: >= 0.9x)."""
+  from zfnet_jax.analyses import occlusion
+  settings = occlusion.Settings(size=56, stride=args.occlusion_stride, fill=-1.0,
+                                layer="conv5", chunk_size=args.batch)
   image = np.asarray(50.0 * jax.random.normal(jax.random.PRNGKey(3), (224, 224, 3)))
   n = len(occlusion.squares(224, settings.size, settings.stride)) ** 2
-  t = bench_deconv.timeit(lambda: scan(model, variables, image, 0, settings)["activation"],
+  x = jnp.asarray(np.repeat(image[None], args.batch, 0))
+  fwd = jax.jit(lambda v, x: model.apply(v, x))
+  t = interleaved({"forward": lambda: fwd(variables, x),
+                   "occlusion": lambda: occlusion.scan(model, variables, image, 0,
+                                                       settings)["activation"]},
                   max(1, args.repeats // 2))
-  report(f"occlusion positions (stride {settings.stride}, {n} positions)", n / t, "positions/s",
-         f"{n / t / fwd_rate:.2f}x forward rate" if fwd_rate else "")
+  fwd_rate, occ_rate = args.batch / t["forward"], n / t["occlusion"]
+  report(f"forward, interleaved with occlusion (batch {args.batch})", fwd_rate, "images/s")
+  report(f"occlusion positions (stride {settings.stride}, {n} positions)", occ_rate,
+         "positions/s", f"{occ_rate / fwd_rate:.2f}x the interleaved forward rate")
 
 
 def bench_scan(args, model, variables, fwd_rate):
@@ -444,7 +449,7 @@ def main(argv=None):
   if "deconv" in args.only:
     bench_deconvnet(args, model, variables)
   if "occlusion" in args.only:
-    bench_occlusion(args, model, variables, fwd_rate)
+    bench_occlusion(args, model, variables)
   if "scan" in args.only:
     bench_scan(args, model, variables, fwd_rate)
   if "pipeline" in args.only:

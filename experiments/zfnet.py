@@ -22,6 +22,12 @@ Variants and the paper's numbers they should reproduce, as error %
   no_fc67             without fc6, fc7                     not in the paper (AlexNet only)
   no_conv34_fc67      without conv3, conv4, fc6, fc7       not in the paper (AlexNet only)
 
+Weight decay: 5e-4 (``configs.default_config``) is AlexNet's value (Krizhevsky et al.
+2012); the paper does not state one.  Contrast normalisation: AlexNet's constants with
+alpha not divided by n by default; ``--config.model.lrn_alpha_over_n=True`` gives
+cuda-convnet's convention, which the paper's code most likely used (README,
+"The models, exact to the paper").
+
 Table 2's "5 convnets" / "6 convnets" rows average the softmax outputs of
 several such nets (the default trained with different seeds, plus conv512);
 they are ensembles of these runs, not separate configs.

@@ -1,9 +1,10 @@
 """Dead filters, radial spectra and the high-frequency indicator on hand-made filters."""
+import os
 import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, models, sections
+from zfnet_jax import checkpoints, configs, models, pipeline, report, sections
 
 import helpers
 from zfnet_jax.analyses import diagnostics
@@ -143,7 +144,7 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
   assert sec.paragraphs[-1] == ("No comparison model: set --config.analyses.diagnostics."
                                 "train_comparison=True to train one.")
   header, rows = sec.tables[0]
-  assert len(header) == 6 and [r[:3] for r in rows] == [["PlainCNN", "5x5", "0.250"]]
+  assert len(header) == 9 and [r[:3] for r in rows] == [["PlainCNN", "5x5", "0.250"]]
   ctx = sections.Context(out_dir=str(tmp_path), comparisons={
       "Other": (other, other_vars, "Other: another seed.")}, **base)
   (sec,) = diagnostics.sections(ctx, options)
@@ -171,3 +172,57 @@ def test_validate():
     bad[field] = value
     with pytest.raises(ValueError, match=match):
       diagnostics.validate(bad, model, data)
+
+
+@pytest.mark.slow   # two trainings and a report: ~100 s on 2 loaded cores
+def test_pipeline_trains_the_no_clip_comparison_and_shows_its_filter_statistics(tmp_path):
+  """Fig. 6(a): the top-level pipeline trains this model with clip_filters=False beside the
+  run (clip radius 0.01 < the initial filter RMS of ~0.05, so clipping binds) and the
+  diagnostics table shows both runs' conv1 statistics, checked against a NumPy RMS and
+  dead fraction of each run's stored kernel."""
+  d = str(tmp_path / "fmnist")
+  helpers.make_fmnist(d, n_train=40, n_test=10)
+  c = helpers.small_config(d, steps=2)
+  c.clip_radius = 0.01
+  c.report.enabled = True
+  c.report.update(dict(layers=("conv1",), num_maps=2, max_examples=8, batch_size=8))
+  for name in ("walkthrough", "occlusion", "invariance", "correspondence", "evolution"):
+    c.analyses[name].enabled = False
+  c.analyses.num_images = 2
+  c.analyses.diagnostics.train_comparison = True
+  c.analyses.diagnostics.comparisons = ("no_clip",)
+  work = str(tmp_path / "wd")
+  pipeline.run(c, work, train_model=True, write_report=True)
+  sub = os.path.join(work, "comparison_ZFNetLowRes_noclip")
+  assert os.path.isfile(os.path.join(sub, "results.json"))
+  html = open(os.path.join(work, "report", "index.html"), encoding="utf-8").read()
+  rows = {}
+  for name, where in (("ZFNetLowRes", work), ("ZFNetLowRes without clipping", sub)):
+    kernel = np.asarray(checkpoints.load_trained(where)[1]["params"]["conv1"]["kernel"],
+                        np.float64)
+    rms = np.sqrt(np.mean(kernel ** 2, axis=(0, 1, 2)))
+    dead = np.mean(rms < 0.05 * rms.max())
+    rows[name] = rms
+    cells = [name, f"{dead:.3f}", f"{rms.max():.4g}", f"{np.median(rms):.4g}",
+             f"{rms.max() / np.median(rms):.3g}"]
+    assert "</td><td>".join(cells[:1] + ["7x7"] + cells[1:]) in html.replace("\n", ""), cells
+  assert rows["ZFNetLowRes"].max() <= 0.01 + 1e-6 < rows["ZFNetLowRes without clipping"].max()
+  assert "without feature scale clipping (paper Fig. 6 (a))" in html
+
+
+def test_comparison_runs_of_a_config():
+  """Which Fig. 6 comparison runs a run has, where they train and with what config."""
+  c = configs.default_config()                       # ZFNet, clipping on
+  assert report.comparison_kinds(c) == ["counterpart", "no_clip"]
+  nc = report.comparison_config(c, "no_clip")
+  assert (nc.model.name, nc.clip_filters, c.clip_filters) == ("ZFNet", False, True)
+  assert nc.model.to_dict() == c.model.to_dict() and nc.learning_rate == c.learning_rate
+  assert report.comparison_config(c, "counterpart").model.name == "AlexNet"
+  assert report.comparison_workdir(c, "/w", "no_clip") == "/w/comparison_ZFNet_noclip"
+  assert report.comparison_workdir(c, "/w") == "/w/comparison_AlexNet"
+  c.clip_filters = False                             # nothing to compare without clipping
+  assert report.comparison_kinds(c) == ["counterpart"]
+  assert report.comparison_workdir(c, "/w", "no_clip") is None
+  c.analyses.diagnostics.comparisons = ("no_clip", "alexnet")
+  with pytest.raises(ValueError, match=r"\['alexnet'\]; allowed: counterpart, no_clip"):
+    report.comparison_kinds(c)

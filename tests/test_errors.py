@@ -81,6 +81,19 @@ def test_impossible_config_values(field, value, names):
     validate(c)
 
 
+@pytest.mark.parametrize("radius", [0.0, -0.1])
+def test_clip_radius_must_be_positive_when_clipping(radius):
+  """radius <= 0 with clipping on would zero (or flip) every conv filter: refused, naming
+  the value; with clip_filters=False the radius is not used and not checked."""
+  c = configs.default_config()
+  c.clip_radius = radius
+  with pytest.raises(ValueError, match=f"clip_radius={radius!r} with clip_filters=True; "
+                                       "allowed: a positive number"):
+    train.validate(c)
+  c.clip_filters = False
+  train.validate(c)
+
+
 def test_batch_must_divide_over_devices():
   c = configs.default_config()
   c.batch_size = 30

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import layers, models
+from zfnet_jax import configs, layers, models
 
 from helpers import np_lrn, np_pool, np_unpool
 
@@ -122,3 +122,39 @@ def test_ceil_pool_padding():
   for n, out in [(110, 55), (26, 13), (13, 6), (3, 1), (2, 1), (1, 1)]:
     pad = layers.ceil_pool_padding(n, 3, 2)
     assert (n + pad - 3) // 2 + 1 == out
+
+
+@pytest.mark.parametrize("over_n", [False, True])
+def test_contrast_norm_conventions_match_the_formula(over_n):
+  """alpha_over_n=False: b = a / (k + alpha sum a^2)^beta (Krizhevsky); True: alpha / n
+  (cuda-convnet, Caffe, PyTorch); random inputs, constants unlike the defaults."""
+  a = np.asarray(jax.random.normal(jax.random.PRNGKey(10), (2, 4, 4, 11)), np.float64) * 3
+  k, n, alpha, beta = 1.0, 3, 0.5, 0.6
+  want, _ = np_lrn(a, k, n, alpha / n if over_n else alpha, beta)
+  got = layers.contrast_norm(jnp.asarray(a, jnp.float32), k, n, alpha, beta,
+                             alpha_over_n=over_n)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_config_options_reach_the_model_and_the_default_is_unchanged():
+  """norm1 = NumPy LRN of pool1 with config.model.lrn_*; the default config's model
+  normalises with k=2, n=5, alpha=1e-4 (not divided by n), beta=0.75; bad values fail."""
+  x = np.asarray(jax.random.uniform(jax.random.PRNGKey(9), (2, 64, 64, 1), minval=-128,
+                                    maxval=128), np.float32)
+  for over, want_args in (({}, (2.0, 5, 1e-4, 0.75)),
+                          ({"lrn_k": 1.0, "lrn_n": 3, "lrn_alpha": 1e-3, "lrn_beta": 0.5,
+                            "lrn_alpha_over_n": True}, (1.0, 3, 1e-3 / 3, 0.5))):
+    c = configs.default_config()
+    c.model.name, c.model.conv_features, c.model.fc_features = "ZFNetLowRes", (8, 6, 6, 6, 6), 8
+    c.model.update(over)
+    models.validate(c.model)
+    model = models.from_config(c.model, 3)
+    variables = model.init(jax.random.PRNGKey(0), x[:1])
+    f = model.apply(variables, x, method="features")
+    want, _ = np_lrn(np.asarray(f["pool1"], np.float64), *want_args)
+    np.testing.assert_allclose(f["norm1"], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  for key, bad in (("lrn_k", 0.0), ("lrn_n", 0), ("lrn_alpha", -1.0), ("lrn_beta", float("nan"))):
+    c = configs.default_config()
+    c.model[key] = bad
+    with pytest.raises(ValueError, match=f"model.{key}="):
+      models.validate(c.model)

@@ -21,6 +21,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.fc_features = 4096
   c.model.removed = ()                 # Table 3: any of conv3, conv4, fc6, fc7
   c.model.contrast_norm = True
+  # Contrast normalisation: b = a / (k + alpha' * sum of a^2 over n neighbouring maps)^beta,
+  # alpha' = alpha (Krizhevsky 2012's formula, the default) or alpha / n (lrn_alpha_over_n:
+  # cuda-convnet's cmrnorm, which the paper's code most likely used; Caffe, PyTorch).
+  c.model.lrn_k = 2.0
+  c.model.lrn_n = 5
+  c.model.lrn_alpha = 1e-4
+  c.model.lrn_beta = 0.75
+  c.model.lrn_alpha_over_n = False
   c.model.dropout_rate = 0.5
   c.model.kernel_init_std = 1e-2       # paper: weights 1e-2; None -> He normal
   c.model.conv1_init_std = ml_collections.config_dict.placeholder(float)  # None: kernel_init_std
@@ -135,6 +143,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.occlusion.stride = -1     # step between square centres (-1: crop_size / 28, 8 at 224)
   c.analyses.occlusion.fill = -1.0     # square's pixel value 0..255 (-1: training mean = grey)
   c.analyses.occlusion.chunk_size = 128  # occluded images per forward pass (bounds memory)
+  c.analyses.occlusion.companion_examples = 2000  # (c): the map's top 9 in other images among
+                                                 # the first N of report.split (0 = off)
   c.analyses.invariance = ml_collections.ConfigDict()
   c.analyses.invariance.enabled = True
   c.analyses.invariance.layers = ("conv1", "fc7")
@@ -160,9 +170,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.diagnostics.dead_threshold = 0.05  # dead: filter RMS < this x the largest RMS
   c.analyses.diagnostics.fft_size = 32          # filters zero-padded to this for spectra
   c.analyses.diagnostics.high_freq = 0.25       # cycles/px: "high" spatial frequency
-  c.analyses.diagnostics.train_comparison = False  # train the other model (AlexNet<->ZFNet)
-  c.analyses.diagnostics.comparison_epochs = -1.0  # its epochs (-1: same as this run)
-  c.analyses.diagnostics.comparison_workdir = ""   # "" = <workdir>/comparison_<model>
+  c.analyses.diagnostics.train_comparison = False  # train the comparison runs below
+  c.analyses.diagnostics.comparisons = ("counterpart", "no_clip")  # the other model
+  # (AlexNet<->ZFNet), and this model without feature scale clipping (Fig. 6(a))
+  c.analyses.diagnostics.comparison_epochs = -1.0  # their epochs (-1: same as this run)
+  c.analyses.diagnostics.comparison_workdir = ""   # counterpart's; "" = <workdir>/
+                                                   # comparison_<model> (no_clip: _noclip)
 
   # -- transfer (zfnet_jax.transfer): Sec. 5.2 transfer and Table 7 probes ----
   c.transfer = ml_collections.ConfigDict()

@@ -326,16 +326,20 @@ _lrn_identity.defvjp(lambda x, k, n, a, b: (_lrn(x, k, n, a, b), None),
 
 
 def contrast_norm(x: jax.Array, k: float = 2.0, n: int = 5, alpha: float = 1e-4,
-                  beta: float = 0.75, norm_rule: str = "exact") -> jax.Array:
+                  beta: float = 0.75, norm_rule: str = "exact",
+                  alpha_over_n: bool = False) -> jax.Array:
   """Local response normalisation across maps (Krizhevsky et al. 2012).
 
-  b_c = a_c / (k + alpha * sum_{c'=c-n//2}^{c+n//2} a_{c'}^2) ** beta, over the
-  channels that exist.  ``alpha`` is NOT divided by ``n`` (the AlexNet paper's
-  formula; Caffe and PyTorch's LocalResponseNorm divide it by n).
+  b_c = a_c / (k + alpha' * sum_{c'=c-n//2}^{c+(n-1)//2} a_{c'}^2) ** beta over the
+  channels that exist, with alpha' = alpha (``alpha_over_n=False``: the AlexNet paper's
+  formula, our default) or alpha / n (``alpha_over_n=True``: cuda-convnet's cmrnorm,
+  Caffe's LRN and PyTorch's LocalResponseNorm).
   ``norm_rule`` picks the backward pass: "exact" VJP or "identity".
   """
   if norm_rule not in NORM_RULES:
     raise ValueError(f"unknown norm_rule {norm_rule!r}; allowed: {', '.join(NORM_RULES)}")
+  if alpha_over_n:
+    alpha = alpha / n
   if norm_rule == "identity":
     return _lrn_identity(x, k, n, alpha, beta)
   return _lrn(x, k, n, alpha, beta)

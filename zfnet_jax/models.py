@@ -17,6 +17,8 @@ kernels (in, out).  ``features`` returns every named activation.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -70,6 +72,9 @@ class PaperNet(nn.Module):
     fc_features: width of fc6 and fc7.
     removed: layers left out (Table 3), any of "conv3", "conv4", "fc6", "fc7".
     contrast_norm: apply contrast normalisation after pool1 and pool2.
+    lrn_k, lrn_n, lrn_alpha, lrn_beta, lrn_alpha_over_n: its constants
+      (``layers.contrast_norm``; default AlexNet's k=2, n=5, alpha=1e-4, beta=0.75 with
+      alpha not divided by n).
     dropout_rate: dropout after fc6 and fc7 in training.
     kernel_init_std: weights ~ N(0, std^2) (paper: 1e-2); None = He normal.
     conv1_init_std: conv1's weights ~ N(0, std^2) instead (None: as the others).
@@ -88,6 +93,11 @@ class PaperNet(nn.Module):
   fc_features: int = 4096
   removed: Sequence[str] = ()
   contrast_norm: bool = True
+  lrn_k: float = 2.0
+  lrn_n: int = 5
+  lrn_alpha: float = 1e-4
+  lrn_beta: float = 0.75
+  lrn_alpha_over_n: bool = False
   dropout_rate: float = 0.5
   kernel_init_std: float | None = 1e-2
   conv1_init_std: float | None = None
@@ -155,7 +165,7 @@ class PaperNet(nn.Module):
                    reduce_fn=lambda _, b: b, init_fn=lambda: None)
         x = layers.max_pool(x, 3, 2)
       elif spec.kind == "norm":
-        x = layers.contrast_norm(x, norm_rule=self.norm_rule)
+        x = contrast_norm_fn(self)(x)
       elif spec.name == "logits":
         x = nn.Dense(spec.features, dtype=self.dtype, kernel_init=_init(self.kernel_init_std),
                      bias_init=nn.initializers.zeros, name="fc8")(x.reshape(x.shape[0], -1))
@@ -172,6 +182,13 @@ class PaperNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """(N, H, W, C) images -> (N, num_classes) logits."""
     return self.features(x, train)["logits"]
+
+
+def contrast_norm_fn(model: PaperNet) -> Callable[[jax.Array], jax.Array]:
+  """The model's contrast normalisation (its constants and ``norm_rule``) as a function."""
+  return functools.partial(layers.contrast_norm, k=model.lrn_k, n=model.lrn_n,
+                           alpha=model.lrn_alpha, beta=model.lrn_beta,
+                           norm_rule=model.norm_rule, alpha_over_n=model.lrn_alpha_over_n)
 
 
 class ZFNet(PaperNet):
@@ -343,6 +360,14 @@ def validate(model_config) -> None:
   if pad >= kernel:
     raise ValueError(f"model.conv1_pad={pad!r} with conv1_kernel={kernel}; allowed: "
                      f"0 <= pad < kernel")
+  if not (isinstance(m.lrn_n, int) and not isinstance(m.lrn_n, bool) and m.lrn_n >= 1):
+    raise ValueError(f"model.lrn_n={m.lrn_n!r}; allowed: a positive int (maps in the window)")
+  for name, low in (("lrn_k", "> 0"), ("lrn_alpha", ">= 0"), ("lrn_beta", ">= 0")):
+    v = m[name]
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and
+          (v > 0 if low == "> 0" else v >= 0))
+    if not ok:
+      raise ValueError(f"model.{name}={v!r}; allowed: a finite number {low}")
 
 
 def from_config(model_config, num_classes: int) -> PaperNet:

@@ -1,4 +1,4 @@
-"""The whole job behind ``main``: train, train the Fig. 6 comparison model, write the report.
+"""The whole job behind ``main``: train, train the Fig. 6 comparison runs, write the report.
 
 The top floor: it may import everything, and nothing imports it but ``main``
 (and notebooks or tests that want the whole job).  Every option is validated
@@ -83,16 +83,21 @@ def validate_report(config: ml_collections.ConfigDict) -> list:
   return report.validate(config, model, data)
 
 
-def train_comparison(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Train the counterpart of Fig. 6 (AlexNet <-> ZFNet) in its sub-workdir unless it
-  has finished there; returns that workdir (None when the model has no counterpart).
-  SIGTERM while it trains raises ``train.Preempted`` (its checkpoint saved)."""
-  sub = report.comparison_workdir(config, workdir)
-  if sub is not None and not os.path.exists(rundir.path(sub, rundir.RESULTS)):
-    console.say(f"training the comparison model {report.COUNTERPART[config.model.name]} in {sub}")
-    if train.train_and_evaluate(report.comparison_config(config), sub).get("preempted"):
-      raise train.Preempted()
-  return sub
+def train_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Train each Fig. 6 comparison run (``report.comparison_kinds``: the counterpart
+  AlexNet <-> ZFNet, this model without feature scale clipping) in its sub-workdir unless
+  it has finished there; returns those workdirs.  SIGTERM while one trains raises
+  ``train.Preempted`` (its checkpoint saved)."""
+  subs = []
+  for kind in report.comparison_kinds(config):
+    sub = report.comparison_workdir(config, workdir, kind)
+    subs.append(sub)
+    if not os.path.exists(rundir.path(sub, rundir.RESULTS)):
+      console.say(f"training the comparison model {report.comparison_name(config, kind)} "
+                  f"in {sub}")
+      if train.train_and_evaluate(report.comparison_config(config, kind), sub).get("preempted"):
+        raise train.Preempted()
+  return subs
 
 
 # Work of each phase in training steps of this run (measured on the quickstart, AMD EPYC,
@@ -117,10 +122,10 @@ def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
     todo.append(f"train {steps / spe:g} epochs ({steps} steps of {config.batch_size} images, "
                 f"{config.optimizer}), then evaluate ({crops})")
   if write_report:
-    if _comparison_wanted(config, workdir):
-      c = report.comparison_config(config)
-      todo.append(f"train the comparison model {c.model.name} for {c.num_epochs:g} epoch(s) "
-                  f"(Fig. 6)")
+    for kind in _comparisons_wanted(config, workdir):
+      c = report.comparison_config(config, kind)
+      todo.append(f"train the comparison model {report.comparison_name(config, kind)} for "
+                  f"{c.num_epochs:g} epoch(s) (Fig. 6)")
     todo.append("write the report: " + ", ".join(e.name for e, _ in report_plan or []))
   lines += [f"  {n}. {t}" for n, t in enumerate(todo, 1)]
   if train_model:
@@ -128,13 +133,14 @@ def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
   return lines
 
 
-def _comparison_wanted(config, workdir) -> bool:
+def _comparisons_wanted(config, workdir) -> list[str]:
+  """The comparison kinds the pipeline has yet to train."""
   d = config.analyses
-  return bool(d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and
-              not config.get("pretrained") and
-              report.comparison_workdir(config, workdir) is not None and
-              not os.path.exists(rundir.path(report.comparison_workdir(config, workdir),
-                                             rundir.RESULTS)))
+  if not (d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and
+          not config.get("pretrained")):
+    return []
+  return [k for k in report.comparison_kinds(config) if not os.path.exists(
+      rundir.path(report.comparison_workdir(config, workdir, k), rundir.RESULTS))]
 
 
 def estimate_seconds(config, workdir: str, step_seconds: float, *, remaining_steps: int,
@@ -146,10 +152,11 @@ def estimate_seconds(config, workdir: str, step_seconds: float, *, remaining_ste
   out = {"training": remaining_steps * step_seconds,
          "final evaluation": info.num_eval * crops * fwd}
   if write_report:
-    if _comparison_wanted(config, workdir):
-      c = report.comparison_config(config)
-      out["comparison"] = (train.total_steps(c, input_pipeline.steps_per_epoch(c)) *
-                           step_seconds + out["final evaluation"])
+    for kind in _comparisons_wanted(config, workdir):   # centre-crop evaluation
+      c = report.comparison_config(config, kind)
+      out[f"comparison {report.comparison_name(config, kind)}"] = (
+          train.total_steps(c, input_pipeline.steps_per_epoch(c)) * step_seconds +
+          out["final evaluation"] / crops)
     scanned = info.num_eval if config.report.max_examples < 0 else min(
         info.num_eval, config.report.max_examples)
     out["report"] = REPORT_STEPS * step_seconds + 2 * scanned * fwd
@@ -250,9 +257,9 @@ def _run(config, workdir: str, train_model: bool, write_report: bool, out: dict,
   if write_report:
     report_plan = validate_report(config)  # before hours of training, not after
     d = config.analyses
-    if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and \
-        report.comparison_workdir(config, workdir) is not None:
-      train.validate(report.comparison_config(config))
+    if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison:
+      for kind in report.comparison_kinds(config):
+        train.validate(report.comparison_config(config, kind))
   if train_model:
     train.validate(config)   # before the lock creates the workdir
   for line in plan(config, workdir, train_model=train_model, write_report=write_report,
@@ -272,8 +279,8 @@ def _run(config, workdir: str, train_model: bool, write_report: bool, out: dict,
         out["preempted"] = True
         return out
     if write_report:
-      if _comparison_wanted(config, workdir):
-        with phases("comparison model"):
+      if _comparisons_wanted(config, workdir):
+        with phases("comparison models"):
           train_comparison(config, workdir)
       with phases("report"):
         out["report"] = report.write_report(config, workdir, plan=report_plan)

@@ -147,6 +147,7 @@ def validate(config, net, data: sections_lib.Data, registry: Sequence[Entry] = R
   for name in ("num_images", "batch_size"):
     if analyses[name] < 1:
       raise ValueError(f"analyses.{name} {analyses[name]} not allowed: >= 1")
+  comparison_kinds(config)
   return [(e, e.contributor.validate(e.options(config), net, data))
           for e in registry if e.enabled(config)]
 
@@ -164,58 +165,93 @@ def check_rule(config) -> None:
 
 COUNTERPART = {"ZFNet": "AlexNet", "AlexNet": "ZFNet",
                "ZFNetLowRes": "AlexNetLowRes", "AlexNetLowRes": "ZFNetLowRes"}
+# The kinds of comparison run: the counterpart (AlexNet <-> ZFNet, Fig. 6 (b)-(e)) and
+# this run's model without feature scale clipping (Fig. 6 (a)).
+COMPARISONS = ("counterpart", "no_clip")
 
 
-def comparison_workdir(config, workdir: str) -> str | None:
-  """Where the counterpart of this run's model is (or will be) trained; None if it has none."""
-  other = COUNTERPART.get(config.model.name)
-  if other is None:
+def comparison_kinds(config) -> list[str]:
+  """The kinds of ``analyses.diagnostics.comparisons`` that apply to this run: the
+  counterpart when its model has one, no_clip when this run trains one of our models
+  with clipping.  ValueError for an unknown kind."""
+  kinds = list(config.analyses.diagnostics.comparisons)
+  bad = [k for k in kinds if k not in COMPARISONS]
+  if bad:
+    raise ValueError(f"analyses.diagnostics.comparisons has {bad}; allowed: "
+                     f"{', '.join(COMPARISONS)}")
+  return [k for k in COMPARISONS if k in kinds and (
+      config.model.name in COUNTERPART if k == "counterpart" else
+      config.clip_filters and config.model.name in models.MODELS)]
+
+
+def comparison_workdir(config, workdir: str, kind: str = "counterpart") -> str | None:
+  """Where a comparison run is (or will be) trained: the counterpart in
+  ``analyses.diagnostics.comparison_workdir`` or <workdir>/comparison_<other model>,
+  no_clip in <workdir>/comparison_<model>_noclip; None if the run has no such comparison."""
+  if kind not in comparison_kinds(config):
     return None
+  if kind == "no_clip":
+    return os.path.join(workdir, f"comparison_{config.model.name}_noclip")
   return config.analyses.diagnostics.comparison_workdir or os.path.join(
-      workdir, f"comparison_{other}")
+      workdir, f"comparison_{COUNTERPART[config.model.name]}")
 
 
-def comparison_config(config) -> ml_collections.ConfigDict:
-  """The counterpart (AlexNet <-> ZFNet) with the same widths and recipe; epochs
-  ``analyses.diagnostics.comparison_epochs`` (-1 = this run's); no report."""
+def comparison_config(config, kind: str = "counterpart") -> ml_collections.ConfigDict:
+  """A comparison run with this run's widths and recipe: the counterpart (AlexNet <->
+  ZFNet) or this model with ``clip_filters=False``; epochs
+  ``analyses.diagnostics.comparison_epochs`` (-1 = this run's); no evolution
+  checkpoints, centre-crop evaluation only (the report compares its final weights); no
+  report."""
   c = copy.deepcopy(config)
   with c.unlocked():
-    c.model.name = COUNTERPART[config.model.name]
+    if kind == "counterpart":
+      c.model.name = COUNTERPART[config.model.name]
+    else:
+      c.clip_filters = False
     if config.analyses.diagnostics.comparison_epochs > 0:
       c.num_epochs = float(config.analyses.diagnostics.comparison_epochs)
       c.num_train_steps = -1
-      if not config.evolution_reference_epochs > 0:   # unscaled epochs must fit the run
-        c.evolution_epochs = tuple(e for e in config.evolution_epochs if e <= c.num_epochs)
+    c.evolution_epochs = ()     # the report compares its final weights only
+    c.ten_crop_eval = False
     c.report.enabled = False
     c.analyses.enabled = False
     c.analyses.diagnostics.train_comparison = False
   return c
 
 
+def comparison_name(config, kind: str) -> str:
+  """How the report names a comparison run."""
+  return (COUNTERPART[config.model.name] if kind == "counterpart"
+          else f"{config.model.name} without clipping")
+
+
 def load_comparisons(config, workdir: str) -> dict[str, tuple[Any, Any, str]]:
-  """{name: (network, variables, note)} of the trained counterpart, and of this run at
-  the counterpart's epoch when that evolution checkpoint exists (compared at equal epochs)."""
-  sub = comparison_workdir(config, workdir)
-  if sub is None or not os.path.exists(rundir.path(sub, rundir.RESULTS)):
-    return {}
-  other, other_vars, other_config = checkpoints.load_trained(sub)
-  epochs = float(other_config.num_epochs)
+  """{name: (network, variables, note)} of every trained comparison run, and of this run
+  at a comparison's epoch when that evolution checkpoint exists (compared at equal epochs)."""
   out = {}
-  if epochs < float(config.num_epochs):
-    try:
-      kept = dict(rundir.evolution_checkpoints(workdir))
-    except FileNotFoundError:
-      kept = {}
-    near = min(kept, key=lambda e: abs(e - epochs), default=None)
-    if near is not None and abs(near - epochs) <= 0.05 * epochs + 1e-3:
-      model, variables, _ = checkpoints.load_trained(workdir, kept[near])
-      out[f"{config.model.name} (epoch {near:g})"] = (
-          deconv.network(model), variables,
-          f"{config.model.name} is also shown at its epoch-{near:g} evolution checkpoint, as "
-          f"long as {other_config.model.name} was trained.")
-  out[other_config.model.name] = (
-      deconv.network(other), other_vars,
-      f"{other_config.model.name}: trained in {sub} for {epochs:g} epochs with this run's recipe.")
+  for kind in comparison_kinds(config):
+    sub = comparison_workdir(config, workdir, kind)
+    if not os.path.exists(rundir.path(sub, rundir.RESULTS)):
+      continue
+    other, other_vars, other_config = checkpoints.load_trained(sub)
+    epochs = float(other_config.num_epochs)
+    if epochs < float(config.num_epochs):
+      try:
+        kept = dict(rundir.evolution_checkpoints(workdir))
+      except FileNotFoundError:
+        kept = {}
+      near = min(kept, key=lambda e: abs(e - epochs), default=None)
+      name = f"{config.model.name} (epoch {near:g})"
+      if near is not None and abs(near - epochs) <= 0.05 * epochs + 1e-3 and name not in out:
+        model, variables, _ = checkpoints.load_trained(workdir, kept[near])
+        out[name] = (deconv.network(model), variables,
+                     f"{config.model.name} is also shown at its epoch-{near:g} evolution "
+                     "checkpoint, as long as the comparison runs were trained.")
+    what = ("with this run's recipe" if kind == "counterpart" else
+            "with this run's recipe but without feature scale clipping (paper Fig. 6 (a))")
+    out[comparison_name(config, kind)] = (
+        deconv.network(other), other_vars,
+        f"{comparison_name(config, kind)}: trained in {sub} for {epochs:g} epochs {what}.")
   return out
 
 

@@ -55,6 +55,11 @@ def validate(config) -> None:
        f"plateau_patience={config.plateau_patience!r}; allowed: a positive int")
   need(0.0 < config.plateau_factor <= 1.0,
        f"plateau_factor={config.plateau_factor!r}; allowed: 0 < x <= 1")
+  r = config.clip_radius
+  need(not config.clip_filters or (isinstance(r, (int, float)) and not isinstance(r, bool)
+                                   and math.isfinite(r) and r > 0),
+       f"clip_radius={r!r} with clip_filters=True; allowed: a positive number (the paper: "
+       "0.1), or clip_filters=False to train without feature scale clipping")
 
 
 def clip_conv_filters(params, radius: float):

@@ -1,6 +1,8 @@
 """Architecture diagnostics (paper Sec. 4 "architecture selection", Fig. 6).
 
 * First-layer filters as a grid (each filter scaled on its own).
+* Filter RMS: the root mean square weight of each conv1 filter; without feature scale
+  clipping a few filters grow far above the others and dominate (Fig. 6(a)).
 * Dead filters: a conv1 filter is *dead* when its RMS weight is below
   ``dead_threshold`` (default 0.05) times the largest filter RMS of the layer,
   i.e. it has shrunk to nothing next to its neighbours (Fig. 6(b)'s flat grey
@@ -18,8 +20,9 @@
   at 0.25 cycles/px and its harmonics.
 
 The report shows the same numbers for every comparison model of the context
-(e.g. AlexNet trained with ZFNet's recipe on the same data, trained by the
-pipeline when ``analyses.diagnostics.train_comparison`` is on).
+(AlexNet trained with ZFNet's recipe on the same data, and the same model trained
+without feature scale clipping, trained by the pipeline when
+``analyses.diagnostics.train_comparison`` is on).
 
 Every function takes a ``deconv.Network`` or one of our models.
 """
@@ -141,8 +144,10 @@ def measure(net, variables, images: np.ndarray | None, *, dead_threshold=0.05, f
                      f"[{first_layer!r}]['kernel'])")
   kernel = np.asarray(kernel)
   dead = dead_filters(kernel, dead_threshold)
+  rms = filter_rms(kernel)
   freqs, energy = radial_spectrum(np.moveaxis(kernel, -1, 0), fft_size)
   out = {"kernel": kernel, "dead": dead, "dead_fraction": float(dead.mean()),
+         "rms": rms, "rms_max": float(rms.max()), "rms_median": float(np.median(rms)),
          "frequencies": freqs, "spectrum": energy,
          "filter_high_freq": float(energy[freqs >= high_freq - 1e-12].sum()),
          "filter_low_freq": float(energy[freqs < 0.1].sum())}
@@ -229,6 +234,8 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
   proj_name = f"diagnostics_{second}.png"
   proj = plot_projections(results, context.path(proj_name), layer=second)
   rows = [[n, f"{r['kernel'].shape[0]}x{r['kernel'].shape[1]}", f"{r['dead_fraction']:.3f}",
+           f"{r['rms_max']:.4g}", f"{r['rms_median']:.4g}",
+           f"{r['rms_max'] / max(r['rms_median'], 1e-30):.3g}",
            f"{r['filter_low_freq']:.3f}", f"{r['filter_high_freq']:.3f}",
            f"{r['aliasing_mean']:.3f}" if "aliasing_mean" in r else "-"]
           for n, r in results.items()]
@@ -238,6 +245,9 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
       paragraphs=[
           "Paper Fig. 6: AlexNet's 11x11/4 first layer gives filters mixing very high and very "
           "low frequencies, many dead filters and aliasing in layer 2; ZFNet's 7x7/2 fixes both. "
+          "Fig. 6(a): trained without feature scale clipping, a few first-layer filters grow "
+          "far above the others and dominate (largest / median filter RMS); with clipping "
+          "no filter's RMS exceeds the clip radius. "
           f"Dead filter: RMS weight < {o.dead_threshold:g} x the layer's largest filter RMS. "
           f"Spectrum: |FFT|^2 of each filter zero-padded to {max(o.fft_size, 1)} px, normalised, "
           f"binned by radius, averaged over filters. High frequency: >= {o.high_freq:g} "
@@ -245,7 +255,8 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
           f"{context.rule} projections of the strongest activation of each of the first 16 "
           f"{second} maps over {num_images} images."] + notes,
       figures=[("diagnostics.png", f"{first} filters and their radial power spectra.")],
-      tables=[(["model", f"{first} kernel", "dead fraction", "filter energy < 0.1 c/px",
+      tables=[(["model", f"{first} kernel", "dead fraction", "filter RMS: largest", "median",
+                "largest / median", "filter energy < 0.1 c/px",
                 f"filter energy >= {o.high_freq:g} c/px", f"{second} aliasing indicator"], rows)])
   if proj:
     sec.figures.append((proj_name, "Layer-2 projections (mean over colour)."))

@@ -7,12 +7,17 @@ pixel (c = i*stride + stride//2, square rows [c - size//2, c - size//2 + size)),
 clipped at the image border (never wrapped).  Map value (i, j) is therefore
 drawn over exactly that cell, so maps overlay the image pixel for pixel.
 
-For each position: (b) the total activation (sum over positions) of the map of
-``layer`` that is strongest on the unoccluded image, (d) the probability of the
-true class, (e) the most probable class (and its probability).  (c) is the
-projection of that map's strongest unit on the unoccluded image, cropped to the
-unit's receptive field as the atlas crops (Fig. 7 (c)'s black square; uncropped when
-the network's receptive fields are unknown).  All positions of an image go
+The strongest feature map is the paper's: the map of ``layer`` with the largest
+single activation (max over positions) in the unoccluded image (``strongest_map``).
+For each position: (b) the total activation (sum over positions) of that map,
+(d) the probability of the true class, (e) the most probable class (and its
+probability).  (c) is the projection of that map's strongest unit on the
+unoccluded image, cropped to the unit's receptive field as the atlas crops
+(Fig. 7 (c)'s black square; uncropped when the network's receptive fields are
+unknown), and, as the paper's (c) companion, the projections of that map's top
+``COMPANION_K`` activations in *other* images of the scanned split (``companions``:
+``atlas.scan`` over the first ``companion_examples`` examples, the occluded image
+left out, one unit per image).  All positions of an image go
 through one jitted ``lax.map`` in chunks of ``chunk_size`` occluded images, so
 memory is bounded by the chunk and a 224x224 image at stride 8 (784 positions)
 takes seconds on an accelerator.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +49,7 @@ class Settings:
   fill: float          # pixel value 0..255, or < 0 for the training mean
   layer: str
   chunk_size: int
+  companion_examples: int = 0   # examples scanned for (c)'s other images (0 = none)
 
 
 def validate(options, net, data: sections.Data) -> Settings:
@@ -50,7 +57,8 @@ def validate(options, net, data: sections.Data) -> Settings:
   size = int(round(common.default_size(options.size, 56, data.input_size)))
   stride = int(round(common.default_size(options.stride, 8, data.input_size)))
   return check(Settings(max(size, 1), max(stride, 1), float(options.fill), options.layer,
-                        int(options.chunk_size)), net, data.input_size)
+                        int(options.chunk_size), int(options.companion_examples)),
+               net, data.input_size)
 
 
 def check(s: Settings, net, input_size: int) -> Settings:
@@ -60,6 +68,9 @@ def check(s: Settings, net, input_size: int) -> Settings:
     raise ValueError(f"occlusion stride {s.stride} not allowed: 1..{input_size}")
   if s.chunk_size < 1:
     raise ValueError(f"occlusion chunk_size {s.chunk_size} not allowed: >= 1")
+  if s.companion_examples < 0:
+    raise ValueError(f"occlusion companion_examples {s.companion_examples} not allowed: "
+                     ">= 0 (0 = no other images)")
   if s.fill > 255:
     raise ValueError(f"occlusion fill {s.fill} not allowed: a pixel value 0..255, or -1 (mean)")
   models.check_layer(deconv.as_network(net), input_size, s.layer, "occlusion layer",
@@ -81,14 +92,21 @@ def fill_image(fill: float, mean: np.ndarray | None, shape) -> np.ndarray:
   return (fill - np.asarray(mean, np.float32)).astype(np.float32)
 
 
+def strongest_map(activation: np.ndarray) -> int:
+  """(H, W, C) activations of one image -> the map with the largest single activation
+  (max over positions; the paper's "strongest feature map"); ties: the lowest index."""
+  a = np.asarray(activation)
+  return int(np.argmax(a.reshape(-1, a.shape[-1]).max(0)))
+
+
 def scan(net, variables, image: np.ndarray, label: int, s: Settings,
          fill: np.ndarray | None = None, channel: int | None = None) -> dict[str, np.ndarray]:
   """Occlusion maps of one image (S, S, C) with true class ``label``.
 
   net: a ``deconv.Network`` (or one of our models); its features need "logits".
   fill: (S, S, C) square content in input space (default zeros = the mean).
-  channel: map of ``s.layer`` to follow (default: strongest total activation
-  on the unoccluded image).
+  channel: map of ``s.layer`` to follow (default: ``strongest_map`` of the
+  unoccluded image: the largest single activation).
   Returns activation (n, n) [total activation of the map], prob_true (n, n),
   top_class (n, n) int, top_prob (n, n), squares (n, 2), channel, and the
   unoccluded activation, prob_true and top_class.
@@ -108,7 +126,7 @@ def scan(net, variables, image: np.ndarray, label: int, s: Settings,
   f0 = common.activations(net, variables, np.asarray(image)[None], [s.layer])
   totals = f0[s.layer][0].reshape(-1, f0[s.layer].shape[-1]).sum(0)
   if channel is None:
-    channel = int(np.argmax(totals))
+    channel = strongest_map(f0[s.layer][0])
   p0 = common.softmax(f0["logits"][0].astype(np.float64))
   out = _scan_fn(net, s.layer, s.chunk_size)(variables, image, fill, jnp.asarray(sq),
                                                jnp.int32(label), jnp.int32(channel))
@@ -139,6 +157,100 @@ def _scan(net, layer, chunk_size, variables, image, fill, sq, label, channel):
             "prob_true": probs[label], "top_class": jnp.argmax(probs).astype(jnp.int32),
             "top_prob": probs.max()}
   return jax.lax.map(one, jnp.stack([ii.ravel(), jj.ravel()], 1), batch_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------
+# (c)'s companion: the same map's top activations in other images.
+# ----------------------------------------------------------------------------
+
+COMPANION_K = 9   # other images shown beside (c), as the paper's 3x3 grids
+
+
+def companions(net, variables, batches: Iterable[Mapping[str, np.ndarray]], layer: str,
+               channels: Sequence[int], *, k: int = COMPANION_K,
+               batch_size: int = 64) -> dict:
+  """The top-``k`` images of each map ``channels`` (M,) of ``layer`` over ``batches``.
+
+  Each image is ranked by its largest activation of the map (one unit per image, as
+  Fig. 2 and Fig. 7 (c) show; ties: the lower example id).  batches: dicts with
+  'image' (B, S, S, C), 'id' (B,) unique, optional 'mask' (B,) (False = padding).
+  Memory: the current top-k images only.  Returns channels (M,), values float32 (M, k)
+  (-inf: empty), ids int64 (M, k) (-1: empty), positions int32 (M, k, 2) (row, col) in
+  the map, images {id: (S, S, C)}.
+  """
+  channels = np.asarray(channels, np.int64)
+  m = len(channels)
+  values = np.full((m, 0), -np.inf, np.float32)
+  ids = np.zeros((m, 0), np.int64)
+  flat = np.zeros((m, 0), np.int64)
+  images, width = {}, None
+  for batch in batches:
+    bid = np.asarray(batch["id"]).astype(np.int64)
+    keep = np.asarray(batch.get("mask", np.ones(bid.shape, bool)), bool)
+    x = np.asarray(batch["image"], np.float32)
+    if not keep.any():
+      continue
+    x, bid = x[keep], bid[keep]
+    a = common.activations(net, variables, x, [layer], batch_size)[layer][..., channels]
+    width = a.shape[2]
+    a = a.reshape(len(x), -1, m)                                   # (B, H*W, M)
+    values = np.concatenate([values, a.max(1).T.astype(np.float32)], 1)
+    ids = np.concatenate([ids, np.broadcast_to(bid, (m, len(bid)))], 1)
+    flat = np.concatenate([flat, a.argmax(1).T], 1)
+    order = np.lexsort((ids, -values))[:, :k]                      # value desc, then id
+    values, ids, flat = (np.take_along_axis(v, order, 1) for v in (values, ids, flat))
+    wanted = set(ids.ravel().tolist())
+    images.update({int(j): x[n].copy() for n, j in enumerate(bid) if int(j) in wanted})
+    images = {j: v for j, v in images.items() if j in wanted}
+  short = k - values.shape[1]
+  if short > 0:
+    values = np.pad(values, ((0, 0), (0, short)), constant_values=-np.inf)
+    ids = np.pad(ids, ((0, 0), (0, short)), constant_values=-1)
+    flat = np.pad(flat, ((0, 0), (0, short)))
+  w = width or 1
+  positions = np.stack([flat // w, flat % w], -1).astype(np.int32)
+  return {"channels": channels, "values": values, "ids": ids, "positions": positions,
+          "images": images}
+
+
+def _first(batches: Iterable[Mapping[str, np.ndarray]], n: int):
+  """The batches' first ``n`` valid examples (later ones masked out, then stopped)."""
+  seen = 0
+  for b in batches:
+    if seen >= n:
+      return
+    mask = np.asarray(b.get("mask", np.ones(np.shape(b["id"]), bool)), bool)
+    keep = mask & (np.cumsum(mask) <= n - seen)
+    seen += int(keep.sum())
+    yield {**b, "mask": keep}
+
+
+def others(found: dict, row: int, image_id: int, image: np.ndarray,
+           k: int = COMPANION_K) -> np.ndarray:
+  """Slots of row ``row`` of ``companions``' result that are filled and not the
+  occluded image (same id and pixels), the first ``k``."""
+  ids = found["ids"][row]
+  same = lambda j: ids[j] == image_id and np.array_equal(found["images"][int(ids[j])], image)
+  return np.asarray([j for j in range(len(ids)) if ids[j] >= 0 and not same(j)][:k], int)
+
+
+def companion_tiles(net, variables, found: dict, row: int, slots: np.ndarray, layer: str,
+                    pixel_mean, rule: str) -> tuple[np.ndarray, np.ndarray]:
+  """Projections and patches (k', t, t, C) in [0, 1] of the units ``slots`` (k',) of row
+  ``row`` of ``companions``' result, cropped to the receptive field."""
+  net = deconv.as_network(net)
+  filled = np.asarray(slots, int)
+  imgs = np.stack([found["images"][int(i)] for i in found["ids"][row, filled]])
+  pos = found["positions"][row, filled]
+  channel = np.full(len(filled), int(found["channels"][row]))
+  proj = deconv.to_image(np.asarray(net.project(variables, jnp.asarray(imgs), layer=layer,
+                                                channels=channel, positions=pos, rule=rule)))
+  display = np.clip((imgs + np.asarray(pixel_mean, np.float32)) / 255.0, 0.0, 1.0)
+  if net.fields is None:
+    return proj, display
+  field = net.receptive_fields(imgs.shape[1])[layer]
+  return (deconv.crop_receptive_field(proj, field, pos),
+          deconv.crop_receptive_field(display, field, pos))
 
 
 # ----------------------------------------------------------------------------
@@ -207,14 +319,27 @@ def sections(context: sections_lib.Context, s: Settings) -> list[sections_lib.Se
           f"A square of {s.size}x{s.size} px (fill: {fill_text}) slides over each "
           f"{size}x{size} input with its centre on a grid of stride {s.stride} px, clipped at "
           f"the border. Per position: (b) total activation of the {s.layer} map that is "
-          "strongest on the unoccluded image, (c) the projection of that map's strongest unit, "
-          "cropped to its receptive field (the whole image when the field is larger), "
+          "strongest on the unoccluded image (the largest single activation, as the paper "
+          "chooses it), (c) the projection of that map's strongest unit, cropped to its receptive field (the whole image when the field is larger), "
           "(d) probability of the true class, (e) most probable class (paper Fig. 7). Each "
           "map cell is drawn over the pixels whose occlusion it measures. Arrays: "
           "occlusion_<id>.npz."])
+  results = [scan(net, context.variables, image, int(label), s, fill=fill)
+             for image, label in zip(context.images, context.labels)]
+  found = None
+  if s.companion_examples and context.split_batches is not None and results:
+    channels = sorted({int(r["channel"]) for r in results})
+    found = companions(net, context.variables,   # one more: the occluded image may be there
+                       _first(context.split_batches(), s.companion_examples), s.layer,
+                       channels, k=COMPANION_K + 1, batch_size=context.batch_size)
+    sec.paragraphs.append(
+        f"Beside each row: the projections of the same {s.layer} map's top "
+        f"{COMPANION_K} activations in other images (one unit per image, the image's "
+        f"largest activation of the map) among the first {s.companion_examples} examples of "
+        f"{context.split_name or 'the split'}, the occluded image left out, with their "
+        "image patches (the paper's Fig. 7 (c) companion).")
   rows = []
-  for image, label, i in zip(context.images, context.labels, context.ids):
-    r = scan(net, context.variables, image, int(label), s, fill=fill)
+  for image, label, i, r in zip(context.images, context.labels, context.ids, results):
     a = common.activations(net, context.variables, image[None], [s.layer])[s.layer][0]
     a = a[..., int(r["channel"])]
     pos = np.asarray([np.unravel_index(np.argmax(a), a.shape)], np.int32)  # its strongest unit
@@ -224,6 +349,11 @@ def sections(context: sections_lib.Context, s: Settings) -> list[sections_lib.Se
     proj = deconv.to_image(proj)
     proj = (proj if field is None else deconv.crop_receptive_field(proj, field, pos))[0]
     r["projection"], r["projection_position"] = proj, pos[0]
+    row = None if found is None else int(np.searchsorted(found["channels"], int(r["channel"])))
+    if row is not None:
+      slots = others(found, row, int(i), np.asarray(image, np.float32))
+      for key in ("values", "ids", "positions"):
+        r[f"others_{key}"] = found[key][row][slots]
     np.savez_compressed(context.path(f"occlusion_{int(i)}.npz"), **r)
     disp = common.to_display(image, context.pixel_mean)
     proj = proj[..., 0] if proj.shape[-1] == 1 else proj
@@ -231,6 +361,18 @@ def sections(context: sections_lib.Context, s: Settings) -> list[sections_lib.Se
     name = context.class_name(label)
     sec.figures.append((f"occlusion_{int(i)}.png",
                         f"Image {int(i)} (true class {name}): Fig. 7 panels."))
+    if row is not None and len(slots):
+      tiles = companion_tiles(net, context.variables, found, row, slots, s.layer,
+                              context.pixel_mean, context.rule)
+      got = r["others_ids"]
+      figures.save_png(figures.atlas_panel(tiles[0][None], tiles[1][None],
+                                           [int(r["channel"])],
+                                           titles=[f"{s.layer} map {int(r['channel'])}"]),
+                       context.path(f"occlusion_{int(i)}_others.png"))
+      sec.figures.append((f"occlusion_{int(i)}_others.png",
+                          f"Image {int(i)}: {s.layer} map {int(r['channel'])} in {len(got)} "
+                          f"other images (ids {', '.join(str(int(g)) for g in got)}), "
+                          "projections left, patches right."))
     rows.append([str(int(i)), name, f"{float(r['prob_true0']):.3f}",
                  f"{float(r['prob_true'].min()):.3f}",
                  f"{float((r['top_class'] == int(label)).mean()):.2f}"])
