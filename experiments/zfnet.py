@@ -30,7 +30,9 @@ cuda-convnet's convention, which the paper's code most likely used (README,
 
 Table 2's "5 convnets" / "6 convnets" rows average the softmax outputs of
 several such nets (the default trained with different seeds, plus conv512);
-they are ensembles of these runs, not separate configs.
+they are ensembles of these runs, not separate configs:
+  python -m zfnet_jax.main --config=experiments/zfnet.py --mode=ensemble \
+      --ensemble=/tmp/zf1,/tmp/zf2,/tmp/zf3,/tmp/zf4,/tmp/zf5 --workdir=/tmp/zf_ensemble5
 """
 from zfnet_jax import configs
 

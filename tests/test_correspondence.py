@@ -59,6 +59,74 @@ def test_measure_equals_direct_computation():
     correspondence.measure(model, variables, images, parts, ["conv7"])
 
 
+def test_random_control_is_one_box_in_every_image(monkeypatch):
+  """Each random repeat occludes all images at one place; the places differ between repeats."""
+  net, variables = helpers.plain_network()
+  images = np.asarray(np.random.default_rng(6).normal(size=(4, 32, 32, 1)) * 50, np.float32)
+  parts = {"a": np.array([[0, 0, 6, 6], [2, 2, 8, 8], [4, 4, 10, 10], [8, 8, 14, 14]])}
+  seen = []
+  occlude = correspondence.occlude
+  monkeypatch.setattr(correspondence, "occlude",
+                      lambda x, boxes, fill: seen.append(np.array(boxes)) or occlude(x, boxes, fill))
+  correspondence.measure(net, variables, images, parts, ["c2"], repeats=5, seed=1)
+  assert len(seen) == 1 + 5
+  np.testing.assert_array_equal(seen[0], parts["a"])
+  for boxes in seen[1:]:
+    assert boxes.shape == (4, 4) and (boxes == boxes[0]).all()     # same box in every image
+    assert (boxes[0, 2:] - boxes[0, :2] == 6).all()                 # the parts' mean size
+    assert (boxes[0, :2] >= 0).all() and (boxes[0, 2:] <= 32).all()
+  assert len({tuple(b[0]) for b in seen[1:]}) > 1                    # redrawn per repeat
+
+
+def test_write_boxes_round_trips(tmp_path):
+  ids = [4012, 17, 23051, 9, 30000]
+  rng = np.random.default_rng(0)
+  r0, c0 = rng.integers(0, 150, (2, 3, 5))
+  parts = {name: np.stack([r0[k], c0[k], r0[k] + 30 + k, c0[k] + 20], 1)
+           for k, name in enumerate(("left eye", "right eye", "nose"))}
+  path = correspondence.write_boxes(str(tmp_path / "dogs.json"), ids, parts, 224,
+                                    dataset="imagenet2012", split="validation",
+                                    description="Five dogs.")
+  doc = correspondence.load_boxes(path, 224, 256)
+  assert doc["ids"] == ids and list(doc["parts"]) == list(parts)
+  for name, boxes in parts.items():
+    np.testing.assert_array_equal(doc["parts"][name], boxes)
+  assert (doc["dataset"], doc["split"], doc["description"]) == (
+      "imagenet2012", "validation", "Five dogs.")
+  assert correspondence.box_file_dataset(path) == "imagenet2012"
+  # at another crop side the boxes scale with it: 224 -> 112 halves them
+  np.testing.assert_array_equal(correspondence.load_boxes(path, 112)["parts"]["nose"],
+                                np.round(parts["nose"] / 2))
+  with pytest.raises(ValueError, match="at least 2 distinct"):
+    correspondence.write_boxes(str(tmp_path / "x.json"), [3, 3], parts, 224)
+  with pytest.raises(ValueError, match="'nose': boxes of shape \\(5, 3\\)"):
+    correspondence.write_boxes(str(tmp_path / "x.json"), ids, {"nose": np.ones((5, 3))}, 224)
+  bad = dict(parts, nose=np.array([[0, 0, 10, 10]] * 4 + [[200, 0, 230, 10]]))
+  with pytest.raises(ValueError, match="\\[200, 0, 230, 10\\] of image 30000 is empty or "
+                     "outside the 224x224 input"):
+    correspondence.write_boxes(str(tmp_path / "x.json"), ids, bad, 224)
+  assert not (tmp_path / "x.json").exists()
+
+
+def test_source_pixels_of_non_square_images(tmp_path):
+  """A 300 x 400 (h x w) source: x 256/300, width 341 -> 42 px cut left, then the 224
+  centre crop cuts 16 more; rows lose only the 16."""
+  p = tmp_path / "b.json"
+  p.write_text(json.dumps({"units": "source_pixels", "boxes": [
+      {"image": 1, "part": "eye", "box": [30, 100, 90, 150], "source_size": [300, 400]},
+      {"image": 2, "part": "eye", "box": [0, 0, 100, 100], "source_size": 100}]}))
+  doc = correspondence.load_boxes(str(p), 224, 256)
+  s = 256 / 300
+  want = np.round([30 * s - 16, 100 * s - 42 - 16, 90 * s - 16, 150 * s - 42 - 16])
+  np.testing.assert_array_equal(doc["parts"]["eye"][0], want)
+  np.testing.assert_array_equal(doc["parts"]["eye"][1], [0, 0, 224, 224])   # clipped
+  p.write_text(json.dumps({"units": "source_pixels", "boxes": [
+      {"image": 1, "part": "eye", "box": [0, 0, 9, 9]},
+      {"image": 2, "part": "eye", "box": [0, 0, 9, 9]}]}))
+  with pytest.raises(ValueError, match="need source_size"):
+    correspondence.load_boxes(str(p), 224, 256)
+
+
 def test_box_file(tmp_path):
   doc = correspondence.load_boxes("experiments/correspondence_fashion_mnist.json", 64, 72)
   assert doc["ids"] == [19, 35, 59, 88, 113] and doc["dataset"] == "fashion_mnist_idx"
@@ -95,30 +163,42 @@ def test_measure_on_a_hand_built_cnn_equals_direct_computation():
                                batch_size=2)
   f0 = apply(images)
 
-  def delta_of(occluded):
+  def pair_hamming(occluded):
     f = apply(occluded)
     out = {}
     for layer in layers:
       s = np.sign(np.asarray(f0[layer], np.float64) - np.asarray(f[layer], np.float64))
       s = s.reshape(3, -1)
-      h = [np.mean(s[i] != s[j]) for i in range(3) for j in range(3) if i != j]
-      out[layer] = (np.mean(h), np.std(h))
+      out[layer] = [np.mean(s[i] != s[j]) for i in range(3) for j in range(3) if i != j]
     return out
+
+  def delta_of(occluded):
+    return {l: (np.mean(h), np.std(h)) for l, h in pair_hamming(occluded).items()}
 
   for p, boxes in parts.items():
     want = delta_of(_occluded(images, boxes, 30.0))
     for layer in layers:
       np.testing.assert_allclose(res[p][layer], want[layer], atol=1e-12)
-  # random control: the parts' mean box (7 x 8 px here), uniform places, seed 5
+  # random control: the parts' mean box (7 x 8 px here) at one uniform place per repeat,
+  # the same place in all 3 images; ± = std over the pairs of all 3 repeats pooled
   rng = np.random.default_rng(5)
-  runs = []
-  for _ in range(3):
-    r = rng.integers(0, 32 - 7 + 1, 3)
-    c = rng.integers(0, 32 - 8 + 1, 3)
-    runs.append(delta_of(_occluded(images, np.stack([r, c, r + 7, c + 8], 1), 30.0)))
+  r, c = rng.integers(0, 32 - 7 + 1, 3), rng.integers(0, 32 - 8 + 1, 3)
+  pooled = {layer: [] for layer in layers}
+  for k in range(3):
+    box = np.array([[r[k], c[k], r[k] + 7, c[k] + 8]] * 3)
+    for layer, h in pair_hamming(_occluded(images, box, 30.0)).items():
+      pooled[layer] += h
   for layer in layers:
-    d = [run[layer][0] for run in runs]
-    np.testing.assert_allclose(res["random"][layer], (np.mean(d), np.std(d)), atol=1e-12)
+    assert len(pooled[layer]) == 3 * 6
+    np.testing.assert_allclose(res["random"][layer], (np.mean(pooled[layer]),
+                                                      np.std(pooled[layer])), atol=1e-12)
+  # the same rule for every row: a part that is the first random box gives the random row
+  # of one repeat
+  box = np.array([[r[0], c[0], r[0] + 7, c[0] + 8]] * 3)
+  one = correspondence.measure(net, variables, images, {"p": box}, layers, fill, repeats=1,
+                               seed=5)
+  for layer in layers:
+    assert one["p"][layer] == one["random"][layer]
   with pytest.raises(ValueError, match="unknown correspondence layer 'conv5'"):
     correspondence.measure(net, variables, images, parts, ["conv5"])
   with pytest.raises(ValueError, match="correspondence repeats 0 not allowed"):

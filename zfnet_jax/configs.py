@@ -157,7 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.correspondence.enabled = True
   c.analyses.correspondence.boxes = "experiments/correspondence_fashion_mnist.json"
   c.analyses.correspondence.layers = ("conv5", "fc7")
-  c.analyses.correspondence.repeats = 10   # random-box control repeats (mean +- std)
+  c.analyses.correspondence.repeats = 10   # random-box control: boxes drawn (pairs pooled)
   c.analyses.evolution = ml_collections.ConfigDict()
   c.analyses.evolution.enabled = True
   c.analyses.evolution.layers = ("conv1", "conv2", "conv3", "conv4", "conv5")

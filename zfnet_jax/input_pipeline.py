@@ -625,11 +625,23 @@ def _shuffled(ds, d, n, seed, epoch, count):
   return ds.shuffle(buf, seed=epoch_seed, reshuffle_each_iteration=False).take(count)
 
 
+def train_subset(config) -> np.ndarray:
+  """The training examples behind ``train_top1_error``: sorted ids (index in the training
+  split, within ``max_train_examples``) of min(eval split size, training split size)
+  examples drawn without replacement by ``default_rng([config.seed, 2])``."""
+  info = dataset_info(config)
+  rng = np.random.default_rng([config.seed, 2])
+  return np.sort(rng.choice(info.num_train, min(info.num_eval, info.num_train), replace=False))
+
+
 def create_eval_iterator(config, workdir: str | None, split: str | None = None,
                          batch_size: int | None = None, max_examples: int = -1, *,
                          full_size: bool = False, process_index: int = 0,
-                         process_count: int = 1) -> Iterator[dict]:
+                         process_count: int = 1, ids=None) -> Iterator[dict]:
   """Batches of a split in its fixed order; the last one padded with mask False.
+
+  ``ids``: only these examples (sorted distinct indices into the split, e.g.
+  ``train_subset``); a TFDS or folder split is then read (not decoded) up to the last id.
 
   Every process sees the same global batches (``batch_size`` examples) and
   keeps its contiguous slice, so all processes run the same number of steps
@@ -663,23 +675,35 @@ def create_eval_iterator(config, workdir: str | None, split: str | None = None,
     ids = np.concatenate([ids, np.full(pad, -1)]).astype(np.int64)
     return {"image": images[lo:hi], "label": labels[lo:hi], "mask": mask[lo:hi], "id": ids[lo:hi]}
 
+  if ids is not None:
+    ids = np.asarray(ids, np.int64)
+    if ids.ndim != 1 or not len(ids) or np.any(np.diff(ids) <= 0) or ids[0] < 0:
+      raise ValueError(f"eval ids must be sorted distinct indices >= 0, got {ids[:10]}...")
   if _source_kind(config) == "memory":
     images, labels = _fashion_mnist(d.fashion_mnist_dir, split)
     n = _limit(len(labels), limit)
+    order = np.arange(n) if ids is None else ids[ids < n]
 
     def gen():
-      for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        full = _np_resize_centre(images[start:stop], d.resize_size)
-        yield finish(centre_crop(full, size) - mean_c, labels[start:stop],
-                     np.arange(start, stop))
+      for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        full = _np_resize_centre(images[idx], d.resize_size)
+        yield finish(centre_crop(full, size) - mean_c, labels[idx], idx)
     return _prefetch(gen(), d.prefetch)
 
   import tensorflow as tf
   channels = dataset_info(config).channels
-  ds = _tf_examples(config, split, train=False)
+  folder = _source_kind(config) == "folder"
+  ds = _tf_examples(config, split, train=False, read=ids is None)
   if limit > 0:
     ds = ds.take(limit)
+  if ids is not None:   # keep the ids (read, not decoded), then read a folder's files
+    keep = np.zeros(int(ids[-1]) + 1, bool)
+    keep[ids] = True
+    keep_t = tf.constant(keep)
+    ds = ds.take(len(keep)).enumerate().filter(lambda i, ex: tf.gather(keep_t, i))
+    ds = ds.map(lambda i, ex: {"image": tf.io.read_file(ex["image"]) if folder else ex["image"],
+                               "label": ex["label"]})
   mean_t = tf.constant(mean_c)
 
   def prep(ex):
@@ -693,7 +717,9 @@ def create_eval_iterator(config, workdir: str | None, split: str | None = None,
   def gen_tf():
     start = 0
     for images, labels in ds.as_numpy_iterator():
-      yield finish(images, labels, np.arange(start, start + len(labels)))
+      got = (np.arange(start, start + len(labels)) if ids is None else
+             ids[start:start + len(labels)])
+      yield finish(images, labels, got)
       start += len(labels)
   return gen_tf()
 

@@ -5,6 +5,8 @@ r"""Command line: train and evaluate, then write the visual report.
       --mode=report --config.report.rule=guided
   python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/qs \
       --mode=visualize --images=photos/ --config.pretrained=quickstart   # no training needed
+  python -m zfnet_jax.main --config=experiments/zfnet.py --workdir=/tmp/ens5 \
+      --mode=ensemble --ensemble=/w/zf1,/w/zf2,/w/zf3,/w/zf4,/w/zf5   # Table 2: averaged softmax
 
 Console: the plan, an estimate of the time left, one progress bar per long phase
 (plain lines every 30 s when the output is not a terminal), warnings, and a summary
@@ -34,10 +36,14 @@ from zfnet_jax import conv
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
-flags.DEFINE_enum("mode", "train", ["train", "report", "visualize", "summary"],
+flags.DEFINE_enum("mode", "train", ["train", "report", "visualize", "summary", "ensemble"],
                   "train: train, evaluate, then write the report; report: rebuild the "
                   "report from the workdir's latest checkpoint; visualize: what the model "
-                  "sees in --images (pages in <workdir>/visualize/); summary: print the model.")
+                  "sees in --images (pages in <workdir>/visualize/); summary: print the model; "
+                  "ensemble: evaluate the --ensemble runs' averaged softmax on the config's "
+                  "eval split (<workdir>/ensemble_results.json).")
+flags.DEFINE_string("ensemble", None, "--mode=ensemble: comma-separated workdirs of finished "
+                    "training runs (at least 2).")
 flags.DEFINE_string("images", None, "--mode=visualize: an image file, a folder, a glob or a "
                     "comma-separated list of these (JPEG/PNG, any size, grey or colour).")
 config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
@@ -127,7 +133,15 @@ def run(argv):
     print(pipeline.summary(config))
     return
   if FLAGS.workdir is None:
-    raise app.UsageError("--workdir is required for --mode=train, report and visualize")
+    raise app.UsageError("--workdir is required for --mode=train, report, visualize and "
+                         "ensemble")
+  if FLAGS.mode == "ensemble":
+    from zfnet_jax import console, train
+    res = train.evaluate_ensemble(config, (FLAGS.ensemble or "").split(","), FLAGS.workdir)
+    console.say(f"ensemble of {len(res['members'])} on {res['num_eval_examples']} images: top-1 "
+                f"error {res['top1_error']:.4f}, top-5 error {res['top5_error']:.4f} -> "
+                f"{os.path.join(FLAGS.workdir, train.ENSEMBLE_RESULTS)}")
+    return
   if FLAGS.mode == "visualize":
     if not FLAGS.images:
       raise app.UsageError("--mode=visualize needs --images=PATH (a file, folder, glob or "

@@ -203,6 +203,9 @@ def summary_table(config, workdir: str, out: dict, phases: console.Phases,
     if results.get("top1_error_10crop") == results.get("top1_error_10crop"):   # not NaN
       rows.append(("top-1 error, 10 crops", f"{results['top1_error_10crop']:.4f}"))
     rows.append(("top-5 error", f"{results['top5_error']:.4f}"))
+    if results.get("train_top1_error") is not None:
+      rows.append(("training top-1 error", f"{results['train_top1_error']:.4f} (centre crop, "
+                   f"{results.get('num_train_eval_examples', '?')} training images)"))
   for name, sec in phases.seconds.items():
     rows.append((name, console.minutes(sec)))
   for name, sec in out.get("report_sections", {}).items():
