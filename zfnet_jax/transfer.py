@@ -367,7 +367,8 @@ def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
   tx, step = _scratch_step(model, float(learning_rate), bool(multilabel), bool(flip),
                            float(clip_radius))
   shape = (1, *images.shape[1:])
-  state = jax.jit(train_state.init_fn(model, shape, tx, seed=seed, clip_radius=clip_radius))()
+  # Not jitted: the seed is a constant of init_fn, and eager ops compile once for all folds.
+  state = train_state.init_fn(model, shape, tx, seed=seed, clip_radius=clip_radius)()
   params, opt_state = state.params, state.opt_state
   rng = np.random.default_rng(seed)
   key = jax.random.PRNGKey(seed + 1)
@@ -386,10 +387,19 @@ def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
 def scratch_outputs(model, variables, images, mean, multilabel, batch_size=128) -> np.ndarray:
   """A (from-scratch) model's own classifier on pixel images: logits (N, K) for
   multi-label data, else predicted labels (N,)."""
-  apply = jax.jit(lambda x: model.apply(variables, x - mean))
-  logits = np.concatenate([np.asarray(apply(np.asarray(images[i:i + batch_size], np.float32)))
-                           for i in range(0, len(images), batch_size)])
+  apply = _jitted_apply(model)
+  logits = []
+  for i in range(0, len(images), batch_size):
+    x = np.zeros((batch_size, *images.shape[1:]), np.float32)   # one shape: one compile
+    x[:len(images[i:i + batch_size])] = images[i:i + batch_size]
+    logits.append(np.asarray(apply(variables, x, mean))[:len(images[i:i + batch_size])])
+  logits = np.concatenate(logits)
   return logits if multilabel else logits.argmax(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(model):
+  return jax.jit(lambda variables, x, mean: model.apply(variables, x - mean))
 
 
 # -- tables --------------------------------------------------------------------
