@@ -78,3 +78,33 @@ def test_variants_change_what_they_say():
 def test_unknown_variant_lists_allowed(file):
   with pytest.raises(ValueError, match=r"unknown variant 'nope'.*allowed:.*fc8192"):
     load(file).get_config("nope")
+
+
+def test_imagenette_config_trains_and_reports_on_mock_data(tmp_path):
+  """experiments/imagenette.py: full-size ZFNet at 224 on TFDS imagenette; with narrow
+  widths and sizes overridden it trains two steps on TFDS mock data (nothing downloads)
+  and writes a report with the atlas, the evolution and the occlusion sections."""
+  import os
+  import tensorflow_datasets as tfds
+  from zfnet_jax import pipeline
+  c = load("imagenette").get_config()
+  assert (c.model.name, c.dataset.name, c.dataset.crop_size) == ("ZFNet", "imagenette/320px-v2", 224)
+  assert (c.optimizer, c.momentum, c.learning_rate, c.batch_size) == ("sgd", 0.9, 1e-2, 128)
+  assert tfds.builder(c.dataset.name).info.features["label"].num_classes == 10
+  c.model.conv_features, c.model.fc_features = (8, 8, 8, 8, 8), 8
+  c.dataset.shuffle_buffer, c.dataset.prefetch = 8, 0
+  c.dataset.max_eval_examples = 4
+  c.batch_size, c.eval_batch_size, c.num_train_steps = 4, 4, 2
+  c.evolution_epochs = (0.5, 1)
+  c.report.update(dict(layers=("conv1", "conv5"), num_maps=2, top_k=2, batch_size=4))
+  c.analyses.num_images = 1
+  c.analyses.evolution.update(dict(layers=("conv1",), max_examples=4))
+  c.analyses.invariance.enabled = False
+  with tfds.testing.mock_data(num_examples=8):
+    out = pipeline.run(c, str(tmp_path / "run"))
+  assert out["results"]["steps"] == 2
+  html = open(out["report"]).read()
+  for anchor in ("layer-conv1", "layer-conv5", "evolution", "occlusion"):
+    assert f'id="{anchor}"' in html, anchor
+  report_dir = os.path.dirname(out["report"])
+  assert any(f.startswith("atlas_conv1") for f in os.listdir(report_dir))
