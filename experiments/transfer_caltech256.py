@@ -19,12 +19,14 @@ transfer.json (every fold), curve.png (Fig. 9).  Add more points to the curve
 with e.g. --config.transfer.train_per_class=6,15,30,45,60 (the paper: 6 per class
 already beats Bo et al.'s 55.2% at 60).
 
-Expected runtime on one GPU: about 10 min to decode and resize the 29,780 images
-(CPU) and extract features; the probes fit 7 layers x 4 settings x 5 folds x 2
-linear classifiers on up to 15,360 x 9,216 features (CPU, about an hour; pass
---config.transfer.layers=5,7 to shorten); the scratch control trains 20 nets of
-5,000 steps (about 15 min each on an H100-class GPU at ~1,000 images/s).
-Memory: the images are kept as uint8, 4.5 GB at 224 px.
+Expected runtime on one GPU (estimated, not measured): a few minutes to decode and
+resize the 29,780 images (tf.data on the CPUs) and extract features (2.33 GFLOPs
+each); the probes fit 7 layers x 4 settings x 5 folds x 2 linear classifiers with
+256 classes on up to 15,360 examples of up to 13,824 features on the CPUs, one to
+several hours (--config.transfer.layers=5,7 shortens it); the scratch control trains
+20 nets of 5,000 steps of 128 (4.5 PFLOP each: ~1.5 min at an assumed 60 TFLOP/s,
+say 2-3 min with host-to-device copies), under an hour.  Memory: the images are
+kept as uint8, 4.5 GB at 224 px.
 
 Paper (% mean per-class accuracy, 15 / 30 / 45 / 60 per class, Table 5):
 ImageNet-pretrained 65.7 / 70.6 / 72.7 / 74.2; from scratch 9.0 / 22.5 / 31.2 / 38.8.

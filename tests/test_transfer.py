@@ -338,6 +338,8 @@ def test_caltech256_folder_protocol_and_curve(tiny, tmp_path):
   with open(os.path.join(out, "curve.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sum(counts.values()) - counts["257.clutter"] == len(data.labels)
+  section = transfer.table_sections(out, tc)[0]
+  assert section.figures[0][0] == os.path.join("out", "curve.png") and len(section.tables) == 1
   with pytest.raises(FileNotFoundError, match="256_ObjectCategories.tar"):
     transfer.load_target(small_tc(dataset="caltech256", data_dir=str(tmp_path / "no")), 32, 36, 1)
 
@@ -375,3 +377,18 @@ def test_voc_per_class_ap_on_mock_data(tiny, tmp_path):
   ref_mean = np.mean([average_precision_score(y[:, k], dec[:, k]) for k in range(20) if y[:, k].any()])
   assert rows[20][1] == f"{100 * ref_mean:.1f}"
   assert tables["transfer"][1][0][1] == f"{100 * ref_mean:.1f}"
+  section = transfer.table_sections(out, tc)[0]
+  assert section.tables[1] == (header, rows) and not section.figures
+
+
+def test_caltech256_config_states_the_papers_protocol():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "transfer_caltech256.py")
+  spec = importlib.util.spec_from_file_location("transfer_caltech256", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  tc = module.get_config().transfer
+  assert (tc.dataset, tuple(tc.train_per_class), tc.folds) == ("caltech256", (15, 30, 45, 60), 5)
+  paper = transfer.PAPER_TRANSFER["caltech256"]["pretrained"]
+  assert list(paper) == [15, 30, 45, 60]
+  assert " / ".join(map(str, paper.values())) == "65.7 / 70.6 / 72.7 / 74.2" in module.__doc__
