@@ -1,4 +1,4 @@
-r"""Sec. 5.2 on Caltech-256 (Table 5, Fig. 9; Table 7's Caltech-256 column): ImageNet ZFNet features.
+r"""Sec. 5.2 on Caltech-256 (Table 5, Fig. 9, Table 7's 60/class column): ImageNet ZFNet.
 
   python -m zfnet_jax.transfer --config=experiments/transfer_caltech256.py \
       --workdir=workdirs/transfer_caltech256 --config.transfer.source_workdir=workdirs/zfnet \

@@ -83,12 +83,14 @@ def test_unknown_variant_lists_allowed(file):
 def test_imagenette_config_is_full_size_zfnet_with_the_papers_recipe():
   import tensorflow_datasets as tfds
   c = load("imagenette").get_config()
-  assert (c.model.name, c.dataset.name, c.dataset.crop_size) == ("ZFNet", "imagenette/320px-v2", 224)
+  assert (c.model.name, c.dataset.name, c.dataset.crop_size) == (
+      "ZFNet", "imagenette/320px-v2", 224)
   assert (c.optimizer, c.momentum, c.learning_rate, c.batch_size) == ("sgd", 0.9, 1e-2, 128)
   assert (c.clip_filters, c.clip_radius, c.model.dropout_rate) == (True, 0.1, 0.5)
   assert tfds.builder(c.dataset.name).info.features["label"].num_classes == 10
   model = models.from_config(c.model, 10)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 224, 224, 3))))
   assert models.count_params(shapes["params"]) == hand_count("ZFNet", (96, 256, 384, 384, 256),
                                                              4096, (), classes=10)
   # The header's FLOP count: 1.16 G multiply-adds per 224 px image, layer by layer.

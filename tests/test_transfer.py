@@ -327,7 +327,8 @@ def test_caltech256_folder_protocol_and_curve(tiny, tmp_path):
   tables = transfer.write_tables(m, v, data.images.mean(0), tc, 32, 36, out, which=("transfer",))
   header, rows = tables["transfer"]
   assert header[1:4] == [f"{n}/class (mean class acc %)" for n in (2, 4, 6)]
-  assert header[4] == "paper (15 / 30 / 45 / 60 per class)" and rows[0][4] == "65.7 / 70.6 / 72.7 / 74.2"
+  assert header[4] == "paper (15 / 30 / 45 / 60 per class)"
+  assert rows[0][4] == "65.7 / 70.6 / 72.7 / 74.2"
   with open(os.path.join(out, "transfer.json")) as f:
     res = json.load(f)
   assert res["dataset"] == "caltech256" and list(res["scores"]) == ["2", "4", "6"]
@@ -374,7 +375,8 @@ def test_voc_per_class_ap_on_mock_data(tiny, tmp_path):
       assert rows[k][1] == f"{100 * got:.1f}"
     else:
       assert got is None and rows[k][1] == "–"
-  ref_mean = np.mean([average_precision_score(y[:, k], dec[:, k]) for k in range(20) if y[:, k].any()])
+  ref_mean = np.mean([average_precision_score(y[:, k], dec[:, k])
+                      for k in range(20) if y[:, k].any()])
   assert rows[20][1] == f"{100 * ref_mean:.1f}"
   assert tables["transfer"][1][0][1] == f"{100 * ref_mean:.1f}"
   section = transfer.table_sections(out, tc)[0]

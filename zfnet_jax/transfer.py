@@ -532,10 +532,11 @@ def per_class_ap_rows(result: dict) -> tuple[list[str], list[list[str]]]:
   paper = list(PAPER_VOC_AP) if len(result["classes"]) == len(PAPER_VOC_AP) else []
   rows = []
   for k, name in enumerate(result["classes"]):
-    rows.append([name] + [cell(None if ap[m] is None else ap[m][k]) for m in ("pretrained", "scratch")]
-                + [str(paper[k]) if paper else "–"])
+    rows.append([name] + [cell(None if ap[m] is None else ap[m][k])
+                          for m in ("pretrained", "scratch")] + [str(paper[k]) if paper else "–"])
   mean = lambda m: None if ap[m] is None else float(np.nanmean(ap[m]))
-  rows.append(["mean"] + [cell(mean(m)) for m in ("pretrained", "scratch")] + ["79.0" if paper else "–"])
+  rows.append(["mean"] + [cell(mean(m)) for m in ("pretrained", "scratch")]
+              + ["79.0" if paper else "–"])
   return header, rows
 
 
@@ -580,7 +581,8 @@ def table_sections(directory: str, settings) -> list[sections_lib.Section]:
         "Per-layer linear probes (Table 7)", "probes",
         [f"Features of each layer on {settings.dataset} (conv outputs max-pooled over a "
          f"{settings.pool_grid}x{settings.pool_grid} grid, standardised), classified by a "
-         "linear SVM and a softmax; mean ± std over random folds. The paper's column is Caltech-101 at 30 "
+         "linear SVM and a softmax; mean ± std over random folds. The paper's column is "
+         f"{'Caltech-256 at 60' if settings.dataset == 'caltech256' else 'Caltech-101 at 30'} "
          "images per class with ImageNet features: compare the trend over layers."],
         tables=[sections_lib.read_table(probes_csv)]))
   if os.path.exists(transfer_csv):
