@@ -3,9 +3,9 @@ r"""Colour at mid scale: full-size ZFNet (Fig. 3) at 224x224 on Imagenette, with
 Command:
   python -m zfnet_jax.main --config=experiments/imagenette.py --workdir=workdirs/imagenette \
       --config.dataset.data_dir=$HOME/tensorflow_datasets
-Needs TFDS imagenette/320px-v2 prepared beforehand (`tfds build imagenette/320px-v2`,
-325 MB): 10 easily told apart ImageNet classes, natural colour photographs (9,469 train,
-3,925 validation) -- between Fashion-MNIST (quickstart) and ImageNet (experiments/zfnet.py).
+TFDS downloads and prepares imagenette/320px-v2 (325 MB) on the first run, or beforehand
+with `tfds build imagenette/320px-v2`: 10 easily told apart ImageNet classes, natural
+colour photographs (9,469 train, 3,925 validation) -- between Fashion-MNIST (quickstart) and ImageNet (experiments/zfnet.py).
 The labels are WordNet ids: tench, English springer, cassette player, chain saw, church,
 French horn, garbage truck, gas pump, golf ball, parachute (n01440764 ... n03888605).
 
