@@ -599,7 +599,8 @@ def table_sections(directory: str, settings) -> list[sections_lib.Section]:
     if os.path.exists(os.path.join(directory, "curve.png")):
       section.figures.append((os.path.join(os.path.basename(directory), "curve.png"),
                               "Score against training images per class, mean ± std over "
-                              "folds (Fig. 9); dashed: the paper's numbers."))
+                              "folds (Fig. 9)" + ("; dashed: the paper's numbers."
+                                                  if settings.dataset in PAPER_TRANSFER else ".")))
     out.append(section)
   return out
 
