@@ -78,3 +78,54 @@ def test_variants_change_what_they_say():
 def test_unknown_variant_lists_allowed(file):
   with pytest.raises(ValueError, match=r"unknown variant 'nope'.*allowed:.*fc8192"):
     load(file).get_config("nope")
+
+
+def test_imagenette_config_is_full_size_zfnet_with_the_papers_recipe():
+  import tensorflow_datasets as tfds
+  c = load("imagenette").get_config()
+  assert (c.model.name, c.dataset.name, c.dataset.crop_size) == (
+      "ZFNet", "imagenette/320px-v2", 224)
+  assert (c.optimizer, c.momentum, c.learning_rate, c.batch_size) == ("sgd", 0.9, 1e-2, 128)
+  assert (c.clip_filters, c.clip_radius, c.model.dropout_rate) == (True, 0.1, 0.5)
+  assert tfds.builder(c.dataset.name).info.features["label"].num_classes == 10
+  model = models.from_config(c.model, 10)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, 224, 224, 3))))
+  assert models.count_params(shapes["params"]) == hand_count("ZFNet", (96, 256, 384, 384, 256),
+                                                             4096, (), classes=10)
+  # The header's FLOP count: 1.16 G multiply-adds per 224 px image, layer by layer.
+  macs = (110 * 110 * 96 * 7 * 7 * 3 + 26 * 26 * 256 * 5 * 5 * 96 + 13 * 13 * 384 * 9 * 256
+          + 13 * 13 * 384 * 9 * 384 + 13 * 13 * 256 * 9 * 384 + 9216 * 4096 + 4096 * 4096
+          + 4096 * 10)
+  assert f"{2 * macs / 1e9:.2f} GFLOPs" in load("imagenette").__doc__
+
+
+@pytest.mark.slow
+def test_imagenette_config_trains_and_reports_on_mock_data(tmp_path):
+  """experiments/imagenette.py with narrow widths and sizes overridden trains two steps
+  on TFDS mock data (nothing downloads) and writes a report with the atlas, the
+  evolution and the occlusion sections (ZFNet at 224 px on CPU: ~1-3 min)."""
+  import os
+  import tensorflow_datasets as tfds
+  from zfnet_jax import pipeline
+  c = load("imagenette").get_config()
+  c.model.conv_features, c.model.fc_features = (8, 8, 8, 8, 8), 8
+  c.dataset.shuffle_buffer, c.dataset.prefetch = 8, 0
+  c.dataset.max_eval_examples = 4
+  c.batch_size, c.eval_batch_size, c.num_train_steps = 4, 4, 2
+  c.ten_crop_eval = False
+  c.evolution_epochs = (0.5, 1)
+  c.report.update(dict(layers=("conv1", "conv5"), num_maps=2, top_k=2, batch_size=4))
+  c.analyses.num_images = 1
+  c.analyses.evolution.update(dict(layers=("conv1",), max_examples=4))
+  c.analyses.occlusion.update(dict(size=56, stride=56))
+  for name in ("invariance", "walkthrough", "diagnostics"):
+    c.analyses[name].enabled = False
+  with tfds.testing.mock_data(num_examples=8):
+    out = pipeline.run(c, str(tmp_path / "run"))
+  assert out["results"]["steps"] == 2
+  html = open(out["report"]).read()
+  for anchor in ("layer-conv1", "layer-conv5", "evolution", "occlusion"):
+    assert f'id="{anchor}"' in html, anchor
+  report_dir = os.path.dirname(out["report"])
+  assert any(f.startswith("atlas_conv1") for f in os.listdir(report_dir))

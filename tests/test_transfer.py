@@ -1,4 +1,5 @@
 """Transfer and per-layer probes (zfnet_jax.transfer) against hand-made references."""
+import json
 import os
 
 import jax
@@ -203,8 +204,11 @@ def test_scratch_control(tiny):
   m, v = tiny
   data = multilabel_data()
   tc = small_tc(scratch_steps=100, scratch_batch_size=16)
-  header, rows = transfer.transfer(m, v, data.images.mean(0), data, tc, 32)
+  res = transfer.transfer_scores(m, v, data.images.mean(0), data, tc, 32)
+  header, rows = transfer.transfer_rows(res, tc.dataset)
   assert header == ["model", "all (mAP %)"]
+  # Per-class AP of the scratch model (Table 6's column): its mean is the table's mAP.
+  assert rows[1][1] == f"{100 * np.mean(res['per_class_ap']['scratch']):.1f}"
   assert rows[1][0] == "same architecture from scratch"
   chance = chance_map(data.labels[40:])
   assert chance + 35 <= float(rows[0][1]) <= 100.0, (chance, rows)
@@ -263,3 +267,130 @@ def test_tfds_loaders_on_mock_data():
     assert d.images.shape == (8, 32, 32, 1) and d.labels.shape == (8, 20) and d.multilabel
     assert [len(s) for s in d.split] == [4, 4] and not set(d.split[0]) & set(d.split[1])
     assert 0 <= d.images.min() and d.images.max() <= 255
+
+
+def test_average_precisions_equal_sklearn_per_class():
+  """Per-class AP (Table 6) is scikit-learn's average_precision_score of each column; a class
+  without positives is NaN and left out of the mean."""
+  from sklearn.metrics import average_precision_score
+  rng = np.random.default_rng(0)
+  labels = (rng.uniform(size=(40, 5)) < 0.3).astype(np.int32)
+  labels[:, 3] = 0
+  scores = rng.normal(size=(40, 5)) + labels
+  ap = transfer.average_precisions(labels, scores)
+  for k in (0, 1, 2, 4):
+    assert ap[k] == pytest.approx(average_precision_score(labels[:, k], scores[:, k]))
+  assert np.isnan(ap[3])
+  assert transfer.mean_average_precision(labels, scores) == pytest.approx(
+      np.mean([average_precision_score(labels[:, k], scores[:, k]) for k in (0, 1, 2, 4)]))
+  # Table 6 as transcribed: its 20 classes average to the paper's 79.0.
+  assert len(transfer.PAPER_VOC_AP) == 20 and round(np.mean(transfer.PAPER_VOC_AP), 1) == 79.0
+
+
+def write_caltech256(root):
+  """A 256_ObjectCategories-shaped folder: 3 classes of 9, 8, 10 images (one grey, one PNG,
+  sizes vary), a clutter class, a text file and a sub-folder that must be skipped."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  counts = {"001.ak47": 9, "002.american-flag": 8, "003.backpack": 10, "257.clutter": 5}
+  for d, n in counts.items():
+    os.makedirs(root / d / "greg")
+    (root / d / "RENAME2").write_text("not an image")
+    for i in range(n):
+      h, w = 30 + 7 * i, 50 - 2 * i
+      img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+      img = img.convert("L") if i == 0 else img
+      img.save(root / d / f"{d[:3]}_{i:04d}.{'png' if i == 1 else 'jpg'}")
+  return counts
+
+
+def test_caltech256_folder_protocol_and_curve(tiny, tmp_path):
+  """Caltech-256 (no TFDS builder: its folder): clutter left out; each setting of the
+  15/30/45/60-style protocol has 5 folds with exactly n training images of every class;
+  transfer.json holds every fold and the Fig. 9 curve is written."""
+  m, v = tiny
+  counts = write_caltech256(tmp_path / "256_ObjectCategories")
+  tc = small_tc(dataset="caltech256", data_dir=str(tmp_path), train_per_class=(2, 4, 6),
+                test_per_class=3, folds=5)                  # scratch: test_scratch_control
+  data = transfer.load_target(tc, 32, 36, 1)
+  assert data.class_names == ["ak47", "american-flag", "backpack"]
+  np.testing.assert_array_equal(np.bincount(data.labels), [9, 8, 10])
+  assert data.images.shape == (27, 32, 32, 1) and data.images.dtype == np.uint8
+  splits = transfer.splits_for(data, tc)
+  assert list(splits) == ["2", "4", "6"]
+  for n, folds in splits.items():
+    assert len(folds) == 5
+    for tr, te in folds:
+      np.testing.assert_array_equal(np.bincount(data.labels[tr], minlength=3), [int(n)] * 3)
+      assert np.bincount(data.labels[te], minlength=3).max() <= 3 and not set(tr) & set(te)
+  out = str(tmp_path / "out")
+  tables = transfer.write_tables(m, v, data.images.mean(0), tc, 32, 36, out, which=("transfer",))
+  header, rows = tables["transfer"]
+  assert header[1:4] == [f"{n}/class (mean class acc %)" for n in (2, 4, 6)]
+  assert header[4] == "paper (15 / 30 / 45 / 60 per class)"
+  assert rows[0][4] == "65.7 / 70.6 / 72.7 / 74.2"
+  with open(os.path.join(out, "transfer.json")) as f:
+    res = json.load(f)
+  assert res["dataset"] == "caltech256" and list(res["scores"]) == ["2", "4", "6"]
+  for n in ("2", "4", "6"):
+    assert len(res["scores"][n]["pretrained"]) == 5 and res["scores"][n]["scratch"] is None
+    assert rows[0][1 + ["2", "4", "6"].index(n)].startswith(
+        f"{100 * np.mean(res['scores'][n]['pretrained']):.1f} ± ")
+  with open(os.path.join(out, "curve.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert sum(counts.values()) - counts["257.clutter"] == len(data.labels)
+  section = transfer.table_sections(out, tc)[0]
+  assert section.figures[0][0] == os.path.join("out", "curve.png") and len(section.tables) == 1
+  with pytest.raises(FileNotFoundError, match="256_ObjectCategories.tar"):
+    transfer.load_target(small_tc(dataset="caltech256", data_dir=str(tmp_path / "no")), 32, 36, 1)
+
+
+def test_voc_per_class_ap_on_mock_data(tiny, tmp_path):
+  """VOC 2012 on TFDS mock data: per_class_ap.csv (Table 6) has the 20 classes, each AP equal
+  to scikit-learn's on the same classifier's validation scores, the mean row and the paper's."""
+  from sklearn.metrics import average_precision_score
+  m, v = tiny
+  tc = small_tc(dataset="voc2012")
+  out = str(tmp_path / "out")
+  with tfds.testing.mock_data(num_examples=16):
+    data = transfer.load_target(tc, 32, 36, 1)
+    mean = data.images.mean(0)
+    tables = transfer.write_tables(m, v, mean, tc, 32, 36, out, which=("transfer",))
+  header, rows = tables["per_class_ap"]
+  names = tfds.builder("voc/2012").info.features["labels"].feature.names
+  assert [r[0] for r in rows] == list(names) + ["mean"]
+  assert [float(r[3]) for r in rows[:20]] == list(transfer.PAPER_VOC_AP) and rows[20][3] == "79.0"
+  with open(os.path.join(out, "transfer.json")) as f:
+    res = json.load(f)
+  assert len(res["per_class_ap"]["pretrained"]) == 20 and res["per_class_ap"]["scratch"] is None
+  # Independent check: scikit-learn's AP of each class on the softmax's decision values.
+  tr, te = data.split
+  feats = transfer.extract_features(m, v, data.images, mean, {7: "fc7"}, tc.pool_grid)[7]
+  dec = transfer.fit_predict("softmax", feats[tr], data.labels[tr], feats[te], tc.softmax_c, True)
+  y = data.labels[te]
+  for k in range(20):
+    got = res["per_class_ap"]["pretrained"][k]
+    if y[:, k].any():
+      assert got == pytest.approx(average_precision_score(y[:, k], dec[:, k]))
+      assert rows[k][1] == f"{100 * got:.1f}"
+    else:
+      assert got is None and rows[k][1] == "–"
+  ref_mean = np.mean([average_precision_score(y[:, k], dec[:, k])
+                      for k in range(20) if y[:, k].any()])
+  assert rows[20][1] == f"{100 * ref_mean:.1f}"
+  assert tables["transfer"][1][0][1] == f"{100 * ref_mean:.1f}"
+  section = transfer.table_sections(out, tc)[0]
+  assert section.tables[1] == (header, rows) and not section.figures
+
+
+def test_caltech256_config_states_the_papers_protocol():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments", "transfer_caltech256.py")
+  spec = importlib.util.spec_from_file_location("transfer_caltech256", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  tc = module.get_config().transfer
+  assert (tc.dataset, tuple(tc.train_per_class), tc.folds) == ("caltech256", (15, 30, 45, 60), 5)
+  paper = transfer.PAPER_TRANSFER["caltech256"]["pretrained"]
+  assert list(paper) == [15, 30, 45, 60]
+  assert " / ".join(map(str, paper.values())) == "65.7 / 70.6 / 72.7 / 74.2" in module.__doc__

@@ -181,8 +181,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.transfer = ml_collections.ConfigDict()
   c.transfer.source_workdir = ""       # trained model to transfer ("" = the run's own workdir)
   c.transfer.in_report = False         # write_report computes the tables if missing and shows them
-  c.transfer.dataset = "digits"        # digits (scikit-learn's, offline) | caltech101 | voc2012
-  c.transfer.data_dir = ""             # TFDS data_dir for caltech101 / voc2012 ("" = default)
+  c.transfer.dataset = "digits"        # digits (scikit-learn's, offline) | caltech101 | caltech256 | voc2012
+  c.transfer.data_dir = ""             # TFDS data_dir for caltech101 / voc2012 ("" = default);
+                                       # caltech256: its 256_ObjectCategories folder (no TFDS builder)
   c.transfer.train_per_class = (15, 30)  # training images per class (single-label datasets)
   c.transfer.test_per_class = 50       # at most this many test images per class
   c.transfer.folds = 5                 # random train/test splits; mean +- std over them

@@ -18,15 +18,19 @@ and LogisticRegression (softmax).
 
 Single-label datasets: ``folds`` random splits with ``n`` training images per
 class and at most ``test_per_class`` of the rest for testing; the score is the
-mean per-class accuracy (as the paper, Caltech-101). Multi-label (VOC 2012):
-one-vs-rest classifiers on TFDS train, mean average precision on validation.
-Outputs go to <workdir>/transfer/ (or the report's transfer/): probes.csv/.md and
-transfer.csv/.md.
+mean per-class accuracy (as the paper, Caltech-101 and Caltech-256, Tables 4
+and 5). Multi-label (VOC 2012): one-vs-rest classifiers on TFDS train, average
+precision of each class on validation (Table 6) and their mean.
+Outputs go to <workdir>/transfer/ (or the report's transfer/): probes.csv/.md,
+transfer.csv/.md, transfer.json (every fold's score; per-class AP), for VOC
+per_class_ap.csv/.md (Table 6), for single-label sets curve.png (Fig. 9: score
+against training images per class).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Sequence
 
@@ -45,25 +49,37 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from zfnet_jax import checkpoints, console, deconv, input_pipeline, models, train_state
+from zfnet_jax import checkpoints, console, deconv, figures, input_pipeline, models, train_state
 from zfnet_jax import sections as sections_lib
 
 LAYER_OUTPUTS = {1: ("norm1", "pool1"), 2: ("norm2", "pool2"), 3: ("conv3",), 4: ("conv4",),
                  5: ("pool5",), 6: ("fc6",), 7: ("fc7",)}
-DATASETS = ("digits", "caltech101", "voc2012")
+DATASETS = ("digits", "caltech101", "caltech256", "voc2012")
 CLASSIFIERS = ("svm", "softmax")
-# Paper Table 7, Caltech-101 at 30 images per class (% mean per-class accuracy).
+# Paper Table 7 (% mean per-class accuracy): Caltech-101 at 30 images per class, and
+# Caltech-256 at 60 (shown for caltech256; Caltech-101's for every other dataset).
 PAPER_TABLE7 = {"svm": {1: 44.8, 2: 66.2, 3: 72.3, 4: 76.6, 5: 86.2, 7: 85.5},
                 "softmax": {5: 82.9, 7: 85.4}}
-# Paper Sec. 5.2 (Table 4), Caltech-101 at 15 / 30 images per class.
-PAPER_TRANSFER = {"pretrained": {15: 83.8, 30: 86.5}, "scratch": {15: 22.8, 30: 46.5}}
+PAPER_TABLE7_256 = {"svm": {1: 24.6, 2: 39.6, 3: 46.0, 4: 51.3, 5: 65.6, 7: 71.7},
+                    "softmax": {5: 65.7, 7: 72.6}}
+# Paper Sec. 5.2: training images per class -> % mean per-class accuracy, ImageNet-pretrained
+# (layers 1-7 frozen + softmax) and the same net trained from scratch ("non-pretrained").
+PAPER_TRANSFER = {
+    "caltech101": {"pretrained": {15: 83.8, 30: 86.5}, "scratch": {15: 22.8, 30: 46.5}},  # Table 4
+    "caltech256": {"pretrained": {15: 65.7, 30: 70.6, 45: 72.7, 60: 74.2},                 # Table 5
+                   "scratch": {15: 9.0, 30: 22.5, 45: 31.2, 60: 38.8}},
+}
+# Paper Table 6: PASCAL VOC 2012 test, AP % per class (TFDS voc/2012 label order); mean 79.0.
+PAPER_VOC_AP = (96.0, 77.1, 88.4, 85.5, 55.8, 85.8, 78.6, 91.2, 65.0, 74.4,
+                67.7, 87.8, 86.0, 85.1, 90.9, 52.2, 83.6, 61.1, 91.8, 76.1)
+CALTECH256_URL = "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"
 
 
 @dataclasses.dataclass
 class TargetData:
   """A transfer dataset as arrays.
 
-  images: float32 (N, S, S, C) pixel values 0..255 at the model's input size.
+  images: uint8 or float32 (N, S, S, C) pixel values 0..255 at the model's input size.
   labels: int (N,) or, for multi-label sets, {0,1} (N, K).
   split: None (random folds) or (train indices, test indices), fixed.
   """
@@ -85,10 +101,11 @@ def load_digits(input_size: int, channels: int) -> TargetData:
                     [str(i) for i in range(10)])
 
 
-def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label_fn):
+def _as_arrays(ds, desc, resize_size, crop_size, channels, label_fn):
+  """tf.data of {"image": uint8 (H, W, 3), ...} -> uint8 (N, S, S, C), labels: smaller
+  side to ``resize_size`` (antialiased), centre crop ``crop_size``."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
-  tf.config.set_visible_devices([], "GPU")
 
   def prep(ex):
     img = ex["image"]
@@ -101,22 +118,73 @@ def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label
       img = tf.image.rgb_to_grayscale(img)
     return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8), label_fn(ex)
 
-  images, labels, counts = [], [], []
-  for split in splits:
-    ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False)
-    n0 = sum(map(len, images))
-    for img, lab in console.progress(tfds.as_numpy(ds.map(prep, num_parallel_calls=8).batch(256)),
-                                     desc=f"{name}:{split}", unit="batch"):
-      images.append(img)
-      labels.append(lab)
-    counts.append(sum(map(len, images)) - n0)
-  return np.concatenate(images), np.concatenate(labels), counts
+  images, labels = [], []
+  for img, lab in console.progress(tfds.as_numpy(ds.map(prep, num_parallel_calls=8).batch(256)),
+                                   desc=desc, unit="batch"):
+    images.append(img)
+    labels.append(lab)
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label_fn):
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  tf.config.set_visible_devices([], "GPU")
+  parts = [_as_arrays(tfds.load(name, split=split, data_dir=data_dir or None, download=False),
+                      f"{name}:{split}", resize_size, crop_size, channels, label_fn)
+           for split in splits]
+  return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+          [len(p[1]) for p in parts])
+
+
+def caltech256_files(root: str) -> tuple[list[str], np.ndarray, list[str]]:
+  """(image paths, int labels, class names) of Caltech-256's 256_ObjectCategories folder.
+
+  ``root`` is that folder or one holding it; one sub-folder per class, "001.ak47" ...
+  "256.toad" (names without the number). "257.clutter" is left out: in Griffin et
+  al.'s protocol, which the paper follows, clutter is background, not one of the 256
+  classes. Only files directly in a class folder with an image extension are read.
+  """
+  if os.path.isdir(os.path.join(root, "256_ObjectCategories")):
+    root = os.path.join(root, "256_ObjectCategories")
+  if not root or not os.path.isdir(root):
+    raise FileNotFoundError(
+        f"Caltech-256 folder {root!r} not found (TFDS has no Caltech-256): download "
+        f"{CALTECH256_URL} (1.2 GB), untar it and set --config.transfer.data_dir to "
+        "the 256_ObjectCategories folder or the folder holding it")
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                   and d.split(".", 1)[-1] != "clutter")
+  paths, labels = [], []
+  for label, d in enumerate(classes):
+    files = sorted(f for f in os.listdir(os.path.join(root, d))
+                   if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(root, d, f)))
+    paths += [os.path.join(root, d, f) for f in files]
+    labels += [label] * len(files)
+  if len(classes) < 2 or not paths:
+    raise ValueError(f"Caltech-256 folder {root!r} has {len(classes)} class folder(s) and "
+                     f"{len(paths)} images; expected 256 folders 001.ak47 ... 256.toad")
+  return paths, np.asarray(labels, np.int32), [d.split(".", 1)[-1] for d in classes]
+
+
+def load_caltech256(root: str, input_size: int, resize_size: int, channels: int) -> TargetData:
+  """Caltech-256 (256 classes, 30,607 images less 827 clutter) from its folder, as uint8."""
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  paths, labels, names = caltech256_files(root)
+  ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(lambda p, l: {
+      "image": tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False),
+      "label": l})
+  x, y = _as_arrays(ds, "caltech256", resize_size, input_size, channels, lambda ex: ex["label"])
+  return TargetData(x, y.astype(np.int32), names)
 
 
 def load_target(settings, input_size: int, resize_size: int, channels: int) -> TargetData:
   """The dataset ``settings.dataset`` names, preprocessed for a model of this input."""
   if settings.dataset == "digits":
     return load_digits(input_size, channels)
+  if settings.dataset == "caltech256":
+    return load_caltech256(settings.data_dir, input_size, resize_size, channels)
   import tensorflow_datasets as tfds
   if settings.dataset == "caltech101":
     # TFDS's train/test split is merged; folds are drawn per class as in the paper.
@@ -124,7 +192,7 @@ def load_target(settings, input_size: int, resize_size: int, channels: int) -> T
                            input_size, channels, lambda ex: ex["label"])
     names = tfds.builder("caltech101", data_dir=settings.data_dir or None).info.features[
         "label"].names
-    return TargetData(x.astype(np.float32), y.astype(np.int32), names)
+    return TargetData(x, y.astype(np.int32), names)
   if settings.dataset == "voc2012":
     import tensorflow as tf
     multi_hot = lambda ex: tf.reduce_max(tf.one_hot(ex["labels"], 20, dtype=tf.int32), axis=0)
@@ -133,7 +201,7 @@ def load_target(settings, input_size: int, resize_size: int, channels: int) -> T
     names = tfds.builder("voc/2012", data_dir=settings.data_dir or None).info.features[
         "labels"].feature.names
     idx = np.arange(len(x))
-    return TargetData(x.astype(np.float32), y, names, multilabel=True,
+    return TargetData(x, y, names, multilabel=True,
                       split=(idx[:n_train], idx[n_train:]))
   raise ValueError(f"unknown transfer dataset {settings.dataset!r}; allowed: "
                    f"{', '.join(DATASETS)}")
@@ -213,15 +281,21 @@ def mean_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
   return float(np.mean([np.mean(predictions[labels == c] == c) for c in np.unique(labels)]))
 
 
+def average_precisions(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+  """(N, K) {0,1} labels and scores -> (K,) average precision of each class (scikit-learn's,
+  the mean over positives of the precision at their rank); NaN for a class without positives."""
+  return np.array([average_precision_score(labels[:, k], scores[:, k]) if labels[:, k].any()
+                   else np.nan for k in range(labels.shape[1])])
+
+
 def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
   """(N, K) {0,1} labels and scores -> mean over classes (with positives) of the AP."""
-  keep = labels.sum(0) > 0
-  return float(np.mean([average_precision_score(labels[:, k], scores[:, k])
-                        for k in np.flatnonzero(keep)]))
+  return float(np.nanmean(average_precisions(labels, scores)))
 
 
-def fit_score(kind: str, x_train, y_train, x_test, y_test, c: float, multilabel: bool) -> float:
-  """Standardise, fit a linear classifier, score on the test set (accuracy or mAP)."""
+def fit_predict(kind: str, x_train, y_train, x_test, c: float, multilabel: bool) -> np.ndarray:
+  """Standardise, fit a linear classifier; test outputs: predicted labels (N,), or for
+  multi-label data one-vs-rest decision values (N, K)."""
   if kind == "svm":
     clf = LinearSVC(C=c, max_iter=5000)
   elif kind == "softmax":
@@ -231,9 +305,19 @@ def fit_score(kind: str, x_train, y_train, x_test, y_test, c: float, multilabel:
   if multilabel:
     clf = OneVsRestClassifier(clf)
   pipe = make_pipeline(StandardScaler(), clf).fit(x_train, y_train)
+  return pipe.decision_function(x_test) if multilabel else pipe.predict(x_test)
+
+
+def score(labels: np.ndarray, outputs: np.ndarray, multilabel: bool) -> float:
+  """Mean AP of (N, K) scores, or mean per-class accuracy of (N,) predictions."""
   if multilabel:
-    return mean_average_precision(y_test, pipe.decision_function(x_test))
-  return mean_class_accuracy(y_test, pipe.predict(x_test))
+    return mean_average_precision(labels, outputs)
+  return mean_class_accuracy(labels, outputs)
+
+
+def fit_score(kind: str, x_train, y_train, x_test, y_test, c: float, multilabel: bool) -> float:
+  """Standardise, fit a linear classifier, score on the test set (accuracy or mAP)."""
+  return score(y_test, fit_predict(kind, x_train, y_train, x_test, c, multilabel), multilabel)
 
 
 def splits_for(data: TargetData, settings) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
@@ -283,7 +367,8 @@ def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
   tx, step = _scratch_step(model, float(learning_rate), bool(multilabel), bool(flip),
                            float(clip_radius))
   shape = (1, *images.shape[1:])
-  state = jax.jit(train_state.init_fn(model, shape, tx, seed=seed, clip_radius=clip_radius))()
+  # Not jitted: the seed is a constant of init_fn, and eager ops compile once for all folds.
+  state = train_state.init_fn(model, shape, tx, seed=seed, clip_radius=clip_radius)()
   params, opt_state = state.params, state.opt_state
   rng = np.random.default_rng(seed)
   key = jax.random.PRNGKey(seed + 1)
@@ -299,14 +384,22 @@ def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
   return {"params": params}
 
 
-def scratch_score(model, variables, images, labels, mean, multilabel, batch_size=128) -> float:
-  """Test score of a (from-scratch) model's own classifier."""
-  apply = jax.jit(lambda x: model.apply(variables, x - mean))
-  scores = np.concatenate([np.asarray(apply(np.asarray(images[i:i + batch_size], np.float32)))
-                           for i in range(0, len(images), batch_size)])
-  if multilabel:
-    return mean_average_precision(labels, scores)
-  return mean_class_accuracy(labels, scores.argmax(-1))
+def scratch_outputs(model, variables, images, mean, multilabel, batch_size=128) -> np.ndarray:
+  """A (from-scratch) model's own classifier on pixel images: logits (N, K) for
+  multi-label data, else predicted labels (N,)."""
+  apply = _jitted_apply(model)
+  logits = []
+  for i in range(0, len(images), batch_size):
+    x = np.zeros((batch_size, *images.shape[1:]), np.float32)   # one shape: one compile
+    x[:len(images[i:i + batch_size])] = images[i:i + batch_size]
+    logits.append(np.asarray(apply(variables, x, mean))[:len(images[i:i + batch_size])])
+  logits = np.concatenate(logits)
+  return logits if multilabel else logits.argmax(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(model):
+  return jax.jit(lambda variables, x, mean: model.apply(variables, x - mean))
 
 
 # -- tables --------------------------------------------------------------------
@@ -338,7 +431,9 @@ def probes(net, variables, mean, data: TargetData, settings, input_size: int
   header = ["layer", "output", "dims"] + [
       f"{k} {n}{'/class' if n != 'all' else ''} ({metric} %)"
       for n in splits for k in settings.classifiers]
-  header += [f"paper Caltech-101 30/class {k}" for k in settings.classifiers]
+  paper, where = ((PAPER_TABLE7_256, "Caltech-256 60/class") if settings.dataset == "caltech256"
+                  else (PAPER_TABLE7, "Caltech-101 30/class"))
+  header += [f"paper {where} {k}" for k in settings.classifiers]
   rows = []
   for l, name in console.progress(names.items(), desc="probes", unit="layer"):
     f = feats[l]
@@ -348,55 +443,133 @@ def probes(net, variables, mean, data: TargetData, settings, input_size: int
         c = settings.svm_c if k == "svm" else settings.softmax_c
         row.append(_fmt([fit_score(k, f[tr], data.labels[tr], f[te], data.labels[te], c,
                                    data.multilabel) for tr, te in folds]))
-    row += [str(PAPER_TABLE7[k].get(l, "–")) for k in settings.classifiers]
+    row += [str(paper[k].get(l, "–")) for k in settings.classifiers]
     rows.append(row)
   return header, rows
 
 
-def transfer(net, variables, mean, data: TargetData, settings, input_size: int, seed: int = 0,
-             clip_radius: float = 0.1) -> tuple[list[str], list[list[str]]]:
+def transfer_scores(net, variables, mean, data: TargetData, settings, input_size: int,
+                    seed: int = 0, clip_radius: float = 0.1) -> dict:
   """Sec. 5.2: frozen layers 1-7 + new softmax vs the same architecture from scratch
-  (trained with the recipe of ``train_scratch``, clipping at ``clip_radius``)."""
+  (trained with the recipe of ``train_scratch``, clipping at ``clip_radius``).
+
+  Returns {"metric", "layer" (the frozen features' layer), "scores": {setting:
+  {"pretrained": [score of each fold], "scratch": [...] or None (not run)}}}, scores
+  in [0, 1]; for multi-label data also "classes" and "per_class_ap": {"pretrained",
+  "scratch": (K,) AP of each class, mean over folds (NaN: no positive in the test set)}.
+  """
   _check(settings)
   net = deconv.as_network(net)
   names = probe_layers(net, input_size, (7, 6, 5))
   top = max(names)                       # fc7, else the highest layer left
   feats = extract_features(net, variables, data.images, mean, {top: names[top]},
                            settings.pool_grid, settings.batch_size)[top]
-  splits = splits_for(data, settings)
-  metric = "mAP" if data.multilabel else "mean class acc"
-  header = ["model"] + [f"{n}{'/class' if n != 'all' else ''} ({metric} %)" for n in splits]
-  pre = ["pretrained, layers 1-7 frozen + softmax"]
-  scratch = ["same architecture from scratch"]
-  for n, folds in splits.items():
-    pre.append(_fmt([fit_score("softmax", feats[tr], data.labels[tr], feats[te], data.labels[te],
-                               settings.softmax_c, data.multilabel) for tr, te in folds]))
+  if settings.scratch_steps > 0 and net.module is None:
+    raise ValueError(f"the from-scratch control needs a Flax module to retrain; {net.name} "
+                     "has none (set transfer.scratch_steps=0)")
+  outputs = {"pretrained": {}, "scratch": {}}   # setting -> [(test labels, outputs) per fold]
+  for n, folds in splits_for(data, settings).items():
+    outputs["pretrained"][n] = [
+        (data.labels[te], fit_predict("softmax", feats[tr], data.labels[tr], feats[te],
+                                      settings.softmax_c, data.multilabel)) for tr, te in folds]
     if settings.scratch_steps > 0:
-      if net.module is None:
-        raise ValueError(f"the from-scratch control needs a Flax module to retrain; {net.name} "
-                         "has none (set transfer.scratch_steps=0)")
       fresh = net.module.clone(num_classes=len(data.class_names), rule="backprop")
-      res = []
+      outputs["scratch"][n] = []
       for f, (tr, te) in enumerate(folds):
         v = train_scratch(fresh, data.images[tr], data.labels[tr], mean,
                           steps=settings.scratch_steps, batch_size=settings.scratch_batch_size,
                           learning_rate=settings.scratch_learning_rate, multilabel=data.multilabel,
                           flip=settings.scratch_flip, seed=seed + f, clip_radius=clip_radius)
-        res.append(scratch_score(fresh, v, data.images[te], data.labels[te], mean,
-                                 data.multilabel))
-      scratch.append(_fmt(res))
-    else:
-      scratch.append("not run")
-  rows = [pre, scratch]
-  if settings.dataset == "caltech101":
-    header.append("paper (15 / 30 per class)")
-    rows[0].append("83.8 / 86.5")
-    rows[1].append("22.8 / 46.5")
-  elif settings.dataset == "voc2012":
-    header.append("paper (test mAP)")
-    rows[0].append("79.0")
-    rows[1].append("–")
+        outputs["scratch"][n].append(
+            (data.labels[te], scratch_outputs(fresh, v, data.images[te], mean, data.multilabel)))
+  result = {"metric": "mAP" if data.multilabel else "mean class acc", "layer": names[top],
+            "scores": {n: {m: [score(y, o, data.multilabel) for y, o in outputs[m][n]]
+                           if n in outputs[m] else None for m in outputs}
+                       for n in outputs["pretrained"]}}
+  if data.multilabel:
+    result["classes"] = list(data.class_names)
+    result["per_class_ap"] = {
+        m: np.mean([average_precisions(y, o) for n in by_n for y, o in by_n[n]], axis=0)
+        if by_n else None for m, by_n in outputs.items()}
+  return result
+
+
+def _paper_transfer(dataset: str):
+  """(header cell, pretrained cell, scratch cell) of the paper's Sec. 5.2 numbers, or None."""
+  if dataset in PAPER_TRANSFER:
+    p = PAPER_TRANSFER[dataset]
+    return (f"paper ({' / '.join(map(str, p['pretrained']))} per class)",
+            " / ".join(map(str, p["pretrained"].values())),
+            " / ".join(map(str, p["scratch"].values())))
+  if dataset == "voc2012":
+    return "paper (test mAP)", "79.0", "–"
+  return None
+
+
+def transfer_rows(result: dict, dataset: str) -> tuple[list[str], list[list[str]]]:
+  """The Sec. 5.2 table (Tables 4, 5; VOC's mean) of ``transfer_scores``' result."""
+  header = ["model"] + [f"{n}{'/class' if n != 'all' else ''} ({result['metric']} %)"
+                        for n in result["scores"]]
+  pre = ["pretrained, layers 1-7 frozen + softmax"]
+  scratch = ["same architecture from scratch"]
+  for by_model in result["scores"].values():
+    pre.append(_fmt(by_model["pretrained"]))
+    scratch.append("not run" if by_model["scratch"] is None else _fmt(by_model["scratch"]))
+  paper = _paper_transfer(dataset)
+  if paper:
+    header.append(paper[0])
+    pre.append(paper[1])
+    scratch.append(paper[2])
+  return header, [pre, scratch]
+
+
+def per_class_ap_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+  """Table 6: AP % of each class (pretrained, scratch, the paper's) and their mean."""
+  ap = result["per_class_ap"]
+  cell = lambda v: "–" if v is None or np.isnan(v) else f"{100 * v:.1f}"
+  header = ["class", "pretrained, layers 1-7 frozen + softmax (AP %)",
+            "same architecture from scratch (AP %)", "paper Table 6 (test AP %)"]
+  paper = list(PAPER_VOC_AP) if len(result["classes"]) == len(PAPER_VOC_AP) else []
+  rows = []
+  for k, name in enumerate(result["classes"]):
+    rows.append([name] + [cell(None if ap[m] is None else ap[m][k])
+                          for m in ("pretrained", "scratch")] + [str(paper[k]) if paper else "–"])
+  mean = lambda m: None if ap[m] is None else float(np.nanmean(ap[m]))
+  rows.append(["mean"] + [cell(mean(m)) for m in ("pretrained", "scratch")]
+              + ["79.0" if paper else "–"])
   return header, rows
+
+
+def transfer_curve(result: dict, dataset: str, path: str) -> str:
+  """Fig. 9: mean per-class accuracy (mean ± std over folds) against training images per
+  class, pretrained vs from scratch, and the paper's points where it has them."""
+  plt = figures.pyplot()
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  ns = [int(n) for n in result["scores"]]
+  for m, label, colour in (("pretrained", "pretrained, frozen + softmax", "C0"),
+                           ("scratch", "same architecture from scratch", "C1")):
+    runs = [result["scores"][str(n)][m] for n in ns]
+    if all(r is not None for r in runs):
+      ax.errorbar(ns, [100 * np.mean(r) for r in runs], [100 * np.std(r) for r in runs],
+                  marker="o", color=colour, capsize=3, label=f"{label} (ours)")
+    if dataset in PAPER_TRANSFER:
+      p = PAPER_TRANSFER[dataset][m]
+      ax.plot(list(p), list(p.values()), "--s", color=colour, alpha=0.6,
+              label=f"{label} (paper)")
+  ax.set_xlabel("training images per class")
+  ax.set_ylabel("mean per-class accuracy (%)")
+  ax.set_title(f"Transfer to {dataset} (Fig. 9)")
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return figures.save_figure(fig, path)
+
+
+def transfer(net, variables, mean, data: TargetData, settings, input_size: int, seed: int = 0,
+             clip_radius: float = 0.1) -> tuple[list[str], list[list[str]]]:
+  """The Sec. 5.2 table of ``transfer_scores`` (header, rows)."""
+  return transfer_rows(transfer_scores(net, variables, mean, data, settings, input_size, seed,
+                                       clip_radius), settings.dataset)
 
 
 def table_sections(directory: str, settings) -> list[sections_lib.Section]:
@@ -408,15 +581,27 @@ def table_sections(directory: str, settings) -> list[sections_lib.Section]:
         "Per-layer linear probes (Table 7)", "probes",
         [f"Features of each layer on {settings.dataset} (conv outputs max-pooled over a "
          f"{settings.pool_grid}x{settings.pool_grid} grid, standardised), classified by a "
-         "linear SVM and a softmax; mean ± std over random folds. The paper's column is Caltech-101 at 30 "
+         "linear SVM and a softmax; mean ± std over random folds. The paper's column is "
+         f"{'Caltech-256 at 60' if settings.dataset == 'caltech256' else 'Caltech-101 at 30'} "
          "images per class with ImageNet features: compare the trend over layers."],
         tables=[sections_lib.read_table(probes_csv)]))
   if os.path.exists(transfer_csv):
-    out.append(sections_lib.Section(
+    section = sections_lib.Section(
         "Transfer: frozen features vs training from scratch (Sec. 5.2)", "transfer",
         [f"A new softmax on the frozen layers 1-7, against the same architecture trained from "
          f"a fresh initialisation on the same {settings.dataset} images."],
-        tables=[sections_lib.read_table(transfer_csv)]))
+        tables=[sections_lib.read_table(transfer_csv)])
+    ap_csv = os.path.join(directory, "per_class_ap.csv")
+    if os.path.exists(ap_csv):
+      section.paragraphs.append("Average precision of each class on the validation split "
+                                "(Table 6; the paper's is on the test server's split).")
+      section.tables.append(sections_lib.read_table(ap_csv))
+    if os.path.exists(os.path.join(directory, "curve.png")):
+      section.figures.append((os.path.join(os.path.basename(directory), "curve.png"),
+                              "Score against training images per class, mean ± std over "
+                              "folds (Fig. 9)" + ("; dashed: the paper's numbers."
+                                                  if settings.dataset in PAPER_TRANSFER else ".")))
+    out.append(section)
   return out
 
 
@@ -434,11 +619,33 @@ def write_tables(net, variables, mean, settings, input_size: int, resize_size: i
   if "probes" in which:
     tables["probes"] = probes(net, variables, mean, data, settings, input_size)
   if "transfer" in which:
-    tables["transfer"] = transfer(net, variables, mean, data, settings, input_size, seed,
-                                  clip_radius)
+    result = transfer_scores(net, variables, mean, data, settings, input_size, seed, clip_radius)
+    tables["transfer"] = transfer_rows(result, settings.dataset)
+    if data.multilabel:
+      tables["per_class_ap"] = per_class_ap_rows(result)
+    else:
+      transfer_curve(result, settings.dataset, os.path.join(directory, "curve.png"))
+    write_json(result, settings.dataset, os.path.join(directory, "transfer.json"))
   for stem, (header, rows) in tables.items():
     sections_lib.write_table(header, rows, directory, stem)
   return tables
+
+
+def write_json(result: dict, dataset: str, path: str) -> str:
+  """``transfer_scores``' result as JSON (scores in [0, 1]; NaN -> null), with the paper's."""
+  plain = lambda v: [None if np.isnan(x) else float(x) for x in v] if isinstance(
+      v, np.ndarray) else v
+  out = {"dataset": dataset, **result}
+  if "per_class_ap" in out:
+    out["per_class_ap"] = {m: plain(v) for m, v in out["per_class_ap"].items()}
+    out["paper_per_class_ap"] = list(PAPER_VOC_AP) if dataset == "voc2012" else None
+  if dataset in PAPER_TRANSFER:
+    out["paper"] = {m: {str(n): v for n, v in p.items()}
+                    for m, p in PAPER_TRANSFER[dataset].items()}
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(out, f, indent=1)
+  return path
 
 
 # -- the report ----------------------------------------------------------------
