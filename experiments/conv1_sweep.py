@@ -48,7 +48,7 @@ from zfnet_jax import conv1_sweep, sweeps
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = "experiments/conv1_sweep.py"
 GRID = ((3, 1), (5, 1), (7, 1), (5, 2), (7, 2), (9, 2), (11, 2), (7, 4), (9, 4), (11, 4))
-EPOCHS = 3.0
+EPOCHS = 4.0
 GPU_SEEDS = (0, 1, 2)
 INPUT_SIZE = {"": 28, "imagenette": 224, "imagenet": 224}
 

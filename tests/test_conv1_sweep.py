@@ -128,8 +128,10 @@ def test_first_layer_measures_zero_filter_is_dead():
   """A ZFNetLowRes at 28 px with conv1 filter 2 set to zero: dead 1/4; bands over the 3
   live filters; geometry and costs by hand (conv1 7x7/2 -> 12, conv2 5x5/2 -> 2)."""
   model = models.ZFNetLowRes(num_classes=3, conv_features=(4, 4, 4, 4, 4), fc_features=8)
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))
-  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1)))
+  rng = np.random.default_rng(0)                  # random weights without compiling init
+  params = jax.tree_util.tree_map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32),
+                                  shapes["params"])
   kernel = np.array(params["conv1"]["kernel"])
   kernel[..., 2] = 0.0
   params["conv1"] = {**params["conv1"], "kernel": kernel}
@@ -175,6 +177,7 @@ def test_dry_run_lists_the_grid():
     sweeps.load_sweep(SWEEP + ":cifar")
 
 
+@pytest.mark.slow      # two training processes and the collection: ~1 min on 2 idle cores
 def test_two_run_tiny_sweep_writes_record_table_and_plot(tmp_path):
   data = tmp_path / "fmnist"
   helpers.make_fmnist(str(data), n_train=32, n_test=8)
@@ -222,3 +225,39 @@ def test_two_run_tiny_sweep_writes_record_table_and_plot(tmp_path):
   assert lines[2].startswith("| 7x7/2 | 1 | 0 | 12 | " + f"{results['top1_error']:.4f} |")
   assert lines[3].startswith("| 11x11/4 | 1 | 4 | 8 |") and len(lines) == 4
   assert table == (report / "conv1_table.md").read_text()
+
+
+def _entry(k, s, seed, err, mid, ips):
+  m = dict(kernel_size=k, stride=s, pad=0, conv1_out=12, dead_fraction=0.0, filter_low=0.5,
+           filter_mid=mid, filter_high=0.5 - mid, conv1_aliased=0.1, aliasing_grid=0.01,
+           aliasing_mean=0.2, conv1_params=100, conv1_flops=2_000_000, conv2_params=12_345,
+           conv2_flops=500_000, images_per_second=ips, num_images=64)
+  return {"name": f"{k}/{s}/{seed}", "seed": seed, "measures": m,
+          "results": {"top1_error": err, "top1_error_10crop": err - 0.01}}
+
+
+def test_readme_table_from_a_record(tmp_path):
+  """Rows per (kernel, stride) sorted by stride then kernel; two seeds -> mean ± std
+  (population std: 0.10 and 0.12 -> 0.1100 ± 0.0100) where they differ, the value where
+  they agree; the README between the markers is replaced and nothing else."""
+  record = {"runs": [_entry(11, 4, 0, 0.2, 0.1, 900), _entry(7, 2, 0, 0.10, 0.3, 1000),
+                     _entry(7, 2, 1, 0.12, 0.4, 1200)]}
+  path = tmp_path / "conv1_measures.json"
+  path.write_text(json.dumps(record))
+  lines = conv1_sweep.readme_table(str(path)).splitlines()
+  assert lines[0].startswith("| conv1 | runs | pad | conv1 out | top-1 err | top-1 err 10-crop |")
+  assert lines[2] == ("| 7x7/2 | 2 | 0 | 12 | 0.1100 ± 0.0100 | 0.1000 ± 0.0100 | 0.500 | "
+                      "0.350 ± 0.050 | 0.150 ± 0.050 | 0.000 | 0.100 | 0.0100 | 0.200 | 100 | "
+                      "2.00 | 12,345 | 0.50 | 1100 ± 100 |")
+  assert lines[3].startswith("| 11x11/4 | 1 | 0 | 12 | 0.2000 | 0.1900 | 0.500 | 0.100 |")
+  start, end = conv1_sweep.TABLE_MARKERS
+  readme = f"# R\n\nbefore\n{start}\nold table\n{end}\nafter\n"
+  (tmp_path / "README.md").write_text(readme)
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "conv1_table.py"), str(path),
+                        str(tmp_path / "README.md")], capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert out.returncode == 0, out.stderr
+  text = (tmp_path / "README.md").read_text()
+  assert text == readme.replace("\nold table\n", "\n" + "\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match="no table markers"):
+    conv1_sweep.replace_table("no markers", "| x |")
