@@ -1,5 +1,6 @@
 """Issue 20's first-layer sweep: band, aliasing and cost measures on hand-built filters
 and maps; the sweep's grid and padding; a two-run tiny sweep's record, table and plot."""
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -175,6 +176,22 @@ def test_dry_run_lists_the_grid():
           if r["model.conv1_stride"] == 4} == {(7, 2), (9, 3), (11, 4)}   # 224 px: conv1 57
   with pytest.raises(ValueError, match="'cifar'"):
     sweeps.load_sweep(SWEEP + ":cifar")
+
+
+def test_sweep_configs_per_variant(monkeypatch):
+  """The offline config is native 28 px Fashion-MNIST without report; the GPU ones 224 px."""
+  monkeypatch.chdir(ROOT)
+  spec = importlib.util.spec_from_file_location("conv1_sweep_file", SWEEP)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  want = {"": ("fashion_mnist_idx", 28, 28), "imagenette": ("imagenette", 256, 224),
+          "imagenet": ("imagenet2012", 256, 224)}
+  for variant, (name, resize, crop) in want.items():
+    c = module.get_config(variant)
+    assert (c.dataset.name, c.dataset.resize_size, c.dataset.crop_size) == (name, resize, crop)
+    assert not c.report.enabled and c.model.conv1_kernel is None
+    models.validate(c.model)
+  assert module.get_config("").num_epochs == module.EPOCHS
 
 
 @pytest.mark.slow      # two training processes and the collection: ~1 min on 2 idle cores
