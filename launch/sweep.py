@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from zfnet_jax import sections, sweeps  # noqa: E402
@@ -52,6 +52,7 @@ def main(argv):
   print(f"Summary: {os.path.join(FLAGS.root, 'summary.csv')} and summary.md")
   hook = sweeps.collect_hook(FLAGS.sweep)
   if hook is not None:
+    logging.set_verbosity(logging.ERROR)   # Orbax's notices while the hook reads checkpoints
     out = hook(planned, FLAGS.root, sweeps.format_command(["python", *sys.argv]))
     if out:
       print(f"Sweep report: {out}")

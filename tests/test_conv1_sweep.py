@@ -91,6 +91,10 @@ def test_aliased_fraction_of_hand_built_filters():
   for stride, want in ((1, 0.0), (2, 0.0), (4, 1.0)):
     assert diagnostics.aliased_fraction(mid, delta, stride) == pytest.approx(want, abs=1e-12)
   assert diagnostics.aliased_fraction(mixed, delta, 2) == pytest.approx(0.8, abs=1e-12)
+  y, x = np.mgrid[:16, :16]
+  checker = ((-1.0) ** (x + y))[..., None, None]                # (1/2, 1/2): the Nyquist bin
+  assert diagnostics.aliased_fraction(checker, delta, 1) == 0.0
+  assert diagnostics.aliased_fraction(checker, delta, 2) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_aliased_fraction_matches_a_looped_correlation():

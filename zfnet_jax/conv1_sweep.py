@@ -150,14 +150,16 @@ def plot_vs_stride(record: dict, path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   groups = rows_by_geometry(record)
   kernels = sorted({k for k, _ in groups})
-  for k in kernels:
+  for i, k in enumerate(kernels):
     pts = [(s, runs) for (kk, s), runs in groups.items() if kk == k]
     strides = [s for s, _ in pts]
     mean = lambda key: [float(np.mean([_value(r, key) for r in runs])) for _, runs in pts]
-    axes[0].plot(strides, mean("filter_mid"), marker="o", label=f"{k}x{k}")
-    axes[1].plot(strides, mean("conv1_aliased"), marker="o", label=f"{k}x{k} conv1 aliased")
+    kw = dict(color=f"C{i % 10}")
+    axes[0].plot(strides, mean("filter_mid"), marker="o", label=f"{k}x{k}", **kw)
+    axes[1].plot(strides, mean("conv1_aliased"), marker="o", label=f"{k}x{k} conv1 aliased",
+                 **kw)
     axes[1].plot(strides, mean("aliasing_grid"), marker="s", ls="--",
-                 label=f"{k}x{k} conv2 grid")
+                 label=f"{k}x{k} conv2 grid", **kw)
   for ax in axes:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({s for _, s in groups}))

@@ -317,7 +317,8 @@ def aliased_fraction(kernel: np.ndarray, images: np.ndarray, stride: int) -> flo
   stride 1 (cross-correlation, periodic, mean removed) has spectrum
   R_f(u) = sum_c X_c(u) conj(K_cf(u)); the result is the energy of R at frequencies
   with max(|u_x|, |u_y|) >= 1 / (2 stride) over all its energy, pooled over images and
-  filters (a dead filter adds nothing).  0 for stride 1; in [0, 1].
+  filters (a dead filter adds nothing).  0 for stride 1 (nothing is sampled away, the
+  Nyquist bin included); in [0, 1].
   """
   s = _check_stride(stride)
   k = np.asarray(kernel, np.float64)
@@ -328,7 +329,7 @@ def aliased_fraction(kernel: np.ndarray, images: np.ndarray, stride: int) -> flo
                      "need the same C and k <= n")
   kf = np.conj(np.fft.fft2(k, s=(n, n), axes=(0, 1)))               # (n, n, C, F)
   f = np.abs(np.fft.fftfreq(n))
-  outside = np.maximum(f[:, None], f[None, :]) >= 1 / (2 * s) - 1e-12
+  outside = (np.maximum(f[:, None], f[None, :]) >= 1 / (2 * s) - 1e-12) & (s > 1)
   outside[0, 0] = False
   folded = total = 0.0
   for i in range(0, len(x), 8):                                      # bounded memory
