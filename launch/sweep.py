@@ -7,20 +7,21 @@ r"""Runs a sweep of training runs and tabulates their results.
 Every run gets its own workdir <root>/<name from its overrides>; arguments
 after "--" are added to every command.  Finished runs (results.json present)
 are skipped, so re-running the command resumes a sweep.  At the end every
-results.json is collected into <root>/summary.csv and <root>/summary.md.
+results.json is collected into <root>/summary.csv and <root>/summary.md, and a
+sweep file's own collect() (if any) writes its tables and pages.
 Run from the repository root (config paths in sweep files are relative to it).
 """
 import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from zfnet_jax import sections, sweeps  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep().")
+flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep() (file.py[:variant]).")
 flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
 flags.DEFINE_integer("parallel", 1, "Runs at a time.")
 flags.DEFINE_integer("devices_per_run", 0,
@@ -49,6 +50,12 @@ def main(argv):
   header, rows = sweeps.collect(planned, FLAGS.root, status)
   print(sections.markdown_table(header, rows))
   print(f"Summary: {os.path.join(FLAGS.root, 'summary.csv')} and summary.md")
+  hook = sweeps.collect_hook(FLAGS.sweep)
+  if hook is not None:
+    logging.set_verbosity(logging.ERROR)   # Orbax's notices while the hook reads checkpoints
+    out = hook(planned, FLAGS.root, sweeps.format_command(["python", *sys.argv]))
+    if out:
+      print(f"Sweep report: {out}")
   failed = [r[0] for r in rows if r[-1] != "ok"]
   if failed:
     print(f"{len(failed)} run(s) without results: {', '.join(failed)}")

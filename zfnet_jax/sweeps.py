@@ -7,7 +7,9 @@ returning a list of override dicts, built with ``grid``/``zip_`` or by hand:
    "model.fc_features": 2048,                    # -> --config.model.fc_features=2048
    "_paper": "27.4 / 40.0 / 18.4"}               # "_" keys: table columns only
 
-and may set ``CONFIG`` (the config file of runs without a "config" key).
+and may set ``CONFIG`` (the config file of runs without a "config" key),
+take a variant (``--sweep=file.py:variant`` calls ``get_sweep(variant)``) and
+define ``collect(planned, root, command)``, run after the summary.
 ``launch/sweep.py`` is the command line around these functions.
 """
 from __future__ import annotations
@@ -51,19 +53,33 @@ def product(*sweeps: list[dict]) -> list[dict]:
           for combo in itertools.product(*sweeps)]
 
 
-def load_sweep(path: str) -> tuple[list[dict], str]:
-  """Runs a sweep file's ``get_sweep()`` -> (override dicts, default config file)."""
+def _module(path: str):
+  """The sweep file of ``path`` ("file.py" or "file.py:variant") as a module, and the variant."""
+  path, _, variant = path.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"sweep file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location("sweep_file", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module, variant
+
+
+def load_sweep(path: str) -> tuple[list[dict], str]:
+  """Runs a sweep file's ``get_sweep()`` (``get_sweep(variant)`` for "file.py:variant")
+  -> (override dicts, default config file)."""
+  module, variant = _module(path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"sweep file {path!r} defines no get_sweep()")
-  runs = list(module.get_sweep())
+  runs = list(module.get_sweep(variant) if variant else module.get_sweep())
   if not runs or not all(isinstance(r, dict) for r in runs):
     raise ValueError(f"get_sweep() of {path!r} must return a non-empty list of dicts")
   return runs, getattr(module, "CONFIG", "")
+
+
+def collect_hook(path: str):
+  """The sweep file's ``collect(planned, root, command)`` (its own tables and pages after
+  the summary), or None if it defines none."""
+  return getattr(_module(path)[0], "collect", None)
 
 
 def _flag_value(value: Any) -> str:

@@ -18,6 +18,11 @@
   activation of each conv2 map over sample images.  A coarse first-layer stride
   (AlexNet's 4) leaves a grid of period 4 px in these projections, i.e. energy
   at 0.25 cycles/px and its harmonics.
+* First-layer sweep measures (issue 20, ``first_layer_measures``): the filter
+  spectrum split into bands (``band_fractions``), the share of conv1's response
+  that folds back at its stride (``aliased_fraction``), the energy of layer-2
+  projections at the stride's grid frequencies (``grid_energy``), and the
+  parameters and FLOPs of the first layers (``layer_costs``).
 
 The report shows the same numbers for every comparison model of the context
 (AlexNet trained with ZFNet's recipe on the same data, and the same model trained
@@ -261,3 +266,132 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
   if proj:
     sec.figures.append((proj_name, "Layer-2 projections (mean over colour)."))
   return [sec]
+
+
+# ----------------------------------------------------------------------------
+# First-layer sweep (issue 20): bands, aliasing at a stride, costs.
+# ----------------------------------------------------------------------------
+
+# Band edges in cycles/px (radius |f|): sampling at stride s keeps |f| < 1/(2s), so
+# low (< 1/8) survives stride 4, mid (1/8 .. 1/4) survives stride 2 but folds back at
+# stride 4, high (>= 1/4, up to 0.71 in the corners) survives only stride 1.
+BAND_EDGES = (0.125, 0.25)
+BAND_NAMES = ("low", "mid", "high")
+
+
+def band_fractions(images: np.ndarray, edges=BAND_EDGES, fft_size: int = 0) -> np.ndarray:
+  """(N, h, w, C) -> (N, len(edges) + 1) share of each signal's energy per radial band
+  [0, e0), [e0, e1), ..., [e_last, 0.71] cycles/px (``power_spectrum``; rows sum to 1)."""
+  edges = [float(e) for e in edges]
+  if not edges or edges[0] <= 0 or edges[-1] > 0.75 or any(
+      a >= b for a, b in zip(edges, edges[1:])):
+    raise ValueError(f"band edges {tuple(edges)} not allowed: increasing, in (0, 0.75] cycles/px")
+  p = power_spectrum(images, fft_size)
+  n = p.shape[-1]
+  f = np.fft.fftfreq(n)
+  r = np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+  band = np.searchsorted(np.asarray(edges) - 1e-12, r, side="right")   # (n, n) band index
+  return np.stack([(p * (band == b)).sum((-2, -1)) for b in range(len(edges) + 1)], -1)
+
+
+def _check_stride(stride) -> int:
+  if isinstance(stride, bool) or int(stride) != stride or stride < 1:
+    raise ValueError(f"stride {stride!r} not allowed: an int >= 1")
+  return int(stride)
+
+
+def grid_mask(n: int, stride: int) -> np.ndarray:
+  """(n, n) bool: the FFT bins of the frequencies (i/s, j/s) cycles/px, (i, j) != (0, 0)
+  (bin round(i n / s)): where a pattern of period ``stride`` px puts its energy."""
+  s = _check_stride(stride)
+  idx = np.unique(np.round(np.arange(s) * n / s).astype(int) % n)
+  m = np.zeros((n, n), bool)
+  m[np.ix_(idx, idx)] = True
+  m[0, 0] = False
+  return m
+
+
+def grid_energy(images: np.ndarray, stride: int) -> np.ndarray:
+  """(N, h, w, C) -> (N,) share of each signal's energy (mean removed per channel) at the
+  grid frequencies of ``stride`` (``grid_mask``; 0 for stride 1).  A signal with a flat
+  spectrum scores (s^2 - 1) / n^2; a pattern repeating every s px scores 1."""
+  x = np.asarray(images, np.float64)
+  x = x - x.mean((-3, -2), keepdims=True)
+  p = power_spectrum(x)
+  return (p * grid_mask(p.shape[-1], stride)).sum((-2, -1))
+
+
+def aliased_fraction(kernel: np.ndarray, images: np.ndarray, stride: int) -> float:
+  """Share of a conv layer's response energy that sampling at ``stride`` folds back.
+
+  kernel (k, k, C, F), images (N, n, n, C), n >= k.  The response of every filter at
+  stride 1 (cross-correlation, periodic, mean removed) has spectrum
+  R_f(u) = sum_c X_c(u) conj(K_cf(u)); the result is the energy of R at frequencies
+  with max(|u_x|, |u_y|) >= 1 / (2 stride) over all its energy, pooled over images and
+  filters (a dead filter adds nothing).  0 for stride 1 (nothing is sampled away, the
+  Nyquist bin included); in [0, 1].
+  """
+  s = _check_stride(stride)
+  k = np.asarray(kernel, np.float64)
+  x = np.asarray(images, np.float64)
+  n = x.shape[1]
+  if x.ndim != 4 or k.ndim != 4 or x.shape[-1] != k.shape[2] or k.shape[0] > n:
+    raise ValueError(f"kernel {k.shape} (k, k, C, F) and images {x.shape} (N, n, n, C) "
+                     "need the same C and k <= n")
+  kf = np.conj(np.fft.fft2(k, s=(n, n), axes=(0, 1)))               # (n, n, C, F)
+  f = np.abs(np.fft.fftfreq(n))
+  outside = (np.maximum(f[:, None], f[None, :]) >= 1 / (2 * s) - 1e-12) & (s > 1)
+  outside[0, 0] = False
+  folded = total = 0.0
+  for i in range(0, len(x), 8):                                      # bounded memory
+    xf = np.fft.fft2(x[i:i + 8], axes=(1, 2))                        # (8, n, n, C)
+    power = np.abs(np.einsum("nuvc,uvcf->nuvf", xf, kf)) ** 2       # (8, n, n, F)
+    folded += power[:, outside].sum()
+    total += power.sum() - power[:, 0, 0].sum()
+  return float(folded / total) if total > 0 else 0.0
+
+
+def layer_costs(net, input_size: int, channels: int, names=("conv1", "conv2")) -> dict:
+  """{layer: {"params", "flops"}} of conv layers from the layer table: params
+  k^2 Cin F + F, flops 2 k^2 Cin F out^2 (a multiply-add is 2) per image."""
+  table = deconv.as_network(net).layer_table(input_size)
+  cin, out = channels, {}
+  for spec in table:
+    if spec.kind == "conv" and spec.name in names:
+      macs = spec.kernel ** 2 * cin * spec.features
+      out[spec.name] = {"params": macs + spec.features, "flops": 2 * macs * spec.out ** 2}
+    if spec.kind in ("conv", "fc"):
+      cin = spec.features
+  missing = [n for n in names if n not in out]
+  if missing:
+    raise ValueError(f"no conv layer {missing} in {getattr(net, 'name', 'the network')}")
+  return out
+
+
+def first_layer_measures(net, variables, images: np.ndarray, *, dead_threshold=0.05,
+                         fft_size=32, high_freq=0.25, edges=BAND_EDGES, rule="deconvnet",
+                         first_layer="conv1", second_layer="conv2") -> dict:
+  """``measure`` plus the first-layer sweep's numbers for one network; images (N, S, S, C).
+
+  Adds: kernel_size, stride, pad, conv1_out (output side) of ``first_layer`` (layer
+  table); filter_<band> the
+  mean ``band_fractions`` of its live filters (all filters if none lives);
+  conv1_aliased ``aliased_fraction`` of its response to ``images``; aliasing_grid
+  the mean ``grid_energy`` at its stride of the ``second_layer`` projections (their
+  ``aliasing_mean`` is the high-frequency indicator); <layer>_params / _flops.
+  """
+  m = measure(net, variables, images, dead_threshold=dead_threshold, fft_size=fft_size,
+              high_freq=high_freq, rule=rule, first_layer=first_layer,
+              second_layer=second_layer)
+  size, channels = images.shape[1], images.shape[-1]
+  spec = next(s for s in deconv.as_network(net).layer_table(size) if s.name == first_layer)
+  kernel = np.moveaxis(m["kernel"], -1, 0)                             # (F, k, k, C)
+  alive = kernel[~m["dead"]] if (~m["dead"]).any() else kernel
+  bands = band_fractions(alive, edges, fft_size).mean(0)
+  m.update(kernel_size=spec.kernel, stride=spec.stride, pad=spec.pad[0], conv1_out=spec.out,
+           conv1_aliased=aliased_fraction(m["kernel"], images, spec.stride),
+           aliasing_grid=float(grid_energy(m["projections"], spec.stride).mean()),
+           **{f"filter_{b}": float(v) for b, v in zip(BAND_NAMES, bands)})
+  for name, c in layer_costs(net, size, channels, (first_layer, second_layer)).items():
+    m[f"{name}_params"], m[f"{name}_flops"] = c["params"], c["flops"]
+  return m
