@@ -198,7 +198,7 @@ def comparison_workdir(config, workdir: str, kind: str = "counterpart") -> str |
 
 def comparison_config(config, kind: str = "counterpart") -> ml_collections.ConfigDict:
   """A comparison run with this run's widths and recipe: the counterpart (AlexNet <->
-  ZFNet) or this model with ``clip_filters=False``; epochs
+  ZFNet, with its own first-layer geometry) or this model with ``clip_filters=False``; epochs
   ``analyses.diagnostics.comparison_epochs`` (-1 = this run's); no evolution
   checkpoints, centre-crop evaluation only (the report compares its final weights); no
   report."""
@@ -206,6 +206,8 @@ def comparison_config(config, kind: str = "counterpart") -> ml_collections.Confi
   with c.unlocked():
     if kind == "counterpart":
       c.model.name = COUNTERPART[config.model.name]
+      for key in ("conv1_kernel", "conv1_stride", "conv1_pad"):
+        c.model[key] = None       # the counterpart's own first layer (ZFNet 7/2, AlexNet 11/4)
     else:
       c.clip_filters = False
     if config.analyses.diagnostics.comparison_epochs > 0:
