@@ -4,7 +4,7 @@ r"""Offline transfer and per-layer probes: the quickstart model -> scikit-learn'
   python -m zfnet_jax.transfer --config=experiments/transfer_digits.py --workdir=workdirs/quickstart
 
 Fashion-MNIST features transferred to a dataset the model never saw (1797
-handwritten 8x8 digits bundled with scikit-learn, upsampled to 64x64): a
+handwritten 8x8 digits bundled with scikit-learn, upsampled to the model's input size): a
 Table 7-style probe of every layer (linear SVM and softmax, 15 and 30 training
 images per class, mean per-class accuracy over 5 folds) and the Sec. 5.2
 comparison with the same architecture trained from scratch on the same images.

@@ -207,7 +207,8 @@ class AlexNet(PaperNet):
 class ZFNetLowRes(ZFNet):
   """ZFNet's topology with smaller widths for low-resolution inputs (the quickstart).
 
-  Sizes at 64x64: conv1 30, pool1 15, conv2 6, pool2 3, conv3-5 3, pool5 1.
+  Sizes at 64x64 (and at 32x32 with conv1 7x7/1 pad 2, as the quickstart runs it):
+  conv1 30, pool1 15, conv2 6, pool2 3, conv3-5 3, pool5 1.
   """
   conv_features: Sequence[int] = (32, 64, 96, 96, 64)
   fc_features: int = 256

@@ -22,8 +22,8 @@ through one jitted ``lax.map`` in chunks of ``chunk_size`` occluded images, so
 memory is bounded by the chunk and a 224x224 image at stride 8 (784 positions)
 takes seconds on an accelerator.
 
-Defaults (paper: not stated): size = crop/4 (56 px at 224, 16 at 64),
-stride = crop/28 (8 px at 224, 2 at 64), fill = the training mean at each pixel
+Defaults (paper: not stated): size = crop/4 (56 px at 224, 8 at 32),
+stride = crop/28 (8 px at 224, 1 at 32), fill = the training mean at each pixel
 (mid-grey; 0 in the model's mean-subtracted input).
 """
 from __future__ import annotations
