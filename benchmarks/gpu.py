@@ -63,6 +63,7 @@ def _stand_ins() -> list[str]:
   except ImportError:
     clu = types.ModuleType("clu")
     clu.metric_writers = types.ModuleType("clu.metric_writers")
+    clu.metric_writers.MetricWriter = type("MetricWriter", (), {})   # train.Hook's annotation
     sys.modules["clu"], sys.modules["clu.metric_writers"] = clu, clu.metric_writers
     made.append("clu.metric_writers")
   return made

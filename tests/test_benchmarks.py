@@ -50,3 +50,4 @@ def test_gpu_script_stand_ins_without_tensorflow(monkeypatch):
   assert made == ["ml_collections", "clu.metric_writers"]
   assert sys.modules["clu"].metric_writers is sys.modules["clu.metric_writers"]
   assert hasattr(sys.modules["ml_collections"], "ConfigDict")
+  assert hasattr(sys.modules["clu.metric_writers"], "MetricWriter")   # train.py reads it
