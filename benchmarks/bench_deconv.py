@@ -1,6 +1,7 @@
 """Deconvnet projections/s for conv5 units of full-size ZFNet at 224x224 (run by hand).
 
   python benchmarks/bench_deconv.py [--requests 16] [--chunk_size 16] [--single 4]
+  python benchmarks/bench_deconv.py --captum [--json FILE]   (the Captum table only)
 
 Prints (and writes to --json) the rate one request at a time (``project`` on one
 image), batched (``project_many``), and the cost per projection relative to a
@@ -9,12 +10,23 @@ JAX ops: jax.nn.relu, lax.reduce_window max, LRN; cotangent one-hot at the unit)
 both for one image per call and for a batch of ``chunk_size`` images per call,
 and to ``jax.vjp`` of the model's own conv5 slice (``model.apply(..., method=
 "features")["conv5"]``, backprop rule: the same switch-unpooling max-pool).
+With ``--captum`` (torch and captum importable): ``deconv.project`` as a user
+calls it (one call per batch, ``position=None``: the strongest unit of the map in
+each image) against Captum's ``NeuronDeconvolution`` / ``NeuronGuidedBackprop``
+on the PyTorch twin of the same model with the same weights and images
+(``torch_ref.TorchPaperNet``; the neuron selector takes each image's strongest
+unit of the map), and against ``jax.vjp`` of the model's own forward to that
+layer, interleaved, for conv2 and conv5, batch 1 and 16, both rules; the
+projections are checked to agree with Captum's (up to the starting value) first.
 Compilation is excluded (each function is called once first).  Figures on a
 shared machine are noisy: take the median of --repeats runs.
 """
 import argparse
 import json
+import os
 import platform
+import statistics
+import sys
 import time
 
 from zfnet_jax import conv  # pylint: disable=g-bad-import-order
@@ -59,8 +71,74 @@ def timeit(fn, repeats):
   return float(np.median(times))
 
 
+def interleaved(fns: dict, repeats: int) -> dict:
+  """Median time of each fn, called in turn (A B C A B C ...) after one warm-up each."""
+  for f in fns.values():
+    jax.block_until_ready(f())
+  ts = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, f in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f())
+      ts[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def captum_table(model, variables, images, *, repeats=5, layers=("conv2", "conv5"),
+                 batches=(1, 16), rules=("deconvnet", "guided"), channel=3):
+  """[{layer, batch, rule, project_per_s, captum_per_s, model_vjp_per_s, ...}], or
+  None when torch or captum is missing.  ``images``: (N, S, S, 3) mean-subtracted."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from captum import attr as captum_attr  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_ref  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  net = torch_ref.TorchPaperNet(model, images.shape[1]).load_params(
+      jax.device_get(variables["params"])).eval()
+  xt = torch.from_numpy(np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
+  classes = {"deconvnet": captum_attr.NeuronDeconvolution,
+             "guided": captum_attr.NeuronGuidedBackprop}
+  select = lambda out: out[:, channel].flatten(1).max(dim=1).values   # strongest unit
+  rows = []
+  for layer in layers:
+    vjp = jax.jit(lambda v, x, ch, layer=layer: _plain_vjp(
+        None, x, ch, lambda img: model.apply(v, img, method="features")[layer]))
+    for b in batches:
+      x, xb = images[:b], xt[:b].clone().requires_grad_()
+      ch = jnp.full((b,), channel, jnp.int32)
+      for rule in rules:
+        cap = classes[rule](net, net.relu_of(layer))
+        fns = {
+            "project": lambda: deconv.project(model, variables, x, layer=layer,
+                                              channel=channel, rule=rule),
+            "captum": lambda: cap.attribute(xb, neuron_selector=select),
+            "model_vjp": lambda: vjp(variables, x, ch),
+        }
+        ours = np.asarray(fns["project"]()).transpose(0, 3, 1, 2).reshape(b, -1)
+        theirs = fns["captum"]().detach().numpy().reshape(b, -1)
+        cos = min(float(o @ t / (np.linalg.norm(o) * np.linalg.norm(t) + 1e-30))
+                  for o, t in zip(ours, theirs))
+        t = interleaved(fns, repeats)
+        rows.append({"layer": layer, "batch": b, "rule": rule,
+                     **{f"{k}_per_s": b / v for k, v in t.items()},
+                     "vs_captum": t["captum"] / t["project"],
+                     "vs_model_vjp": t["model_vjp"] / t["project"],
+                     "min_cosine_with_captum": cos})
+        r = rows[-1]
+        print(f"  {layer} batch {b:>2} {rule:<9}  project {r['project_per_s']:7.2f}/s  "
+              f"captum {r['captum_per_s']:7.2f}/s  model vjp {r['model_vjp_per_s']:7.2f}/s  "
+              f"-> {r['vs_captum']:.2f}x Captum (target >= 2), {r['vs_model_vjp']:.2f}x "
+              f"the model's vjp (target >= 1); cosine with Captum >= {cos:.4f}", flush=True)
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser()
+  ap.add_argument("--captum", action="store_true",
+                  help="only the table against Captum (conv2/conv5, batch 1/16, both rules)")
   ap.add_argument("--requests", type=int, default=16)
   ap.add_argument("--chunk_size", type=int, default=16)
   ap.add_argument("--single", type=int, default=4, help="requests timed one at a time")
@@ -70,8 +148,23 @@ def main():
 
   model = models.ZFNet()
   key = jax.random.PRNGKey(0)
-  images = 50.0 * jax.random.normal(key, (args.requests, 224, 224, 3))
+  images = jnp.clip(50.0 * jax.random.normal(key, (max(args.requests, 16), 224, 224, 3)),
+                    -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
   variables = jax.jit(model.init)(jax.random.PRNGKey(1), images[:1])
+  if args.captum:
+    meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "processor": rundir.machine()["cpu"],
+            "versions": rundir.versions(), "load_average": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    rows = captum_table(model, variables, images, repeats=args.repeats)
+    if rows is None:
+      raise SystemExit("torch and captum are needed for --captum")
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"meta": {**meta, "load_average_end": os.getloadavg()}, "rows": rows}, f,
+                  indent=1)
+    return
+  images = images[:args.requests]
   channels = np.arange(args.requests) % 256
   params = variables["params"]
   # A plain VJP of the same slice (conv5 at the strongest unit), for comparison.

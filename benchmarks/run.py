@@ -16,9 +16,17 @@ CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated
   the model's FLOPs per image counted from ``layer_table`` (multiply-adds x 2;
   training = forward + weight gradients + input gradients of all but conv1);
   model FLOP utilisation = images/s x FLOPs / peak.
+* quickstart: experiments/quickstart.py's own training step (ZFNetLowRes with its
+  widths, 64 px, batch 128, Adam + weight decay, cosine schedule, feature scale
+  clipping) in JAX and, interleaved, the same model and optimiser in PyTorch
+  (``torch_ref``); ratio JAX / PyTorch (target >= 1.25).
 * deconvnet: conv5 projections/s, batched (``deconv.project_many``), and the
   cost per projection relative to a plain ``jax.vjp`` of the same slice on the
   same batch (``benchmarks/bench_deconv.py``'s reference).
+* captum: ``deconv.project`` as a user calls it against Captum's
+  NeuronDeconvolution / NeuronGuidedBackprop on the PyTorch twin with the same
+  weights and images, and against ``jax.vjp`` of the model's own slice (conv2
+  and conv5, batch 1 and 16; ``bench_deconv.captum_table``).
 * occlusion positions/s (``analyses.occlusion.scan``) beside the forward rate at the
   same batch, interleaved, and their ratio; top-9 scan images/s
   (``atlas.scan`` over conv1..conv5).
@@ -26,7 +34,8 @@ CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated
   Fashion-MNIST, and a folder of 256x256 JPEGs generated here (decode, resize,
   random crop, flip).
 * PyTorch (when importable, on CPU in float32): the same model and train step
-  (SGD momentum), interleaved with the JAX runs; ratios JAX / PyTorch.
+  (``torch_ref``: the config's optimiser), interleaved with the JAX runs; ratios
+  JAX / PyTorch.
 
 Times are medians over repeats after a warm-up call (compilation excluded).
 On a shared machine, look at the reported load average.
@@ -62,7 +71,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_deconv  # pylint: disable=g-import-not-at-top
 
 ROWS: list[tuple[str, float | str, str, str]] = []  # (name, value, unit, note)
-PARTS = ("matmul", "train", "forward", "deconv", "occlusion", "scan", "pipeline")
+PARTS = ("matmul", "train", "forward", "quickstart", "deconv", "captum", "occlusion", "scan",
+         "pipeline")
 
 
 def report(name, value, unit="", note=""):
@@ -119,7 +129,7 @@ def model_flops(model, input_size: int, channels: int = 3) -> dict[str, int]:
 # The parts.
 # ----------------------------------------------------------------------------
 
-def setup_train(config, model, batch, compiler_options=None):
+def setup_train(config, model, batch, compiler_options=None, input_size=224):
   """(step fn, state, batch) for zfnet_jax.train.train_step on all local devices."""
   devices = np.array(jax.devices())
   mesh = Mesh(devices, (train.AXIS,))
@@ -130,11 +140,12 @@ def setup_train(config, model, batch, compiler_options=None):
                                     clip_radius=train_state.clip_radius(config)),
       mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P()), check_vma=False),
       donate_argnums=(0,), compiler_options=compiler_options)
-  init = train_state.init_fn(model, (1, 224, 224, 3), tx, seed=config.seed,
+  init = train_state.init_fn(model, (1, input_size, input_size, 3), tx, seed=config.seed,
                              clip_radius=train_state.clip_radius(config))
   state = jax.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
   rng = np.random.default_rng(0)
-  data = {"image": jnp.asarray(rng.normal(0, 50, (batch, 224, 224, 3)), jnp.float32),
+  data = {"image": jnp.asarray(rng.normal(0, 50, (batch, input_size, input_size, 3)),
+                               jnp.float32),
           "label": jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)}
   return step, state, data
 
@@ -191,57 +202,55 @@ def bench_model(args, model, config, flops, peak, torch_fns):
   return out
 
 
-def torch_model_fns(batch, threads):
-  """(train step fn, forward fn) of a straightforward PyTorch ZFNet, or None."""
+def torch_model_fns(model, config, batch, threads, input_size=224, num_classes=1000):
+  """(train step fn, forward fn) of the PyTorch twin of ``model`` with ``config``'s
+  optimiser (``torch_ref``), or None without torch."""
   try:
     import torch
-    import torch.nn.functional as F
-    from torch import nn
+    import torch_ref  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   torch.set_num_threads(threads)
   torch.manual_seed(0)
+  net = torch_ref.TorchPaperNet(model, input_size)
+  return (torch_ref.train_step_fn(net, config, batch, input_size, num_classes),
+          torch_ref.forward_fn(net, batch, input_size))
 
-  class ZFNet(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.c1, self.c2 = nn.Conv2d(3, 96, 7, 2), nn.Conv2d(96, 256, 5, 2)
-      self.c3, self.c4 = nn.Conv2d(256, 384, 3, 1, 1), nn.Conv2d(384, 384, 3, 1, 1)
-      self.c5 = nn.Conv2d(384, 256, 3, 1, 1)
-      self.f6, self.f7 = nn.Linear(9216, 4096), nn.Linear(4096, 4096)
-      self.f8 = nn.Linear(4096, 1000)
-      # zfnet_jax's LRN: alpha not divided by n (PyTorch divides by size).
-      self.lrn = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
 
-    def forward(self, x):
-      x = F.pad(x, (0, 1, 0, 1))  # conv1 output 110 (cuda-convnet geometry)
-      x = self.lrn(F.max_pool2d(F.relu(self.c1(x)), 3, 2, ceil_mode=True))
-      x = self.lrn(F.max_pool2d(F.relu(self.c2(x)), 3, 2, ceil_mode=True))
-      x = F.relu(self.c5(F.relu(self.c4(F.relu(self.c3(x))))))
-      x = F.max_pool2d(x, 3, 2, ceil_mode=True).flatten(1)
-      x = F.dropout(F.relu(self.f6(x)), 0.5, self.training)
-      x = F.dropout(F.relu(self.f7(x)), 0.5, self.training)
-      return self.f8(x)
+def quickstart_config():
+  """experiments/quickstart.py's config (the quickstart's model, batch and optimiser)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", "quickstart.py")
+  spec = importlib.util.spec_from_file_location("quickstart_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
 
-  m = ZFNet()
-  opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  x = torch.randn(batch, 3, 224, 224) * 50
-  y = torch.randint(0, 1000, (batch,))
 
-  def step():
-    m.train()
-    opt.zero_grad()
-    loss = F.cross_entropy(m(x), y)
-    loss.backward()
-    opt.step()
-    return None
+def bench_quickstart(args):
+  """The quickstart's own training step (its model, batch, input size, Adam + weight
+  decay, cosine schedule, feature scale clipping) in JAX and PyTorch, interleaved."""
+  config = quickstart_config()
+  size, b = config.dataset.crop_size, config.batch_size
+  model = models.from_config(config.model, 10)
+  step, state, data = setup_train(config, model, b, input_size=size)
+  holder = {"s": state}
 
-  def forward():
-    m.eval()
-    with torch.no_grad():
-      m(x)
-    return None
-  return step, forward
+  def run_step():
+    holder["s"], m = step(holder["s"], data)
+    return m["loss"]
+  fns = {"jax": run_step}
+  if not args.no_torch and jax.default_backend() == "cpu":
+    torch_fns = torch_model_fns(model, config, b, os.cpu_count(), size, 10)
+    if torch_fns:
+      fns["torch"] = torch_fns[0]
+  t = interleaved(fns, max(args.repeats, 2) * 4)   # ~0.1 s steps: more repeats
+  for k, v in t.items():
+    report(f"quickstart train step {k} ({config.model.name} {size} px, batch {b})", b / v,
+           "images/s", f"{v * 1e3:.1f} ms/step")
+  if "torch" in t:
+    report("quickstart train step: JAX / PyTorch", t["torch"] / t["jax"], "x", "target >= 1.25")
 
 
 def bench_matmul(n: int, dtype, repeats: int) -> float:
@@ -259,7 +268,8 @@ def bench_matmul(n: int, dtype, repeats: int) -> float:
 
 def bench_deconvnet(args, model, variables):
   r = args.requests
-  images = 50.0 * jax.random.normal(jax.random.PRNGKey(2), (r, 224, 224, 3))
+  images = jnp.clip(50.0 * jax.random.normal(jax.random.PRNGKey(2), (r, 224, 224, 3)),
+                    -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
   channels = np.arange(r) % 256
   params = variables["params"]
   plain = jax.jit(bench_deconv._plain_vjp)  # pylint: disable=protected-access
@@ -276,6 +286,22 @@ def bench_deconvnet(args, model, variables):
          "target <= 1.3")
   report("  cost vs jax.vjp of the model's slice", t["project_many"] / t["model_vjp"], "x",
          "same switch max-pool, backprop rule")
+
+
+def bench_captum(args, model, variables):
+  """deconv.project as a user calls it against Captum (``bench_deconv.captum_table``)."""
+  images = jnp.clip(50.0 * jax.random.normal(jax.random.PRNGKey(2), (16, 224, 224, 3)),
+                    -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
+  rows = bench_deconv.captum_table(model, variables, images, repeats=args.repeats)
+  if rows is None:
+    report("projections vs Captum", "n/a", "", "torch or captum not importable")
+    return
+  for r in rows:
+    name = f"project {r['layer']} {r['rule']} (batch {r['batch']})"
+    report(name, r["project_per_s"], "proj/s",
+           f"Captum {r['captum_per_s']:.2f}/s, model vjp {r['model_vjp_per_s']:.2f}/s")
+    report(f"  {name} / Captum", r["vs_captum"], "x", "target >= 2")
+    report(f"  {name} / jax.vjp of the model's slice", r["vs_model_vjp"], "x", "target >= 1")
 
 
 def bench_occlusion(args, model, variables):
@@ -435,19 +461,23 @@ def main(argv=None):
 
   torch_fns = None
   if not args.no_torch and on_cpu and dtype == "float32" and ({"train", "forward"} & args.only):
-    torch_fns = torch_model_fns(args.batch, os.cpu_count())
+    torch_fns = torch_model_fns(model, config, args.batch, os.cpu_count())
     if torch_fns is None:
       print("  (torch not importable: no PyTorch comparison)")
   rates = {}
   if {"train", "forward"} & args.only:
     rates = bench_model(args, model, config, flops, peak, torch_fns)
   fwd_rate, train_rate = rates.get("forward_jax"), rates.get("train_jax")
+  if "quickstart" in args.only:
+    bench_quickstart(args)
 
   variables = None
-  if {"deconv", "occlusion", "scan"} & args.only:
+  if {"deconv", "captum", "occlusion", "scan"} & args.only:
     variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 224, 224, 3)))
   if "deconv" in args.only:
     bench_deconvnet(args, model, variables)
+  if "captum" in args.only and on_cpu and dtype == "float32" and not args.no_torch:
+    bench_captum(args, model, variables)
   if "occlusion" in args.only:
     bench_occlusion(args, model, variables)
   if "scan" in args.only:

@@ -464,3 +464,21 @@ def test_api_arguments_property():
     assert calls == [layer]
 
   check()
+
+
+@pytest.mark.parametrize("layer,convolutions", [("conv2", 4), ("conv5", 10)])
+def test_projection_runs_only_the_layers_below_and_compiles_once(layer, convolutions):
+  """Up to ``layer``: its convs forward and their transposes down, nothing above it (a
+  network run whole would have 5 convolutions forward); repeated calls, with a fresh but
+  equal model, reuse one compilation."""
+  model, variables, x = tiny()
+  args = (variables, x, jnp.zeros(2, jnp.int32), jnp.zeros((2, 2), jnp.int32), jnp.ones(2, bool))
+  hlo = deconv._project_batch.lower(model.clone(rule="deconvnet"), *args,
+                                    layer=layer).compile().as_text()
+  assert hlo.count(" convolution(") == convolutions
+  deconv.project(model, variables, x, layer=layer, channel=0)
+  size = deconv._project_batch._cache_size()
+  for rule in ("deconvnet", "deconvnet", "deconvnet"):
+    again = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
+    deconv.project(again, variables, x, layer=layer, channel=1, rule=rule)
+  assert deconv._project_batch._cache_size() == size
