@@ -150,3 +150,24 @@ def test_report_section_walks_down_from_each_layers_strongest_unit(tmp_path):
     for key, s in zip(saved, stages):
       np.testing.assert_array_equal(saved[key], s.signal)
     assert (tmp_path / f"walkthrough_{layer}.png").stat().st_size > 1000
+
+
+def test_walkthrough_uses_the_models_own_contrast_norm_constants():
+  """With non-default LRN constants (strong enough to matter) the normalise stage is the
+  NumPy LRN of those constants and the last stage still equals ``project``."""
+  _, variables, x = tiny()
+  model = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5,
+                             lrn_k=1.0, lrn_alpha=5e-3, lrn_alpha_over_n=True)
+  stages = deconv.walkthrough(model, variables, x, layer="conv3", channel=1, rule="deconvnet")
+  feats = {k: np.asarray(v[0], np.float64)
+           for k, v in model.apply(variables, x[None], method="features").items()}
+  norm = [(p, s) for p, s in zip(stages, stages[1:]) if s.name == "norm2: normalise"]
+  (prev, stage), = norm
+  want = np_lrn(feats["pool2"], 1.0, 5, 5e-3 / 5, 0.75)[1](np.asarray(prev.signal, np.float64))
+  default = np_lrn(feats["pool2"], 2.0, 5, 1e-4, 0.75)[1](np.asarray(prev.signal, np.float64))
+  assert not np.allclose(want, default, rtol=1e-3), "degenerate case: constants do not matter"
+  np.testing.assert_allclose(stage.signal, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+  proj = deconv.project(model, variables, jnp.asarray(x[None]), layer="conv3", channel=1,
+                        rule="deconvnet")
+  np.testing.assert_allclose(stages[-1].signal, np.asarray(proj[0]), rtol=1e-5,
+                             atol=1e-5 * np.abs(proj).max())

@@ -407,7 +407,7 @@ def _walk(model, variables, x, channels, positions, strongest_, layer):
       r = layers.unpool(r, sw, below.shape)
       switch_pos[spec.name] = layers.switch_positions(sw)[0]
     else:
-      r = vjp(functools.partial(layers.contrast_norm, norm_rule=model.norm_rule), below, r)
+      r = vjp(models.contrast_norm_fn(model), below, r)
     signals.append(r)
   return signals, pos, switch_pos
 
