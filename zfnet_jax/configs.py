@@ -104,6 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.report.max_examples = 10_000       # examples scanned for the top-k (-1 = all)
   c.report.batch_size = 256
   c.report.chunk_size = 64             # projections per batched VJP
+  c.report.distinct_images = True      # Fig. 2: top-k images (each at its strongest unit), as
+                                       # the paper; False: top-k units (an image may repeat)
 
   # -- visualize (zfnet_jax.visualize): --mode=visualize --images=PATH -------
   c.visualize = ml_collections.ConfigDict()
