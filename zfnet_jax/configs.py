@@ -148,8 +148,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.evolution = ml_collections.ConfigDict()
   c.analyses.evolution.enabled = True
   c.analyses.evolution.layers = ("conv1", "conv2", "conv3", "conv4", "conv5")
-  c.analyses.evolution.maps = (0, 1, 2, 3, 4, 5)  # channels shown per layer
-  c.analyses.evolution.max_examples = 512  # training examples searched per checkpoint
+  c.analyses.evolution.maps = ()       # channels shown in every layer; () = num_maps random
+  c.analyses.evolution.num_maps = 6    # maps per layer (seeded by config.seed), as the paper
+  c.analyses.evolution.max_examples = 10_000  # first N training images searched (-1 = all, as
+                                       # the paper); one pass serves every checkpoint
   c.analyses.evolution.tensorboard_every_steps = 0  # >0: panels as TensorBoard images
   c.analyses.evolution.tensorboard_maps = (0, 1, 2, 3)
   c.analyses.diagnostics = ml_collections.ConfigDict()
