@@ -120,6 +120,22 @@ def test_distinct_images_when_one_image_has_the_9_largest_units():
   np.testing.assert_array_equal(per_unit.positions, p)
 
 
+@pytest.mark.parametrize("h", [7, 300])   # the running-maximum loop, and plain reductions
+def test_max_argmax_equals_numpy(h):
+  """Per image and map: the maximum over positions and its first row-major argmax, with
+  ties (a plateau of the maximum, all-zero maps) and -0.0."""
+  rng = np.random.default_rng(1)
+  act = np.maximum(rng.normal(size=(3, h, 5, 4)), 0).astype(np.float32)
+  act[0, 2:5, 1:4, 0] = 9.0
+  act[1, :, :, 1] = 0.0
+  act[2, 0, 0, 2], act[2, :, :, 2] = -0.0, np.minimum(act[2, :, :, 2], 0.0)
+  m, pos = jax.jit(atlas._max_argmax)(jnp.asarray(act))
+  flat = act.reshape(3, -1, 4)
+  np.testing.assert_array_equal(m, flat.max(1))
+  np.testing.assert_array_equal(pos, flat.argmax(1))
+  assert pos[0, 0] == 2 * 5 + 1 and pos[1, 1] == 0
+
+
 @pytest.mark.parametrize("distinct", [True, False])
 @pytest.mark.parametrize("batch_size,k", [(8, 9), (16, 4)])  # k < batch: maps are preselected
 def test_streaming_top_k_equals_brute_force_sort(data, batch_size, k, distinct):
