@@ -218,6 +218,7 @@ def imagenet_variant(model_name: str, variants: dict, variant: str, where: str):
   c.model.name = model_name
   c.dataset.name = "imagenet2012"
   c.dataset.eval_split = "validation"
+  c.report.max_examples = -1           # Fig. 2 over the whole validation set (50,000), as the paper
   for key, value in variants[variant][0].items():
     c.model[key] = value
   return c
