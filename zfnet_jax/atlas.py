@@ -183,7 +183,9 @@ def _merge_units(state, act, ids, mask):
   kb = min(k, b)
   # The kb examples with the largest maxima per map (top_k prefers the lower
   # index among ties), put back in ascending example order.
-  best = jnp.sort(lax.top_k(jnp.max(v, axis=1).T, kb)[1], axis=1)          # (C, kb)
+  m = _max_argmax(act)[0].astype(jnp.float32)          # the argmax is dropped by XLA
+  m = jnp.where(mask[:, None], jnp.where(m == 0, 0.0, m), -jnp.inf)
+  best = jnp.sort(lax.top_k(m.T, kb)[1], axis=1)                             # (C, kb)
   maps = jnp.take_along_axis(v, best.T[:, None, :], axis=0)                  # (kb, HW, C)
   maps = maps.transpose(2, 0, 1).reshape(c, kb * h * w)
   # Candidates in (example, row, col) order; top_k breaks ties by the lower
