@@ -334,7 +334,8 @@ def bench_scan(args, model, variables):
     ratios = [r / f for r, f in zip(rates, fwd_rates)]
     report(f"top-9 scan conv1..conv5, {mode} (steady)", statistics.median(rates), "images/s",
            f"{statistics.median(ratios):.2f}x the forward rate (median of {len(ratios)} "
-           f"interleaved pairs; target >= 0.9 for distinct images)")
+           f"interleaved pairs, {min(ratios):.2f}-{max(ratios):.2f}; target >= 0.9 for "
+           "distinct images)")
 
 
 def _timed(fn, *a):
