@@ -251,9 +251,10 @@ def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
       raise ValueError(f"example ids must be in [0, {_EMPTY}), got {ids[mask].min()}.."
                        f"{ids[mask].max()}")
     order = np.argsort(np.where(mask, ids, _EMPTY), kind="stable")  # ascending ids
-    ids, mask = ids[order], mask[order]
-    image = np.asarray(batch["image"])[order]
-    label = np.asarray(batch["label"])[order] if "label" in batch else np.full(ids.shape, -1)
+    image = np.asarray(batch["image"])
+    label = np.asarray(batch["label"]) if "label" in batch else np.full(ids.shape, -1)
+    if np.any(order != np.arange(len(order))):   # no copy when already in order
+      ids, mask, image, label = ids[order], mask[order], image[order], label[order]
     if state is None:
       shapes = jax.eval_shape(net.features, variables,
                               jax.ShapeDtypeStruct(image.shape, jnp.float32))
