@@ -8,6 +8,15 @@ Command (default row; pick a variant with ``experiments/zfnet.py:VARIANT``):
 Needs the ImageNet tarballs in <data_dir>/downloads/manual (see README).
 Expected runtime: ~12 days on one GTX580 (paper); ~1 day on 8 modern GPUs.
 
+The report's Fig. 2 scans the whole validation set (report.max_examples = -1: 50,000
+images; the paper's "across the validation data") in one pass. Its cost, an estimate
+from FLOPs and the CPU forward rate in benchmarks/results/latest.json, not a measured
+scan: conv1-conv5 are 2.22 GFLOP per image at 224 px, 111 TFLOP for 50,000 images; on
+one H100/H200-class GPU well under a minute of compute (bf16), so the JPEG decoding of
+the host's input pipeline sets the pace (~0.5-1 min at 1,000-2,000 images/s); on 2 CPU
+cores ~12-14 min at the forward rate (67.7 images/s, the scan at >= 0.9x of it) plus
+the decoding. --config.report.max_examples=10000 makes it 5x cheaper.
+
 Variants and the paper's numbers they should reproduce, as error %
 (train top-1 / val top-1 / val top-5; Table 3, Table 2 for the test column):
 

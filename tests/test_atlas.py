@@ -2,10 +2,11 @@
 activation, receptive fields found by perturbing pixels, and deconv.project."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from zfnet_jax import atlas, deconv, figures, models
+from zfnet_jax import atlas, configs, deconv, figures, models, sections
 
 import helpers
 
@@ -58,8 +59,86 @@ def _brute_top_k(feats, ids, k):
   return np.array(out_v), np.array(out_i), np.array(out_p)
 
 
+def _brute_top_images(feats, ids, k):
+  """NumPy, the paper's Fig. 2: per map, each image's maximum over positions at its first
+  row-major argmax; images sorted by (-maximum, id); the first k (empty: id -1, -inf)."""
+  n, h, w, c = feats.shape
+  flat = feats.reshape(n, h * w, c)
+  out_v, out_i, out_p = [], [], []
+  for ch in range(c):
+    best, arg = flat[:, :, ch].max(1), flat[:, :, ch].argmax(1)
+    order = np.lexsort((ids, -best))[:k]
+    pad = k - len(order)
+    out_v.append(np.concatenate([best[order], np.full(pad, -np.inf)]))
+    out_i.append(np.concatenate([ids[order], np.full(pad, -1)]))
+    p = np.concatenate([arg[order], np.zeros(pad, int)])
+    out_p.append(np.stack([p // w, p % w], -1))
+  return np.array(out_v), np.array(out_i), np.array(out_p)
+
+
+def _identity_net():
+  """A deconv.Network whose only layer "x" is its input: hand-made activations."""
+  return deconv.Network(features=lambda v, x: {"x": x}, layer_table=lambda s: [],
+                        project=None, name="identity")
+
+
+def test_distinct_images_when_one_image_has_the_9_largest_units():
+  """Hand case: image id 5 holds the 9 largest units of map 0 (100..108); the other 11
+  images' maxima are 1..11 (image id i: 12 - i, except id 5).  Distinct images: id 5, then
+  the 8 best other images; per unit: id 5 nine times, at its units in value order."""
+  n, h, w = 12, 4, 4
+  act = np.zeros((n, h, w, 2), np.float32)
+  for i in range(n):
+    act[i, (i * 5) % h, (i * 3) % w, 0] = 12 - i          # one peak per image
+  act[5, :, :, 0] = 0.0
+  units = [(r, c) for r in range(h) for c in range(w)][3:12]
+  for v, (r, c) in enumerate(units):
+    act[5, r, c, 0] = 100 + v
+  act[:, :, :, 1] = np.arange(h * w).reshape(h, w) % 3     # map 1: ties everywhere
+  ids = np.arange(n)
+  batches = lambda: _batches(act, ids, np.zeros(n, np.int32), 5)
+  net = _identity_net()
+  got = atlas.scan(net, {}, batches(), layers=["x"], k=9, progress=False).topk["x"]
+  want = [5] + [i for i in np.argsort([-(12 - i) for i in range(n)], kind="stable")
+                if i != 5][:8]
+  np.testing.assert_array_equal(got.ids[0], want)
+  assert got.ids[0].tolist() == [5, 0, 1, 2, 3, 4, 6, 7, 8]
+  np.testing.assert_array_equal(got.positions[0, 0], units[-1])   # its strongest unit
+  np.testing.assert_array_equal(got.values[0], [108, 12, 11, 10, 9, 8, 6, 5, 4])
+  np.testing.assert_array_equal(got.ids[1], np.arange(9))          # ties: the lower ids,
+  np.testing.assert_array_equal(got.positions[1], np.tile([[0, 2]], (9, 1)))  # first max
+  v, i, p = _brute_top_images(act, ids, 9)
+  np.testing.assert_array_equal(got.ids, i)
+  np.testing.assert_array_equal(got.positions, p)
+  np.testing.assert_array_equal(got.values, v)
+  per_unit = atlas.scan(net, {}, batches(), layers=["x"], k=9, progress=False,
+                        distinct_images=False).topk["x"]
+  np.testing.assert_array_equal(per_unit.ids[0], np.full(9, 5))
+  np.testing.assert_array_equal(per_unit.positions[0], units[::-1])
+  v, i, p = _brute_top_k(act, ids, 9)
+  np.testing.assert_array_equal(per_unit.ids, i)
+  np.testing.assert_array_equal(per_unit.positions, p)
+
+
+@pytest.mark.parametrize("h", [7, 300])   # the running-maximum loop, and plain reductions
+def test_max_argmax_equals_numpy(h):
+  """Per image and map: the maximum over positions and its first row-major argmax, with
+  ties (a plateau of the maximum, all-zero maps) and -0.0."""
+  rng = np.random.default_rng(1)
+  act = np.maximum(rng.normal(size=(3, h, 5, 4)), 0).astype(np.float32)
+  act[0, 2:5, 1:4, 0] = 9.0
+  act[1, :, :, 1] = 0.0
+  act[2, 0, 0, 2], act[2, :, :, 2] = -0.0, np.minimum(act[2, :, :, 2], 0.0)
+  m, pos = jax.jit(atlas._max_argmax)(jnp.asarray(act))
+  flat = act.reshape(3, -1, 4)
+  np.testing.assert_array_equal(m, flat.max(1))
+  np.testing.assert_array_equal(pos, flat.argmax(1))
+  assert pos[0, 0] == 2 * 5 + 1 and pos[1, 1] == 0
+
+
+@pytest.mark.parametrize("distinct", [True, False])
 @pytest.mark.parametrize("batch_size,k", [(8, 9), (16, 4)])  # k < batch: maps are preselected
-def test_streaming_top_k_equals_brute_force_sort(data, batch_size, k):
+def test_streaming_top_k_equals_brute_force_sort(data, batch_size, k, distinct):
   images, ids, labels = data
   model = _model()
   variables = _init(model)
@@ -69,11 +148,14 @@ def test_streaming_top_k_equals_brute_force_sort(data, batch_size, k):
   variables = {"params": params}
   layers = ("conv1", "conv2", "pool2", "conv5")
   result = atlas.scan(model, variables, _batches(images, ids, labels, batch_size), layers=layers,
-                      k=k, progress=False)
+                      k=k, progress=False, distinct_images=distinct)
   assert result.num_examples == 21
   feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, images)
+  brute = _brute_top_images if distinct else _brute_top_k
   for layer in layers:
-    v, i, p = _brute_top_k(np.asarray(feats[layer]), ids, k)
+    v, i, p = brute(np.asarray(feats[layer]), ids, k)
+    if distinct:
+      assert all(len(set(row)) == k for row in result.topk[layer].ids), layer
     got = result.topk[layer]
     np.testing.assert_array_equal(got.ids, i, err_msg=layer)
     np.testing.assert_array_equal(got.positions, p, err_msg=layer)
@@ -83,15 +165,40 @@ def test_streaming_top_k_equals_brute_force_sort(data, batch_size, k):
     np.testing.assert_allclose(got.values, v, rtol=1e-5, atol=1e-5, err_msg=layer)
   dead = result.topk["conv2"]
   assert np.all(dead.values[0] == 0)
-  np.testing.assert_array_equal(dead.ids[0], np.full(k, 100))  # the lowest id, then
-  np.testing.assert_array_equal(dead.positions[0], [divmod(p, 6) for p in range(k)])  # row-major
+  if distinct:   # the k lowest ids, each at its first position
+    np.testing.assert_array_equal(dead.ids[0], np.arange(100, 100 + k))
+    np.testing.assert_array_equal(dead.positions[0], np.zeros((k, 2)))
+  else:          # the lowest id, then row-major
+    np.testing.assert_array_equal(dead.ids[0], np.full(k, 100))
+    np.testing.assert_array_equal(dead.positions[0], [divmod(p, 6) for p in range(k)])
   # More slots than candidates: pool5 is 1x1, so 21 units fill k = 25, the rest are empty.
   r = atlas.scan(model, variables, _batches(images, ids, labels, 8), layers=["pool5"], k=25,
-                 progress=False)
+                 progress=False, distinct_images=distinct)
   v, i, _ = _brute_top_k(np.asarray(feats["pool5"]), ids, 21)
   np.testing.assert_array_equal(r.topk["pool5"].ids[:, :21], i)
   assert np.all(r.topk["pool5"].ids[:, 21:] == -1)
   assert np.all(r.topk["pool5"].values[:, 21:] == -np.inf)
+
+
+def test_saved_atlas_round_trips_in_rank_order(built, data, tmp_path):
+  """atlas_<layer>.npz holds, per shown map, the distinct images' ids, positions and
+  values of the NumPy reference, best first; load() gives back what save() wrote."""
+  model, variables, out, result, _, _ = built
+  images, ids, _ = data
+  feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))(variables, images)
+  for layer in ("conv2", "conv5"):
+    a = out[layer]
+    path = atlas.save(a, str(tmp_path / f"atlas_{layer}.npz"), distinct_images=True,
+                      num_examples=result.num_examples)
+    got = atlas.load(path)
+    assert (got["layer"], got["distinct_images"], got["num_examples"]) == (layer, True, 21)
+    for key in ("channels", "values", "ids", "positions", "labels"):
+      np.testing.assert_array_equal(got[key], getattr(a, key), err_msg=key)
+    v, i, p = _brute_top_images(np.asarray(feats[layer]), ids, 9)
+    np.testing.assert_array_equal(got["ids"], i[a.channels])
+    np.testing.assert_array_equal(got["positions"], p[a.channels])
+    np.testing.assert_allclose(got["values"], v[a.channels], rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(got["values"], axis=1) <= 0)        # rank order
 
 
 
@@ -102,7 +209,7 @@ def test_merge_tie_goes_to_the_lower_id_not_the_larger_maximum():
   empty = np.iinfo(np.int32).max
   state = (jnp.full((1, 2), -jnp.inf), jnp.full((1, 2), empty, jnp.int32),
            jnp.zeros((1, 2), jnp.int32))
-  values, ids, pos = atlas._merge(state, act, jnp.arange(3, dtype=jnp.int32),
+  values, ids, pos = atlas._merge_units(state, act, jnp.arange(3, dtype=jnp.int32),
                                   jnp.ones(3, bool))
   np.testing.assert_array_equal(values, [[5.0, 3.0]])
   np.testing.assert_array_equal(ids, [[1, 0]])
@@ -235,6 +342,10 @@ def test_bad_options_are_rejected_before_work():
     atlas.check_options(model, S, layers=["conv1"], k=0, rule="deconvnet")
   with pytest.raises(ValueError, match="num_maps.*-2"):
     atlas.check_options(model, S, layers=["conv1"], k=9, rule="deconvnet", num_maps=-2)
+  report = ml_collections.ConfigDict(configs.default_config().report.to_dict()
+                                     | {"distinct_images": "yes"})
+  with pytest.raises(ValueError, match="distinct_images must be True.*'yes'"):
+    atlas.validate(report, model, sections.Data("x", S, S, 1))
   removed = _model(removed=("conv3",))
   with pytest.raises(ValueError, match="'conv3'"):
     atlas.check_options(removed, S, layers=["conv3"], k=9, rule="deconvnet")
@@ -255,7 +366,7 @@ def test_atlas_of_a_hand_built_cnn(tmp_path):
   feats = cnn.apply(variables, images, method="features")
   by_id = dict(zip(ids.tolist(), images))
   for layer in ("c1", "p2"):
-    v, i, p = _brute_top_k(np.asarray(feats[layer]), ids, 3)
+    v, i, p = _brute_top_images(np.asarray(feats[layer]), ids, 3)   # the default mode
     np.testing.assert_array_equal(result.topk[layer].ids, i)
     np.testing.assert_array_equal(result.topk[layer].positions, p)
     np.testing.assert_allclose(result.topk[layer].values, v, rtol=1e-5, atol=1e-5)

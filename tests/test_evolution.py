@@ -193,10 +193,11 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
   _, v2 = helpers.plain_network(seed=1)
   data = sections.Data("plain", 32, 32, 1)
   options = evolution.validate(_options(), net, data)
-  assert options == evolution.Options(("c1", "c2"), (0, 1), 4)
+  assert options == evolution.Options(("c1", "c2"), (0, 1), 4, 6)
   for kw, match in ((dict(maps=(0, 5)), r"evolution map \[5\] out of range for c1"),
                     (dict(layers=("logits",)), "evolution layer 'logits'"),
                     (dict(max_examples=0), "evolution.max_examples 0 not allowed: >= 1"),
+                    (dict(maps=(), num_maps=0), "evolution.num_maps 0 not allowed"),
                     (dict(tensorboard_every_steps=10, tensorboard_maps=(4,)),
                      r"evolution map \[4\] out of range for c1")):
     with pytest.raises(ValueError, match=match):
@@ -205,23 +206,24 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
   images = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (6, 32, 32, 1))) * 40
   asked = []
 
-  def train_images_fn(n):
+  def train_batches(n):
     asked.append(n)
-    return images[:n]
+    return evolution._array_batches(images[:n], 3)
   ctx = sections.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
                          ids=np.array([0, 1]), pixel_mean=np.zeros((32, 32, 1), np.float32),
                          class_names=("a", "b", "c"), out_dir=str(tmp_path), data=data,
-                         train_images=train_images_fn, checkpoints=[(1.0, v1), (2.5, lambda: v2)],
+                         train_batches=train_batches, checkpoints=[(1.0, v1), (2.5, lambda: v2)],
                          progress=False)
   (sec,) = evolution.sections(ctx, options)
-  assert asked == [4]
+  assert asked == [4]      # one pass serves both checkpoints
   assert (sec.title, sec.anchor) == ("Feature evolution", "evolution")
   assert [f for f, _ in sec.figures] == ["evolution_c1.png", "evolution_c2.png"]
   assert all((tmp_path / f).is_file() for f, _ in sec.figures)
   assert "epochs 1, 2.5" in sec.paragraphs[0] and "first 4 training" in sec.paragraphs[0]
   saved = np.load(tmp_path / "evolution.npz")
   np.testing.assert_allclose(saved["epochs"], [1.0, 2.5])
-  np.testing.assert_array_equal(saved["maps"], [0, 1])
+  np.testing.assert_array_equal(saved["maps_c1"], [0, 1])
+  assert saved["num_examples"] == 4
   assert saved["c1"].shape == saved["c2"].shape == (2, 2, evolution.TILE, evolution.TILE, 1)
   for e, variables in enumerate((v1, v2)):
     for layer in ("c1", "c2"):
@@ -234,3 +236,69 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
                            out_dir=str(tmp_path / "empty"), data=data)
   (sec,) = evolution.sections(empty, options)
   assert not sec.figures and "No evolution checkpoints" in sec.paragraphs[0]
+
+
+def _search_context(net, variables, images, tmp_path, seed=0):
+  data = sections.Data("plain", 32, 32, 1)
+  return sections.Context(net=net, variables=variables[0], images=images[:2],
+                          labels=np.array([0, 1]), ids=np.array([0, 1]),
+                          pixel_mean=np.zeros((32, 32, 1), np.float32), class_names=(),
+                          out_dir=str(tmp_path), data=data, seed=seed,
+                          train_batches=lambda n: evolution._array_batches(images[:n], 4),
+                          checkpoints=[(float(e), v) for e, v in enumerate(variables)],
+                          progress=False)
+
+
+def test_random_maps_are_reproducible_from_the_seed(tmp_path):
+  """maps=() draws num_maps maps per layer with np.random.default_rng([seed, layer index,
+  4]) (the documented procedure, redone here): the same seed gives the same maps, the
+  page and evolution.npz show them; another seed, others."""
+  net, v1 = helpers.plain_network(seed=0)
+  data = sections.Data("plain", 32, 32, 1)
+  options = evolution.validate(_options(maps=(), num_maps=3, layers=("c1", "c2", "p2")), net,
+                               data)
+  widths = {"c1": 4, "c2": 6, "p2": 6}
+
+  def want(seed):
+    return {l: tuple(np.sort(np.random.default_rng([seed, n, 4]).choice(widths[l], 3,
+                                                                        replace=False)))
+            for n, l in enumerate(("c1", "c2", "p2"))}
+  for seed in (0, 7):
+    got = evolution.layer_maps(net, 32, options.layers, options, seed)
+    assert got == want(seed) == evolution.layer_maps(net, 32, options.layers, options, seed)
+  assert want(0) != want(7)
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (6, 32, 32, 1))) * 40
+  (sec,) = evolution.sections(_search_context(net, [v1], images, tmp_path, seed=7), options)
+  saved = np.load(tmp_path / "evolution.npz")
+  for l, m in want(7).items():
+    np.testing.assert_array_equal(saved[f"maps_{l}"], m)
+  assert "3 maps of each layer chosen at random (seed 7)" in sec.paragraphs[0]
+
+
+def test_search_set_size_changes_the_winners_as_brute_force_predicts(tmp_path):
+  """max_examples = N searches the first N training images: the saved winners (ids,
+  positions, values; every checkpoint, one pass) equal a NumPy argmax over images[:N], and
+  image 9 (image 1 x 3) takes over maps when N grows past it."""
+  net, v1 = helpers.plain_network(seed=0)
+  _, v2 = helpers.plain_network(seed=1)
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (12, 32, 32, 1))) * 40
+  images[9] = 3 * images[1]
+  layers, maps = ("c1", "p2"), (0, 1, 2, 3)
+  winners = {}
+  for n in (8, 12):
+    options = evolution.validate(_options(layers=layers, maps=maps, max_examples=n), net,
+                                 sections.Data("plain", 32, 32, 1))
+    evolution.sections(_search_context(net, [v1, v2], images, tmp_path / str(n)), options)
+    saved = np.load(tmp_path / str(n) / "evolution.npz")
+    assert saved["num_examples"] == n
+    for e, v in enumerate((v1, v2)):
+      f = jax.tree_util.tree_map(np.asarray, net.features(v, images[:n]))
+      for l in layers:
+        for k, ch in enumerate(maps):
+          a = f[l][..., ch]
+          i, r, c = np.unravel_index(np.argmax(a), a.shape)
+          assert saved[f"ids_{l}"][e, k] == i
+          np.testing.assert_array_equal(saved[f"positions_{l}"][e, k], (r, c))
+          np.testing.assert_allclose(saved[f"values_{l}"][e, k], a.max(), rtol=1e-5)
+    winners[n] = saved["ids_c1"]
+  assert np.any(winners[8] != winners[12]) and np.any(winners[12] == 9)

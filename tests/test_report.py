@@ -14,7 +14,7 @@ from PIL import Image
 
 import helpers
 
-from zfnet_jax import checkpoints, configs, models, report, sections
+from zfnet_jax import atlas, checkpoints, configs, models, report, sections
 
 S = 64
 PAYLOAD = "<script>alert(1)</script>"
@@ -109,6 +109,8 @@ def test_report_has_a_panel_for_every_conv_layer(setup):
     assert f"#layer-{layer}" in page.links  # table of contents
     img = Image.open(os.path.join(os.path.dirname(path), srcs[0]))
     assert img.format == "PNG" and min(img.size) > 50
+    saved = atlas.load(os.path.join(os.path.dirname(path), f"atlas_{layer}.npz"))
+    assert saved["distinct_images"] and all(len(set(r)) == len(r) for r in saved["ids"])
   with open(path, encoding="utf-8") as f:
     assert f.read().count("Legibility (zfnet_jax.legibility)") == len(CONVS)
   for section, src in (("results", "curves.png"), ("filters", "filters_conv1.png")):

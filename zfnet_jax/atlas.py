@@ -4,11 +4,20 @@ a dataset split, projected back to pixels, beside the image patches they saw.
 Two steps:
 
 1. ``scan``: one streaming pass over the split.  A jitted step computes the
-   chosen layers' activations for a batch, takes the batch's top-k per map
-   with ``lax.top_k`` and merges them with the running top-k.  Memory is
-   bounded: per map only k (value, example id, position) triples are kept on
-   the device, plus, on the host, the images of the current top-k of the maps
-   that will be shown.
+   chosen layers' activations for a batch and merges the batch's best
+   candidates of every map into the running top-k.  Two modes:
+
+   * distinct images (the default, as the paper's Fig. 2): the k *images* with
+     the strongest activation of the map (each image's maximum over
+     positions), each at its strongest unit (the first maximum in row-major
+     order).  Each map is reduced to its per-image maximum first; positions
+     come from the same pass (the first maximum of each image's map).
+   * per unit (``distinct_images=False``): the k largest *units*, so one image
+     that fires strongly can fill several slots.
+
+   Memory is bounded: per map only k (value, example id, position) triples are
+   kept on the device, plus, on the host, the images of the current top-k of
+   the maps that will be shown.
 2. ``project``: every recorded unit of the shown maps is projected to pixels
    with ``deconv.project_many`` (one batched call per layer), and both the
    projection and the original image are cropped to the unit's receptive field
@@ -18,6 +27,9 @@ Ties are deterministic: a larger value ranks first, then the lower example id,
 then the lower flat position ``row * width + col`` in the map.  (ReLU maps have
 many exact zeros, so ties are common in dead or sparse maps.)  Slots that no
 valid example filled (fewer than k candidates) have id -1 and value -inf.
+
+``save``/``load``: a layer's shown maps as ``atlas_<layer>.npz`` (the report
+writes one per layer).
 """
 from __future__ import annotations
 
@@ -107,8 +119,53 @@ def choose_maps(num_channels: int, num_maps: int, seed: int) -> np.ndarray:
 # 1. Streaming top-k.
 # ----------------------------------------------------------------------------
 
-def _merge(state, act, ids, mask):
-  """Merge one layer's batch into its running top-k.
+def _max_argmax(act):
+  """act (B, H, W, C) -> (per-image maximum (B, C), its first row-major flat position
+  (B, C) int32).  On XLA's CPU backend a reduction over the middle axes runs at a fraction
+  of memory speed; a running maximum over the H rows (one fused elementwise loop, C
+  contiguous) is ~4x faster, and carries each column's first row of the maximum."""
+  b, h, w, c = act.shape
+  if h > 256:   # keep the fused loop small; plain reductions then
+    flat = act.reshape(b, h * w, c)
+    return jnp.max(flat, axis=1), jnp.argmax(flat, axis=1).astype(jnp.int32)
+  m, row = act[:, 0], jnp.zeros((b, w, c), jnp.int32)
+  for i in range(1, h):
+    gt = act[:, i] > m                       # strictly: the first row keeps ties
+    m, row = jnp.where(gt, act[:, i], m), jnp.where(gt, i, row)
+  best = jnp.max(m, axis=1)                                        # (B, C)
+  col = jnp.arange(w, dtype=jnp.int32)[None, :, None]
+  return best, jnp.min(jnp.where(m == best[:, None, :], row * w + col, h * w), axis=1)
+
+
+def _merge_images(state, act, ids, mask):
+  """Merge one layer's batch into its running top-k images (distinct-images mode).
+
+  state: (values (C, k), ids (C, k), flat positions (C, k)); act (B, H, W, C);
+  ids int32 (B,) ascending; mask bool (B,).
+
+  Each map is reduced to its per-image maximum and first row-major argmax (B, C) --
+  one pass over the activations, no transpose, no gather of maps; the batch's kb
+  best images per map are merged with the running top-k.
+  """
+  values, run_ids, run_pos = state
+  k = values.shape[1]
+  kb = min(k, act.shape[0])
+  m, pos = _max_argmax(act)
+  m = m.astype(jnp.float32)
+  m = jnp.where(m == 0, 0.0, m)  # -0.0 -> 0.0: one total order for ties
+  m = jnp.where(mask[:, None], m, -jnp.inf)
+  # top_k prefers the lower index among ties, i.e. (ids ascending) the lower id.
+  top, best = lax.top_k(m.T, kb)                                          # (C, kb)
+  cand_pos = jnp.take_along_axis(pos.T, best, axis=1)
+  cand_ids = jnp.where(top > -jnp.inf, ids[best], _EMPTY)
+  neg, all_ids, all_pos = lax.sort(
+      (jnp.concatenate([-values, -top], 1), jnp.concatenate([run_ids, cand_ids], 1),
+       jnp.concatenate([run_pos, cand_pos], 1)), dimension=1, num_keys=2)
+  return -neg[:, :k], all_ids[:, :k], all_pos[:, :k]
+
+
+def _merge_units(state, act, ids, mask):
+  """Merge one layer's batch into its running top-k units (per-unit mode).
 
   state: (values (C, k), ids (C, k), flat positions (C, k)); act (B, H, W, C);
   ids int32 (B,) ascending; mask bool (B,).
@@ -126,7 +183,9 @@ def _merge(state, act, ids, mask):
   kb = min(k, b)
   # The kb examples with the largest maxima per map (top_k prefers the lower
   # index among ties), put back in ascending example order.
-  best = jnp.sort(lax.top_k(jnp.max(v, axis=1).T, kb)[1], axis=1)          # (C, kb)
+  m = _max_argmax(act)[0].astype(jnp.float32)          # the argmax is dropped by XLA
+  m = jnp.where(mask[:, None], jnp.where(m == 0, 0.0, m), -jnp.inf)
+  best = jnp.sort(lax.top_k(m.T, kb)[1], axis=1)                             # (C, kb)
   maps = jnp.take_along_axis(v, best.T[:, None, :], axis=0)                  # (kb, HW, C)
   maps = maps.transpose(2, 0, 1).reshape(c, kb * h * w)
   # Candidates in (example, row, col) order; top_k breaks ties by the lower
@@ -142,12 +201,14 @@ def _merge(state, act, ids, mask):
 
 
 @functools.lru_cache(maxsize=16)
-def _make_step(net, layer_names):
-  """One jitted scan step per (network, layers): repeated scans do not recompile."""
+def _make_step(net, layer_names, distinct_images):
+  """One jitted scan step per (network, layers, mode): repeated scans do not recompile."""
+  merge = _merge_images if distinct_images else _merge_units
+
   @jax.jit
   def step(state, variables, images, ids, mask):
     feats = net.features(variables, images)
-    return {l: _merge(state[l], feats[l], ids, mask) for l in layer_names}
+    return {l: merge(state[l], feats[l], ids, mask) for l in layer_names}
   return step
 
 
@@ -164,8 +225,11 @@ class ScanResult:
 
 def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
          layers: Sequence[str], k: int = 9, track: Mapping[str, np.ndarray] | None = None,
-         total: int | None = None, progress: bool = True) -> ScanResult:
-  """Streaming top-k of every map of ``layers`` over ``batches``.
+         total: int | None = None, progress: bool = True, distinct_images: bool = True
+         ) -> ScanResult:
+  """Streaming top-k of every map of ``layers`` over ``batches``: the k images with the
+  largest maximum of the map, each at its strongest unit (``distinct_images``), or the
+  k largest units (an image may hold several).
 
   Args:
     batches: dicts with 'image' float (B, S, S, C) model inputs, 'id' int (B,)
@@ -175,7 +239,7 @@ def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
     total: examples in the split, for the progress bar.
   """
   net = deconv.as_network(net)
-  step = _make_step(net, tuple(layers))
+  step = _make_step(net, tuple(layers), bool(distinct_images))
   state = None
   track = {l: np.asarray(c) for l, c in (track or {}).items()}
   images, labels, seen = {}, {}, 0
@@ -187,9 +251,10 @@ def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
       raise ValueError(f"example ids must be in [0, {_EMPTY}), got {ids[mask].min()}.."
                        f"{ids[mask].max()}")
     order = np.argsort(np.where(mask, ids, _EMPTY), kind="stable")  # ascending ids
-    ids, mask = ids[order], mask[order]
-    image = np.asarray(batch["image"])[order]
-    label = np.asarray(batch["label"])[order] if "label" in batch else np.full(ids.shape, -1)
+    image = np.asarray(batch["image"])
+    label = np.asarray(batch["label"]) if "label" in batch else np.full(ids.shape, -1)
+    if np.any(order != np.arange(len(order))):   # no copy when already in order
+      ids, mask, image, label = ids[order], mask[order], image[order], label[order]
     if state is None:
       shapes = jax.eval_shape(net.features, variables,
                               jax.ShapeDtypeStruct(image.shape, jnp.float32))
@@ -284,10 +349,10 @@ def legibility(a: LayerAtlas, input_size: int) -> legibility_lib.Legibility:
 def build(net, variables, batches: Iterable[Mapping[str, np.ndarray]],
           pixel_mean: np.ndarray, *, layers: Sequence[str], k: int = 9, num_maps: int = -1,
           rule: str = "deconvnet", chunk_size: int = 64, seed: int = 0,
-          total: int | None = None, progress: bool = True
+          total: int | None = None, progress: bool = True, distinct_images: bool = True
           ) -> tuple[dict[str, LayerAtlas], ScanResult]:
-  """The atlas of ``layers``: scan, then project ``num_maps`` maps per layer
-  (-1 = all; a random subset, seeded, otherwise)."""
+  """The atlas of ``layers``: scan (``distinct_images``: see ``scan``), then project
+  ``num_maps`` maps per layer (-1 = all; a random subset, seeded, otherwise)."""
   net = deconv.as_network(net)
   input_size = int(np.shape(pixel_mean)[0])
   check_options(net, input_size, layers=layers, k=k, rule=rule, num_maps=num_maps,
@@ -295,12 +360,34 @@ def build(net, variables, batches: Iterable[Mapping[str, np.ndarray]],
   widths = models.spatial_layers(net, input_size)
   shown = {l: choose_maps(widths[l], num_maps, seed + n) for n, l in enumerate(layers)}
   result = scan(net, variables, batches, layers=layers, k=k, track=shown, total=total,
-                progress=progress)
+                progress=progress, distinct_images=distinct_images)
   atlas = {}
   for l in console.progress(layers, desc="projections", unit="layer", disable=not progress):
     atlas[l] = project(net, variables, result, l, shown[l], pixel_mean, rule=rule,
                        chunk_size=chunk_size)
   return atlas, result
+
+
+def save(a: LayerAtlas, path: str, *, distinct_images: bool, num_examples: int) -> str:
+  """Write the numbers behind a layer's Fig. 2 to ``path`` (.npz): channels (M,), and
+  per shown map in rank order (best first) values float32 (M, k), ids int64 (M, k)
+  (-1 = empty slot), positions int32 (M, k, 2) (row, col), labels (M, k); layer,
+  distinct_images (the scan's mode), num_examples (examples scanned)."""
+  np.savez_compressed(path, layer=np.asarray(a.layer), channels=a.channels, values=a.values,
+                      ids=a.ids, positions=a.positions, labels=a.labels,
+                      distinct_images=np.asarray(bool(distinct_images)),
+                      num_examples=np.asarray(int(num_examples)))
+  return path
+
+
+def load(path: str) -> dict[str, np.ndarray]:
+  """The arrays ``save`` wrote ({name: array}; layer, distinct_images, num_examples as
+  Python scalars)."""
+  with np.load(path) as f:
+    out = {k: f[k] for k in f.files}
+  out["layer"], out["distinct_images"] = str(out["layer"]), bool(out["distinct_images"])
+  out["num_examples"] = int(out["num_examples"])
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -321,6 +408,7 @@ class Options:
   max_examples: int     # -1 = the whole split
   batch_size: int
   chunk_size: int
+  distinct_images: bool = True  # top-k images (paper); False: top-k units
 
 
 def validate(options, net, data: sections.Data) -> Options:
@@ -341,30 +429,41 @@ def validate(options, net, data: sections.Data) -> Options:
   if options.rule not in layers_lib.RULES:
     raise ValueError(f"config.report.rule {options.rule!r} unknown; allowed: "
                      f"{', '.join(layers_lib.RULES)}")
+  distinct = options.get("distinct_images", True)
+  if not isinstance(distinct, (bool, np.bool_)):
+    raise ValueError(f"config.report.distinct_images must be True (top-k images, as the "
+                     f"paper) or False (top-k units), got {distinct!r}")
   opts = Options(options.split, layers, pos_int("num_maps", True), pos_int("top_k"),
                  options.rule, pos_int("max_examples", True), pos_int("batch_size"),
-                 pos_int("chunk_size"))
+                 pos_int("chunk_size"), bool(distinct))
   check_options(net, data.input_size, layers=opts.layers, k=opts.top_k, rule=opts.rule,
                 num_maps=opts.num_maps, chunk_size=opts.chunk_size)
   return opts
 
 
 def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
-  """One section per layer: Fig. 2 panels (atlas_<layer>_<n>.png) and the top-k table."""
+  """One section per layer: Fig. 2 panels (atlas_<layer>_<n>.png), the top-k table and
+  its numbers (atlas_<layer>.npz, ``save``)."""
   atlas, result = build(context.net, context.variables, context.split_batches(),
                         context.pixel_mean, layers=options.layers, k=options.top_k,
                         num_maps=options.num_maps, rule=options.rule,
                         chunk_size=options.chunk_size, seed=context.seed,
-                        total=context.split_total, progress=context.progress)
+                        total=context.split_total, progress=context.progress,
+                        distinct_images=options.distinct_images)
   out = []
   for layer, a in atlas.items():
     s = sections_lib.Section(f"Layer {layer}", f"layer-{layer}")
     topk = result.topk[layer]
     dead = int(np.sum(topk.values[:, 0] <= 0))
+    save(a, context.path(f"atlas_{layer}.npz"), distinct_images=options.distinct_images,
+         num_examples=result.num_examples)
+    what = (f"the {options.top_k} images with the strongest activation (each image's "
+            "maximum over positions), each at its strongest unit," if options.distinct_images
+            else f"the top {options.top_k} units (one image may hold several)")
     s.paragraphs.append(
-        f"Top {options.top_k} activations over {result.num_examples} examples of the "
+        f"Per map, {what} over {result.num_examples} examples of the "
         f"{context.split_name!s} split, for {len(a.channels)} of the {topk.values.shape[0]} "
-        f"feature maps. Per map: the projections to pixels with the {options.rule} rule (left, "
+        f"feature maps (numbers in atlas_{layer}.npz). Per map: the projections to pixels with the {options.rule} rule (left, "
         f"each scaled on its own, zero = grey) beside the image patches under the "
         f"receptive field ({a.receptive_field.size} px, stride {a.receptive_field.stride}; "
         f"tiles {a.projections.shape[2]} px) (right). Best first, row by row.")

@@ -117,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.report.max_examples = 10_000       # examples scanned for the top-k (-1 = all)
   c.report.batch_size = 256
   c.report.chunk_size = 64             # projections per batched VJP
+  c.report.distinct_images = True      # Fig. 2: top-k images (each at its strongest unit), as
+                                       # the paper; False: top-k units (an image may repeat)
 
   # -- visualize (zfnet_jax.visualize): --mode=visualize --images=PATH -------
   c.visualize = ml_collections.ConfigDict()
@@ -161,8 +163,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.analyses.evolution = ml_collections.ConfigDict()
   c.analyses.evolution.enabled = True
   c.analyses.evolution.layers = ("conv1", "conv2", "conv3", "conv4", "conv5")
-  c.analyses.evolution.maps = (0, 1, 2, 3, 4, 5)  # channels shown per layer
-  c.analyses.evolution.max_examples = 512  # training examples searched per checkpoint
+  c.analyses.evolution.maps = ()       # channels shown in every layer; () = num_maps random
+  c.analyses.evolution.num_maps = 6    # maps per layer (seeded by config.seed), as the paper
+  c.analyses.evolution.max_examples = 10_000  # first N training images searched (-1 = all, as
+                                       # the paper); one pass serves every checkpoint
   c.analyses.evolution.tensorboard_every_steps = 0  # >0: panels as TensorBoard images
   c.analyses.evolution.tensorboard_maps = (0, 1, 2, 3)
   c.analyses.diagnostics = ml_collections.ConfigDict()
@@ -233,6 +237,7 @@ def imagenet_variant(model_name: str, variants: dict, variant: str, where: str):
   c.model.name = model_name
   c.dataset.name = "imagenet2012"
   c.dataset.eval_split = "validation"
+  c.report.max_examples = -1           # Fig. 2 over the whole validation set (50,000), as the paper
   for key, value in variants[variant][0].items():
     c.model[key] = value
   return c

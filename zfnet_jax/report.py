@@ -412,8 +412,9 @@ def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.
       split_batches=batches if callable(batches) else (lambda: batches),
       split_name=config.report.split or config.dataset.eval_split, split_total=total,
       examples=examples,
-      train_images=lambda n: input_pipeline.load_examples(
-          config, workdir, split=config.dataset.train_split, num=n)[0],
+      train_batches=lambda n: input_pipeline.create_eval_iterator(
+          config, workdir, split=config.dataset.train_split,
+          batch_size=config.report.batch_size, max_examples=n),
       checkpoints=[(epoch, loader(step)) for epoch, step in evolution_ckpts],
       comparisons=load_comparisons(config, workdir) if _comparisons_wanted(config) else {},
       results=results, metrics=metrics, bad_metrics=bad, progress=progress)

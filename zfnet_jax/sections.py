@@ -69,7 +69,8 @@ class Context:
   examples: (ids=None, split=None, num=-1) -> (images, labels, ids): exactly the
     examples ``ids`` of ``split`` (default: the analysed split; ValueError if one is
     missing), or its first ``num``.
-  train_images: n -> float32 (n, S, S, C) the first n training examples.
+  train_batches: n -> an iterator of batches of the first n training examples (-1 =
+    all; centre crops, as split_batches).
   checkpoints: [(epoch, () -> variables)] kept during training (Fig. 4).
   comparisons: {name: (net, variables, note)} other trained models (Fig. 6).
   results: the run's results (None if it has not finished); metrics: its
@@ -91,7 +92,7 @@ class Context:
   split_name: str = ""
   split_total: int | None = None
   examples: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-  train_images: Callable[[int], np.ndarray] | None = None
+  train_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]] | None = None
   checkpoints: Sequence[tuple[float, Callable[[], Any]]] = ()
   comparisons: Mapping[str, tuple[Any, Any, str]] = dataclasses.field(default_factory=dict)
   results: Mapping[str, Any] | None = None

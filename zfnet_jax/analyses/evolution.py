@@ -1,9 +1,14 @@
 """Feature evolution during training (paper Fig. 4).
 
-At each kept evolution checkpoint, for the chosen maps of each layer: find the
-strongest activation of the map over a sample of training images, project it
-to pixels with the deconvnet and crop the projection to the unit's receptive
-field.  One grid per layer: rows = epochs, columns = maps.
+At each kept evolution checkpoint, for the chosen maps of each layer (a random
+subset per layer, seeded, as the paper's "randomly chosen subset", or maps given
+by index): find the strongest activation of the map over a search set of
+training images, project it to pixels with the deconvnet and crop the
+projection to the unit's receptive field.  One grid per layer: rows = epochs,
+columns = maps.  The search set is streamed once for all checkpoints (every
+checkpoint's forward pass runs on each batch; checkpoints are loaded in groups
+of at most ``max_bytes`` of parameters), keeping per (checkpoint, layer, map)
+only the best unit and its image.
 
 ``tensorboard_panel`` draws the same tiles for the current weights (rows =
 layers, columns = maps) as one uint8 image; ``tensorboard_hook`` makes the
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,83 +33,186 @@ from zfnet_jax import sections as sections_lib
 
 TILE = 48  # side of a tile in pixels (receptive-field crops are resized to it)
 
+Maps = Sequence[int] | Mapping[str, Sequence[int]]   # the same maps in every layer, or per layer
+
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """layers: spatial layers shown; maps: their channels shown (the same in every layer);
-  max_examples: training images searched for the strongest activations."""
+  """layers: spatial layers shown; maps: their channels shown (the same in every layer),
+  () = ``num_maps`` random maps per layer (``choose_maps``); max_examples: the first N
+  training images searched for the strongest activations (-1 = the whole split)."""
   layers: tuple[str, ...]
   maps: tuple[int, ...]
   max_examples: int
+  num_maps: int = 6
 
 
-def check(net, input_size: int, layers: Sequence[str], maps: Sequence[int]) -> None:
+def choose_maps(num_channels: int, num_maps: int, seed: int, layer_index: int) -> np.ndarray:
+  """Fig. 4's maps of one layer: sorted, ``num_maps`` of ``num_channels`` drawn without
+  replacement by ``np.random.default_rng([seed, layer_index, 4])`` (all if num_maps >=
+  num_channels)."""
+  if num_maps >= num_channels:
+    return np.arange(num_channels)
+  rng = np.random.default_rng([seed, layer_index, 4])
+  return np.sort(rng.choice(num_channels, num_maps, replace=False))
+
+
+def layer_maps(net, input_size: int, layers: Sequence[str], options: Options, seed: int
+               ) -> dict[str, tuple[int, ...]]:
+  """{layer: maps shown}: ``options.maps`` in every layer, or random (``choose_maps``)."""
+  if options.maps:
+    return {l: tuple(options.maps) for l in layers}
+  widths = models.spatial_layers(deconv.as_network(net), input_size)
+  return {l: tuple(int(m) for m in choose_maps(widths[l], options.num_maps, seed, n))
+          for n, l in enumerate(layers)}
+
+
+def _per_layer(layers: Sequence[str], maps: Maps) -> dict[str, tuple[int, ...]]:
+  if isinstance(maps, Mapping):
+    return {l: tuple(int(m) for m in maps[l]) for l in layers}
+  return {l: tuple(int(m) for m in maps) for l in layers}
+
+
+def check(net, input_size: int, layers: Sequence[str], maps: Maps) -> None:
   """ValueError for an unknown/non-spatial layer or a map out of range in any layer."""
   if not layers or not maps:
     raise ValueError(f"evolution needs layers and maps, got layers={list(layers)} "
-                     f"maps={list(maps)}")
+                     f"maps={maps!r}")
   net = deconv.as_network(net)
   for layer in layers:
     models.check_layer(net, input_size, layer, "evolution layer", spatial=True)
-    models.check_channels(net, input_size, layer, maps, "evolution map")
+    models.check_channels(net, input_size, layer, list(_per_layer([layer], maps)[layer]),
+                          "evolution map")
 
 
 def validate(options, net, data: sections_lib.Data) -> Options:
   """Validated options from ``config.analyses.evolution`` (the TensorBoard maps too,
   when ``tensorboard_every_steps`` > 0)."""
   layers, size = tuple(options.layers), data.input_size
-  check(net, size, layers, list(options.maps))
-  if options.max_examples < 1:
-    raise ValueError(f"evolution.max_examples {options.max_examples} not allowed: >= 1")
+  maps, num_maps = tuple(int(m) for m in options.maps), options.get("num_maps", 6)
+  if isinstance(num_maps, bool) or not isinstance(num_maps, (int, np.integer)) or num_maps < 1:
+    raise ValueError(f"evolution.num_maps {num_maps!r} not allowed: a positive integer "
+                     "(random maps per layer, used when evolution.maps is empty)")
+  check(net, size, layers, maps or [0])
+  if options.max_examples < 1 and options.max_examples != -1:
+    raise ValueError(f"evolution.max_examples {options.max_examples} not allowed: >= 1, "
+                     "or -1 (the whole training split)")
   if options.tensorboard_every_steps > 0:
     check(net, size, layers, list(options.tensorboard_maps))
-  return Options(layers, tuple(int(m) for m in options.maps), int(options.max_examples))
+  return Options(layers, maps, int(options.max_examples), int(num_maps))
 
 
 @functools.lru_cache(maxsize=32)
-def _batch_max_fn(net: deconv.Network, layers: tuple[str, ...], maps: tuple[int, ...]):
-  """jit((variables, x (B, S, S, C)) -> {layer: (max (M,), flat argmax (M,), (H, W))})."""
-  idx = np.asarray(maps, np.int32)
-
-  def batch_max(variables, x):
+def _batch_max_fn(net: deconv.Network, maps: tuple[tuple[str, tuple[int, ...]], ...]):
+  """jit((variables, x (B, S, S, C), mask (B,)) -> {layer: (max (M,), flat argmax (M,)
+  over (B, H, W), first in row-major order)}); masked images never win."""
+  def batch_max(variables, x, mask):
     f = net.features(variables, x)
     out = {}
-    for layer in layers:
-      a = f[layer][..., idx]                                # (B, H, W, M)
+    for layer, idx in maps:
+      a = f[layer][..., np.asarray(idx, np.int32)].astype(jnp.float32)   # (B, H, W, M)
+      a = jnp.where(mask[:, None, None, None], a, -jnp.inf)
       flat = a.reshape(-1, len(idx))
-      out[layer] = (flat.max(0), jnp.argmax(flat, 0), jnp.asarray(a.shape[1:3]))
+      out[layer] = (flat.max(0), jnp.argmax(flat, 0))
     return out
   return jax.jit(batch_max)
 
 
-def strongest(net, variables, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],
-              batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """{layer: (image index (M,), position (M, 2) (row, col), value (M,))} of each map's
-  strongest activation over ``images`` (N, S, S, C) (first in (image, row, col) order on
-  ties)."""
-  net = deconv.as_network(net)
-  layers = tuple(layers)
-  maps = tuple(int(m) for m in maps)
-  fn = _batch_max_fn(net, layers, maps)
-  m = len(maps)
-  best = {l: (np.full(m, -np.inf), np.zeros(m, int), np.zeros((m, 2), int)) for l in layers}
+def _array_batches(images: np.ndarray, batch_size: int) -> Iterator[dict]:
+  """Batches of ``images`` (N, S, S, C), ids = index, the last padded (mask False)."""
   bs = max(1, min(batch_size, len(images)))
   for start in range(0, len(images), bs):
     x = images[start:start + bs]
-    pad = bs - len(x)
-    if pad:      # pad by repeating the first image of the batch: never a new maximum
-      x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
-    res = jax.device_get(fn(variables, jnp.asarray(x)))
-    for l, (val, arg, hw) in res.items():
-      b, i, j = np.unravel_index(arg, (bs, hw[0], hw[1]))
-      better = val > best[l][0]
-      best[l][0][better] = val[better]
-      best[l][1][better] = start + b[better]
-      best[l][2][better] = np.stack([i, j], 1)[better]
-  return {l: (idx, pos, val) for l, (val, idx, pos) in best.items()}
+    n = len(x)
+    if n < bs:
+      x = np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)])
+    yield {"image": x, "id": np.arange(start, start + bs), "mask": np.arange(bs) < n}
 
 
-def tiles(net, variables, images: np.ndarray, layers: Sequence[str], maps: Sequence[int],
+Best = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def strongest_many(net, variables: Sequence[Any], batches: Iterable[Mapping[str, np.ndarray]],
+                   layers: Sequence[str], maps: Maps, progress: bool = False
+                   ) -> tuple[list[Best], dict[int, np.ndarray]]:
+  """One pass over ``batches`` for several sets of ``variables`` (E checkpoints).
+
+  batches: {"image" (B, S, S, C), "id" (B,) ascending over the stream, optional "mask"}.
+  Returns ([{layer: (example id (M,), position (M, 2) (row, col), value (M,))}] per
+  variables, {id: image (S, S, C)} of every winner).  Ties: the first in (stream order,
+  row, col).
+  """
+  net = deconv.as_network(net)
+  per = _per_layer(layers, maps)
+  fn = _batch_max_fn(net, tuple(per.items()))
+  best = [{l: (np.full(len(m), -1), np.zeros((len(m), 2), int), np.full(len(m), -np.inf))
+           for l, m in per.items()} for _ in variables]
+  images, hw = {}, None
+  bar = console.progress(desc="evolution search", unit="ex", disable=not progress)
+  for batch in batches:
+    x = np.asarray(batch["image"], np.float32)
+    ids = np.asarray(batch["id"]).astype(np.int64)
+    mask = np.asarray(batch.get("mask", np.ones(len(ids), bool)), bool)
+    if hw is None:
+      shapes = jax.eval_shape(net.features, variables[0],
+                              jax.ShapeDtypeStruct(x.shape, jnp.float32))
+      hw = {l: shapes[l].shape[1:3] for l in per}
+    xd, md = jnp.asarray(x), jnp.asarray(mask)
+    res = jax.device_get([fn(v, xd, md) for v in variables])    # every checkpoint, one batch
+    for e, r in enumerate(res):
+      for l, (val, arg) in r.items():
+        b, i, j = np.unravel_index(arg, (len(x), *hw[l]))
+        better = val > best[e][l][2]
+        best[e][l][0][better] = ids[b[better]]
+        best[e][l][1][better] = np.stack([i, j], 1)[better]
+        best[e][l][2][better] = val[better]
+    wanted = {int(i) for b_ in best for (w, _, _) in b_.values() for i in w}
+    for k in np.flatnonzero(mask):
+      if int(ids[k]) in wanted and int(ids[k]) not in images:
+        images[int(ids[k])] = x[k].copy()
+    for i in [i for i in images if i not in wanted]:
+      del images[i]
+    bar.update(int(mask.sum()))
+  bar.close()
+  if hw is None:
+    raise ValueError("the evolution search set yielded no batches")
+  return best, images
+
+
+def strongest(net, variables, images: np.ndarray, layers: Sequence[str], maps: Maps,
+              batch_size: int = 64) -> Best:
+  """{layer: (image index (M,), position (M, 2) (row, col), value (M,))} of each map's
+  strongest activation over ``images`` (N, S, S, C) (first in (image, row, col) order on
+  ties); ``maps``: the same in every layer, or {layer: maps}."""
+  (best,), _ = strongest_many(net, [variables], _array_batches(images, batch_size), layers,
+                              maps)
+  return best
+
+
+def _project(net, variables, best: Best, images: Mapping[int, np.ndarray], maps: Maps,
+             input_size: int, rule: str, tile: int | None) -> dict[str, np.ndarray]:
+  """{layer: (M, t, t, C)}: the projections of ``best``'s units, cropped and resized."""
+  layers = list(best)
+  per = _per_layer(layers, maps)
+  req_img = np.concatenate([best[l][0] for l in layers])
+  req_pos = np.concatenate([best[l][1] for l in layers]).astype(np.int32)
+  names = [l for l in layers for _ in per[l]]
+  proj = np.asarray(net.project(variables, np.stack([images[int(i)] for i in req_img]),
+                                layer=names, positions=req_pos, rule=rule,
+                                channels=np.concatenate([np.asarray(per[l], np.int32)
+                                                         for l in layers])))
+  fields = net.receptive_fields(input_size)
+  out, start = {}, 0
+  for layer in layers:
+    part = slice(start, start + len(per[layer]))
+    start = part.stop
+    crops = deconv.crop_receptive_field(deconv.to_image(proj[part]), fields[layer],
+                                        req_pos[part])
+    out[layer] = crops if tile is None else np.stack([_resize(c, tile) for c in crops])
+  return out
+
+
+def tiles(net, variables, images: np.ndarray, layers: Sequence[str], maps: Maps,
           rule: str = "deconvnet", batch_size: int = 64, tile: int | None = TILE
           ) -> dict[str, np.ndarray]:
   """{layer: (M, t, t, C) in [0, 1]}: per map, the projection of its strongest activation
@@ -115,21 +223,8 @@ def tiles(net, variables, images: np.ndarray, layers: Sequence[str], maps: Seque
   net = deconv.as_network(net)
   check(net, images.shape[1], layers, maps)
   best = strongest(net, variables, images, layers, maps, batch_size)
-  m = len(maps)
-  req_img = np.concatenate([best[l][0] for l in layers])
-  req_pos = np.concatenate([best[l][1] for l in layers]).astype(np.int32)
-  names = [l for l in layers for _ in range(m)]
-  proj = np.asarray(net.project(variables, images[req_img], layer=names,
-                                channels=np.tile(np.asarray(maps, np.int32), len(layers)),
-                                positions=req_pos, rule=rule))
-  fields = net.receptive_fields(images.shape[1])
-  out = {}
-  for k, layer in enumerate(layers):
-    part = slice(k * m, (k + 1) * m)
-    crops = deconv.crop_receptive_field(deconv.to_image(proj[part]), fields[layer],
-                                        req_pos[part])
-    out[layer] = crops if tile is None else np.stack([_resize(c, tile) for c in crops])
-  return out
+  return _project(net, variables, best, dict(enumerate(images)), maps, images.shape[1], rule,
+                  tile)
 
 
 def _resize(image: np.ndarray, tile: int) -> np.ndarray:
@@ -173,29 +268,55 @@ def tensorboard_hook(net, images: np.ndarray, *, layers: Sequence[str], maps: Se
   return hook
 
 
-def grids(net, checkpoints: Sequence[tuple[float, Any]], images: np.ndarray,
-          layers: Sequence[str], maps: Sequence[int], rule: str = "deconvnet",
-          batch_size: int = 64, tile: int | None = TILE, progress: bool = True
-          ) -> tuple[list[float], dict[str, np.ndarray]]:
-  """(epochs, {layer: (E, M, t, t, C) tiles}): ``tiles`` at each checkpoint.
+def grids(net, checkpoints: Sequence[tuple[float, Any]],
+          images: np.ndarray | Callable[[], Iterable[Mapping[str, np.ndarray]]],
+          layers: Sequence[str], maps: Maps, rule: str = "deconvnet",
+          batch_size: int = 64, tile: int | None = TILE, progress: bool = True,
+          max_bytes: int = 4 << 30, details: bool = False):
+  """(epochs, {layer: (E, M, t, t, C) tiles}): ``tiles`` at each checkpoint; with
+  ``details`` also {layer: (example ids (E, M), positions (E, M, 2), values (E, M))} of
+  the projected units.
 
   checkpoints: E pairs (epoch, variables), or (epoch, () -> variables) to load them
-  one at a time.
+  one at a time.  images: the search set, (N, S, S, C), or () -> a fresh iterator of
+  its batches (as ``strongest_many`` takes).  One pass over the search set serves
+  every checkpoint whose parameters fit, with the others loaded, in ``max_bytes``.
   """
   net = deconv.as_network(net)
   if not checkpoints:
     raise ValueError("no evolution checkpoints given")
-  epochs, per = [], {l: [] for l in layers}
-  it = console.progress(checkpoints, desc="feature evolution", unit="checkpoint",
-                        disable=not progress)
-  for epoch, variables in it:
-    if callable(variables):
-      variables = variables()
-    t = tiles(net, variables, images, layers, maps, rule, batch_size, tile)
-    for l in layers:
-      per[l].append(t[l])
-    epochs.append(float(epoch))
-  return epochs, {l: np.stack(v) for l, v in per.items()}
+  if isinstance(images, np.ndarray):
+    array = images
+    images = lambda: _array_batches(array, batch_size)
+  epochs, per = [float(e) for e, _ in checkpoints], {l: [] for l in layers}
+  units = {l: [] for l in layers}
+  bar = console.progress(total=len(checkpoints), desc="feature evolution", unit="checkpoint",
+                         disable=not progress)
+  pending = list(checkpoints)
+  while pending:
+    group, used = [], 0
+    while pending:
+      v = pending[0][1]
+      v = v() if callable(v) else v
+      size = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(v))
+      if group and used + size > max_bytes:
+        break
+      group.append(v)
+      used += size
+      pending.pop(0)
+    best, found = strongest_many(net, group, images(), layers, maps)
+    size_s = next(iter(found.values())).shape[0]
+    for v, b in zip(group, best):
+      t = _project(net, v, b, found, maps, size_s, rule, tile)
+      for l in layers:
+        per[l].append(t[l])
+        units[l].append(b[l])
+      bar.update(1)
+  bar.close()
+  tiles_ = {l: np.stack(v) for l, v in per.items()}
+  if not details:
+    return epochs, tiles_
+  return epochs, tiles_, {l: tuple(np.stack(a) for a in zip(*u)) for l, u in units.items()}
 
 
 def plot_grid(epochs, tiles_: np.ndarray, maps, layer: str, path: str) -> str:
@@ -215,24 +336,42 @@ def plot_grid(epochs, tiles_: np.ndarray, maps, layer: str, path: str) -> str:
 
 
 def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
-  """Fig. 4 over ``context.checkpoints``: evolution.npz, evolution_<layer>.png."""
-  layers, maps = list(options.layers), list(options.maps)
+  """Fig. 4 over ``context.checkpoints``: evolution_<layer>.png and evolution.npz
+  (epochs (E,), num_examples searched, per layer: maps_<layer> (M,), <layer> tiles
+  (E, M, t, t, C), ids_<layer> (E, M) training example ids, positions_<layer> (E, M, 2),
+  values_<layer> (E, M))."""
+  layers = list(options.layers)
   sec = sections_lib.Section("Feature evolution", "evolution")
   if not context.checkpoints:
     sec.paragraphs.append("No evolution checkpoints in this run (config.evolution_epochs).")
     return [sec]
-  images = context.train_images(options.max_examples)
-  epochs, g = grids(context.net, context.checkpoints, images, layers, maps, context.rule,
-                    context.batch_size, progress=context.progress)
-  np.savez_compressed(context.path("evolution.npz"), epochs=np.asarray(epochs),
-                      maps=np.asarray(maps), **g)
+  size = int(np.shape(context.pixel_mean)[0]) if context.data is None else context.data.input_size
+  maps = layer_maps(context.net, size, layers, options, context.seed)
+  counted = []
+
+  def batches():     # one pass per group of checkpoints: count the examples of the last
+    counted.clear()
+    for b in context.train_batches(options.max_examples):
+      counted.append(int(np.sum(b.get("mask", np.ones(len(b["id"]), bool)))))
+      yield b
+  epochs, g, units = grids(context.net, context.checkpoints, batches, layers, maps,
+                           context.rule, context.batch_size, progress=context.progress,
+                           details=True)
+  n = sum(counted)
+  np.savez_compressed(
+      context.path("evolution.npz"), epochs=np.asarray(epochs), num_examples=np.asarray(n),
+      **{f"maps_{l}": np.asarray(maps[l]) for l in layers}, **g,
+      **{f"{k}_{l}": a for l in layers for k, a in zip(("ids", "positions", "values"), units[l])})
+  chosen = ("maps " + ", ".join(map(str, options.maps)) + " of each layer" if options.maps
+            else f"{options.num_maps} maps of each layer chosen at random (seed {context.seed})")
   sec.paragraphs.append(
-      f"Paper Fig. 4: for maps {', '.join(map(str, maps))} of each layer, the strongest "
-      f"activation over the first {len(images)} training examples (centre crops), projected "
-      f"with the {context.rule} rule and cropped to the receptive field, at each kept "
-      f"checkpoint (epochs {', '.join(f'{e:g}' for e in epochs)}). Each tile is scaled on its "
-      "own (zero = mid-grey). The image that wins may change from row to row.")
+      f"Paper Fig. 4: for {chosen}, the strongest activation over the first {n} training "
+      f"examples (centre crops), projected with the {context.rule} rule and cropped to the "
+      f"receptive field, at each kept checkpoint (epochs {', '.join(f'{e:g}' for e in epochs)}). "
+      "Each tile is scaled on its own (zero = mid-grey). The image that wins may change from "
+      "row to row.")
   for l in layers:
-    plot_grid(epochs, g[l], maps, l, context.path(f"evolution_{l}.png"))
-    sec.figures.append((f"evolution_{l}.png", f"{l}: rows = epochs, columns = maps."))
+    plot_grid(epochs, g[l], maps[l], l, context.path(f"evolution_{l}.png"))
+    sec.figures.append((f"evolution_{l}.png", f"{l}: rows = epochs, columns = maps "
+                        f"{', '.join(map(str, maps[l]))}."))
   return [sec]
