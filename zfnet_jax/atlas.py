@@ -262,8 +262,12 @@ def scan(net, variables, batches: Iterable[Mapping[str, np.ndarray]], *,
                    jnp.full((shapes[l].shape[-1], k), _EMPTY, jnp.int32),
                    jnp.zeros((shapes[l].shape[-1], k), jnp.int32)) for l in layers}
       map_shapes = {l: shapes[l].shape[1:3] for l in layers}
-    state = step(state, variables, jnp.asarray(image, jnp.float32),
-                 jnp.asarray(np.where(mask, ids, _EMPTY), jnp.int32), jnp.asarray(mask))
+    previous, state = state, step(state, variables, jnp.asarray(image, jnp.float32),
+                                  jnp.asarray(np.where(mask, ids, _EMPTY), jnp.int32),
+                                  jnp.asarray(mask))
+    # One step in flight: without this wait the loop runs ahead of the computation and
+    # every queued batch keeps its input buffer alive (memory grew with the scan).
+    jax.block_until_ready(previous)
     if track:
       wanted = set(np.concatenate([np.asarray(state[l][1])[c].ravel()
                                    for l, c in track.items()]).tolist())
