@@ -490,7 +490,7 @@ def main(argv=None):
   rates = {}
   if {"train", "forward"} & args.only:
     rates = bench_model(args, model, config, flops, peak, torch_fns)
-  fwd_rate, train_rate = rates.get("forward_jax"), rates.get("train_jax")
+  train_rate = rates.get("train_jax")
   if "quickstart" in args.only:
     bench_quickstart(args)
 
