@@ -144,7 +144,11 @@ def main(argv=None):
   cases = args.cases.split(",")
   if not set(cases) <= set(CASES):
     ap.error(f"--cases has {sorted(set(cases) - set(CASES))}; allowed: {', '.join(CASES)}")
+  sys.path.insert(0, ROOT)
+  from zfnet_jax import rundir  # pylint: disable=g-import-not-at-top
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "machine": rundir.machine(), "versions": rundir.versions(),
+          "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
           "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
           "measure": "peak resident set size of a fresh child process (ru_maxrss), MiB"}
   rows = []
