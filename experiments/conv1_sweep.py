@@ -80,6 +80,9 @@ def get_config(variant: str = ""):
   else:
     c = _config_file("quickstart").get_config("")
     c.dataset.resize_size = c.dataset.crop_size = INPUT_SIZE[""]
+    # The model's own first layer (7x7/2) unless a run sets it (the quickstart's 7x7/1 is
+    # for its 32 px input).
+    c.model.conv1_kernel = c.model.conv1_stride = c.model.conv1_pad = None
     c.num_epochs = EPOCHS
     c.evolution_epochs = ()
     c.checkpoint_every_steps = 100_000   # the final checkpoint only
