@@ -409,7 +409,8 @@ def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.
       net=net, variables=variables, images=images, labels=labels, ids=example_ids,
       pixel_mean=pixel_mean, class_names=tuple(class_names or ()), out_dir=out_dir, data=data,
       rule=config.report.rule, seed=config.seed, batch_size=a.batch_size,
-      split_batches=batches if callable(batches) else (lambda: batches),
+      split_batches=(None if batches is None else
+                     batches if callable(batches) else (lambda: batches)),
       split_name=config.report.split or config.dataset.eval_split, split_total=total,
       examples=examples,
       train_batches=lambda n: input_pipeline.create_eval_iterator(
