@@ -17,7 +17,7 @@ CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated
   training = forward + weight gradients + input gradients of all but conv1);
   model FLOP utilisation = images/s x FLOPs / peak.
 * quickstart: experiments/quickstart.py's own training step (ZFNetLowRes with its
-  widths, 64 px, batch 128, Adam + weight decay, cosine schedule, feature scale
+  widths, its input size, batch 128, Adam + weight decay, cosine schedule, feature scale
   clipping) in JAX and, interleaved, the same model and optimiser in PyTorch
   (``torch_ref``); ratio JAX / PyTorch (target >= 1.25).
 * deconvnet: conv5 projections/s, batched (``deconv.project_many``), and the
@@ -458,6 +458,7 @@ def main(argv=None):
   load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
   meta = {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "backend": backend, "cpu_count": os.cpu_count(), "platform": platform.platform(),
       "processor": rundir.machine()["cpu"], "load_average": [round(x, 2) for x in load],
