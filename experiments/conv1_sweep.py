@@ -40,10 +40,9 @@ no comparison model; evaluation on the 10k test images (centre and 10 crops;
 at crop = resize the 10 crops are the centre and its mirror, 5 times each).
 The GPU variants run each geometry with ``GPU_SEEDS``.
 """
-import importlib.util
 import os
 
-from zfnet_jax import conv1_sweep, sweeps
+from zfnet_jax import configs, conv1_sweep, sweeps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = "experiments/conv1_sweep.py"
@@ -54,10 +53,7 @@ INPUT_SIZE = {"": 28, "imagenette": 224, "imagenet": 224}
 
 
 def _config_file(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return configs.load_file(os.path.join(HERE, f"{name}.py"), name)
 
 
 def _check(variant: str) -> str:

@@ -8,17 +8,15 @@ r"""Table 3 (and Table 2's single nets) as one sweep: every ablation, trained fr
 numbers (train top-1 / val top-1 / val top-5 error %) beside the measured ones
 (train_top1_error: centre crop on 50,000 seeded training images; top1_error, top5_error).
 """
-import importlib.util
 import os
+
+from zfnet_jax import configs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _variants(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.VARIANTS
+  return configs.load_file(os.path.join(HERE, f"{name}.py"), name).VARIANTS
 
 
 def get_sweep():

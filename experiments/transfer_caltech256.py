@@ -33,15 +33,14 @@ ImageNet-pretrained 65.7 / 70.6 / 72.7 / 74.2; from scratch 9.0 / 22.5 / 31.2 / 
 Table 7 (60/class, linear SVM on layer l): 24.6, 39.6, 46.0, 51.3, 65.6 (layer 5),
 71.7 (layer 7); softmax(5) 65.7, softmax(7) 72.6.
 """
-import importlib.util
 import os
+
+from zfnet_jax import configs
 
 
 def get_config(variant: str = ""):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_caltech101.py")
-  spec = importlib.util.spec_from_file_location("transfer_caltech101", path)
-  caltech101 = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(caltech101)
+  caltech101 = configs.load_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_caltech101.py"))
   c = caltech101.get_config(variant)
   c.transfer.dataset = "caltech256"
   c.transfer.train_per_class = (15, 30, 45, 60)

@@ -10,15 +10,14 @@ images per class, mean per-class accuracy over 5 folds) and the Sec. 5.2
 comparison with the same architecture trained from scratch on the same images.
 Writes <workdir>/transfer/{probes,transfer}.{csv,md}.  A few minutes on 2 CPU cores.
 """
-import importlib.util
 import os
+
+from zfnet_jax import configs
 
 
 def get_config(variant: str = ""):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-  spec = importlib.util.spec_from_file_location("quickstart", path)
-  quickstart = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(quickstart)
+  quickstart = configs.load_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py"))
   c = quickstart.get_config(variant)
   c.transfer.dataset = "digits"
   c.transfer.train_per_class = (15, 30)

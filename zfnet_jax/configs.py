@@ -6,7 +6,18 @@ value of the wrong type fails at once (configs are locked by ``main.py``).
 """
 from __future__ import annotations
 
+import importlib.util
+import types
+
 import ml_collections
+
+
+def load_file(path: str, name: str = "config_file") -> types.ModuleType:
+  """The Python file at ``path`` (an experiment config or a sweep file) as a module."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -14,7 +14,6 @@ define ``collect(planned, root, command)``, run after the summary.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -26,7 +25,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from zfnet_jax import rundir, sections
+from zfnet_jax import configs, rundir, sections
 
 RESULT_KEYS = ("top1_error", "top5_error", "top1_error_10crop", "top5_error_10crop",
                "train_top1_error", "num_eval_examples", "steps", "train_seconds")
@@ -58,10 +57,7 @@ def _module(path: str):
   path, _, variant = path.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"sweep file {path!r} does not exist")
-  spec = importlib.util.spec_from_file_location("sweep_file", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module, variant
+  return configs.load_file(path, "sweep_file"), variant
 
 
 def load_sweep(path: str) -> tuple[list[dict], str]:
