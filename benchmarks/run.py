@@ -129,7 +129,7 @@ def model_flops(model, input_size: int, channels: int = 3) -> dict[str, int]:
 # The parts.
 # ----------------------------------------------------------------------------
 
-def setup_train(config, model, batch, compiler_options=None, input_size=224):
+def setup_train(config, model, batch, compiler_options=None, input_size=224, channels=3):
   """(step fn, state, batch) for zfnet_jax.train.train_step on all local devices."""
   devices = np.array(jax.devices())
   mesh = Mesh(devices, (train.AXIS,))
@@ -140,11 +140,11 @@ def setup_train(config, model, batch, compiler_options=None, input_size=224):
                                     clip_radius=train_state.clip_radius(config)),
       mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P()), check_vma=False),
       donate_argnums=(0,), compiler_options=compiler_options)
-  init = train_state.init_fn(model, (1, input_size, input_size, 3), tx, seed=config.seed,
+  init = train_state.init_fn(model, (1, input_size, input_size, channels), tx, seed=config.seed,
                              clip_radius=train_state.clip_radius(config))
   state = jax.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
   rng = np.random.default_rng(0)
-  data = {"image": jnp.asarray(rng.normal(0, 50, (batch, input_size, input_size, 3)),
+  data = {"image": jnp.asarray(rng.normal(0, 50, (batch, input_size, input_size, channels)),
                                jnp.float32),
           "label": jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)}
   return step, state, data
@@ -202,7 +202,8 @@ def bench_model(args, model, config, flops, peak, torch_fns):
   return out
 
 
-def torch_model_fns(model, config, batch, threads, input_size=224, num_classes=1000):
+def torch_model_fns(model, config, batch, threads, input_size=224, num_classes=1000,
+                    channels=3):
   """(train step fn, forward fn) of the PyTorch twin of ``model`` with ``config``'s
   optimiser (``torch_ref``), or None without torch."""
   try:
@@ -212,29 +213,28 @@ def torch_model_fns(model, config, batch, threads, input_size=224, num_classes=1
     return None
   torch.set_num_threads(threads)
   torch.manual_seed(0)
-  net = torch_ref.TorchPaperNet(model, input_size)
-  return (torch_ref.train_step_fn(net, config, batch, input_size, num_classes),
+  net = torch_ref.TorchPaperNet(model, input_size, channels)
+  return (torch_ref.train_step_fn(net, config, batch, input_size, num_classes,
+                                  channels=channels),
           torch_ref.forward_fn(net, batch, input_size))
+
+
+QUICKSTART_CHANNELS = 1   # Fashion-MNIST is grey: the quickstart's conv1 sees one channel
 
 
 def quickstart_config():
   """experiments/quickstart.py's config (the quickstart's model, batch and optimiser)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "experiments", "quickstart.py")
-  spec = importlib.util.spec_from_file_location("quickstart_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return configs.load_file(os.path.join(root, "experiments", "quickstart.py")).get_config()
 
 
 def bench_quickstart(args):
   """The quickstart's own training step (its model, batch, input size, Adam + weight
   decay, cosine schedule, feature scale clipping) in JAX and PyTorch, interleaved."""
   config = quickstart_config()
-  size, b = config.dataset.crop_size, config.batch_size
+  size, b, c = config.dataset.crop_size, config.batch_size, QUICKSTART_CHANNELS
   model = models.from_config(config.model, 10)
-  step, state, data = setup_train(config, model, b, input_size=size)
+  step, state, data = setup_train(config, model, b, input_size=size, channels=c)
   holder = {"s": state}
 
   def run_step():
@@ -242,12 +242,13 @@ def bench_quickstart(args):
     return m["loss"]
   fns = {"jax": run_step}
   if not args.no_torch and jax.default_backend() == "cpu":
-    torch_fns = torch_model_fns(model, config, b, os.cpu_count(), size, 10)
+    torch_fns = torch_model_fns(model, config, b, os.cpu_count(), size, 10, c)
     if torch_fns:
       fns["torch"] = torch_fns[0]
   t = interleaved(fns, max(args.repeats, 2) * 4)   # ~0.1 s steps: more repeats
   for k, v in t.items():
-    report(f"quickstart train step {k} ({config.model.name} {size} px, batch {b})", b / v,
+    report(f"quickstart train step {k} ({config.model.name} {size} px x {c}, batch {b})",
+           b / v,
            "images/s", f"{v * 1e3:.1f} ms/step")
   if "torch" in t:
     report("quickstart train step: JAX / PyTorch", t["torch"] / t["jax"], "x", "target >= 1.25")

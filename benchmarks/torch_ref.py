@@ -90,7 +90,7 @@ class TorchPaperNet(nn.Module):
 
 
 def train_step_fn(net: nn.Module, config, batch: int, input_size: int, num_classes: int,
-                  total_steps: int = 100):
+                  total_steps: int = 100, channels: int = 3):
   """() -> None: one training step of ``net`` on a fixed random batch with the
   optimiser of ``config`` (sgd: momentum; adam), weight decay on kernels only
   (coupled, as optax.add_decayed_weights before the update), the config's
@@ -107,7 +107,7 @@ def train_step_fn(net: nn.Module, config, batch: int, input_size: int, num_class
     opt = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
   convs = [m.weight for m in net.modules() if isinstance(m, nn.Conv2d)]
   radius = float(config.clip_radius) if config.clip_filters else 0.0
-  x = torch.randn(batch, 3, input_size, input_size) * 50
+  x = torch.randn(batch, channels, input_size, input_size) * 50
   y = torch.randint(0, num_classes, (batch,))
   state = {"step": 0}
 

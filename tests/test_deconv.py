@@ -159,6 +159,42 @@ def test_project_matches_numpy_reference(rule, layer, channel, position):
     np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_alexnet():
+  """The tiny net with AlexNet's first layers (conv1 11x11/4, conv2 5x5/1 pad 2)."""
+  _, _, x = tiny()
+  model = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5,
+                             conv1_kernel=11, conv1_stride=4, conv2_stride=1, conv2_pad=2)
+  variables = {"params": jax.tree_util.tree_map(jnp.asarray, random_params(model, x[:1], 2))}
+  geometry = dict(GEOMETRY, conv1=(11, 4, 0), conv2=(5, 1, 2))
+  return model, variables, x, [np_forward(variables["params"], x[i], geometry) for i in range(2)]
+
+
+@pytest.mark.parametrize("net", ["zfnet", "alexnet"])
+@pytest.mark.parametrize("layer,rule", [("conv1", "guided"), ("pool1", "deconvnet"),
+                                        ("norm1", "backprop"), ("conv2", "deconvnet"),
+                                        ("conv2", "guided"), ("pool2", "deconvnet")])
+def test_projection_of_units_at_the_edges_matches_numpy_reference(net, layer, rule):
+  """Units in the corners, on the edges and inside the map, whose receptive fields the
+  border and the padding cut (``project`` goes down only inside the field)."""
+  if net == "zfnet":
+    (model, variables, x), refs = tiny(), reference()
+  else:
+    model, variables, x, refs = tiny_alexnet()
+  n = refs[0][1][layer].shape[0]
+  nonzero = 0
+  for row, col in [(0, 0), (0, n - 1), (n - 1, 0), (n - 1, n - 1), (n // 2, 1), (1, n // 2)]:
+    channel = int(np.argmax(sum(acts[layer][row, col] for _, acts, _ in refs)))  # most alive
+    got = np.asarray(deconv.project(model, variables, x, layer=layer, channel=channel,
+                                    position=(row, col), rule=rule))
+    for i, (steps, acts, _) in enumerate(refs):
+      want = np_project(steps, acts, layer, channel, (row, col), rule)
+      nonzero += np.abs(want).max() > 0
+      np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + 1e-7,
+                                 err_msg=f"{layer} ({row}, {col}) image {i}")
+  assert nonzero >= 5, "degenerate test case"
+
+
 def test_backprop_equals_grad_times_value():
   model, variables, x = tiny()
   layer, ch, pos = "conv3", 1, (2, 1)

@@ -153,8 +153,82 @@ def _project_core(fn, images, channels, positions, strongest):
 
 @functools.partial(jax.jit, static_argnames=("model", "layer"))
 def _project_batch(model, variables, images, channels, positions, strongest, layer):
+  """(projections (N, S, S, C), positions (N, 2), values (N,)) of one unit per image."""
+  table = model.layer_table(images.shape[1])
+  if isinstance(model, models.PaperNet) and _spec(table, layer).kind != "fc":
+    return _project_in_field(model, variables, images, channels, positions, strongest, layer)
   fn = lambda x: model.apply(variables, x, method="features")[layer]
   return _project_core(fn, images, channels, positions, strongest)
+
+
+# ----------------------------------------------------------------------------
+# Going down inside the unit's receptive field.
+# ----------------------------------------------------------------------------
+
+def _spec(table, name: str) -> models.LayerSpec:
+  return next(s for s in table if s.name == name)
+
+
+def _project_in_field(model, variables, images, channels, positions, strongest, layer):
+  """``_project_batch`` for a map layer of a ``PaperNet``, computing the way down only
+  inside each unit's receptive field (the rest of every map below gets no signal).
+
+  Each step works on a window of its map: the unit itself (1x1) at the top; below a
+  conv or pool (kernel k, stride s, padding lo) a window of h rows at row c feeds
+  rows c*s - lo ... c*s - lo + (h - 1) * s + k - 1 of its input, clipped to the map.
+  Rectify, normalise (across maps only) and unpool need only the same window of
+  the features and switches recorded on the way up, so every step equals the full
+  VJP's restricted to the window.  Window sizes are static; their corners follow
+  each image's unit.
+  """
+  feats, state = model.apply(variables, images, method="features", mutable=["switches"])
+  act = feats[layer]
+  _, pos, values = _select(act, channels, positions, strongest)
+  names = [s.name for s in model.layer_table(images.shape[1])]
+  feats = {name: feats[name] for name in names[:names.index(layer) + 1]}
+  switches = {name: sw for name, sw in state["switches"].items() if name in feats}
+  walk = functools.partial(_walk_in_field, model, variables["params"], layer)
+  proj = jax.vmap(walk)(feats, switches, images, channels, pos, values)
+  return proj, pos, values
+
+
+def _walk_in_field(model, params, layer, feats, switches, image, channel, pos, value):
+  """One image: feats {name: (H, W, C)}, switches {pool: (Ho, Wo, C)}, image (S, S, C),
+  channel and value of the unit at ``pos`` (2,) -> its projection (S, S, C)."""
+  names = [s.name for s in model.layer_table(image.shape[0])]   # (a vmapped dict is sorted)
+  c, h = pos, 1                                            # window corner (row, col), side
+  r = (jax.nn.one_hot(channel, feats[layer].shape[-1], dtype=value.dtype) * value)[None, None]
+  window = lambda a: lax.dynamic_slice(a, (c[0], c[1], 0), (h, h, a.shape[-1]))
+  vjp = lambda fn, at, z: jax.vjp(fn, at)[1](z)[0]
+  for spec, step in _plan(model, image.shape[0], layer):
+    below = feats[names[names.index(spec.name) - 1]] if spec.name != names[0] else image
+    if step == "rectify":
+      r = vjp(functools.partial(layers.relu, rule=model.rule), window(feats[spec.name]), r)
+    elif step == "normalise":
+      r = vjp(models.contrast_norm_fn(model), window(below), r)
+    else:                                                  # filter or unpool: the field grows
+      k, s, (lo, hi) = spec.kernel, spec.stride, spec.pad
+      e = (h - 1) * s + k                                  # input rows under the window
+      if step == "filter":
+        kernel = params[spec.name]["kernel"].astype(model.dtype)
+        conv = lambda z, kernel=kernel, s=s: lax.conv_general_dilated(
+            z[None], kernel, (s, s), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+        below_r = vjp(conv, jnp.zeros((e, e, kernel.shape[2]), model.dtype), r)
+      else:
+        below_r = layers.general_unpool(r[None], window(switches[spec.name])[None],
+                                        (1, e, e, r.shape[-1]), (1, k, k, 1), (1, s, s, 1),
+                                        ((0, 0),) * 4)[0]
+      n = below.shape[0]
+      corner = c * s - lo                                  # may lie in the padding
+      h_below = min(e, n)
+      c_below = jnp.clip(corner, 0, n - h_below)
+      # Re-frame to the clipped window; rows landing on padding drop out.
+      padded = jnp.pad(below_r, ((hi, max(0, lo + h_below - e)),) * 2 + ((0, 0),))
+      d = c_below - corner + hi
+      r = lax.dynamic_slice(padded, (d[0], d[1], 0), (h_below, h_below, below_r.shape[-1]))
+      c, h = c_below, h_below
+  out = lax.dynamic_update_slice(jnp.zeros(image.shape, r.dtype), r, (c[0], c[1], 0))
+  return out.astype(image.dtype)
 
 
 def _broadcast_position(position, n):

@@ -223,6 +223,27 @@ def pool_switches(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   return _max_and_switches(x, *_nhwc_pool_args(x.shape, window, stride))[1]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool_and_switches(x: jax.Array, window: int = 3,
+                          stride: int = 2) -> tuple[jax.Array, jax.Array]:
+  """``(max_pool(x), pool_switches(x))`` from one pass over the windows (the VJP of
+  the pooled output unpools through the switches, as ``max_pool``'s)."""
+  return _max_and_switches(x, *_nhwc_pool_args(x.shape, window, stride))
+
+
+def _max_pool_and_switches_fwd(x, window, stride):
+  y, switches = max_pool_and_switches(x, window, stride)
+  return (y, switches), (switches, jnp.zeros((0,) + x.shape, x.dtype))
+
+
+def _max_pool_and_switches_bwd(window, stride, res, cts):
+  switches, shape_carrier = res
+  return (unpool(cts[0], switches, shape_carrier.shape[1:], window, stride),)
+
+
+max_pool_and_switches.defvjp(_max_pool_and_switches_fwd, _max_pool_and_switches_bwd)
+
+
 def switch_positions(switches: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
   """(N, Ho, Wo, C) switches -> (N, Ho, Wo, C, 2) input (row, col) of each max."""
   n, ho, wo, c = switches.shape

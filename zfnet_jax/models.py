@@ -161,9 +161,11 @@ class PaperNet(nn.Module):
         x = layers.relu(x, self.rule)
       elif spec.kind == "pool":
         if self.is_mutable_collection("switches"):
-          self.sow("switches", spec.name, layers.pool_switches(x, 3, 2),
-                   reduce_fn=lambda _, b: b, init_fn=lambda: None)
-        x = layers.max_pool(x, 3, 2)
+          x, switches = layers.max_pool_and_switches(x, 3, 2)
+          self.sow("switches", spec.name, switches, reduce_fn=lambda _, b: b,
+                   init_fn=lambda: None)
+        else:
+          x = layers.max_pool(x, 3, 2)
       elif spec.kind == "norm":
         x = contrast_norm_fn(self)(x)
       elif spec.name == "logits":
