@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -152,13 +153,50 @@ def _project_core(fn, images, channels, positions, strongest):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layer"))
-def _project_batch(model, variables, images, channels, positions, strongest, layer):
-  """(projections (N, S, S, C), positions (N, 2), values (N,)) of one unit per image."""
+def _project_batch(model, variables, images, channels, positions, strongest, layer,
+                   filters=None):
+  """(projections (N, S, S, C), positions (N, 2), values (N,)) of one unit per image.
+
+  ``filters``: ``transposed_filters(variables)`` if at hand (else made here)."""
   table = model.layer_table(images.shape[1])
   if isinstance(model, models.PaperNet) and _spec(table, layer).kind != "fc":
-    return _project_in_field(model, variables, images, channels, positions, strongest, layer)
+    if filters is None:
+      filters = _transposed_filters(variables["params"], model.dtype)
+    return _project_in_field(model, variables, filters, images, channels, positions,
+                             strongest, layer)
   fn = lambda x: model.apply(variables, x, method="features")[layer]
   return _project_core(fn, images, channels, positions, strongest)
+
+
+def _transposed_filters(params, dtype) -> dict[str, jax.Array]:
+  """{conv name: (k, k, C_out, C_in)}: each conv's filters flipped and with the maps
+  swapped, the filters of its "filter" step (a convolution going down)."""
+  return {name: p["kernel"][::-1, ::-1].swapaxes(2, 3).astype(dtype)
+          for name, p in params.items() if name.startswith("conv")}
+
+
+_transposed_filters_jit = jax.jit(_transposed_filters, static_argnums=1)
+_FILTER_CACHE: dict = {}
+
+
+def transposed_filters(model: models.PaperNet, variables) -> dict[str, jax.Array] | None:
+  """``_transposed_filters`` of ``variables``, made once per set of parameters (they
+  are immutable ``jax.Array`` s; the cache holds them weakly).  None for other
+  parameters (NumPy, traced), which ``_project_batch`` then flips itself."""
+  params = variables.get("params", {}) if hasattr(variables, "get") else {}
+  kernels = [p["kernel"] for name, p in sorted(params.items()) if name.startswith("conv")]
+  if not kernels or not all(type(k) is type(kernels[0]) for k in kernels) or not all(
+      isinstance(k, jax.Array) and not isinstance(k, jax.core.Tracer) for k in kernels):
+    return None
+  key = (tuple(id(k) for k in kernels), jnp.dtype(model.dtype).name)
+  hit = _FILTER_CACHE.get(key)
+  if hit is not None and all(ref() is k for ref, k in zip(hit[0], kernels)):
+    return hit[1]
+  filters = _transposed_filters_jit(params, jnp.dtype(model.dtype))
+  if len(_FILTER_CACHE) >= 8:
+    _FILTER_CACHE.clear()
+  _FILTER_CACHE[key] = ([weakref.ref(k) for k in kernels], filters)
+  return filters
 
 
 # ----------------------------------------------------------------------------
@@ -169,7 +207,8 @@ def _spec(table, name: str) -> models.LayerSpec:
   return next(s for s in table if s.name == name)
 
 
-def _project_in_field(model, variables, images, channels, positions, strongest, layer):
+def _project_in_field(model, variables, filters, images, channels, positions, strongest,
+                      layer):
   """``_project_batch`` for a map layer of a ``PaperNet``, computing the way down only
   inside each unit's receptive field (the rest of every map below gets no signal).
 
@@ -187,12 +226,22 @@ def _project_in_field(model, variables, images, channels, positions, strongest, 
   names = [s.name for s in model.layer_table(images.shape[1])]
   feats = {name: feats[name] for name in names[:names.index(layer) + 1]}
   switches = {name: sw for name, sw in state["switches"].items() if name in feats}
-  walk = functools.partial(_walk_in_field, model, variables["params"], layer)
+  walk = functools.partial(_walk_in_field, model, filters, layer)
   proj = jax.vmap(walk)(feats, switches, images, channels, pos, values)
   return proj, pos, values
 
 
-def _walk_in_field(model, params, layer, feats, switches, image, channel, pos, value):
+def _slide(a, start, size: int, span: int):
+  """a[start[0]:start[0] + size, start[1]:start[1] + size] for a start in [0, span]^2,
+  chosen among the span + 1 static slices of each axis (elementwise; no gather)."""
+  for axis in (0, 1):
+    parts = [lax.slice_in_dim(a, j, j + size, axis=axis) for j in range(span + 1)]
+    a = functools.reduce(lambda acc, j: jnp.where(start[axis] == j, parts[j], acc),
+                         range(1, span + 1), parts[0])
+  return a
+
+
+def _walk_in_field(model, filters, layer, feats, switches, image, channel, pos, value):
   """One image: feats {name: (H, W, C)}, switches {pool: (Ho, Wo, C)}, image (S, S, C),
   channel and value of the unit at ``pos`` (2,) -> its projection (S, S, C)."""
   names = [s.name for s in model.layer_table(image.shape[0])]   # (a vmapped dict is sorted)
@@ -209,11 +258,10 @@ def _walk_in_field(model, params, layer, feats, switches, image, channel, pos, v
     else:                                                  # filter or unpool: the field grows
       k, s, (lo, hi) = spec.kernel, spec.stride, spec.pad
       e = (h - 1) * s + k                                  # input rows under the window
-      if step == "filter":
-        kernel = params[spec.name]["kernel"].astype(model.dtype)
-        conv = lambda z, kernel=kernel, s=s: lax.conv_general_dilated(
-            z[None], kernel, (s, s), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
-        below_r = vjp(conv, jnp.zeros((e, e, kernel.shape[2]), model.dtype), r)
+      if step == "filter":   # the VJP of a VALID conv: stride-dilate, pad k - 1, flipped filters
+        below_r = lax.conv_general_dilated(
+            r[None], filters[spec.name], (1, 1), [(k - 1, k - 1)] * 2, lhs_dilation=(s, s),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
       else:
         below_r = layers.general_unpool(r[None], window(switches[spec.name])[None],
                                         (1, e, e, r.shape[-1]), (1, k, k, 1), (1, s, s, 1),
@@ -224,8 +272,7 @@ def _walk_in_field(model, params, layer, feats, switches, image, channel, pos, v
       c_below = jnp.clip(corner, 0, n - h_below)
       # Re-frame to the clipped window; rows landing on padding drop out.
       padded = jnp.pad(below_r, ((hi, max(0, lo + h_below - e)),) * 2 + ((0, 0),))
-      d = c_below - corner + hi
-      r = lax.dynamic_slice(padded, (d[0], d[1], 0), (h_below, h_below, below_r.shape[-1]))
+      r = _slide(padded, c_below - corner + hi, h_below, lo + hi)
       c, h = c_below, h_below
   out = lax.dynamic_update_slice(jnp.zeros(image.shape, r.dtype), r, (c[0], c[1], 0))
   return out.astype(image.dtype)
@@ -279,7 +326,8 @@ def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
   positions, strongest = _broadcast_position(position, n)
   proj, _, _ = _project_batch(model.clone(rule=rule), variables, images,
                               jnp.full((n,), channel, jnp.int32), positions, strongest,
-                              layer=layer)
+                              layer=layer,
+                              filters=transposed_filters(model, variables))
   return proj
 
 
@@ -326,7 +374,9 @@ def project_many(model: models.PaperNet, variables, images: jax.Array, *,
   layers.check_rule(rule)
   check_images(model, variables, images)
   model = model.clone(rule=rule)
-  batch = lambda name, *args: _project_batch(model, variables, *args, layer=name)
+  filters = transposed_filters(model, variables)
+  batch = lambda name, *args: _project_batch(model, variables, *args, layer=name,
+                                             filters=filters)
   return _project_requests(batch, model, images, layer, channels, positions, chunk_size,
                            progress, rule)
 

@@ -120,12 +120,26 @@ def _window_views(x, window_dimensions, window_strides, padding):
 
   Offsets are enumerated in row-major order, so the first maximum in the list
   is the first in row-major order within the window.  Padding holds -inf and
-  is never chosen (unless a whole window is padding).
+  is never chosen (unless a whole window is padding); it is added to each view,
+  not to ``x`` (no padded copy of the input).
   """
   out, offsets = _pool_geometry(x.shape, window_dimensions, window_strides, padding)
-  x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in padding])
-  return [lax.slice(x, off, [o + (n - 1) * s + 1 for o, n, s in zip(off, out, window_strides)],
-                    window_strides) for off in offsets]
+  views = []
+  for off in offsets:
+    start, stop, fill = [], [], []
+    for o, n, s, (lo, _), size in zip(off, x.shape, window_strides, padding, out):
+      first = max(0, -(-(lo - o) // s))                # first window reading row >= 0
+      last = min(size - 1, (n - 1 + lo - o) // s)      # last window reading row < n
+      start.append(first * s + o - lo)
+      stop.append(last * s + o - lo + 1)
+      fill.append((first, size - 1 - last, 0))
+    if any(f[0] + f[1] >= size for f, size in zip(fill, out)):   # all padding
+      views.append(jnp.full(out, -jnp.inf, x.dtype))
+      continue
+    view = lax.slice(x, start, stop, window_strides)
+    views.append(lax.pad(view, jnp.array(-jnp.inf, x.dtype), fill)
+                 if any(f[:2] != (0, 0) for f in fill) else view)
+  return views
 
 
 def _max_and_switches(x, window_dimensions, window_strides, padding):
@@ -149,17 +163,30 @@ def general_unpool(r: jax.Array, switches: jax.Array, in_shape: Sequence[int],
 
   Values of overlapping windows that chose the same input add up (as the VJP
   does).  Returns an array of ``in_shape``; what lands on padding is dropped.
+
+  Built phase by phase: window offset k lands on input index o * s + k, i.e. on
+  phase k % s at o + k // s, so each phase of the input is a sum of shifted
+  selections the size of ``r``, and one interleave assembles them (no
+  stride-dilated arrays of the input's size).
   """
   out_shape, offsets = _pool_geometry(tuple(in_shape), window_dimensions, window_strides,
                                       padding)
-  padded = [n + lo + hi for n, (lo, hi) in zip(in_shape, padding)]
+  strides = tuple(window_strides)
+  side = [o + (w - 1) // s for o, w, s in zip(out_shape, window_dimensions, strides)]
   zero = jnp.zeros((), r.dtype)
-  out = jnp.zeros(padded, r.dtype)
+  phases = {}
   for k, off in enumerate(offsets):
-    part = jnp.where(switches == k, r, zero)
-    # Dilate by the stride (interior padding) and shift to the offset.
-    out = out + lax.pad(part, zero, [(o, p - o - (n - 1) * s - 1, s - 1) for o, p, n, s in
-                                     zip(off, padded, out_shape, window_strides)])
+    phase = tuple(o % s for o, s in zip(off, strides))
+    shift = [o // s for o, s in zip(off, strides)]
+    part = lax.pad(jnp.where(switches == k, r, zero), zero,
+                   [(d, n - o - d, 0) for d, n, o in zip(shift, side, out_shape)])
+    phases[phase] = part if phase not in phases else phases[phase] + part
+  zeros = jnp.zeros(side, r.dtype)
+  stacked = jnp.stack([phases.get(p, zeros) for p in itertools.product(*map(range, strides))],
+                      axis=-1).reshape(side + list(strides))
+  nd = len(side)
+  out = stacked.transpose([a for d in range(nd) for a in (d, nd + d)]).reshape(
+      [n * s for n, s in zip(side, strides)])
   return lax.slice(out, [lo for lo, _ in padding],
                    [lo + n for n, (lo, _) in zip(in_shape, padding)])
 
