@@ -46,6 +46,15 @@ def test_max_pool_ceil_mode_switches_and_unpool(size):
     np.testing.assert_allclose(got[n], np_unpool(r[n], sw, x[n].shape), rtol=1e-6, atol=1e-6)
   if size >= 7:  # the test must exercise ties: the first window is all zeros
     assert (x[:, :3, :3] == 0).all()
+  # The one-pass version the deconvnet records switches with: same values, switches, VJP.
+  (y2, sw2), vjp2 = jax.vjp(lambda v: layers.max_pool_and_switches(v, 3, 2), jnp.asarray(x))
+  got2 = np.asarray(vjp2((jnp.asarray(r), np.zeros(sw2.shape, jax.dtypes.float0)))[0])
+  positions2 = np.asarray(layers.switch_positions(sw2))
+  for n in range(2):
+    out, sw = np_pool(x[n], pad=((0, pad_hi), (0, pad_hi)))
+    np.testing.assert_array_equal(y2[n], out)
+    np.testing.assert_array_equal(positions2[n], sw)
+    np.testing.assert_allclose(got2[n], np_unpool(r[n], sw, x[n].shape), rtol=1e-6, atol=1e-6)
 
 
 def test_general_max_pool_any_padding_and_layout():
