@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 # One persistent compilation cache for the session and every process it starts (they inherit
-# the environment; pytest-xdist workers too): tests and `python -m zfnet_jax.main` children
+# the environment): tests and `python -m zfnet_jax.main` children
 # compile the same steps over and over. The key covers the computation, XLA_FLAGS, devices
 # and jaxlib, so a hit is the executable a fresh compilation would give. A size limit turns on
 # JAX's file lock, so a process never reads an entry another one is still writing.
