@@ -1,26 +1,11 @@
-"""Test set-up: 4 fake CPU devices (set before JAX is imported), no GPU, no downloads, one
-persistent compilation cache for the session."""
-import atexit
+"""Test set-up: 4 fake CPU devices (set before JAX is imported), no GPU, no downloads."""
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
-# One persistent compilation cache for the session and every process it starts (they inherit
-# the environment): tests and `python -m zfnet_jax.main` children
-# compile the same steps over and over. The key covers the computation, XLA_FLAGS, devices
-# and jaxlib, so a hit is the executable a fresh compilation would give. A size limit turns on
-# JAX's file lock, so a process never reads an entry another one is still writing.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="zfnet_jax_test_cache_")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 from zfnet_jax import conv  # noqa: E402  (sets nothing in JAX until called)
 

@@ -422,9 +422,9 @@ def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="r
       sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
       app.run(main.main)
       """))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  # Reruns reuse the first run's compiled steps (in pytest: the session's cache, conftest.py).
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             # Reruns reuse the first run's compiled steps.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen([sys.executable, str(runner)], cwd=os.path.dirname(TESTS),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
