@@ -158,8 +158,8 @@ def _project_batch(model, variables, images, channels, positions, strongest, lay
   """(projections (N, S, S, C), positions (N, 2), values (N,)) of one unit per image.
 
   ``filters``: ``transposed_filters(variables)`` if at hand (else made here)."""
-  table = model.layer_table(images.shape[1])
-  if isinstance(model, models.PaperNet) and _spec(table, layer).kind != "fc":
+  kinds = {spec.name: spec.kind for spec in model.layer_table(images.shape[1])}
+  if isinstance(model, models.PaperNet) and kinds[layer] != "fc":
     if filters is None:
       filters = _transposed_filters(variables["params"], model.dtype)
     return _project_in_field(model, variables, filters, images, channels, positions,
@@ -185,8 +185,8 @@ def transposed_filters(model: models.PaperNet, variables) -> dict[str, jax.Array
   parameters (NumPy, traced), which ``_project_batch`` then flips itself."""
   params = variables.get("params", {}) if hasattr(variables, "get") else {}
   kernels = [p["kernel"] for name, p in sorted(params.items()) if name.startswith("conv")]
-  if not kernels or not all(type(k) is type(kernels[0]) for k in kernels) or not all(
-      isinstance(k, jax.Array) and not isinstance(k, jax.core.Tracer) for k in kernels):
+  if not kernels or not all(isinstance(k, jax.Array) and not isinstance(k, jax.core.Tracer)
+                            for k in kernels):
     return None
   key = (tuple(id(k) for k in kernels), jnp.dtype(model.dtype).name)
   hit = _FILTER_CACHE.get(key)
@@ -202,10 +202,6 @@ def transposed_filters(model: models.PaperNet, variables) -> dict[str, jax.Array
 # ----------------------------------------------------------------------------
 # Going down inside the unit's receptive field.
 # ----------------------------------------------------------------------------
-
-def _spec(table, name: str) -> models.LayerSpec:
-  return next(s for s in table if s.name == name)
-
 
 def _project_in_field(model, variables, filters, images, channels, positions, strongest,
                       layer):
