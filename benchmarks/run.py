@@ -18,8 +18,10 @@ CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated
   model FLOP utilisation = images/s x FLOPs / peak.
 * quickstart: experiments/quickstart.py's own training step (ZFNetLowRes with its
   widths, its input size, batch 128, Adam + weight decay, cosine schedule, feature scale
-  clipping) in JAX and, interleaved, the same model and optimiser in PyTorch
-  (``torch_ref``); ratio JAX / PyTorch (target >= 1.25).
+  clipping) in JAX on the CPU host devices the quickstart gets (one per core,
+  ``conv.configure_xla_cpu(batch_size)``; every train row here runs on them) and,
+  interleaved, the same model and optimiser in PyTorch (``torch_ref``, one process,
+  a thread per core); ratio JAX / PyTorch (target >= 1.25).
 * deconvnet: conv5 projections/s, batched (``deconv.project_many``), and the
   cost per projection relative to a plain ``jax.vjp`` of the same slice on the
   same batch (``benchmarks/bench_deconv.py``'s reference).
@@ -55,9 +57,18 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data start-up chatter
 
-from zfnet_jax import conv  # pylint: disable=g-bad-import-order
+from zfnet_jax import configs, conv  # pylint: disable=g-bad-import-order
 
-conv.configure_xla_cpu()   # before JAX initialises: CPU convolutions on XLA's kernels
+
+def quickstart_config():
+  """experiments/quickstart.py's config (the quickstart's model, batch and optimiser)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return configs.load_file(os.path.join(root, "experiments", "quickstart.py")).get_config()
+
+
+# Before JAX initialises: CPU convolutions on XLA's kernels, and the host devices the
+# quickstart gets for its batch (one per core), so its train step runs as it does there.
+conv.configure_xla_cpu(batch_size=quickstart_config().batch_size)
 
 from zfnet_jax import models, train, train_state  # pylint: disable=g-bad-import-order
 import jax
@@ -65,7 +76,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
 
-from zfnet_jax import configs, deconv, input_pipeline, rundir
+from zfnet_jax import deconv, input_pipeline, rundir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_deconv  # pylint: disable=g-import-not-at-top
@@ -222,12 +233,6 @@ def torch_model_fns(model, config, batch, threads, input_size=224, num_classes=1
 QUICKSTART_CHANNELS = 1   # Fashion-MNIST is grey: the quickstart's conv1 sees one channel
 
 
-def quickstart_config():
-  """experiments/quickstart.py's config (the quickstart's model, batch and optimiser)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return configs.load_file(os.path.join(root, "experiments", "quickstart.py")).get_config()
-
-
 def bench_quickstart(args):
   """The quickstart's own training step (its model, batch, input size, Adam + weight
   decay, cosine schedule, feature scale clipping) in JAX and PyTorch, interleaved."""
@@ -247,9 +252,11 @@ def bench_quickstart(args):
       fns["torch"] = torch_fns[0]
   t = interleaved(fns, max(args.repeats, 2) * 4)   # ~0.1 s steps: more repeats
   for k, v in t.items():
+    where = (f"{jax.device_count()} CPU devices ({os.cpu_count()} cores)" if k == "jax" and
+             jax.default_backend() == "cpu" else f"{os.cpu_count()} threads" if k == "torch"
+             else jax.default_backend())
     report(f"quickstart train step {k} ({config.model.name} {size} px x {c}, batch {b})",
-           b / v,
-           "images/s", f"{v * 1e3:.1f} ms/step")
+           b / v, "images/s", f"{v * 1e3:.1f} ms/step on {where}")
   if "torch" in t:
     report("quickstart train step: JAX / PyTorch", t["torch"] / t["jax"], "x", "target >= 1.25")
 

@@ -5,6 +5,7 @@ zfnet_jax sets for the whole process) must not go to YNNPACK, and their value
 and VJPs must equal NumPy loop references -- the input VJP being the
 transposed convolution is what the deconvnet's "filter" step relies on.
 """
+import json
 import os
 import subprocess
 import sys
@@ -115,7 +116,6 @@ def _child(env_updates):
   env.update(env_updates, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                        text=True, timeout=120, check=True)
-  import json
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -131,3 +131,41 @@ def test_configure_sets_flag_unless_opted_out():
   assert conv.FLAG not in off["flags"]
   user = _child({"XLA_FLAGS": f"--{conv.FLAG}={conv.DEFAULT_VALUE}"})
   assert not user["configured"] and user["ynn"]  # the user's own setting wins
+
+
+@pytest.mark.parametrize("batch,cores,want", [
+    (128, 2, 2),    # the quickstart on 2 cores: one device per core
+    (128, 1, 1),
+    (128, 6, 4),    # 6 and 5 do not divide 128; 4 does
+    (100, 3, 2),    # 3 does not divide 100
+    (24, 4, 1),     # 2 devices would get 12 < MIN_DEVICE_BATCH images each
+    (32, 16, 2),    # at least 16 images per device
+    (7, 4, 1),
+])
+def test_cpu_devices_divide_the_batch(batch, cores, want):
+  assert conv.MIN_DEVICE_BATCH == 16   # the cases above assume it
+  assert conv.cpu_devices(batch, cores) == want
+
+
+_DEVICES_CHILD = """
+import json, os
+from zfnet_jax import conv
+conv.configure_xla_cpu(batch_size=128)
+import jax
+print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "n": jax.local_device_count(),
+                  "want": conv.cpu_devices(128)}))
+"""
+
+
+def test_configure_with_a_batch_splits_the_cpu_into_host_devices():
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ZFNET_XLA_CPU_DEFAULTS")}
+  env.update(JAX_PLATFORMS="cpu")
+  run = lambda e: json.loads(subprocess.run(
+      [sys.executable, "-c", _DEVICES_CHILD], env={**env, **e}, capture_output=True, text=True,
+      timeout=120, check=True).stdout.strip().splitlines()[-1])
+  auto = run({})
+  assert auto["n"] == auto["want"]
+  assert (f"--{conv.DEVICES_FLAG}" in auto["flags"]) == (auto["want"] > 1)
+  user = run({"XLA_FLAGS": f"--{conv.DEVICES_FLAG}=3"})   # the user's own count wins
+  assert user["n"] == 3 and user["flags"].count(conv.DEVICES_FLAG) == 1
+  assert run({"ZFNET_XLA_CPU_DEFAULTS": "1"})["n"] == 1   # opted out: one device

