@@ -169,3 +169,25 @@ def test_configure_with_a_batch_splits_the_cpu_into_host_devices():
   user = run({"XLA_FLAGS": f"--{conv.DEVICES_FLAG}=3"})   # the user's own count wins
   assert user["n"] == 3 and user["flags"].count(conv.DEVICES_FLAG) == 1
   assert run({"ZFNET_XLA_CPU_DEFAULTS": "1"})["n"] == 1   # opted out: one device
+
+
+def test_nan_propagating_options_let_nan_reach_every_maximum():
+  # conv 5x5 valid -> bias + ReLU -> 2x2/2 max-pool (which XLA turns into a reduction)
+  # on images with a NaN column: the pool's maximum must be NaN exactly in the windows
+  # that hold a NaN.  (With the process's default options, jaxlib 0.10's YNNPACK gave
+  # finite maxima there.)
+  x = np.zeros((3, 32, 32, 1), np.float32)
+  for i, c in enumerate([0, 1, 5]):
+    x[i, :, c, :] = np.nan
+  w = np.random.default_rng(0).normal(0, 0.1, (5, 5, 1, 4)).astype(np.float32)
+
+  def f(a):
+    y = lax.conv_general_dilated(a, w, (1, 1), "VALID", dimension_numbers=DN)
+    r = jax.nn.relu(y + 0.05)
+    return r, lax.reduce_window(r, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  r, got = jax.jit(f, compiler_options=conv.nan_propagating_options())(jnp.asarray(x))
+  want_r = np.isnan(np_conv(x, w, 1, (0, 0)))          # NaN where a window reads the column
+  np.testing.assert_array_equal(np.isnan(np.asarray(r)), want_r)
+  want = want_r.reshape(3, 14, 2, 14, 2, 4).any(axis=(2, 4))
+  assert want.any()
+  np.testing.assert_array_equal(np.isnan(np.asarray(got)), want)

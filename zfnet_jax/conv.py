@@ -23,6 +23,10 @@ the process).  For a jit compiled after initialisation, pass
 Reductions go to YNNPACK too (``LIBRARY_FUSION_TYPE_REDUCE``): XLA's own CPU
 reduction of a bias gradient over (N, H, W) runs as a tree of ``reduce-window``
 at ~0.6 G elements/s (5.9 ms of the quickstart's 64 ms step for conv1's bias).
+One difference: YNNPACK's max reduction can drop NaN (a 2x2/2 ``nn.max_pool``, which
+XLA turns into a reduction, gave finite maxima over windows holding NaN), where XLA's
+propagates it.  Code that relies on NaN reaching a maximum compiles with
+``nan_propagating_options()`` (``deconv.probe_receptive_fields`` does).
 
 Many of XLA's CPU loop fusions (bias + ReLU, pooling, unpooling) run on one
 thread.  Given the training batch, ``configure_xla_cpu(batch_size)`` also splits the
@@ -45,6 +49,15 @@ CPU_COMPILER_OPTIONS = {FLAG: FAST_VALUE}
 DEFAULT_CPU_COMPILER_OPTIONS = {FLAG: DEFAULT_VALUE}
 # jaxlib versions (major, minor) where the option exists and was measured.
 KNOWN_JAXLIB = ((0, 10),)
+
+
+def nan_propagating_options() -> dict | None:
+  """``jax.jit`` compiler options under which every CPU reduction is XLA's own, so a
+  NaN reaches each maximum it is in (None where the default already does that)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu" or _jaxlib_version() not in KNOWN_JAXLIB:
+    return None
+  return {FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def _jaxlib_version() -> tuple[int, ...]:

@@ -36,6 +36,7 @@ import numpy as np
 from jax import lax
 
 from zfnet_jax import console
+from zfnet_jax import conv
 from zfnet_jax import layers
 from zfnet_jax import models
 from zfnet_jax import rewrite
@@ -847,7 +848,7 @@ def probe_receptive_fields(features: Callable, variables, channels: int, input_s
   ``jnp.where(x > 0, x, 0)``): give ``receptive_fields=`` then.
   """
   s = int(input_size)
-  jit = jax.jit(features)
+  jit = jax.jit(features, compiler_options=conv.nan_propagating_options())
   seen = {}                                   # layer -> (S, W) bool: column c hits unit column j
   for c0 in range(0, s, batch_size):
     cols = np.arange(c0, min(c0 + batch_size, s))
