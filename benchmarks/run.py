@@ -252,9 +252,8 @@ def bench_quickstart(args):
       fns["torch"] = torch_fns[0]
   t = interleaved(fns, max(args.repeats, 2) * 4)   # ~0.1 s steps: more repeats
   for k, v in t.items():
-    where = (f"{jax.device_count()} CPU devices ({os.cpu_count()} cores)" if k == "jax" and
-             jax.default_backend() == "cpu" else f"{os.cpu_count()} threads" if k == "torch"
-             else jax.default_backend())
+    where = {"jax": f"{jax.device_count()} {jax.default_backend().upper()} devices",
+             "torch": f"{os.cpu_count()} threads"}[k]
     report(f"quickstart train step {k} ({config.model.name} {size} px x {c}, batch {b})",
            b / v, "images/s", f"{v * 1e3:.1f} ms/step on {where}")
   if "torch" in t:

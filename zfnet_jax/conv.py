@@ -33,7 +33,7 @@ thread.  Given the training batch, ``configure_xla_cpu(batch_size)`` also splits
 CPU into host devices (``--xla_force_host_platform_device_count``, ``cpu_devices``):
 the data-parallel train step (``train.train_step`` under ``shard_map``) then runs one
 shard per core and those loops in parallel.  The quickstart's step on a 2-core Intel
-Xeon: 50 ms on one device, 37 ms on two, 43 ms on four (``benchmarks/run.py``).
+Xeon: 50 ms on one device, 37-43 ms on two, 43 ms on four (``benchmarks/run.py``).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def cpu_devices(batch_size: int, cores: int | None = None) -> int:
   and leaves at least ``MIN_DEVICE_BATCH`` images per device; 1 if none does."""
   if cores is None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(d for d in range(1, max(cores or 1, 1) + 1)
+  return max(d for d in range(1, (cores or 1) + 1)
              if d == 1 or (batch_size % d == 0 and batch_size // d >= MIN_DEVICE_BATCH))
 
 
