@@ -7,10 +7,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
-from zfnet_jax import conv  # noqa: E402  (sets nothing in JAX until called)
-
-conv.configure_xla_cpu()   # as the entry points do, before JAX starts
-
 import pytest  # noqa: E402
 
 from helpers import make_fmnist, tiny_config  # noqa: E402

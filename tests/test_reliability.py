@@ -200,3 +200,24 @@ def test_non_finite_loss_stops_naming_step_and_keeps_last_good(data, tmp_path, m
   assert max(steps_on_disk(wd)) == 6
   p = params_of(wd)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(p))
+
+
+@pytest.mark.slow  # trains in a subprocess, then again to the end
+def test_sigabrt_mid_step_then_rerun_resumes_exactly(data, tmp_path):
+  """A fatal signal from outside Python (as XLA's check failures raise) mid-run: the
+  same command again says it resumes, from which step, and ends as uninterrupted."""
+  fmnist_dir, _, full = data
+  wd = str(tmp_path / "wd")
+  proc = start_main(tmp_path, fmnist_dir, wd, delay=0.15)
+  wait_for_step(proc, wd, 2 * EVERY)
+  proc.send_signal(signal.SIGABRT)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == -signal.SIGABRT, out[-3000:]
+  assert not os.path.exists(os.path.join(wd, "results.json"))
+  latest = max(steps_on_disk(wd))
+  proc = start_main(tmp_path, fmnist_dir, wd, delay=0)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert len([l for l in out.splitlines() if "Resuming from checkpoint step" in l]) == 1
+  assert f"Resuming from checkpoint step {latest} in {wd}" in out
+  assert_same(params_of(wd), full)

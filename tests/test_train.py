@@ -1,14 +1,18 @@
 """Training: clipping, schedules, data parallelism, exact resume, evaluation, errors."""
 import json
 import os
+import re
+import time
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
 from zfnet_jax import checkpoints, configs, input_pipeline as ip, models, rundir, train, train_state
 
+import helpers
 from helpers import make_fmnist, saved_state, small_config
 
 
@@ -258,3 +262,52 @@ def test_mock_imagenet_full_zfnet_train_and_eval_step(tmp_path):
   assert np.isfinite(res["loss"])
   p = params_of(str(tmp_path / "wd"))
   assert p["conv1"]["kernel"].shape == (7, 7, 3, 96) and p["fc8"]["kernel"].shape == (4096, 1000)
+
+
+def test_a_stuck_step_is_said_once_naming_it(tmp_path, monkeypatch, capsys):
+  """No step finishing for stall_warning_seconds: one warning line naming the step
+  waited on and the last one finished; the run then goes on to the end."""
+  d = str(tmp_path / "fm")
+  helpers.make_fmnist(d, n_train=64, n_test=8)
+  ip._fashion_mnist.cache_clear()  # pylint: disable=protected-access
+  config = helpers.small_config(d, steps=6)
+  config.stall_warning_seconds = 0.5
+  real = train.build_train_step
+
+  def blocking(run):
+    step, calls = real(run), []
+
+    def stuck_at_4(state, batch):
+      calls.append(1)
+      if len(calls) == 4:
+        time.sleep(3.0)       # step 4 blocks: nothing finishes for 3 s
+      return step(state, batch)
+    return stuck_at_4
+  monkeypatch.setattr(train, "build_train_step", blocking)
+  res = train.train_and_evaluate(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if "has not finished" in l]
+  assert len(lines) == 1, err[-2000:]
+  assert re.match(r"warning: training: step 4 has not finished after \d+ s \(the last "
+                  r"finished step is 3\)", lines[0]), lines
+  assert res["steps"] == 6
+
+
+def test_default_cpu_train_step_has_no_collective(tmp_path):
+  """On one device (the default) the compiled train step holds no all-reduce or other
+  cross-device collective: nothing in it can wait for another device."""
+  d = str(tmp_path / "fm")
+  helpers.make_fmnist(d, n_train=64, n_test=8)
+  ip._fashion_mnist.cache_clear()  # pylint: disable=protected-access
+  config = helpers.small_config(d)
+  texts = {}
+  for n in (1, 2):
+    run = train.prepare_run(config, str(tmp_path / f"wd{n}"), np.array(jax.devices()[:n]))
+    state = train.restore_or_initialise(
+        run, checkpoints.manager(str(tmp_path / f"ck{n}"), 1))[0]
+    batch = next(ip.create_train_iterator(config, run.workdir, 0))
+    sharded = train._global(batch, NamedSharding(run.mesh, P(train.AXIS)))  # pylint: disable=protected-access
+    texts[n] = train.build_train_step(run).lower(state, sharded).compile().as_text()
+  collective = re.compile(r"all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all")
+  assert collective.search(texts[2])       # the split step does reduce across devices
+  assert not collective.search(texts[1])

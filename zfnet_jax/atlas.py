@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zfnet_jax import console, deconv, figures
+from zfnet_jax import console, conv, deconv, figures
 from zfnet_jax import legibility as legibility_lib
 from zfnet_jax import layers as layers_lib
 from zfnet_jax import models
@@ -205,7 +205,7 @@ def _make_step(net, layer_names, distinct_images):
   """One jitted scan step per (network, layers, mode): repeated scans do not recompile."""
   merge = _merge_images if distinct_images else _merge_units
 
-  @jax.jit
+  @conv.jit
   def step(state, variables, images, ids, mask):
     feats = net.features(variables, images)
     return {l: merge(state[l], feats[l], ids, mask) for l in layer_names}

@@ -8,9 +8,11 @@ process 0 prints.  Library chatter (Orbax, TensorFlow INFO) is silenced by
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import sys
+import threading
 import time
 from typing import Iterable, Sequence
 
@@ -105,3 +107,64 @@ def minutes(seconds: float) -> str:
   """``332.4`` -> ``'5 min 32 s'``."""
   m, s = divmod(int(round(seconds)), 60)
   return f"{m} min {s} s" if m else f"{s} s"
+
+
+
+def _ready(x) -> bool:
+  try:
+    return x.is_ready()
+  except Exception:  # pylint: disable=broad-except  (deleted, or not a JAX array)
+    return True
+
+
+class Watchdog:
+  """Says once, as a ``warning:`` line, when no step has finished for ``seconds`` (0 =
+  never).  ``submit(step, outputs)`` hands over step ``step``'s outputs (JAX arrays,
+  still computing under asynchronous dispatch); a daemon thread polls them in order
+  (``is_ready``), so the step it names is the one really waiting, whether on the
+  device or on the loop (data, Python).  Counting starts when the first step finishes
+  (compilation is no stall) and stops inside ``paused()``; a finished step re-arms it.
+  """
+
+  def __init__(self, seconds: float, what: str = "training"):
+    self.seconds, self.what = float(seconds), what
+    self._queue = collections.deque()     # (step, outputs) submitted, not yet seen finished
+    self._done, self._last, self._warned, self._paused = None, None, False, 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="zfnet-watchdog", daemon=True)
+
+  def __enter__(self):
+    if self.seconds > 0:
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+
+  def submit(self, step: int, outputs) -> None:
+    if self.seconds > 0:
+      self._queue.append((step, jax.tree.leaves(outputs)))
+
+  @contextlib.contextmanager
+  def paused(self):
+    self._paused += 1
+    try:
+      yield
+    finally:
+      self._paused -= 1
+      if self._last is not None:
+        self._last = time.monotonic()
+
+  def _watch(self):
+    while not self._stop.wait(min(self.seconds / 4, 0.5)):
+      while self._queue and all(_ready(x) for x in self._queue[0][1]):
+        self._done, self._last, self._warned = self._queue.popleft()[0], time.monotonic(), False
+      if self._last is None or self._paused or self._warned:
+        continue
+      idle = time.monotonic() - self._last
+      if idle >= self.seconds:
+        self._warned = True
+        say(f"{self.what}: step {self._done + 1} has not finished after {idle:.0f} s (the "
+            f"last finished step is {self._done}); the run may be stuck: if it stays so, stop "
+            "it (Ctrl-C or SIGTERM) and rerun the same command to resume from the last "
+            "checkpoint", warn=True)

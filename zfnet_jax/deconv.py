@@ -153,7 +153,7 @@ def _project_core(fn, images, channels, positions, strongest):
   return proj, pos, values
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layer"))
+@functools.partial(conv.jit, static_argnames=("model", "layer"))
 def _project_batch(model, variables, images, channels, positions, strongest, layer,
                    filters=None):
   """(projections (N, S, S, C), positions (N, 2), values (N,)) of one unit per image.
@@ -176,7 +176,7 @@ def _transposed_filters(params, dtype) -> dict[str, jax.Array]:
           for name, p in params.items() if name.startswith("conv")}
 
 
-_transposed_filters_jit = jax.jit(_transposed_filters, static_argnums=1)
+_transposed_filters_jit = conv.jit(_transposed_filters, static_argnums=1)
 _FILTER_CACHE: dict = {}
 
 
@@ -337,7 +337,7 @@ def strongest(model: models.PaperNet, variables, images: jax.Array, *, layer: st
   return _strongest(model, variables, images, channel, layer=layer)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layer"))
+@functools.partial(conv.jit, static_argnames=("model", "layer"))
 def _strongest(model, variables, images, channel, layer):
   act = model.apply(variables, images, method="features")[layer]
   act = act.reshape(act.shape[0], 1, 1, -1) if act.ndim == 2 else act
@@ -507,7 +507,7 @@ def _plan(model, input_size: int, layer: str) -> list[tuple[models.LayerSpec, st
   return plan
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layer"))
+@functools.partial(conv.jit, static_argnames=("model", "layer"))
 def _walk(model, variables, x, channels, positions, strongest_, layer):
   """([signal after each step], (1, 2) unit position, {pool: (Ho, Wo, C, 2) switches})."""
   feats, state = model.apply(variables, x, method="features", mutable=["switches"])
@@ -557,7 +557,7 @@ def switches(model: models.PaperNet, variables, images: jax.Array) -> dict[str, 
   return _switches(model, variables, images)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(conv.jit, static_argnames=("model",))
 def _switches(model, variables, images):
   _, state = model.apply(variables, images, method="features", mutable=["switches"])
   return {name: layers.switch_positions(s, 3, 2)
@@ -669,7 +669,7 @@ def _pick(out, output):
   return out[output]
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "output", "rule"))
+@functools.partial(conv.jit, static_argnames=("fn", "output", "rule"))
 def _project_fn_jit(fn, params, images, channels, positions, strongest, output, rule):
   call = (lambda x: fn(x)) if params is None else (lambda x: fn(params, x))
   g = rewrite.deconvnet_transform(lambda x: _pick(call(x), output), rule)
@@ -776,7 +776,7 @@ class Network:
   @functools.cached_property
   def jit_features(self) -> Callable:
     """jit(features): one compilation per input shape, reused by every analysis."""
-    return jax.jit(self.features)
+    return conv.jit(self.features)
 
   def receptive_fields(self, input_size: int) -> dict:
     if self.fields is None:
@@ -809,7 +809,7 @@ def as_network(model) -> Network:
   return model if isinstance(model, Network) else network(model)
 
 
-@functools.partial(jax.jit, static_argnames=("features", "layer", "rule"))
+@functools.partial(conv.jit, static_argnames=("features", "layer", "rule"))
 def _project_features(features, variables, images, channels, positions, strongest, layer,
                       rule):
   g = rewrite.deconvnet_transform(lambda v, x: features(v, x)[layer], rule)

@@ -126,8 +126,11 @@ def run(argv):
       lambda r: not any(t in r.getMessage() for t in ("No space left", "os_error_code='28'")))
   sys.excepthook = _quiet_closed_loop(sys.excepthook)
   config = FLAGS.config
-  # Before JAX starts (imported below); one CPU host device per core for training.
-  conv.configure_xla_cpu(None if config.distributed else config.batch_size)
+  if config.cpu_host_devices != 1:   # before JAX starts (imported below); opt-in, at a risk
+    n = conv.set_host_devices(config.cpu_host_devices)
+    print(f"warning: cpu_host_devices={n}: the CPU is split into {n} JAX devices; on a "
+          "loaded machine XLA's all-reduce between them can abort the run (rerun to resume "
+          "from the last checkpoint); 1 is the safe default", file=sys.stderr, flush=True)
   # pylint: disable=g-import-not-at-top
   from zfnet_jax import pipeline
   if FLAGS.mode == "summary":

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from zfnet_jax import conv
 from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, pages
 from zfnet_jax import rundir
 from zfnet_jax import sections as sections_lib
@@ -309,7 +310,7 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
 
 def top_class_fn(model, variables) -> Callable[[np.ndarray], np.ndarray]:
   """images (N, S, S, C) -> int32 (N,): the model's most probable class of each."""
-  fn = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x), -1).astype(jnp.int32))
+  fn = conv.jit(lambda v, x: jnp.argmax(model.apply(v, x), -1).astype(jnp.int32))
   return lambda images: np.asarray(fn(variables, jnp.asarray(images)))
 
 

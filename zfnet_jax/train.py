@@ -5,7 +5,8 @@ with ``lax.pmean`` over the mesh axis ``"data"``; ``jax.shard_map`` under
 ``jax.jit`` maps it over a 1-D mesh of every device of every process
 (``check_vma=False``: per-device gradients as under pmap, so the explicit
 ``pmean`` is the one reduction; with varying-manual-axes checking JAX would
-already sum the gradients of the replicated parameters).  The state is
+already sum the gradients of the replicated parameters); on a one-device mesh (a CPU,
+by default) the step holds no collective at all.  The state is
 replicated, the batch sharded on its leading axis, the state buffers donated.
 The dropout key is the run's key folded with the step and the device index.
 The optimiser, schedules and feature scale clipping are ``train_state``'s.
@@ -41,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from zfnet_jax import checkpoints, console, input_pipeline, models, rundir, train_state
+from zfnet_jax import checkpoints, console, conv, input_pipeline, models, rundir, train_state
 
 AXIS = "data"
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
@@ -90,6 +91,9 @@ def validate(config, num_devices: int | None = None) -> None:
   e = config.eval_every_epochs
   need(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0,
        f"eval_every_epochs={e!r}; allowed: a non-negative number")
+  v = config.stall_warning_seconds
+  need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+       f"stall_warning_seconds={v!r}; allowed: 0 (off) or a positive number of seconds")
   for name in ("max_loss", "divergence_factor"):
     v = config[name]
     need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and
@@ -122,6 +126,12 @@ def _errors(logits, labels, mask):
   return jnp.sum(mask * ~hit1), jnp.sum(mask * ~hit5)
 
 
+def _over_devices(reduce, tree):
+  """``reduce(tree, AXIS)`` (``lax.pmean`` or ``lax.psum``); on a one-device mesh the tree
+  itself, so the compiled step holds no collective that could wait on anything."""
+  return tree if lax.axis_size(AXIS) == 1 else reduce(tree, AXIS)
+
+
 def train_step(state: train_state.TrainState, batch, *, model, tx, lr_fn, clip_radius):
   """One SGD step on this device's part of the batch; returns (state, metrics)."""
   key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
@@ -133,14 +143,14 @@ def train_step(state: train_state.TrainState, batch, *, model, tx, lr_fn, clip_r
     return loss, logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = lax.pmean(grads, AXIS)
+  grads = _over_devices(lax.pmean, grads)
   lr = lr_fn(state.step) * state.lr_scale
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = train_state.apply_update(state.params, updates, lr, clip_radius)
   ones = jnp.ones_like(batch["label"], jnp.float32)
   e1, e5 = _errors(logits, batch["label"], ones)
-  metrics = lax.pmean({"loss": loss, "top1_error": e1 / ones.size, "top5_error": e5 / ones.size},
-                      AXIS)
+  metrics = _over_devices(lax.pmean, {"loss": loss, "top1_error": e1 / ones.size,
+                                      "top5_error": e5 / ones.size})
   metrics["learning_rate"] = lr
   finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -177,7 +187,7 @@ def eval_step(params, batch, *, model, crop_size, ten_crop):
     for top, left, flip in input_pipeline.ten_crop_offsets(size, crop_size):
       probs = probs + jax.nn.softmax(apply(_crop(images, top, left, crop_size, flip)))
     out["top1_wrong_10crop"], out["top5_wrong_10crop"] = _errors(probs, labels, mask)
-  return lax.psum(out, AXIS)
+  return _over_devices(lax.psum, out)
 
 
 # ----------------------------------------------------------------------------
@@ -296,7 +306,7 @@ def _global(batch, sharding):
 def _eval_fn(model, mesh, crop_size: int, ten_crop: bool):
   """jit(shard_map(eval_step)): compiled once per setting (evaluations during training,
   the final one and the training-error one share it)."""
-  return jax.jit(jax.shard_map(
+  return conv.jit(jax.shard_map(
       lambda p, b: eval_step(p, b, model=model, crop_size=crop_size, ten_crop=ten_crop),
       mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))
 
@@ -368,7 +378,7 @@ def ensemble_step(members, batch, *, models_, crop_size, ten_crop):
     out[f"top1_wrong{suffix}"], out[f"top5_wrong{suffix}"] = _errors(p, labels, mask)
     top[f"top5{suffix}"] = lax.top_k(p, min(5, p.shape[-1]))[1]
   out["n"] = jnp.sum(mask)
-  return lax.psum(out, AXIS), top
+  return _over_devices(lax.psum, out), top
 
 
 def _ensemble_member(config, info, workdir: str):
@@ -435,7 +445,7 @@ def evaluate_ensemble(config, workdirs: Sequence[str], out_dir: str, *, devices=
   base = loaded[0][2]       # the iterator subtracts member 0's mean
   members = jax.device_put(tuple((p, base - mean) for _, p, mean, _, _ in loaded),
                            NamedSharding(mesh, P()))
-  fn = jax.jit(jax.shard_map(
+  fn = conv.jit(jax.shard_map(
       lambda m, b: ensemble_step(m, b, models_=tuple(x[0] for x in loaded),
                                  crop_size=config.dataset.crop_size, ten_crop=ten_crop),
       mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS)), check_vma=False))
@@ -571,7 +581,7 @@ def restore_or_initialise(run: Run, mngr) -> tuple[train_state.TrainState, dict]
   shape = (1, run.info.input_size, run.info.input_size, run.info.channels)
   init = train_state.init_fn(run.model, shape, run.tx, seed=config.seed,
                              clip_radius=train_state.clip_radius(config))
-  state = jax.jit(init, out_shardings=NamedSharding(run.mesh, P()))()
+  state = conv.jit(init, out_shardings=NamedSharding(run.mesh, P()))()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
   ckpt_dir = rundir.path(run.workdir, rundir.CHECKPOINTS)
@@ -599,7 +609,7 @@ def build_train_step(run: Run):
   lr_fn = train_state.learning_rate_fn(run.config, run.steps_per_epoch, run.num_steps)
   step = lambda s, b: train_step(s, b, model=run.model, tx=run.tx, lr_fn=lr_fn,
                                  clip_radius=train_state.clip_radius(run.config))
-  return jax.jit(jax.shard_map(step, mesh=run.mesh, in_specs=(P(), P(AXIS)),
+  return conv.jit(jax.shard_map(step, mesh=run.mesh, in_specs=(P(), P(AXIS)),
                                out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))
 
 
@@ -893,10 +903,12 @@ def _train(run: Run, hooks: Sequence[Hook]) -> dict:
             f"{run.num_steps} steps ({run.steps_per_epoch} per epoch), global batch "
             f"{config.batch_size} over {run.mesh.devices.size} device(s)")
     progress = _Progress(run, start, meta)
-    with input_pipeline.single_thread_blas(), _Preemption() as preemption:
+    with input_pipeline.single_thread_blas(), _Preemption() as preemption, \
+        console.Watchdog(config.stall_warning_seconds) as watchdog:
       for step in range(start + 1, run.num_steps + 1):
         state, metrics = p_train(state, _global(next(batches), sharding))
         progress.add(metrics)
+        watchdog.submit(step, metrics)
         if log.active:
           for hook in hooks:
             hook(step, state, log.writer)
@@ -905,7 +917,8 @@ def _train(run: Run, hooks: Sequence[Hook]) -> dict:
           progress.report(step, log, mngr)
         if eval_every and step % eval_every == 0 and step != run.num_steps:
           check_finite(state, mngr, workdir)
-          state = evaluate_and_plateau(run, state, step, log)
+          with watchdog.paused():
+            state = evaluate_and_plateau(run, state, step, log)
         if (step % config.checkpoint_every_steps == 0 or step in run.evolution or
             step == run.num_steps) and not progress.diverging:
           save(run, mngr, state, step, progress)

@@ -49,6 +49,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from zfnet_jax import conv
 from zfnet_jax import checkpoints, console, deconv, figures, input_pipeline, models, train_state
 from zfnet_jax import sections as sections_lib
 
@@ -259,7 +260,7 @@ def extract_features(net, variables, images: np.ndarray, mean: np.ndarray,
   """Pixel images (N, S, S, C) -> {layer: (N, D) float32}; conv maps grid-max-pooled."""
   net = deconv.as_network(net)
 
-  @jax.jit
+  @conv.jit
   def run(x):
     feats = net.features(variables, x - mean)
     return {l: grid_max_pool(feats[n], pool_grid) if feats[n].ndim == 4 else feats[n]
@@ -340,7 +341,7 @@ def _scratch_step(model, learning_rate: float, multilabel: bool, flip: bool, cli
       return optax.sigmoid_binary_cross_entropy(logits, y).sum(-1).mean()
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  @jax.jit
+  @conv.jit
   def step(p, s, x, y, mean, key):
     flip_key, drop_key = jax.random.split(key)
     if flip:
@@ -399,7 +400,7 @@ def scratch_outputs(model, variables, images, mean, multilabel, batch_size=128) 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_apply(model):
-  return jax.jit(lambda variables, x, mean: model.apply(variables, x - mean))
+  return conv.jit(lambda variables, x, mean: model.apply(variables, x - mean))
 
 
 # -- tables --------------------------------------------------------------------

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zfnet_jax import deconv, models
+from zfnet_jax import conv, deconv, models
 
 
 @functools.lru_cache(maxsize=64)
 def _subset_fn(net: deconv.Network, keep: tuple[str, ...]):
-  return jax.jit(lambda variables, x: {k: v for k, v in net.features(variables, x).items()
+  return conv.jit(lambda variables, x: {k: v for k, v in net.features(variables, x).items()
                                        if k in keep})
 
 

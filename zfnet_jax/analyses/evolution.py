@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from zfnet_jax import console, deconv, figures, models
+from zfnet_jax import console, conv, deconv, figures, models
 from zfnet_jax import sections as sections_lib
 
 TILE = 48  # side of a tile in pixels (receptive-field crops are resized to it)
@@ -115,7 +115,7 @@ def _batch_max_fn(net: deconv.Network, maps: tuple[tuple[str, tuple[int, ...]], 
       flat = a.reshape(-1, len(idx))
       out[layer] = (flat.max(0), jnp.argmax(flat, 0))
     return out
-  return jax.jit(batch_max)
+  return conv.jit(batch_max)
 
 
 def _array_batches(images: np.ndarray, batch_size: int) -> Iterator[dict]:

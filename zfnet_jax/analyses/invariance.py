@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zfnet_jax import deconv, figures, models
+from zfnet_jax import conv, deconv, figures, models
 from zfnet_jax import sections as sections_lib
 from zfnet_jax.analyses import common
 
@@ -101,7 +101,7 @@ def transform(image: jax.Array, kind: str, amount) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _transform_many_fn(kind: str):
-  return jax.jit(jax.vmap(jax.vmap(lambda im, a: transform(im, kind, a), (None, 0)), (0, None)))
+  return conv.jit(jax.vmap(jax.vmap(lambda im, a: transform(im, kind, a), (None, 0)), (0, None)))
 
 
 def transform_many(images: np.ndarray, kind: str, amounts_: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import matplotlib.patches
 import numpy as np
 
-from zfnet_jax import deconv, figures, models
+from zfnet_jax import conv, deconv, figures, models
 from zfnet_jax import sections as sections_lib
 from zfnet_jax.analyses import common
 
@@ -139,7 +139,7 @@ def scan(net, variables, image: np.ndarray, label: int, s: Settings,
 
 @functools.lru_cache(maxsize=16)
 def _scan_fn(net, layer: str, chunk_size: int):
-  return jax.jit(functools.partial(_scan, net, layer, chunk_size))
+  return conv.jit(functools.partial(_scan, net, layer, chunk_size))
 
 
 def _scan(net, layer, chunk_size, variables, image, fill, sq, label, channel):
