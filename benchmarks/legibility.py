@@ -25,11 +25,6 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from zfnet_jax import conv  # pylint: disable=g-bad-import-order
-
-conv.configure_xla_cpu()
-
-
 from zfnet_jax import atlas, checkpoints, figures, input_pipeline, rundir
 from zfnet_jax import legibility as legibility_lib
 

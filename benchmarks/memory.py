@@ -52,8 +52,6 @@ def peak_mib() -> float:
 
 def child_scan(model_name: str, size: int, n: int, batch: int, sync: bool = False) -> dict:
   """Runs in the child: scan n synthetic images, return peak RSS and timings."""
-  from zfnet_jax import conv  # pylint: disable=g-import-not-at-top
-  conv.configure_xla_cpu()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

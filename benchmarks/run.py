@@ -18,8 +18,8 @@ CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated
   model FLOP utilisation = images/s x FLOPs / peak.
 * quickstart: experiments/quickstart.py's own training step (ZFNetLowRes with its
   widths, its input size, batch 128, Adam + weight decay, cosine schedule, feature scale
-  clipping) in JAX on the CPU host devices the quickstart gets (one per core,
-  ``conv.configure_xla_cpu(batch_size)``; every train row here runs on them) and,
+  clipping) in JAX on one CPU device, as the quickstart runs by default (every train row
+  here runs on the devices JAX has: one CPU device unless ``XLA_FLAGS`` says otherwise) and,
   interleaved, the same model and optimiser in PyTorch (``torch_ref``, one process,
   a thread per core); ratio JAX / PyTorch (target >= 1.25).
 * deconvnet: conv5 projections/s, batched (``deconv.project_many``), and the
@@ -65,10 +65,6 @@ def quickstart_config():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return configs.load_file(os.path.join(root, "experiments", "quickstart.py")).get_config()
 
-
-# Before JAX initialises: CPU convolutions on XLA's kernels, and the host devices the
-# quickstart gets for its batch (one per core), so its train step runs as it does there.
-conv.configure_xla_cpu(batch_size=quickstart_config().batch_size)
 
 from zfnet_jax import models, train, train_state  # pylint: disable=g-bad-import-order
 import jax
@@ -140,7 +136,7 @@ def model_flops(model, input_size: int, channels: int = 3) -> dict[str, int]:
 # The parts.
 # ----------------------------------------------------------------------------
 
-def setup_train(config, model, batch, compiler_options=None, input_size=224, channels=3):
+def setup_train(config, model, batch, compiler_options, input_size=224, channels=3):
   """(step fn, state, batch) for zfnet_jax.train.train_step on all local devices."""
   devices = np.array(jax.devices())
   mesh = Mesh(devices, (train.AXIS,))
@@ -153,7 +149,7 @@ def setup_train(config, model, batch, compiler_options=None, input_size=224, cha
       donate_argnums=(0,), compiler_options=compiler_options)
   init = train_state.init_fn(model, (1, input_size, input_size, channels), tx, seed=config.seed,
                              clip_radius=train_state.clip_radius(config))
-  state = jax.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
+  state = conv.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
   rng = np.random.default_rng(0)
   data = {"image": jnp.asarray(rng.normal(0, 50, (batch, input_size, input_size, channels)),
                                jnp.float32),
@@ -166,8 +162,8 @@ def bench_model(args, model, config, flops, peak, torch_fns):
   options, PyTorch), interleaved."""
   b = args.batch
   on_cpu = jax.default_backend() == "cpu"
-  variants = {"jax": None}
-  if on_cpu and conv.xla_cpu_configured():
+  variants = {"jax": conv.compiler_options()}
+  if on_cpu and conv.compiler_options():
     variants["jax_default_xla"] = conv.DEFAULT_CPU_COMPILER_OPTIONS
   fns_train, fns_fwd = {}, {}
   for name, opts in variants.items():
@@ -186,7 +182,7 @@ def bench_model(args, model, config, flops, peak, torch_fns):
   # The matmul peak again, interleaved with the model runs (same load).
   n, reps = (2048, 8) if on_cpu else (8192, 20)
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(config.model.dtype))
-  mm = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=a.dtype))
+  mm = conv.jit(lambda a: jnp.dot(a, a, preferred_element_type=a.dtype))
   matmul = lambda: [mm(a) for _ in range(reps)]
   out, peaks = {}, {}
   for kind, fns in (("train", fns_train), ("forward", fns_fwd)):
@@ -239,7 +235,8 @@ def bench_quickstart(args):
   config = quickstart_config()
   size, b, c = config.dataset.crop_size, config.batch_size, QUICKSTART_CHANNELS
   model = models.from_config(config.model, 10)
-  step, state, data = setup_train(config, model, b, input_size=size, channels=c)
+  step, state, data = setup_train(config, model, b, conv.compiler_options(), input_size=size,
+                                  channels=c)
   holder = {"s": state}
 
   def run_step():
@@ -263,7 +260,7 @@ def bench_quickstart(args):
 def bench_matmul(n: int, dtype, repeats: int) -> float:
   """Peak FLOP/s of an (n, n) @ (n, n) jnp.dot: the best of ``repeats`` calls."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-  f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=dtype))
+  f = conv.jit(lambda a: jnp.dot(a, a, preferred_element_type=dtype))
   block(f(a))
   best = float("inf")
   for _ in range(repeats):
@@ -279,8 +276,8 @@ def bench_deconvnet(args, model, variables):
                     -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
   channels = np.arange(r) % 256
   params = variables["params"]
-  plain = jax.jit(bench_deconv._plain_vjp)  # pylint: disable=protected-access
-  ours = jax.jit(lambda v, x, ch: bench_deconv._plain_vjp(  # pylint: disable=protected-access
+  plain = conv.jit(bench_deconv._plain_vjp)  # pylint: disable=protected-access
+  ours = conv.jit(lambda v, x, ch: bench_deconv._plain_vjp(  # pylint: disable=protected-access
       None, x, ch, lambda img: model.apply(v, img, method="features")["conv5"]))
   t = interleaved({
       "project_many": lambda: deconv.project_many(model, variables, images, layer="conv5",
@@ -321,7 +318,7 @@ def bench_occlusion(args, model, variables):
   image = np.asarray(50.0 * jax.random.normal(jax.random.PRNGKey(3), (224, 224, 3)))
   n = len(occlusion.squares(224, settings.size, settings.stride)) ** 2
   x = jnp.asarray(np.repeat(image[None], args.batch, 0))
-  fwd = jax.jit(lambda v, x: model.apply(v, x))
+  fwd = conv.jit(lambda v, x: model.apply(v, x))
   t = interleaved({"forward": lambda: fwd(variables, x),
                    "occlusion": lambda: occlusion.scan(model, variables, image, 0,
                                                        settings)["activation"]},
@@ -345,7 +342,7 @@ def bench_scan(args, model, variables):
              for i in range(nb)]
   layers = list(models.CONV_NAMES)
   net = deconv.as_network(model)
-  fwd = jax.jit(lambda v, x: net.features(v, x)[layers[-1]])   # conv1..conv5, nothing after
+  fwd = conv.jit(lambda v, x: net.features(v, x)[layers[-1]])   # conv1..conv5, nothing after
 
   def forward():
     return [fwd(variables, jnp.asarray(x["image"])) for x in batches]
@@ -470,7 +467,8 @@ def main(argv=None):
       "backend": backend, "cpu_count": os.cpu_count(), "platform": platform.platform(),
       "processor": rundir.machine()["cpu"], "load_average": [round(x, 2) for x in load],
       "versions": rundir.versions(), "compute_dtype": dtype, "batch": args.batch,
-      "xla_cpu_conv_flag": conv.xla_cpu_configured(), "quick": args.quick,
+      "cpu_compiler_options": conv.compiler_options(),
+      "devices": len(jax.devices()), "quick": args.quick,
   }
   print("zfnet_jax benchmarks")
   for k, v in meta.items():
@@ -504,7 +502,7 @@ def main(argv=None):
 
   variables = None
   if {"deconv", "captum", "occlusion", "scan"} & args.only:
-    variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 224, 224, 3)))
+    variables = conv.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 224, 224, 3)))
   if "deconv" in args.only:
     bench_deconvnet(args, model, variables)
   if "captum" in args.only and on_cpu and dtype == "float32" and not args.no_torch:

@@ -1,7 +1,7 @@
 """The CPU convolution routing of zfnet_jax/conv.py: same maths, other kernels.
 
-Convolutions compiled with ``conv.CPU_COMPILER_OPTIONS`` (what importing
-zfnet_jax sets for the whole process) must not go to YNNPACK, and their value
+Convolutions compiled with ``conv.CPU_COMPILER_OPTIONS`` (what every function
+the package compiles carries, ``conv.jit``) must not go to YNNPACK, and their value
 and VJPs must equal NumPy loop references -- the input VJP being the
 transposed convolution is what the deconvnet's "filter" step relies on.
 """
@@ -97,22 +97,22 @@ import os, sys, json
 before = os.environ.get("XLA_FLAGS")
 import zfnet_jax
 from zfnet_jax import conv
-assert os.environ.get("XLA_FLAGS") == before   # importing the package changes nothing
-first = conv.configure_xla_cpu()  # what the entry points call before JAX starts
 import jax, jax.numpy as jnp
 from jax import lax
-f = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC")))
-text = f.lower(jnp.ones((2, 13, 13, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
-late = conv.configure_xla_cpu()  # backends are up now: must not touch XLA_FLAGS again
-print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "ynn": "__ynn_fusion" in text,
-                  "configured": conv.xla_cpu_configured(), "late": late, "first": first}))
+f = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+args = jnp.ones((2, 13, 13, 64)), jnp.ones((3, 3, 64, 64))
+ours = conv.jit(f).lower(*args).compile().as_text()       # how the package compiles
+theirs = jax.jit(f).lower(*args).compile().as_text()      # a user's own jit
+print(json.dumps({"flags_unchanged": os.environ.get("XLA_FLAGS") == before,
+                  "ours_ynn": "__ynn_fusion" in ours, "theirs_ynn": "__ynn_fusion" in theirs,
+                  "options": conv.compiler_options(), "n": jax.local_device_count()}))
 """
 
 
 def _child(env_updates):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "ZFNET_XLA_CPU_DEFAULTS")}
+  """What a plain script gets: no set-up call, nothing in XLA_FLAGS but ``env_updates``."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", conv.OPT_OUT)}
   env.update(env_updates, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                        text=True, timeout=120, check=True)
@@ -120,17 +120,16 @@ def _child(env_updates):
 
 
 @pytest.mark.skipif(conv._jaxlib_version() not in conv.KNOWN_JAXLIB,  # pylint: disable=protected-access
-                    reason="flag only added for measured jaxlib versions")
-def test_configure_sets_flag_unless_opted_out():
-  on = _child({"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  assert on["first"] and on["configured"] and not on["ynn"]
-  assert "--xla_force_host_platform_device_count=2" in on["flags"]  # user's flags kept
-  assert on["flags"].count(conv.FLAG) == 1  # added once, not again after start-up
-  off = _child({"ZFNET_XLA_CPU_DEFAULTS": "1"})
-  assert not off["first"] and not off["configured"] and off["ynn"]
-  assert conv.FLAG not in off["flags"]
+                    reason="options only given for measured jaxlib versions")
+def test_package_functions_carry_the_options_however_called():
+  plain = _child({})
+  assert plain["flags_unchanged"] and plain["n"] == 1        # nothing process-wide
+  assert plain["options"] == conv.CPU_COMPILER_OPTIONS
+  assert not plain["ours_ynn"] and plain["theirs_ynn"]       # ours routed, the user's own not
+  off = _child({conv.OPT_OUT: "1"})
+  assert off["options"] is None and off["ours_ynn"]
   user = _child({"XLA_FLAGS": f"--{conv.FLAG}={conv.DEFAULT_VALUE}"})
-  assert not user["configured"] and user["ynn"]  # the user's own setting wins
+  assert user["options"] is None and user["ours_ynn"]         # the user's own setting wins
 
 
 @pytest.mark.parametrize("batch,cores,want", [
@@ -148,27 +147,40 @@ def test_cpu_devices_divide_the_batch(batch, cores, want):
 
 
 _DEVICES_CHILD = """
-import json, os
+import json, os, sys
 from zfnet_jax import conv
-conv.configure_xla_cpu(batch_size=128)
+n = conv.set_host_devices(int(sys.argv[1]))
 import jax
+jax.devices()
+try:
+  conv.set_host_devices(2)
+  late = None
+except ValueError as e:
+  late = str(e)
 print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "n": jax.local_device_count(),
-                  "want": conv.cpu_devices(128)}))
+                  "returned": n, "late": late}))
 """
 
 
-def test_configure_with_a_batch_splits_the_cpu_into_host_devices():
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ZFNET_XLA_CPU_DEFAULTS")}
+@pytest.mark.parametrize("asked,user,want", [(1, "", 1), (3, "", 3), (2, "5", 5)])
+def test_host_devices_are_opt_in_and_the_users_count_wins(asked, user, want):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", conv.OPT_OUT)}
   env.update(JAX_PLATFORMS="cpu")
-  run = lambda e: json.loads(subprocess.run(
-      [sys.executable, "-c", _DEVICES_CHILD], env={**env, **e}, capture_output=True, text=True,
-      timeout=120, check=True).stdout.strip().splitlines()[-1])
-  auto = run({})
-  assert auto["n"] == auto["want"]
-  assert (f"--{conv.DEVICES_FLAG}" in auto["flags"]) == (auto["want"] > 1)
-  user = run({"XLA_FLAGS": f"--{conv.DEVICES_FLAG}=3"})   # the user's own count wins
-  assert user["n"] == 3 and user["flags"].count(conv.DEVICES_FLAG) == 1
-  assert run({"ZFNET_XLA_CPU_DEFAULTS": "1"})["n"] == 1   # opted out: one device
+  if user:
+    env["XLA_FLAGS"] = f"--{conv.DEVICES_FLAG}={user}"
+  got = json.loads(subprocess.run(
+      [sys.executable, "-c", _DEVICES_CHILD, str(asked)], env=env, capture_output=True,
+      text=True, timeout=120, check=True).stdout.strip().splitlines()[-1])
+  assert got["n"] == got["returned"] == want
+  assert got["flags"].count(conv.DEVICES_FLAG) == (0 if want == 1 else 1)
+  if not user:
+    assert "JAX has started already" in got["late"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_host_devices_refuse_a_bad_count(bad):
+  with pytest.raises(ValueError, match=r"cpu_host_devices=.*allowed: a positive int"):
+    conv.set_host_devices(bad)
 
 
 def test_nan_propagating_options_let_nan_reach_every_maximum():

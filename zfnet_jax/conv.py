@@ -85,13 +85,24 @@ def nan_propagating_options() -> dict | None:
   return {FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
+def _tracing() -> bool:
+  """True inside a JAX trace (another jit, grad, vmap...), where a jit is inlined and
+  JAX refuses compiler options."""
+  try:
+    from jax._src import core  # pylint: disable=g-import-not-at-top
+    return not core.trace_state_clean()
+  except (ImportError, AttributeError):   # a JAX without it: no options, never an error
+    return True
+
+
 class _Jit:
   """``jax.jit(fun, compiler_options=compiler_options(), **kwargs)``, made on the first
-  call (when the backend is known, so importing a module initialises nothing)."""
+  call (when the backend is known, so importing a module initialises nothing); called
+  inside another trace, the same jit without options (it is inlined there)."""
 
   def __init__(self, fun, kwargs):
     functools.update_wrapper(self, fun)
-    self._fun, self._kwargs, self._jitted = fun, kwargs, None
+    self._fun, self._kwargs, self._jitted, self._plain = fun, kwargs, None, None
 
   def _get(self):
     if self._jitted is None:
@@ -100,10 +111,15 @@ class _Jit:
     return self._jitted
 
   def __call__(self, *args, **kwargs):
+    if _tracing():
+      if self._plain is None:
+        import jax  # pylint: disable=g-import-not-at-top
+        self._plain = jax.jit(self._fun, **self._kwargs)
+      return self._plain(*args, **kwargs)
     return self._get()(*args, **kwargs)
 
   def __getattr__(self, name):   # lower, trace, eval_shape, clear_cache, ...
-    if name.startswith("_"):
+    if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted", "_plain"):
       raise AttributeError(name)
     return getattr(self._get(), name)
 
@@ -137,12 +153,13 @@ def set_host_devices(n: int) -> int:
                      "the safe default)")
   flags = os.environ.get("XLA_FLAGS", "")
   mine = [f.split("=", 1)[-1] for f in flags.split() if f.lstrip("-").startswith(DEVICES_FLAG)]
-  if mine:
-    return int(mine[-1])
+  current = int(mine[-1]) if mine else 1
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  if xla_bridge.backends_are_initialized():
-    raise ValueError(f"cpu_host_devices={n}: JAX has started already; set it before the "
-                     "first JAX computation")
+  if xla_bridge.backends_are_initialized() and n != current:
+    raise ValueError(f"cpu_host_devices={n}: JAX has started already with {current}; set it "
+                     "before the first JAX computation")
+  if mine:
+    return current
   if n > 1:
     os.environ["XLA_FLAGS"] = f"{flags} --{DEVICES_FLAG}={n}".strip()
   return n
