@@ -143,19 +143,29 @@ def main():
   ap.add_argument("--single", type=int, default=4, help="requests timed one at a time")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--json", default="")
+  ap.add_argument("--no_lrn", action="store_true", help="ZFNet without contrast normalisation")
+  ap.add_argument("--layers", default="conv2,conv5", help="--captum: layers (comma-separated)")
+  ap.add_argument("--batches", default="1,16", help="--captum: batch sizes")
+  ap.add_argument("--rules", default="deconvnet,guided", help="--captum: rules")
   args = ap.parse_args()
 
-  model = models.ZFNet()
+  model = models.ZFNet(contrast_norm=not args.no_lrn)
   key = jax.random.PRNGKey(0)
   images = jnp.clip(50.0 * jax.random.normal(key, (max(args.requests, 16), 224, 224, 3)),
                     -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
   variables = conv.jit(model.init)(jax.random.PRNGKey(1), images[:1])
   if args.captum:
     meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+            "command": " ".join(["benchmarks/bench_deconv.py"] + sys.argv[1:]),
+            "model": "ZFNet" + (" without contrast normalisation" if args.no_lrn else ""),
+            "process_set_up": "none (a plain script: no XLA_FLAGS, no set-up call)",
             "platform": platform.platform(), "processor": rundir.machine()["cpu"],
             "versions": rundir.versions(), "load_average": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    rows = captum_table(model, variables, images, repeats=args.repeats)
+    rows = captum_table(model, variables, images, repeats=args.repeats,
+                        layers=tuple(args.layers.split(",")),
+                        batches=tuple(int(b) for b in args.batches.split(",")),
+                        rules=tuple(args.rules.split(",")))
     if rows is None:
       raise SystemExit("torch and captum are needed for --captum")
     if args.json:

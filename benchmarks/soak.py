@@ -139,6 +139,43 @@ def start_load(kinds):
   return procs
 
 
+def write_record(args, argv, started, t0, loadavg, records, done: bool) -> dict:
+  """The record so far (``done``: the soak has ended) to ``--json``; returns its summary."""
+  import jax, jaxlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  sps = [r["steps_per_second"] for r in records if r["steps_per_second"]]
+  summary = {"runs": len(records), "aborts": sum(r["abort"] for r in records),
+             "hangs": sum(r["hang"] for r in records),
+             "other_failures": sum(r["returncode"] != 0 and not r["abort"] and not r["hang"]
+                                   for r in records),
+             "stall_warnings": sum(r["stall_warnings"] for r in records),
+             "steps": sum(r["steps"] for r in records),
+             "median_steps_per_second": round(statistics.median(sps), 2) if sps else None,
+             "wall_minutes": round((time.time() - t0) / 60, 1), "finished": done}
+  kinds = [k for k in args.load.split(",") if k and k != "none"]
+  out = {"what": "soak of the quickstart's training (benchmarks/soak.py)",
+         "command": " ".join(["benchmarks/soak.py"] + (argv or sys.argv[1:])),
+         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                  text=True).stdout.strip(),
+         "started_utc": started.isoformat(timespec="seconds"),
+         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                     "python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": jaxlib.__version__},
+         "settings": {"runs": args.runs, "parallel": args.parallel,
+                      "steps": args.steps or "quickstart (num_epochs)",
+                      "cpu_host_devices": args.devices, "load": kinds,
+                      "hang_seconds": args.hang_seconds},
+         "load_average_1min": {"min": min(loadavg, default=None),
+                               "max": max(loadavg, default=None)},
+         "summary": summary, "runs": records}
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json + ".tmp", "w") as f:
+      json.dump(out, f, indent=1)
+      f.write("\n")
+    os.replace(args.json + ".tmp", args.json)
+  return summary
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--runs", type=int, default=20)
@@ -153,6 +190,7 @@ def main(argv=None):
     if getattr(args, name) < 1:
       p.error(f"--{name}={getattr(args, name)}; allowed: a positive int")
   kinds = [k for k in args.load.split(",") if k and k != "none"]
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # through `finally`: kill the runs
   scratch = tempfile.mkdtemp(prefix="zfnet_soak_")
   load = start_load(kinds)
   started = datetime.datetime.now(datetime.timezone.utc)
@@ -176,43 +214,15 @@ def main(argv=None):
               f"{' HANG' if rec['hang'] else ''}, {rec['steps']} steps in {rec['seconds']} s, "
               f"{rec['steps_per_second']} steps/s, top-1 error {rec['top1_error']}",
               flush=True)
+        write_record(args, argv, started, t0, loadavg, records, done=False)
   finally:
     for r in running:
       r.proc.kill()
     for q in load:
       q.kill()
     shutil.rmtree(scratch, ignore_errors=True)
-  import jax, jaxlib  # pylint: disable=g-import-not-at-top,multiple-imports
-  sps = [r["steps_per_second"] for r in records if r["steps_per_second"]]
-  summary = {"runs": len(records), "aborts": sum(r["abort"] for r in records),
-             "hangs": sum(r["hang"] for r in records),
-             "other_failures": sum(r["returncode"] != 0 and not r["abort"] and not r["hang"]
-                                   for r in records),
-             "stall_warnings": sum(r["stall_warnings"] for r in records),
-             "steps": sum(r["steps"] for r in records),
-             "median_steps_per_second": round(statistics.median(sps), 2) if sps else None,
-             "wall_minutes": round((time.time() - t0) / 60, 1)}
-  out = {"what": "soak of the quickstart's training (benchmarks/soak.py)",
-         "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv or sys.argv[1:])),
-         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                  text=True).stdout.strip(),
-         "started_utc": started.isoformat(timespec="seconds"),
-         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                     "python": platform.python_version(), "jax": jax.__version__,
-                     "jaxlib": jaxlib.__version__},
-         "settings": {"runs": args.runs, "parallel": args.parallel,
-                      "steps": args.steps or "quickstart (num_epochs)",
-                      "cpu_host_devices": args.devices, "load": kinds,
-                      "hang_seconds": args.hang_seconds},
-         "load_average_1min": {"min": min(loadavg, default=None),
-                               "max": max(loadavg, default=None)},
-         "summary": summary, "runs": records}
+  summary = write_record(args, argv, started, t0, loadavg, records, done=True)
   print(json.dumps(summary, indent=1))
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
-      f.write("\n")
   return 1 if summary["aborts"] or summary["hangs"] else 0
 
 

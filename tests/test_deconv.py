@@ -20,8 +20,10 @@ SIZE = 64
 # NumPy reference deconvnet of a PaperNet (one image, HWC, float64).
 # ----------------------------------------------------------------------------
 
-def np_forward(params, img, conv_geometry):
+def np_forward(params, img, conv_geometry, norm_first=False):
   """Forward of a PaperNet with contrast norm; records every step for the way down.
+  ``norm_first``: Krizhevsky's order in layers 1 and 2 (ReLU, normalise, max-pool)
+  instead of ZFNet's (ReLU, max-pool, normalise).
 
   Returns (steps, {layer: activation}, {pool: number of windows with a tie}).
   """
@@ -41,16 +43,21 @@ def np_forward(params, img, conv_geometry):
     x = mark(name, np.maximum(x, 0))
     if name in ("conv1", "conv2", "conv5"):
       i, n = name[-1], x.shape[0]
+
+      def normalise(x):
+        y, vjp = np_lrn(x, 2.0, 5, 1e-4, 0.75)
+        steps.append(("norm", vjp))
+        return mark(f"norm{i}", y)
+      if norm_first and name != "conv5":
+        x = normalise(x)
       hi = -(-max(n - 3, 0) // 2) * 2 + 3 - n  # ceil mode: the last window fits
       y, sw = np_pool(x, pad=((0, hi), (0, hi)))
       ties[f"pool{i}"] = sum(int((x[a * 2:a * 2 + 3, c * 2:c * 2 + 3, ch] == y[a, c, ch]).sum() > 1)
                              for a, c, ch in itertools.product(*map(range, y.shape)))
       steps.append(("pool", x.shape, sw))
       x = mark(f"pool{i}", y)
-      if name != "conv5":
-        y, vjp = np_lrn(x, 2.0, 5, 1e-4, 0.75)
-        steps.append(("norm", vjp))
-        x = mark(f"norm{i}", y)
+      if not norm_first and name != "conv5":
+        x = normalise(x)
   for name, pname in (("fc6", "fc6"), ("fc7", "fc7"), ("logits", "fc8")):
     w, b = p[pname]["kernel"], p[pname]["bias"]
     steps.append(("fc", x.shape, w))
@@ -161,13 +168,45 @@ def test_project_matches_numpy_reference(rule, layer, channel, position):
 
 @functools.lru_cache(maxsize=None)
 def tiny_alexnet():
-  """The tiny net with AlexNet's first layers (conv1 11x11/4, conv2 5x5/1 pad 2)."""
+  """A tiny AlexNet: conv1 11x11/4, conv2 5x5/1 pad 2, normalisation before pooling; its
+  reference written in Krizhevsky's order."""
   _, _, x = tiny()
-  model = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5,
-                             conv1_kernel=11, conv1_stride=4, conv2_stride=1, conv2_pad=2)
+  model = models.AlexNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
   variables = {"params": jax.tree_util.tree_map(jnp.asarray, random_params(model, x[:1], 2))}
   geometry = dict(GEOMETRY, conv1=(11, 4, 0), conv2=(5, 1, 2))
-  return model, variables, x, [np_forward(variables["params"], x[i], geometry) for i in range(2)]
+  return model, variables, x, [np_forward(variables["params"], x[i], geometry, norm_first=True)
+                               for i in range(2)]
+
+
+def test_feature_order_alexnet_normalises_before_pooling_zfnet_after():
+  """Krizhevsky et al. 2012, Sec. 3.5: LRN after the ReLUs of conv1 and conv2, max-pooling
+  after the LRN layers; Zeiler & Fergus, Fig. 3: max-pool, then contrast normalisation."""
+  def order(model, size):    # the keys of features(), in the order the model makes them
+    keys = []
+
+    def run():
+      out = model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+                                   method="features")[0]
+      keys.extend(out)
+      return 0
+    jax.eval_shape(run)
+    return [k for k in keys if k[:4] in ("conv", "pool", "norm")]
+  alexnet = ["conv1", "norm1", "pool1", "conv2", "norm2", "pool2", "conv3", "conv4", "conv5",
+             "pool5"]
+  zfnet = ["conv1", "pool1", "norm1", "conv2", "pool2", "norm2", "conv3", "conv4", "conv5",
+           "pool5"]
+  assert order(models.AlexNet(), 227) == order(models.AlexNetLowRes(), 64) == alexnet
+  assert order(models.ZFNet(), 224) == order(models.ZFNetLowRes(), 64) == zfnet
+
+
+def test_alexnet_forward_matches_a_reference_in_krizhevskys_order():
+  model, variables, x, refs = tiny_alexnet()
+  got = model.apply(variables, x, method="features")
+  for i, (_, acts, _) in enumerate(refs):
+    assert acts["norm1"].shape == acts["conv1"].shape     # normalised at conv1's size
+    for name, want in acts.items():
+      np.testing.assert_allclose(np.asarray(got[name][i]), want, rtol=1e-4,
+                                 atol=1e-4 * np.abs(want).max() + 1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("net", ["zfnet", "alexnet"])

@@ -1,5 +1,6 @@
 """Every Table 2/3 config builds a model with the hand-computed parameter count."""
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -129,3 +130,19 @@ def test_imagenette_config_trains_and_reports_on_mock_data(tmp_path):
     assert f'id="{anchor}"' in html, anchor
   report_dir = os.path.dirname(out["report"])
   assert any(f.startswith("atlas_conv1") for f in os.listdir(report_dir))
+
+
+@pytest.mark.parametrize("file,variant", CASES)
+def test_paper_configs_train_with_the_papers_momentum(file, variant):
+  c = load(file).get_config(variant)
+  assert (c.optimizer, c.momentum, c.momentum_form) == ("sgd", 0.9, "paper")
+
+
+def test_a_run_saved_before_the_option_resumes_in_pytorchs_form():
+  """config.json written before momentum_form existed: those runs used PyTorch's form, so
+  resuming one under the paper's (another optimiser state) is a change check_resume sees."""
+  from zfnet_jax import configs  # pylint: disable=g-import-not-at-top
+  old = json.loads(load("zfnet").get_config().to_json_best_effort())
+  del old["momentum_form"]
+  assert configs.from_saved(old).momentum_form == "pytorch"
+  assert configs.from_saved({**old, "momentum_form": "paper"}).momentum_form == "paper"

@@ -39,6 +39,7 @@ def test_alexnet_layer_sizes_and_hand_count():
   v, s = _shapes(models.AlexNet())
   assert s["conv1"] == (55, 55, 96) and s["pool1"] == (27, 27, 96)
   assert s["conv2"] == (27, 27, 256) and s["pool2"] == (13, 13, 256)
+  assert s["norm1"] == (55, 55, 96) and s["norm2"] == (27, 27, 256)   # before the pools
   assert s["conv5"] == (13, 13, 256) and s["pool5"] == (6, 6, 256)
   hand = (_conv(11, 3, 96) + _conv(5, 96, 256) + _conv(3, 256, 384) + _conv(3, 384, 384)
           + _conv(3, 384, 256) + _fc(6 * 6 * 256, 4096) + _fc(4096, 4096) + _fc(4096, 1000))

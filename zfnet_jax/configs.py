@@ -84,6 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer = "sgd"                  # sgd (momentum) | adam
   c.learning_rate = 1e-2
   c.momentum = 0.9
+  # paper: cuda-convnet's v <- 0.9 v - lr (g + wd w), w <- w + v, as both papers trained
+  # (the rate inside the velocity: a x0.1 drop lets the old velocity fade); pytorch:
+  # v <- 0.9 v + g + wd w, w <- w - lr v.  The same at a constant rate.
+  c.momentum_form = "paper"
   c.weight_decay = 5e-4
   c.schedule = "plateau"               # constant | step | cosine | plateau
   c.step_epochs = (30, 60)             # for schedule="step": x0.1 at these epochs
@@ -227,6 +231,8 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   Keys the defaults do not have are kept; JSON lists become tuples.
   """
   config = default_config()
+  if "momentum_form" not in saved:   # saved before the option: trained with PyTorch's form
+    saved = {**saved, "momentum_form": "pytorch"}
 
   def merge(c, d):
     for k, v in d.items():

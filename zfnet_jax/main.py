@@ -21,7 +21,12 @@ and rerun); 75 stopped by SIGTERM, at any point (training: after saving a
 checkpoint; evaluation or report: their work dropped, nothing half-written
 left), rerun the same command to resume.
 --mode=visualize also exits 2 when any input image was missing or unreadable, after
-the others were done.
+the others were done.  A process killed outright (SIGKILL, SIGABRT) loses only the steps
+since the last checkpoint: the same command resumes and says from which step.
+
+On a CPU everything runs on one JAX device; ``--config.cpu_host_devices=N`` splits it
+into N (faster on some machines, but XLA's all-reduce between them can abort a run on a
+loaded machine: ``zfnet_jax/conv.py``).
 """
 import collections
 import logging as std_logging

@@ -71,7 +71,10 @@ class PaperNet(nn.Module):
       the first two layers' geometry (ZFNet 7/2/0 and 5/2/0; AlexNet 11/4/0, 5/1/2).
     fc_features: width of fc6 and fc7.
     removed: layers left out (Table 3), any of "conv3", "conv4", "fc6", "fc7".
-    contrast_norm: apply contrast normalisation after pool1 and pool2.
+    contrast_norm: apply contrast normalisation to layers 1 and 2.
+    norm_before_pool: its place: False (ZFNet, Fig. 3: ReLU, max-pool, then
+      normalisation), True (AlexNet, Krizhevsky et al. 2012, Sec. 3.5: ReLU,
+      normalisation, then max-pool, so the switches are taken on normalised maps).
     lrn_k, lrn_n, lrn_alpha, lrn_beta, lrn_alpha_over_n: its constants
       (``layers.contrast_norm``; default AlexNet's k=2, n=5, alpha=1e-4, beta=0.75 with
       alpha not divided by n).
@@ -93,6 +96,7 @@ class PaperNet(nn.Module):
   fc_features: int = 4096
   removed: Sequence[str] = ()
   contrast_norm: bool = True
+  norm_before_pool: bool = False
   lrn_k: float = 2.0
   lrn_n: int = 5
   lrn_alpha: float = 1e-4
@@ -125,10 +129,13 @@ class PaperNet(nn.Module):
       table.append(LayerSpec(name, "conv", feats, k, s, pad, n))
       if name in ("conv1", "conv2", "conv5"):
         idx = name[-1]
+        norm = self.contrast_norm and name != "conv5"
+        if norm and self.norm_before_pool:
+          table.append(LayerSpec(f"norm{idx}", "norm", feats, 1, 1, (0, 0), n))
         hi = layers.ceil_pool_padding(n, 3, 2)
         n = -(-(n - 3) // 2) + 1 if n >= 3 else 1
         table.append(LayerSpec(f"pool{idx}", "pool", feats, 3, 2, (0, hi), n))
-        if self.contrast_norm and name != "conv5":
+        if norm and not self.norm_before_pool:
           table.append(LayerSpec(f"norm{idx}", "norm", feats, 1, 1, (0, 0), n))
     for name in FC_NAMES:
       if name not in self.removed:
@@ -198,7 +205,9 @@ class ZFNet(PaperNet):
 
 
 class AlexNet(PaperNet):
-  """Single-tower AlexNet as the paper compares: conv1 11x11/4, conv2 5x5/1 pad 2."""
+  """Single-tower AlexNet as the paper compares: conv1 11x11/4, conv2 5x5/1 pad 2, and
+  Krizhevsky's order: response normalisation before max-pooling in layers 1 and 2."""
+  norm_before_pool: bool = True
   conv1_kernel: int = 11
   conv1_stride: int = 4
   conv2_kernel: int = 5

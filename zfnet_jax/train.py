@@ -145,8 +145,8 @@ def train_step(state: train_state.TrainState, batch, *, model, tx, lr_fn, clip_r
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = _over_devices(lax.pmean, grads)
   lr = lr_fn(state.step) * state.lr_scale
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = train_state.apply_update(state.params, updates, lr, clip_radius)
+  params, opt_state = train_state.step_update(tx, grads, state.opt_state, state.params, lr,
+                                              clip_radius)
   ones = jnp.ones_like(batch["label"], jnp.float32)
   e1, e5 = _errors(logits, batch["label"], ones)
   metrics = _over_devices(lax.pmean, {"loss": loss, "top1_error": e1 / ones.size,

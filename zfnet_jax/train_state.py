@@ -8,7 +8,7 @@ each update).  Used by ``train`` and by ``transfer``'s from-scratch control.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -18,6 +18,7 @@ import optax
 
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 OPTIMIZERS = ("sgd", "adam")
+MOMENTUM_FORMS = ("paper", "pytorch")
 
 
 @flax.struct.dataclass
@@ -51,6 +52,8 @@ def validate(config) -> None:
   for name in ("learning_rate", "weight_decay", "warmup_epochs"):
     non_negative(name)
   need(0.0 <= config.momentum <= 1.0, f"momentum={config.momentum!r}; allowed: 0 <= x <= 1")
+  need(config.momentum_form in MOMENTUM_FORMS,
+       f"momentum_form={config.momentum_form!r}; allowed: {', '.join(MOMENTUM_FORMS)}")
   need(config.plateau_patience >= 1,
        f"plateau_patience={config.plateau_patience!r}; allowed: a positive int")
   need(0.0 < config.plateau_factor <= 1.0,
@@ -89,29 +92,70 @@ def learning_rate_fn(config, steps_per_epoch: int, total_steps: int):
   return main
 
 
-def make_optimizer(optimizer: str = "sgd", *, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """Weight decay on kernels + momentum (or Adam); the learning rate is applied in the step
-  (``apply_update``), so schedules and the plateau factor stay outside the optimiser."""
+class PaperTraceState(NamedTuple):
+  """cuda-convnet's velocity, which holds the learning rate (``paper_momentum``)."""
+  velocity: Any
+
+
+def paper_momentum(momentum: float) -> optax.GradientTransformationExtraArgs:
+  """Momentum as cuda-convnet wrote it, and both papers trained with it:
+  v <- momentum v + learning_rate (g + wd w), w <- w - v.  The rate is inside the
+  velocity: after a x0.1 drop the old velocity keeps its size and fades by ``momentum``
+  per step, where PyTorch's form (``optax.trace``, the rate applied after) shrinks it
+  at once.  At a constant rate the two are the same.  The rate comes as
+  ``update(..., learning_rate=lr)``; the updates returned are the velocity itself."""
+  def init(params):
+    return PaperTraceState(jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None, *, learning_rate, **extra_args):
+    del params, extra_args
+    v = jax.tree.map(lambda v, g: momentum * v + learning_rate * g, state.velocity, updates)
+    return v, PaperTraceState(v)
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(optimizer: str = "sgd", *, momentum: float = 0.9, weight_decay: float = 0.0,
+                   momentum_form: str = "pytorch") -> optax.GradientTransformation:
+  """Weight decay on kernels + momentum (or Adam).  The learning rate is given at each
+  step (``step_update``), so schedules and the plateau factor stay outside the optimiser.
+  ``momentum_form`` (SGD): "pytorch" (v <- momentum v + g, w <- w - lr v) or "paper"
+  (``paper_momentum``: the rate inside the velocity)."""
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+  if momentum_form not in MOMENTUM_FORMS:
+    raise ValueError(f"momentum_form={momentum_form!r}; allowed: {', '.join(MOMENTUM_FORMS)}")
   parts = []
   if weight_decay:
     parts.append(optax.add_decayed_weights(
         weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-  parts.append(optax.trace(decay=momentum) if optimizer == "sgd" else optax.scale_by_adam())
+  if optimizer == "adam":
+    parts.append(optax.scale_by_adam())
+  elif momentum_form == "paper":
+    parts.append(paper_momentum(momentum))
+  else:
+    parts.append(optax.trace(decay=momentum))
   return optax.chain(*parts)
 
 
 def optimizer_from_config(config) -> optax.GradientTransformation:
   return make_optimizer(config.optimizer, momentum=config.momentum,
-                        weight_decay=config.weight_decay)
+                        weight_decay=config.weight_decay, momentum_form=config.momentum_form)
 
 
 def apply_update(params, updates, learning_rate, clip_radius: float = 0.0):
   """params - learning_rate * updates, then feature scale clipping (if clip_radius > 0)."""
   params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
   return clip_conv_filters(params, clip_radius) if clip_radius else params
+
+
+def step_update(tx, grads, opt_state, params, learning_rate, clip_radius: float = 0.0):
+  """(params, opt_state) after one step of ``tx`` (``make_optimizer``) at this rate:
+  params - learning_rate * updates, or params - updates where the rate is already in the
+  velocity (``paper_momentum``); then feature scale clipping."""
+  updates, opt_state = tx.update(grads, opt_state, params, learning_rate=learning_rate)
+  inside = any(isinstance(s, PaperTraceState) for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda s: isinstance(s, PaperTraceState)))
+  return apply_update(params, updates, 1.0 if inside else learning_rate, clip_radius), opt_state
 
 
 def plateau_update(state_vals: dict, error: float, patience: int, factor: float) -> dict:

@@ -349,8 +349,8 @@ def _scratch_step(model, learning_rate: float, multilabel: bool, flip: bool, cli
       x = jnp.where(flips, x[:, :, ::-1], x)
     x = x - mean
     loss, grads = jax.value_and_grad(loss_fn)(p, x, y, drop_key)
-    updates, s = tx.update(grads, s, p)
-    return train_state.apply_update(p, updates, learning_rate, clip_radius), s, loss
+    p, s = train_state.step_update(tx, grads, s, p, learning_rate, clip_radius)
+    return p, s, loss
 
   return tx, step
 
