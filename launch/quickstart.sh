@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart: install, train the low-resolution ZFNet on offline
 # Fashion-MNIST, then write the visual report.  Usage: launch/quickstart.sh [WORKDIR]
-# About 9 minutes on a 2-core Intel Xeon with the packages already installed
+# About 10 min 30 s on a 2-core AMD EPYC with the packages already installed
 # (docs/results/quickstart/ holds the measured record).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -132,7 +132,9 @@ def test_measure_on_a_hand_built_cnn_equals_direct_features():
                                np.stack([p[i, :, labels[i]] for i in range(2)]),
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(res[kind]["top_class"], p.argmax(-1))
-  np.testing.assert_allclose(res["translation"]["distance/c1"][:, 1], 0, atol=1e-6)
+  # No shift: the same features up to float rounding, which depends on the batch the image
+  # is in (a few 1e-6 on features of norm ~1e2 on an AMD EPYC): relative to their norm.
+  np.testing.assert_allclose(res["translation"]["normalised/c1"][:, 1], 0, atol=1e-6)
   with pytest.raises(ValueError, match="unknown invariance layer 'conv1'"):
     invariance.measure(net, variables, images, labels, ["conv1"], am)
 

@@ -104,6 +104,8 @@ def test_probe_layers():
   m2 = m.clone(contrast_norm=False, removed=("conv3", "fc7"))
   assert transfer.probe_layers(m2, 32, range(1, 8)) == {
       1: "pool1", 2: "pool2", 4: "conv4", 5: "pool5", 6: "fc6"}
+  alex = models.AlexNetLowRes(**TINY)          # Krizhevsky's order: a layer ends with its pool
+  assert transfer.probe_layers(alex, 64, (1, 2)) == {1: "pool1", 2: "pool2"}
   with pytest.raises(ValueError, match=r"unknown layers \[8\]"):
     transfer.probe_layers(m, 32, [8])
 

@@ -109,7 +109,6 @@ def minutes(seconds: float) -> str:
   return f"{m} min {s} s" if m else f"{s} s"
 
 
-
 def _ready(x) -> bool:
   try:
     return x.is_ready()

@@ -909,9 +909,10 @@ def _train(run: Run, hooks: Sequence[Hook]) -> dict:
         state, metrics = p_train(state, _global(next(batches), sharding))
         progress.add(metrics)
         watchdog.submit(step, metrics)
-        if log.active:
-          for hook in hooks:
-            hook(step, state, log.writer)
+        if log.active and hooks:
+          with watchdog.paused():
+            for hook in hooks:
+              hook(step, state, log.writer)
         if step % config.log_every_steps == 0 or step == run.num_steps:
           check_finite(state, mngr, workdir)
           progress.report(step, log, mngr)

@@ -228,16 +228,18 @@ def class_folds(labels: np.ndarray, n_train: int, n_test: int, folds: int,
 
 # -- features ------------------------------------------------------------------
 def probe_layers(net, input_size: int, layers: Sequence[int]) -> dict[int, str]:
-  """Layer number -> name of the activation used as its output (removed layers left out)."""
-  present = set(models.layer_names(deconv.as_network(net), input_size))
+  """Layer number -> name of the activation used as its output: the last of the layer's
+  block in the network's order (ZFNet's norm1 after pool1, AlexNet's pool1 after norm1;
+  removed layers left out)."""
+  order = models.layer_names(deconv.as_network(net), input_size)
   bad = [l for l in layers if l not in LAYER_OUTPUTS]
   if bad:
     raise ValueError(f"unknown layers {bad}; allowed: {sorted(LAYER_OUTPUTS)}")
   out = {}
   for l in layers:
-    names = [n for n in LAYER_OUTPUTS[l] if n in present]
+    names = [n for n in LAYER_OUTPUTS[l] if n in order]
     if names:
-      out[l] = names[0]
+      out[l] = max(names, key=order.index)
   return out
 
 
