@@ -132,20 +132,6 @@ def test_package_functions_carry_the_options_however_called():
   assert user["options"] is None and user["ours_ynn"]         # the user's own setting wins
 
 
-@pytest.mark.parametrize("batch,cores,want", [
-    (128, 2, 2),    # the quickstart on 2 cores: one device per core
-    (128, 1, 1),
-    (128, 6, 4),    # 6 and 5 do not divide 128; 4 does
-    (100, 3, 2),    # 3 does not divide 100
-    (24, 4, 1),     # 2 devices would get 12 < MIN_DEVICE_BATCH images each
-    (32, 16, 2),    # at least 16 images per device
-    (7, 4, 1),
-])
-def test_cpu_devices_divide_the_batch(batch, cores, want):
-  assert conv.MIN_DEVICE_BATCH == 16   # the cases above assume it
-  assert conv.cpu_devices(batch, cores) == want
-
-
 _DEVICES_CHILD = """
 import json, os, sys
 from zfnet_jax import conv

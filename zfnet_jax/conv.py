@@ -45,7 +45,6 @@ import warnings
 FLAG = "xla_cpu_experimental_ynn_fusion_type"
 DEVICES_FLAG = "xla_force_host_platform_device_count"
 OPT_OUT = "ZFNET_XLA_CPU_DEFAULTS"
-MIN_DEVICE_BATCH = 16   # images per host device at least
 FAST_VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 # jaxlib's default (YNNPACK for convolutions and dots), for A/B comparisons.
 DEFAULT_VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
@@ -130,16 +129,6 @@ def jit(fun=None, **kwargs):
   if fun is None:
     return functools.partial(jit, **kwargs)
   return _Jit(fun, kwargs)
-
-
-def cpu_devices(batch_size: int, cores: int | None = None) -> int:
-  """Host devices for a data-parallel CPU step on ``batch_size`` images: the largest
-  d <= ``cores`` (default: the cores this process may use) that divides the batch
-  and leaves at least ``MIN_DEVICE_BATCH`` images per device; 1 if none does."""
-  if cores is None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(d for d in range(1, (cores or 1) + 1)
-             if d == 1 or (batch_size % d == 0 and batch_size // d >= MIN_DEVICE_BATCH))
 
 
 def set_host_devices(n: int) -> int:
