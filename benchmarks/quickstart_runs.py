@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import soak
+from zfnet_jax import rundir  # pylint: disable=wrong-import-order
 
 RECORDS = ("results.json", "timings.json", "transfer.csv", "probes.csv")
 
@@ -76,7 +77,7 @@ def main(argv=None):
          "command": " ".join(["benchmarks/quickstart_runs.py"] + (argv or sys.argv[1:])),
          "commit": commit,
          "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "machine": {"cpu": soak.cpu_name(), "cores": os.cpu_count()},
+         "machine": rundir.machine(),
          "load": args.load, "runs": runs}
   print(json.dumps(out, indent=1))
   if args.json:

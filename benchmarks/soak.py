@@ -53,15 +53,6 @@ LOADS = {"nice-jax": ["nice", "-n", "19", sys.executable, "-c", NICE_JAX],
          "busy": [sys.executable, "-c", "while True: pass"]}
 
 
-def cpu_name() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    return next(l.split(":", 1)[1].strip() for l in out.splitlines()
-                if l.startswith("Model name"))
-  except Exception:  # pylint: disable=broad-except
-    return platform.processor() or "unknown"
-
-
 class Run:
   """One child: the main command on a fresh workdir, its output read line by line."""
 
@@ -98,8 +89,6 @@ class Run:
       return True
     if time.time() - self.last > self.args.hang_seconds:
       self.killed = True
-      self.proc.send_signal(signal.SIGQUIT)   # Python's faulthandler is off: plain kill
-      time.sleep(2)
       self.proc.kill()
       self.proc.wait()
       return True
@@ -142,6 +131,7 @@ def start_load(kinds):
 def write_record(args, argv, started, t0, loadavg, records, done: bool) -> dict:
   """The record so far (``done``: the soak has ended) to ``--json``; returns its summary."""
   import jax, jaxlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  from zfnet_jax import rundir  # pylint: disable=g-import-not-at-top
   sps = [r["steps_per_second"] for r in records if r["steps_per_second"]]
   summary = {"runs": len(records), "aborts": sum(r["abort"] for r in records),
              "hangs": sum(r["hang"] for r in records),
@@ -157,8 +147,8 @@ def write_record(args, argv, started, t0, loadavg, records, done: bool) -> dict:
          "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                   text=True).stdout.strip(),
          "started_utc": started.isoformat(timespec="seconds"),
-         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                     "python": platform.python_version(), "jax": jax.__version__,
+         "machine": {**rundir.machine(), "python": platform.python_version(),
+                     "jax": jax.__version__,
                      "jaxlib": jaxlib.__version__},
          "settings": {"runs": args.runs, "parallel": args.parallel,
                       "steps": args.steps or "quickstart (num_epochs)",
