@@ -2,7 +2,8 @@
 # Installs what zfnet_jax needs on a fresh machine: Debian's Fashion-MNIST
 # package (the offline default dataset) and, with --test, Chromium for the
 # browser test of the report; then the Python package (editable), with the
-# versions pinned in constraints.txt (launch/pin_versions.py says how to update).
+# versions pinned in constraints.txt (launch/pin_versions.py says how to update)
+# and TensorFlow's CPU build where no TensorFlow is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -20,8 +21,10 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "note: could not install ${need[*]} (no apt); Fashion-MNIST will come from TFDS" >&2
   fi
 fi
-if [ "${1:-}" = "--test" ]; then
-  python -m pip install -q --root-user-action=ignore -c constraints.txt -e '.[test]'
-else
-  python -m pip install -q --root-user-action=ignore -c constraints.txt -e .
-fi
+# TensorFlow's CPU build (tf.data, TensorBoard logs) unless a TensorFlow is already there.
+extras=()
+python -c "import tensorflow" 2>/dev/null || extras+=(cpu)
+[ "${1:-}" = "--test" ] && extras+=(test)
+spec=.
+[ ${#extras[@]} -gt 0 ] && spec=".[$(IFS=,; echo "${extras[*]}")]"
+python -m pip install -q --root-user-action=ignore -c constraints.txt -e "$spec"

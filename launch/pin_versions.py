@@ -1,6 +1,6 @@
 """Write constraints.txt: the versions of every package the suite and the README's
 figures were measured with (the project's dependencies in setup.cfg, with the test
-extras, plus the numerical core they pull in).
+extras, TensorFlow's CPU build, plus the numerical core they pull in).
 
 To move to newer releases:
   python -m pip install -U -e '.[test]'    # without -c: the newest allowed by setup.cfg
@@ -14,7 +14,7 @@ import os
 import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ("jaxlib", "tensorstore", "ml-dtypes", "scipy", "protobuf", "keras", "grimp", "MarkupSafe")
+CORE = ("tensorflow-cpu", "jaxlib", "tensorstore", "ml-dtypes", "scipy", "protobuf", "keras", "grimp", "MarkupSafe")
 
 
 def requirements() -> list[str]:

@@ -8,10 +8,13 @@ import itertools
 import json
 import os
 import struct
+import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
+import zipfile
 
 import flax.linen as nn
 import jax
@@ -428,3 +431,70 @@ def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="r
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.Popen([sys.executable, str(runner)], cwd=os.path.dirname(TESTS),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+# -- packages: the wheel, fresh virtualenvs, stand-in distributions ----------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_wheel(out_dir) -> str:
+  """The package's wheel, built offline into ``out_dir`` from a copy of this checkout's
+  package and build files (setuptools writes build/ beside its sources)."""
+  source = os.path.join(str(out_dir), "source")
+  shutil.copytree(os.path.join(REPO, "zfnet_jax"), os.path.join(source, "zfnet_jax"),
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(REPO, name), source)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                  "--no-build-isolation", "-w", str(out_dir), source],
+                 check=True, capture_output=True, timeout=600, cwd=out_dir)
+  wheels = [f for f in os.listdir(out_dir) if f.startswith("zfnet_jax-") and f.endswith(".whl")]
+  assert len(wheels) == 1, wheels
+  return os.path.join(out_dir, wheels[0])
+
+
+def fake_wheel(out_dir, name: str, version: str) -> str:
+  """A wheel that holds only the metadata of distribution ``name`` ``version``: what pip
+  and importlib.metadata count as installed, without the code (which stays the real one)."""
+  dist = f"{name.replace('-', '_')}-{version}"
+  files = {f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\n"
+                                         f"Version: {version}\n",
+           f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\n"
+                                      "Root-Is-Purelib: true\nTag: py3-none-any\n"}
+  files[f"{dist}.dist-info/RECORD"] = "".join(f"{n},,\n" for n in files) + \
+      f"{dist}.dist-info/RECORD,,\n"
+  path = os.path.join(out_dir, f"{dist}-py3-none-any.whl")
+  with zipfile.ZipFile(path, "w") as z:
+    for n, text in files.items():
+      z.writestr(n, text)
+  return path
+
+
+def fresh_venv(path, hide=("zfnet_jax",), hide_metadata=()) -> tuple[str, dict]:
+  """A new virtualenv at ``path`` that imports this interpreter's packages (the tests never
+  download) but not the distributions named in ``hide`` (code and metadata), nor the
+  editable install of this checkout; of those in ``hide_metadata`` it sees the code but
+  not the metadata (pip counts them as not installed).  -> (its python, an environment
+  for pip offline)."""
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True,
+                 timeout=300)
+  python = os.path.join(path, "bin", "python")
+  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                        check=True, capture_output=True, text=True).stdout.strip()
+  shared = os.path.join(str(path), "shared-site")
+  os.makedirs(shared)
+  norm = lambda name: name.replace("-", "_").lower()
+  outer = sysconfig.get_path("purelib")
+  for entry in os.listdir(outer):
+    name, _, rest = entry.partition("-")
+    metadata = norm(name) if rest.endswith((".dist-info", ".egg-info")) else None
+    if entry.startswith("__editable__") or entry.endswith(".pth") or \
+        metadata in map(norm, hide + hide_metadata) or entry in hide:
+      continue
+    os.symlink(os.path.join(outer, entry), os.path.join(shared, entry))
+  with open(os.path.join(site, "outer.pth"), "w", encoding="utf-8") as f:
+    f.write(shared + "\n")   # a plain path: the outer .pth files are not run
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+  env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+  return python, env

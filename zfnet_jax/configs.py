@@ -7,6 +7,7 @@ value of the wrong type fails at once (configs are locked by ``main.py``).
 from __future__ import annotations
 
 import importlib.util
+import os
 import types
 
 import ml_collections
@@ -18,6 +19,49 @@ def load_file(path: str, name: str = "config_file") -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
+
+
+def experiment_names() -> list[str]:
+  """The names of the shipped experiment files (``quickstart``, ``zfnet``, ...)."""
+  return sorted(f[:-3] for f in os.listdir(EXPERIMENTS)
+                if f.endswith(".py") and not f.startswith("_"))
+
+
+def experiment_path(spec: str) -> str:
+  """A config argument as a file path: ``spec`` itself where that file exists, else a
+  shipped experiment named ``NAME``, ``NAME.py`` or ``experiments/NAME.py``.  A
+  ``:variant`` suffix is kept.  ValueError naming the shipped names otherwise."""
+  path, sep, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    name = os.path.basename(path)
+    name = name[:-3] if name.endswith(".py") else name
+    shipped = os.path.join(EXPERIMENTS, name + ".py")
+    if os.path.dirname(path) not in ("", "experiments"):
+      raise ValueError(f"config file {path!r} does not exist")
+    if not os.path.isfile(shipped):
+      raise ValueError(f"config {path!r} is neither a file nor a shipped experiment; "
+                       f"shipped: {', '.join(experiment_names())}")
+    path = shipped
+  return path + sep + variant
+
+
+def config_argv(argv: list[str]) -> list[str]:
+  """``argv`` with each ``--config=SPEC`` as ``--config=experiment_path(SPEC)``."""
+  return [("--config=" + experiment_path(a.split("=", 1)[1])
+           if i and a.startswith(("--config=", "-config=")) else a)
+          for i, a in enumerate(argv)]
+
+
+def data_file(path: str) -> str:
+  """``path`` where it exists, else the shipped file of that name in ``experiments/``
+  (e.g. a box file a config names relative to the repository)."""
+  if os.path.exists(path) or os.path.dirname(path) not in ("", "experiments"):
+    return path
+  shipped = os.path.join(EXPERIMENTS, os.path.basename(path))
+  return shipped if os.path.exists(shipped) else path
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -390,11 +390,20 @@ def _tf_decode_resize(image, config, channels):
   return tf.reshape(image, (r, r, channels))
 
 
+def _tf_off_accelerators(tf) -> None:
+  """TensorFlow only feeds tf.data here: it gets no GPU (it would reserve JAX's memory)."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:   # TensorFlow's devices are already set up (by an earlier call)
+    pass
+
+
 def _tf_examples(config, split, *, train: bool, read: bool = True):
   """tf.data of {'image': encoded/decoded, 'label'} in the split's fixed order (the
   same in every process; images are not decoded).  ``read=False``: a folder's
   images are file paths, read later (by the process that uses them)."""
   import tensorflow as tf
+  _tf_off_accelerators(tf)
   import tensorflow_datasets as tfds
   d = config.dataset
   if _source_kind(config) == "folder":

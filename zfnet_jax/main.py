@@ -37,7 +37,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from zfnet_jax import conv
+from zfnet_jax import configs, conv
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
@@ -64,7 +64,8 @@ def _usage_error(msg: str):
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with bad flags as one line ``error: ...`` and exit 2.
 
-  Before parsing: a ``--config`` file that does not exist is named, and a
+  Before parsing: ``--config=NAME`` of a shipped experiment becomes its file, one that
+  is neither a file nor such a name is refused with the names, and a
   ``--config.KEY`` given more than once is refused (absl would concatenate
   repeated tuple values).  While parsing: an unknown key and a value that does
   not parse as the key's type are named, with the expected type.
@@ -74,9 +75,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   if repeated:
     _usage_error(f"--config.{repeated[0]} is given {given.count(repeated[0])} times; give it "
                  f"once (a tuple as one value: --config.{repeated[0]}='(a, b, c)')")
-  files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith(("--config=", "-config="))]
-  if files and not os.path.isfile(files[-1].split(":", 1)[0]):
-    _usage_error(f"config file {files[-1].split(':', 1)[0]!r} does not exist")
+  try:
+    argv = configs.config_argv(argv)   # a shipped experiment's name stands for its file
+  except ValueError as e:
+    _usage_error(str(e))
+  files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
   try:
     return FLAGS(argv)
   except flags.Error as e:
@@ -136,8 +139,13 @@ def run(argv):
     print(f"warning: cpu_host_devices={n}: the CPU is split into {n} JAX devices; on a "
           "loaded machine XLA's all-reduce between them can abort the run (rerun to resume "
           "from the last checkpoint); 1 is the safe default", file=sys.stderr, flush=True)
-  # pylint: disable=g-import-not-at-top
-  from zfnet_jax import pipeline
+  try:   # pylint: disable=g-import-not-at-top
+    from zfnet_jax import pipeline
+  except ModuleNotFoundError as e:
+    if e.name != "tensorflow":
+      raise
+    _usage_error("TensorFlow is not installed (tf.data and the TensorBoard logs need it): "
+                 "pip install 'zfnet_jax[cpu]' (or tensorflow-cpu)")
   if FLAGS.mode == "summary":
     print(pipeline.summary(config))
     return

@@ -46,8 +46,8 @@ LOCK = "training.lock"
 REPORT_TMP = ".report-tmp-"   # + "<pid>@<host>-<random>": a report being written
 
 # The packages whose versions a results file records (``versions``).
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow-cpu",
-            "tensorflow-datasets", "ml-collections", "scikit-learn")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "tensorflow",
+            "tensorflow-cpu", "tensorflow-datasets", "ml-collections", "scikit-learn")
 
 
 def path(workdir: str, name: str) -> str:

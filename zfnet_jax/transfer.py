@@ -49,7 +49,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from zfnet_jax import conv
+from zfnet_jax import configs, conv
 from zfnet_jax import checkpoints, console, deconv, figures, input_pipeline, models, train_state
 from zfnet_jax import sections as sections_lib
 
@@ -716,4 +716,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
                                   lock_config=True)
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.config_argv(argv)))

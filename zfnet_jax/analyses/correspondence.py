@@ -48,7 +48,7 @@ import os
 import matplotlib.patches
 import numpy as np
 
-from zfnet_jax import deconv, figures, models, rundir
+from zfnet_jax import configs, deconv, figures, models, rundir
 from zfnet_jax import sections as sections_lib
 from zfnet_jax.analyses import common, occlusion
 
@@ -112,11 +112,8 @@ def delta(eps: np.ndarray) -> tuple[float, float]:
 
 
 def _resolve(path: str) -> str:
-  """``path``, or the same relative path inside the repository (works from any directory)."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if not os.path.exists(path) and not os.path.isabs(path) and \
-      os.path.exists(os.path.join(repo, path)):
-    return os.path.join(repo, path)
+  """``path``, or the shipped box file of that name (``experiments/...``: any directory)."""
+  path = configs.data_file(path)
   if not os.path.exists(path):
     raise ValueError(f"correspondence box file {path!r} does not exist")
   return path
