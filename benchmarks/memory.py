@@ -17,7 +17,7 @@ image.
   grow here too.
 * scan64: the same scan of the quickstart's model (ZFNetLowRes with its widths)
   at 64 px, N = 25,000 and 2N = 50,000 images (batches of 256): the scan size of
-  the issue, at the quickstart's resolution.
+  a large atlas, at the quickstart's resolution.
 * scan64_sync: scan64 with each scan step awaited before the next batch is taken
   (``atlas._make_step`` wrapped here, nothing changed in the package): what
   ``atlas.scan`` would hold if it kept at most one step in flight.  JAX dispatches

@@ -311,7 +311,7 @@ def bench_captum(args, model, variables):
 def bench_occlusion(args, model, variables):
   """Occlusion positions/s (``analyses.occlusion.scan``: the occluded copies go through one
   jitted forward in chunks of --batch) against the forward pass's images/s at that batch,
-  interleaved (A B A B ...), and their ratio (issue 17: >= 0.9x)."""
+  interleaved (A B A B ...), and their ratio."""
   from zfnet_jax.analyses import occlusion
   settings = occlusion.Settings(size=56, stride=args.occlusion_stride, fill=-1.0,
                                 layer="conv5", chunk_size=args.batch)

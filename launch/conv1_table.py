@@ -1,4 +1,4 @@
-r"""The README's first-layer table (issue 20), generated from the committed record.
+r"""The first-layer table, generated from the committed record.
 
   python launch/conv1_table.py docs/results/conv1_sweep/conv1_measures.json           # print it
   python launch/conv1_table.py docs/results/conv1_sweep/conv1_measures.json README.md # rewrite

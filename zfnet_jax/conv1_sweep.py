@@ -1,4 +1,4 @@
-"""The first-layer sweep's answer (issue 20): measures per run, a record, a page, a table.
+"""The first-layer sweep: measures per run, a record, a page, a table.
 
 A sweep (``experiments/conv1_sweep.py``) trains the same network with the
 first layer's (kernel, stride) varied.  ``collect`` reads every finished
@@ -208,7 +208,7 @@ def write_report(record: dict, kernels: dict[str, np.ndarray], out_dir: str) -> 
   lo, hi = diagnostics.BAND_EDGES
   n = {r["measures"]["num_images"] for r in record["runs"]}
   sec = sections_lib.Section(
-      "First layer: kernel and stride (issue 20)", "conv1-sweep",
+      "First layer: kernel and stride", "conv1-sweep",
       paragraphs=[
           "The same network and recipe with conv1's (kernel, stride) varied; padding chosen "
           "so conv1's output side is as close as possible to the 7x7/2 run's (at most "

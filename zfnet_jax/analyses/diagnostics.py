@@ -18,7 +18,7 @@
   activation of each conv2 map over sample images.  A coarse first-layer stride
   (AlexNet's 4) leaves a grid of period 4 px in these projections, i.e. energy
   at 0.25 cycles/px and its harmonics.
-* First-layer sweep measures (issue 20, ``first_layer_measures``): the filter
+* First-layer sweep measures (``first_layer_measures``): the filter
   spectrum split into bands (``band_fractions``), the share of conv1's response
   that folds back at its stride (``aliased_fraction``), the energy of layer-2
   projections at the stride's grid frequencies (``grid_energy``), and the
@@ -269,7 +269,7 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
 
 
 # ----------------------------------------------------------------------------
-# First-layer sweep (issue 20): bands, aliasing at a stride, costs.
+# First-layer sweep: bands, aliasing at a stride, costs.
 # ----------------------------------------------------------------------------
 
 # Band edges in cycles/px (radius |f|): sampling at stride s keeps |f| < 1/(2s), so

@@ -1,4 +1,4 @@
-r"""Issue 20: is a 7x7/2 first layer better than 11x11/4, and why?  One sweep of conv1.
+r"""Is a 7x7/2 first layer better than 11x11/4, and why?  One sweep of conv1.
 
   python launch/sweep.py --sweep=experiments/conv1_sweep.py --root=workdirs/conv1 --dry_run
   python launch/sweep.py --sweep=experiments/conv1_sweep.py --root=workdirs/conv1
