@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The quickstart: install, train the low-resolution ZFNet on offline
 # Fashion-MNIST, then write the visual report.  Usage: launch/quickstart.sh [WORKDIR]
-# About 10 min 30 s on a 2-core AMD EPYC with the packages already installed
-# (docs/results/quickstart/ holds the measured record).
+# 10 min 20 s - 11 min 19 s from a fresh clone on a 2-core AMD EPYC, packages cached
+# (benchmarks/results/quickstart_runs.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ZFNET_JAX_STARTED="$(date +%s)"   # the summary's total includes the install step

@@ -160,3 +160,13 @@ def test_without_tensorflow_the_command_line_says_what_to_install(tmp_path):
       "error: TensorFlow is not installed (tf.data and the TensorBoard logs need it): pip "
       "install 'zfnet_jax[cpu]' (or tensorflow-cpu)"]
   assert "Traceback" not in out.stderr and not (tmp_path / "w").exists()
+
+
+def test_an_unknown_variant_is_named_with_the_allowed_ones(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "zfnet_jax.main", "--config=zfnet:bogus",
+                        "--mode=summary"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+  assert out.returncode == 2
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "unknown variant 'bogus' of experiments/zfnet.py; allowed: " \
+      "'', 'fc2048'" in errors[0], out.stderr[-2000:]

@@ -84,6 +84,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(argv)
   except flags.Error as e:
     m = re.match(r"flag --([^=]+)=(.*?): (.*)", str(e), re.S)
+    if m and m.group(1) == "config":   # absl hides why the file gave no config: say it
+      path, _, variant = m.group(2).partition(":")
+      try:
+        configs.load_file(path).get_config(*([variant] if variant else []))
+      except Exception as cause:  # pylint: disable=broad-except
+        _usage_error(f"--config={m.group(2)}: {cause}")
     if m and m.group(1) in FLAGS:
       flag = FLAGS[m.group(1)]
       expected = getattr(flag.parser, "flag_type", lambda: "?")()
