@@ -1,6 +1,7 @@
 """The Fig. 1 walk-through: every stage is one NumPy step of the previous one, the
 last is ``deconv.project``."""
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import ml_collections
 import pytest
 
 from helpers import np_conv_down, np_lrn, np_pool, np_relu_down, np_unpool, plain_network
-from zfnet_jax import deconv, models, sections
+from zfnet_jax import convert, deconv, models, sections
 from zfnet_jax.analyses import walkthrough
 
 SIZE = 64
@@ -113,7 +114,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="unknown rule 'zeiler'"):
     deconv.walkthrough(model, variables, x, layer="conv2", channel=0, rule="zeiler")
   net, other_vars = plain_network()
-  with pytest.raises(ValueError, match="needs one of our models .a PaperNet., got PlainCNN"):
+  with pytest.raises(ValueError, match="needs a network with a layer table .*got PlainCNN"):
     deconv.walkthrough(net, other_vars, np.zeros((32, 32, 1), np.float32), layer="conv1",
                        channel=0)
 
@@ -169,5 +170,90 @@ def test_walkthrough_uses_the_models_own_contrast_norm_constants():
   np.testing.assert_allclose(stage.signal, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
   proj = deconv.project(model, variables, jnp.asarray(x[None]), layer="conv3", channel=1,
                         rule="deconvnet")
+  np.testing.assert_allclose(stages[-1].signal, np.asarray(proj[0]), rtol=1e-5,
+                             atol=1e-5 * np.abs(proj).max())
+
+
+# -- torchvision's AlexNet, imported -------------------------------------------------
+
+TV_SIZE = 99   # pool5 2x2: the adaptive average pool to 6x6 is not the identity
+TV_GEOMETRY = {"conv1": (11, 4, 2), "conv2": (5, 1, 2), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
+               "conv5": (3, 1, 1)}   # torchvision's alexnet(): kernel, stride, padding
+
+
+@functools.lru_cache(maxsize=None)
+def imported_alexnet():
+  """convert.from_torchvision of a random state dict with torchvision's keys and shapes."""
+  rng = np.random.default_rng(3)
+  shapes = {"features.0": (64, 3, 11, 11), "features.3": (192, 64, 5, 5),
+            "features.6": (384, 192, 3, 3), "features.8": (256, 384, 3, 3),
+            "features.10": (256, 256, 3, 3), "classifier.1": (4096, 9216),
+            "classifier.4": (4096, 4096), "classifier.6": (5, 4096)}
+  state = {}
+  for key, shape in shapes.items():
+    fan_in = int(np.prod(shape[1:]))
+    state[key + ".weight"] = (rng.normal(size=shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    state[key + ".bias"] = (rng.normal(size=shape[0]) * 0.1).astype(np.float32)
+  model, variables = convert.from_torchvision(state, "alexnet")
+  x = rng.normal(size=(TV_SIZE, TV_SIZE, 3)).astype(np.float32)
+  x[:, :30] = 0.0   # flat: tied pool windows
+  return model, variables, x
+
+
+def np_adaptive_average_down(r, n):
+  """The VJP of torch's AdaptiveAvgPool2d from (n, n, C) to r's (m, m, C) by loops: bin i
+  covers rows floor(i n / m) .. ceil((i + 1) n / m) - 1, each value spread evenly."""
+  m = r.shape[0]
+  bins = [(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
+  out = np.zeros((n, n, r.shape[2]))
+  for (i, (r0, r1)), (j, (c0, c1)) in itertools.product(enumerate(bins), enumerate(bins)):
+    out[r0:r1, c0:c1] += r[i, j] / ((r1 - r0) * (c1 - c0))
+  return out
+
+
+@pytest.mark.parametrize("rule,layer,channel", [
+    ("deconvnet", "conv5", 3), ("guided", "pool2", 7), ("backprop", "conv2", 1),
+    ("deconvnet", "fc6", 11), ("guided", "fc7", 2), ("backprop", "logits", 4)])
+def test_imported_torchvision_alexnet_walks_down_step_by_step(rule, layer, channel):
+  """Every stage of torchvision's AlexNet (floor-mode pools, no normalisation, the adaptive
+  average pool before fc6) is one NumPy step of the previous one; the last is project."""
+  model, variables, x = imported_alexnet()
+  stages = deconv.walkthrough(model, variables, x, layer=layer, channel=channel, rule=rule)
+  feats = {k: np.asarray(v[0], np.float64)
+           for k, v in model.apply(variables, x[None], method="features").items()}
+  params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+  order = [s.name for s in model.layer_table(TV_SIZE)]
+  below = lambda name: feats[order[order.index(name) - 1]] if name != "conv1" else x
+  expected = []
+  for name in reversed(order[:order.index(layer) + 1]):
+    expected += ([f"{name}: unpool"] if name.startswith("pool") else
+                 ["logits: filter"] if name == "logits" else
+                 [f"{name}: rectify", f"{name}: filter"] +
+                 (["avgpool: average"] if name == "fc6" else []))
+  assert [s.name for s in stages[1:]] == expected
+
+  for prev, stage in zip(stages, stages[1:]):
+    r, name = np.asarray(prev.signal, np.float64), stage.layer
+    if stage.step == "rectify":
+      want = np_relu_down(r, feats[name].reshape(r.shape), rule)
+    elif stage.step == "filter" and name in TV_GEOMETRY:
+      k, s, p = TV_GEOMETRY[name]
+      want = np_conv_down(r, params[name]["kernel"], s, p, below(name).shape[0])
+    elif stage.step == "filter":
+      w = params["fc8" if name == "logits" else name]["kernel"]
+      want = (w @ r.reshape(-1)).reshape((6, 6, -1) if name == "fc6" else (1, 1, -1))
+    elif stage.step == "average":
+      want = np_adaptive_average_down(r, feats["pool5"].shape[0])
+    else:
+      assert stage.step == "unpool", stage.name
+      _, sw = np_pool(below(name))   # 3x3/2, floor mode: no padding
+      np.testing.assert_array_equal(stage.switches, sw, err_msg=stage.name)
+      want = np_unpool(r, sw, below(name).shape)
+    assert stage.signal.shape == want.shape, stage.name
+    np.testing.assert_allclose(stage.signal, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(want).max() + 1e-12, err_msg=stage.name)
+  proj = deconv.project(model, variables, jnp.asarray(x[None]), layer=layer, channel=channel,
+                        rule=rule)
+  assert np.abs(stages[-1].signal).max() > 0
   np.testing.assert_allclose(stages[-1].signal, np.asarray(proj[0]), rtol=1e-5,
                              atol=1e-5 * np.abs(proj).max())

@@ -460,7 +460,8 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   switches; contrast normalisation by "normalise" (the model's ``norm_rule`` VJP).
 
   Args:
-    model: one of our models (a ``PaperNet``, or its ``Network``).
+    model: one of our models (a ``PaperNet``), torchvision's AlexNet or VGG16 as
+      ``convert.from_torchvision`` gives them, or their ``Network``.
     image: (S, S, C) or (1, S, S, C) float, mean-subtracted.
     layer, channel, position, rule: as ``project`` (position None: the strongest
       activation of the map).
@@ -469,10 +470,11 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   """
   layers.check_rule(rule)
   module = model.module if isinstance(model, Network) else model
-  if not isinstance(module, models.PaperNet):
+  if not isinstance(module, (models.PaperNet, models.TorchvisionNet)):
     what = model.name if module is None else type(module).__name__
-    raise ValueError(f"walkthrough needs one of our models (a PaperNet), got {what}; "
-                     "other networks: project_fn")
+    raise ValueError(f"walkthrough needs a network with a layer table (our models, "
+                     f"torchvision's AlexNet or VGG16 from convert), got {what}, whose "
+                     "layers are known only as outputs; its projection: project")
   x = image[None] if np.ndim(image) == 3 else image
   if getattr(x, "ndim", np.ndim(x)) != 4 or np.shape(x)[0] != 1:
     raise ValueError(f"image must be (S, S, C) or (1, S, S, C), got shape {np.shape(image)}")
@@ -495,6 +497,9 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   return stages
 
 
+AVGPOOL = "avgpool"   # torchvision's adaptive average pool before fc6: step "average"
+
+
 def _plan(model, input_size: int, layer: str) -> list[tuple[models.LayerSpec, str]]:
   """The steps from ``layer`` down to the pixels: [(layer spec, step)]."""
   table = model.layer_table(input_size)
@@ -502,9 +507,20 @@ def _plan(model, input_size: int, layer: str) -> list[tuple[models.LayerSpec, st
   for spec in reversed(table[:[s.name for s in table].index(layer) + 1]):
     if spec.kind in ("conv", "fc"):
       plan += ([(spec, "rectify")] if spec.name != "logits" else []) + [(spec, "filter")]
+      if spec.name == "fc6" and isinstance(model, models.TorchvisionNet):
+        plan.append((models.LayerSpec(AVGPOOL, "pool"), "average"))
     else:
       plan.append((spec, "unpool" if spec.kind == "pool" else "normalise"))
   return plan
+
+
+def _pool_args(model, spec: models.LayerSpec):
+  """(window, strides, padding) of a pool of ``model`` in NHWC: ceil mode for ours,
+  floor mode (no padding) for torchvision's."""
+  if isinstance(model, models.TorchvisionNet):
+    k, s = spec.kernel, spec.stride
+    return (1, k, k, 1), (1, s, s, 1), ((0, 0),) * 4
+  return None
 
 
 @functools.partial(conv.jit, static_argnames=("model", "layer"))
@@ -517,12 +533,25 @@ def _walk(model, variables, x, channels, positions, strongest_, layer):
   r, pos, _ = _select(act4, channels, positions, strongest_)
   signals, switch_pos, r = [r], {}, r.reshape(act.shape)
   vjp = lambda fn, at, z: jax.vjp(fn, at)[1](z)[0]
+  pooled = lambda z: layers.adaptive_avg_pool(z, (model.pool_size,) * 2)
   for spec, step in _plan(model, x.shape[1], layer):
-    below = feats[names[names.index(spec.name) - 1]] if spec.name != names[0] else x
+    if spec.name == AVGPOOL:
+      below = feats[names[names.index("fc6") - 1]]
+    else:
+      below = feats[names[names.index(spec.name) - 1]] if spec.name != names[0] else x
+    if spec.name == "fc6" and isinstance(model, models.TorchvisionNet):
+      below = pooled(below)   # fc6 reads the adaptive average pool of the last map
     if step == "rectify":    # feats[name] > 0 exactly where the ReLU's input is
       r = vjp(functools.partial(layers.relu, rule=model.rule), feats[spec.name], r)
     elif step == "filter":
       r = vjp(_layer_fn(spec, variables["params"], model.dtype), below.astype(model.dtype), r)
+    elif step == "average":
+      r = vjp(pooled, below, r)
+    elif step == "unpool" and _pool_args(model, spec):
+      args = _pool_args(model, spec)
+      sw = layers.general_switches(below, *args)
+      r = layers.general_unpool(r, sw, below.shape, *args)
+      switch_pos[spec.name] = layers.switch_positions(sw, spec.kernel, spec.stride)[0]
     elif step == "unpool":
       sw = state["switches"][spec.name]
       r = layers.unpool(r, sw, below.shape)

@@ -183,6 +183,14 @@ def _tuple_padding(padding):
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+def general_switches(x: jax.Array, window_dimensions: tuple[int, ...],
+                     window_strides: tuple[int, ...],
+                     padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Switches of ``general_max_pool``: int32, the output's shape, the row-major window
+  offset of each window's first maximum (``general_unpool`` takes them)."""
+  return _max_and_switches(x, window_dimensions, window_strides, _tuple_padding(padding))[1]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def general_max_pool(x: jax.Array, window_dimensions: tuple[int, ...],
                      window_strides: tuple[int, ...],

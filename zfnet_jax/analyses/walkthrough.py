@@ -134,8 +134,10 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
   """Fig. 1 for the strongest unit of each layer: walkthrough_<layer>.png and .npz."""
   net = context.net
   sec = sections_lib.Section("The way down, stage by stage", "walkthrough")
-  if not isinstance(net.module, models.PaperNet):
-    sec.paragraphs.append(f"The walk-through needs one of our models; {net.name} is not.")
+  if not isinstance(net.module, (models.PaperNet, models.TorchvisionNet)):
+    sec.paragraphs.append(f"The walk-through needs a network with a layer table (our models, "
+                          f"torchvision's AlexNet or VGG16); {net.name} is known only by "
+                          "its outputs.")
     return [sec]
   if not len(context.images):
     sec.paragraphs.append("No analysed images.")
