@@ -41,12 +41,16 @@ from zfnet_jax import configs, conv
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
-flags.DEFINE_enum("mode", "train", ["train", "report", "visualize", "summary", "ensemble"],
+flags.DEFINE_enum("mode", "train", ["train", "report", "visualize", "summary", "ensemble",
+                                    "explore"],
                   "train: train, evaluate, then write the report; report: rebuild the "
                   "report from the workdir's latest checkpoint; visualize: what the model "
                   "sees in --images (pages in <workdir>/visualize/); summary: print the model; "
                   "ensemble: evaluate the --ensemble runs' averaged softmax on the config's "
-                  "eval split (<workdir>/ensemble_results.json).")
+                  "eval split (<workdir>/ensemble_results.json); explore: the interactive "
+                  "deconvnet explorer in the browser (--host, --port).")
+flags.DEFINE_string("host", "127.0.0.1", "--mode=explore: the address to listen on.")
+flags.DEFINE_integer("port", 7860, "--mode=explore: the port to listen on.")
 flags.DEFINE_string("ensemble", None, "--mode=ensemble: comma-separated workdirs of finished "
                     "training runs (at least 2).")
 flags.DEFINE_string("images", None, "--mode=visualize: an image file, a folder, a glob or a "
@@ -164,6 +168,14 @@ def run(argv):
     console.say(f"ensemble of {len(res['members'])} on {res['num_eval_examples']} images: top-1 "
                 f"error {res['top1_error']:.4f}, top-5 error {res['top5_error']:.4f} -> "
                 f"{os.path.join(FLAGS.workdir, train.ENSEMBLE_RESULTS)}")
+    return
+  if FLAGS.mode == "explore":
+    from zfnet_jax import explore
+    try:
+      explore.require_gradio()
+    except ImportError as e:
+      _usage_error(str(e))
+    explore.run(config, FLAGS.workdir, host=FLAGS.host, port=FLAGS.port)
     return
   if FLAGS.mode == "visualize":
     if not FLAGS.images:
