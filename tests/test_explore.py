@@ -146,6 +146,15 @@ def test_page_in_chromium_click_a_map_and_upload_a_non_image(app, tmp_path):
       page.screenshot(path=os.environ["ZFNET_KEEP_SCREENSHOT"], full_page=True)
     assert page.locator("#projection img").count() == 3
     assert page.locator("#walkthrough img").count() == 3   # conv1: unit, rectify, filter
+    other = browser.new_context().new_page()   # a second tab: its own state
+    other.goto(url + "/", timeout=120_000)
+    other.wait_for_selector("#maps img", timeout=120_000)
+    other.locator("#maps img").nth(1).click()
+    other.wait_for_function("document.querySelector('#message').innerText.includes('unit')",
+                            timeout=120_000)
+    mine, theirs = (p_.locator("#message").inner_text() for p_ in (page, other))
+    assert mine.split(",")[1] != theirs.split(",")[1], (mine, theirs)   # map 5 vs map 23
+    assert page.locator("#message").inner_text() == mine
     page.set_input_files("#upload input[type=file]", str(not_an_image))
     page.wait_for_function(
         "document.querySelector('#message').innerText.includes('Could not read the image')",
@@ -167,3 +176,26 @@ def test_without_gradio_the_command_line_says_what_to_install(tmp_path):
   assert out.returncode == 2
   assert [l for l in out.stderr.splitlines() if l.startswith("error:")] == [
       "error: the explorer needs Gradio: pip install 'zfnet_jax[explore]'"]
+
+
+def test_atlas_top_nine_shows_the_atlas_images_at_their_units(shipped, tmp_path):
+  """The map's row of atlas_<layer>.npz: its images (by id, from the evaluation split) cropped
+  at its units, in rank order; empty slots left out; a map the atlas does not show, or no
+  atlas, is one line."""
+  loaded, prep = shipped
+  values = {5: 40, 2: 200, 9: 120}   # each evaluation image one grey level
+  eval_images = lambda i: (np.full((32, 32, 1), values[i], np.float32) - prep.mean)
+  np.savez(tmp_path / "atlas_conv2.npz", layer="conv2", channels=np.array([3, 7]),
+           values=np.array([[9.0, 8.0, 0.0], [7.0, 6.0, 5.0]], np.float32),
+           ids=np.array([[5, 2, -1], [9, 5, 2]]), positions=np.zeros((2, 3, 2), np.int32) + 2,
+           labels=np.zeros((2, 3), np.int64), distinct_images=True, num_examples=10)
+  ex = explore.Explorer(deconv.as_network(loaded.model), loaded.variables, prep,
+                        loaded.class_names, eval_images, 10, str(tmp_path))
+  top = ex.atlas_top("conv2", 3)
+  assert [caption.split(",")[0] for _, caption in top] == ["1: image 5", "2: image 2"]
+  for (picture, _), ident in zip(top, (5, 2)):
+    grey = picture[..., 0].astype(int)
+    inside = grey[grey != 128]   # the part of the field outside the image is mid-grey
+    assert inside.size and np.all(np.abs(inside - values[ident]) <= 1), (ident, set(inside))
+  assert "does not show map 4" in ex.atlas_top("conv2", 4)
+  assert "No atlas of conv3" in ex.atlas_top("conv3", 0)

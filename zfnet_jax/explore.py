@@ -40,12 +40,22 @@ RULES = ("deconvnet", "guided", "backprop")
 MAX_UPLOAD = "10mb"
 
 
-def require_gradio():
-  """gradio, or ImportError saying in one line what to install."""
-  try:
-    import gradio   # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError("the explorer needs Gradio: pip install 'zfnet_jax[explore]'") from e
+def require_gradio() -> None:
+  """ImportError saying in one line what to install when Gradio is missing."""
+  import importlib.util   # pylint: disable=import-outside-toplevel
+  if importlib.util.find_spec("gradio") is None:
+    raise ImportError("the explorer needs Gradio: pip install 'zfnet_jax[explore]'")
+
+
+def _gradio(workdir: str):
+  """gradio, imported with its files under ``<workdir>/explore/`` (set before the import:
+  Gradio reads the setting once)."""
+  require_gradio()
+  uploads = os.path.abspath(os.path.join(workdir, "explore"))
+  os.makedirs(uploads, exist_ok=True)
+  os.environ["GRADIO_TEMP_DIR"] = uploads
+  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+  import gradio   # pylint: disable=import-outside-toplevel
   return gradio
 
 
@@ -271,9 +281,9 @@ def _api(explorer: Explorer):
   return app
 
 
-def page(explorer: Explorer):
+def page(explorer: Explorer, workdir: str = "explore_workdir"):
   """The Gradio Blocks of the explorer (per-tab state in ``gr.State``)."""
-  gr = require_gradio()
+  gr = _gradio(workdir)
   S = explorer.preprocessing.crop_size
   first_layer = next((n for n in explorer.layers if n.startswith("conv")), explorer.layers[0])
 
@@ -334,7 +344,7 @@ def page(explorer: Explorer):
   def pick_map(state, rule, evt: gr.SelectData):
     if state is None or "channels" not in state:
       return [], None, [], [], "Load an image and pick a layer first."
-    state["channel"] = state["channels"][evt.index]
+    state["channel"], state["position"] = state["channels"][evt.index], None
     return unit(state, rule)
 
   def pick_place(state, rule, evt: gr.SelectData):
@@ -343,6 +353,7 @@ def page(explorer: Explorer):
     side = state["feats"][state["layer"]].shape[0]
     f = max(1, 256 // side)
     col, row = (min(int(v) // f, side - 1) for v in evt.index)
+    state["position"] = (row, col)
     return unit(state, rule, (row, col))
 
   theme = gr.themes.Default(font=["sans-serif"], font_mono=["monospace"])   # no web fonts
@@ -385,6 +396,8 @@ def page(explorer: Explorer):
     ).then(maps, [state, layer], [grid, state, message])
     layer.change(maps, [state, layer], [grid, state, message])
     grid.select(pick_map, [state, rule], unit_out)
+    rule.change(lambda st, r: unit(st, r, st.get("position")) if st and "channel" in st
+                else ([], None, [], [], "Click a map first."), [state, rule], unit_out)
     big.select(pick_place, [state, rule], unit_out)
     demo.load(load, [sample, eval_index, upload, webcam, source],
               [state, shown, label, message]).then(maps, [state, layer], [grid, state, message])
@@ -423,16 +436,13 @@ def launch(model, variables, *, preprocessing: input_pipeline.Preprocessing,
   stopped (the command line); else return the running ``Server`` (a notebook).  inline:
   show the page in the notebook (default: when running in Colab or Jupyter).
   """
-  gr = require_gradio()
+  gr = _gradio(workdir)
   import uvicorn   # pylint: disable=import-outside-toplevel
-  uploads = os.path.abspath(os.path.join(workdir, "explore"))
-  os.makedirs(uploads, exist_ok=True)
-  os.environ["GRADIO_TEMP_DIR"] = uploads
-  os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
   explorer = Explorer(deconv.as_network(model), variables, preprocessing, class_names,
                       eval_images, eval_size, atlas_dir)
-  app = gr.mount_gradio_app(_api(explorer), page(explorer), path="/",
-                            max_file_size=MAX_UPLOAD, allowed_paths=[uploads])
+  app = gr.mount_gradio_app(_api(explorer), page(explorer, workdir), path="/",
+                            max_file_size=MAX_UPLOAD,
+                            allowed_paths=[os.environ["GRADIO_TEMP_DIR"]])
   if port == 0:   # any free port
     import socket   # pylint: disable=import-outside-toplevel
     with socket.socket() as s:
