@@ -4,24 +4,14 @@
       --config.pretrained=quickstart [--port=7860]
   explore.launch(model_or_network, variables, preprocessing=prep, class_names=names)
 
-The page (Gradio, which also renders inline in Colab and Jupyter): an image (a bundled
-sample, ``china`` or ``flower``; an upload; the webcam; an evaluation image by index where
-a dataset is configured), its top-5 prediction, a layer's activation maps strongest first;
-a click on a map, or on a place in the enlarged map, projects that unit to pixels (the
-whole image, and cropped to its receptive field beside the image patch) with the
-deconvnet, guided backprop or the gradient, shows the Fig. 1 walk-through of that unit,
-and, where the report's ``atlas_<layer>.npz`` exists, the map's top 9 in the dataset.
-
-One projection over HTTP, without the page::
-
-  GET /api/projection?image=<china|flower|eval:N>&layer=L&channel=C[&row=R&col=K]
-      [&rule=deconvnet|guided|backprop]
-
-returns the projection as a NumPy ``.npy`` body, float32 (S, S, C); without row/col the
-strongest unit of the map.  A bad parameter gets HTTP 400 and one line naming it and what
-is allowed.  The app listens on 127.0.0.1 unless told otherwise, keeps uploads under
-``<workdir>/explore/`` and each browser tab's state apart.  Gradio is the optional extra
-``zfnet_jax[explore]``.
+The page (Gradio; inline in Colab and Jupyter): an input image, its top-5 prediction and a
+layer's maps, strongest first; a click on a map, or on a place in the enlarged map,
+projects that unit (deconvnet, guided backprop or gradient), with its receptive field, its
+Fig. 1 walk-through and, where the report wrote ``atlas_<layer>.npz``, the map's top 9.
+``GET /api/projection?image=<china|flower|eval:N>&layer=L&channel=C[&row=R&col=K]
+[&rule=...]`` returns one projection as a ``.npy`` body (float32 (S, S, C); no row/col: the
+map's strongest unit), or HTTP 400 with one line naming the bad parameter.  It listens on
+127.0.0.1 unless told otherwise and keeps uploads under ``<workdir>/explore/``.
 """
 import dataclasses
 import functools
@@ -253,12 +243,6 @@ def _enlarge(a: np.ndarray, side: int = 96) -> np.ndarray:
   return np.kron(a, np.ones((f, f)))
 
 
-def npy_bytes(a: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, np.asarray(a, np.float32))
-  return buf.getvalue()
-
-
 def _api(explorer: Explorer):
   """The FastAPI app of the endpoint (the page is mounted on it at /)."""
   import fastapi   # pylint: disable=import-outside-toplevel
@@ -276,70 +260,74 @@ def _api(explorer: Explorer):
       x = explorer.named_input(image)
     except BadRequest as e:
       return fastapi.responses.PlainTextResponse(str(e) + "\n", status_code=400)
-    return fastapi.Response(npy_bytes(explorer.project(x, layer, ch, position, rule)),
-                            media_type="application/octet-stream")
+    body = io.BytesIO()
+    np.save(body, explorer.project(x, layer, ch, position, rule))
+    return fastapi.Response(body.getvalue(), media_type="application/octet-stream")
   return app
+
+
+def _load(explorer, sample, eval_index, upload, webcam, source):
+  """The page's chosen input -> (state, picture, prediction, message)."""
+  try:
+    pixels = None
+    if source == "upload":
+      if upload is None:
+        raise ValueError("choose a file to upload")
+      pixels = input_pipeline.read_image(upload, explorer.preprocessing.channels)
+    elif source == "webcam":
+      if webcam is None:
+        raise ValueError("take a picture with the webcam first")
+      pixels = webcam_pixels(webcam, explorer.preprocessing.channels)
+    if source == "evaluation image":
+      x = explorer.named_input(f"eval:{int(eval_index or 0)}")
+    elif source == "sample":
+      x = explorer.named_input(sample)
+    else:
+      x = explorer.preprocessing(pixels)
+  except (ValueError, OSError) as e:
+    return None, None, None, f"**Could not read the image:** {e}"
+  feats = explorer.features(x)
+  return ({"x": x, "feats": feats}, explorer.show_input(x), explorer.top(feats),
+          f"Input {explorer.preprocessing.crop_size} px. Pick a layer, then click a map.")
+
+def _maps(explorer, state, layer):
+  """A layer's maps, strongest first -> (gallery, state, message)."""
+  if state is None:
+    return [], None, "Load an image first."
+  pics, channels = explorer.map_pictures(state["feats"], layer)
+  state["channels"], state["layer"] = channels, layer
+  return pics, state, (f"{layer}: {len(channels)} strongest maps. The first click on a layer "
+                       "compiles its projection (seconds); after that it answers at once.")
+
+def _unit(explorer, state, rule, position=None):
+  """The selected unit -> (projection views, enlarged map, walk-through, atlas, message)."""
+  x, feats, layer, channel = state["x"], state["feats"], state["layer"], state["channel"]
+  proj = explorer.project(x, layer, channel, position, rule)
+  pos = explorer.unit(feats, layer, channel, position)
+  picture = explorer.show_input(x)
+  shown = _rgb(deconv.to_image(proj))
+  views = [(shown, "projection"), (explorer.patch(shown, layer, pos), "its receptive field"),
+           (explorer.patch(picture, layer, pos), "the image patch")]
+  a = feats[layer]
+  big = (_rgb(_enlarge(np.clip(a[..., channel] / max(float(a.max()), 1e-12), 0, 1), 256))
+         if a.ndim == 3 else None)
+  stages = explorer.walkthrough(x, layer, channel, position, rule)
+  walk = ([(_rgb(deconv.to_image(s.signal if i == len(stages) - 1 else
+                                 s.signal.sum(-1, keepdims=True))), s.name)
+           for i, s in enumerate(stages)] if isinstance(stages, list) else [])
+  top = explorer.atlas_top(layer, channel)
+  text = (f"**{layer}, map {channel}, unit ({pos[0]}, {pos[1]})**, rule {rule}."
+          + ("" if isinstance(stages, list) else f" Walk-through: {stages}")
+          + ("" if isinstance(top, list) else f" {top}"))
+  return views, big, walk, (top if isinstance(top, list) else []), text
 
 
 def page(explorer: Explorer, workdir: str = "explore_workdir"):
   """The Gradio Blocks of the explorer (per-tab state in ``gr.State``)."""
   gr = _gradio(workdir)
-  S = explorer.preprocessing.crop_size
+  load, maps = functools.partial(_load, explorer), functools.partial(_maps, explorer)
+  unit = functools.partial(_unit, explorer)
   first_layer = next((n for n in explorer.layers if n.startswith("conv")), explorer.layers[0])
-
-  def load(sample, eval_index, upload, webcam, source):
-    """The chosen input -> (state, picture, prediction, message)."""
-    try:
-      pixels = None
-      if source == "upload":
-        if upload is None:
-          raise ValueError("choose a file to upload")
-        pixels = input_pipeline.read_image(upload, explorer.preprocessing.channels)
-      elif source == "webcam":
-        if webcam is None:
-          raise ValueError("take a picture with the webcam first")
-        pixels = webcam_pixels(webcam, explorer.preprocessing.channels)
-      if source == "evaluation image":
-        x = explorer.named_input(f"eval:{int(eval_index or 0)}")
-      elif source == "sample":
-        x = explorer.named_input(sample)
-      else:
-        x = explorer.preprocessing(pixels)
-    except (ValueError, OSError) as e:
-      return None, None, None, f"**Could not read the image:** {e}"
-    feats = explorer.features(x)
-    return ({"x": x, "feats": feats}, explorer.show_input(x), explorer.top(feats),
-            f"Input {S}x{S}. Pick a layer, then click a map.")
-
-  def maps(state, layer):
-    if state is None:
-      return [], None, "Load an image first."
-    pics, channels = explorer.map_pictures(state["feats"], layer)
-    state["channels"], state["layer"] = channels, layer
-    return pics, state, (f"{layer}: {len(channels)} strongest maps. The first click on a layer "
-                         "compiles its projection (seconds); after that it answers at once.")
-
-  def unit(state, rule, position=None):
-    """Projection, enlarged map, walk-through and atlas of the selected unit."""
-    x, feats, layer, channel = state["x"], state["feats"], state["layer"], state["channel"]
-    proj = explorer.project(x, layer, channel, position, rule)
-    pos = explorer.unit(feats, layer, channel, position)
-    picture = explorer.show_input(x)
-    shown = _rgb(deconv.to_image(proj))
-    views = [(shown, "projection"), (explorer.patch(shown, layer, pos), "its receptive field"),
-             (explorer.patch(picture, layer, pos), "the image patch")]
-    a = feats[layer]
-    big = (_rgb(_enlarge(np.clip(a[..., channel] / max(float(a.max()), 1e-12), 0, 1), 256))
-           if a.ndim == 3 else None)
-    stages = explorer.walkthrough(x, layer, channel, position, rule)
-    walk = ([(_rgb(deconv.to_image(s.signal if i == len(stages) - 1 else
-                                   s.signal.sum(-1, keepdims=True))), s.name)
-             for i, s in enumerate(stages)] if isinstance(stages, list) else [])
-    top = explorer.atlas_top(layer, channel)
-    text = (f"**{layer}, map {channel}, unit ({pos[0]}, {pos[1]})**, rule {rule}."
-            + ("" if isinstance(stages, list) else f" Walk-through: {stages}")
-            + ("" if isinstance(top, list) else f" {top}"))
-    return views, big, walk, (top if isinstance(top, list) else []), text
 
   def pick_map(state, rule, evt: gr.SelectData):
     if state is None or "channels" not in state:
