@@ -114,7 +114,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="unknown rule 'zeiler'"):
     deconv.walkthrough(model, variables, x, layer="conv2", channel=0, rule="zeiler")
   net, other_vars = plain_network()
-  with pytest.raises(ValueError, match="needs a network with a layer table .*got PlainCNN"):
+  with pytest.raises(ValueError, match="unknown layer 'conv1'; allowed: c1, c2"):
     deconv.walkthrough(net, other_vars, np.zeros((32, 32, 1), np.float32), layer="conv1",
                        channel=0)
 
@@ -257,3 +257,86 @@ def test_imported_torchvision_alexnet_walks_down_step_by_step(rule, layer, chann
   assert np.abs(stages[-1].signal).max() > 0
   np.testing.assert_allclose(stages[-1].signal, np.asarray(proj[0]), rtol=1e-5,
                              atol=1e-5 * np.abs(proj).max())
+
+
+# -- any Network: the signal arriving at each named layer ----------------------------
+
+@pytest.mark.parametrize("rule,layer,channel", [("deconvnet", "p2", 1), ("guided", "c2", 4),
+                                                ("backprop", "p1", 2)])
+def test_any_network_walks_down_through_its_named_layers(rule, layer, channel):
+  """PlainCNN from from_features (c1 5x5 valid + ReLU, p1 2x2/2, c2 3x3 same + ReLU, p2):
+  each stage is the NumPy step down to that named layer; the last is the projection."""
+  net, variables = plain_network()
+  rng = np.random.default_rng(1)
+  x = (rng.normal(size=(32, 32, 1)) * 50).astype(np.float32)
+  x[:, :10] = 0.0
+  stages = deconv.walkthrough(net, variables, x, layer=layer, channel=channel, rule=rule)
+  feats = {k: np.asarray(v[0], np.float64) for k, v in net.features(variables, x[None]).items()}
+  w = {k: np.asarray(variables["params"][k]["kernel"], np.float64) for k in ("c1", "c2")}
+  order = ["c1", "p1", "c2", "p2"]
+  assert [s.name for s in stages] == (
+      [f"{layer}: unit"] + [f"{n}: signal" for n in reversed(order[:order.index(layer)])] +
+      ["input: projection"])
+  a = feats[layer]
+  pos = np.unravel_index(np.argmax(a[..., channel]), a.shape[:2])
+  r = np.zeros_like(a)
+  r[pos[0], pos[1], channel] = a[pos[0], pos[1], channel]
+  assert np.abs(r).max() > 0 and stages[0].position == tuple(pos)
+  np.testing.assert_allclose(stages[0].signal, r, rtol=1e-5)
+  below = {"c1": x.astype(np.float64), "p1": feats["c1"], "c2": feats["p1"], "p2": feats["c2"]}
+  geometry = {"c1": 0, "c2": 1}   # padding: VALID, SAME
+  for name in reversed(order[:order.index(layer) + 1]):   # down through each layer
+    if name.startswith("p"):
+      _, sw = np_pool(below[name], window=2, stride=2)
+      r = np_unpool(r, sw, below[name].shape)
+    else:
+      r = np_conv_down(np_relu_down(r, feats[name], rule), w[name], 1, geometry[name],
+                       below[name].shape[0])
+    stage = stages[1 + list(reversed(order[:order.index(layer) + 1])).index(name)]
+    np.testing.assert_allclose(stage.signal, r, rtol=1e-4, atol=1e-5 * np.abs(r).max() + 1e-12,
+                               err_msg=stage.name)
+  proj = net.project(variables, jnp.asarray(x[None]), layer=layer, channels=np.array([channel]),
+                     rule=rule)
+  np.testing.assert_allclose(stages[-1].signal, np.asarray(proj[0]), rtol=1e-5,
+                             atol=1e-6 * np.abs(proj).max())
+
+
+def test_a_network_the_rewriter_cannot_walk_says_why_in_one_line():
+  net, variables = plain_network()
+  leaky = deconv.from_features(
+      lambda v, x: {"c1": jax.nn.leaky_relu(net.features(v, x)["c1"])}, variables, 1,
+      name="Leaky")
+  with pytest.raises(ValueError, match=r"no walk-through of Leaky: .*leaky") as e:
+    deconv.walkthrough(leaky, variables, np.ones((32, 32, 1), np.float32), layer="c1",
+                       channel=0)
+  assert "\n" not in str(e.value)
+
+
+def test_report_section_for_any_network(tmp_path):
+  net, variables = plain_network()
+  rng = np.random.default_rng(2)
+  images = (rng.normal(size=(2, 32, 32, 1)) * 50).astype(np.float32)
+  context = sections.Context(net=net, variables=variables, images=images,
+                             labels=np.array([0, 1]), ids=np.array([3, 4]),
+                             pixel_mean=np.full((32, 32, 1), 128, np.float32),
+                             class_names=("a", "b", "c"), out_dir=str(tmp_path),
+                             rule="deconvnet")
+  [sec] = walkthrough.sections(context, walkthrough.Options(("c2", "p2")))
+  assert [f for f, _ in sec.figures] == ["walkthrough_c2.png", "walkthrough_p2.png"]
+  assert "known by its named layers" in sec.paragraphs[0]
+  saved = np.load(tmp_path / "walkthrough_p2.npz")
+  assert list(saved) == ["00_p2_unit", "01_c2_signal", "02_p1_signal", "03_c1_signal",
+                         "04_input_projection"]
+
+
+def test_report_section_for_torchvision_alexnet_from_fc6(tmp_path):
+  """The walk-through figure of torchvision's AlexNet from fc6 (its average-pool stage)."""
+  model, variables, x = imported_alexnet()
+  context = sections.Context(net=deconv.network(model), variables=variables, images=x[None],
+                             labels=np.array([0]), ids=np.array([0]),
+                             pixel_mean=np.zeros((TV_SIZE, TV_SIZE, 3), np.float32),
+                             class_names=tuple("abcde"), out_dir=str(tmp_path),
+                             rule="deconvnet")
+  [sec] = walkthrough.sections(context, walkthrough.Options(("fc6",)))
+  assert [f for f, _ in sec.figures] == ["walkthrough_fc6.png"]
+  assert "03_avgpool_average" in np.load(tmp_path / "walkthrough_fc6.npz")

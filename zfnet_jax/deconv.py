@@ -458,10 +458,12 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   is undone in turn: a conv or fc layer by "rectify" (its ReLU's backward ``rule``)
   then "filter" (transposed filters, no bias); a max-pool by "unpool" through its
   switches; contrast normalisation by "normalise" (the model's ``norm_rule`` VJP).
+  Any other Network (``from_features``): the signal arriving at each of its named
+  layers below (step "signal"), then the pixels (step "projection").
 
   Args:
     model: one of our models (a ``PaperNet``), torchvision's AlexNet or VGG16 as
-      ``convert.from_torchvision`` gives them, or their ``Network``.
+      ``convert.from_torchvision`` gives them, or any ``Network``.
     image: (S, S, C) or (1, S, S, C) float, mean-subtracted.
     layer, channel, position, rule: as ``project`` (position None: the strongest
       activation of the map).
@@ -470,11 +472,12 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   """
   layers.check_rule(rule)
   module = model.module if isinstance(model, Network) else model
+  if isinstance(model, Network) and not isinstance(
+      module, (models.PaperNet, models.TorchvisionNet)):
+    return _walk_network(model, variables, image, layer, channel, position, rule)
   if not isinstance(module, (models.PaperNet, models.TorchvisionNet)):
-    what = model.name if module is None else type(module).__name__
-    raise ValueError(f"walkthrough needs a network with a layer table (our models, "
-                     f"torchvision's AlexNet or VGG16 from convert), got {what}, whose "
-                     "layers are known only as outputs; its projection: project")
+    raise ValueError(f"walkthrough needs one of our models, torchvision's AlexNet or VGG16 "
+                     f"from convert, or a Network; got {type(module).__name__}")
   x = image[None] if np.ndim(image) == 3 else image
   if getattr(x, "ndim", np.ndim(x)) != 4 or np.shape(x)[0] != 1:
     raise ValueError(f"image must be (S, S, C) or (1, S, S, C), got shape {np.shape(image)}")
@@ -495,6 +498,38 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
     sw = np.asarray(switch_pos[spec.name], np.int32) if step == "unpool" else None
     stages.append(Stage(f"{spec.name}: {step}", spec.name, step, out(r), sw))
   return stages
+
+
+def _walk_network(net: Network, variables, image, layer, channel, position, rule):
+  """``walkthrough`` of any Network: the unit, then the signal arriving at each named layer
+  below it (step "signal", in the order the forward pass makes them, reversed), then the
+  pixels (step "projection"); ReLUs and max-pools as ``rewrite.deconvnet_transform``
+  finds them (ValueError naming a construct it cannot rewrite)."""
+  x = image[None] if np.ndim(image) == 3 else image
+  if np.ndim(x) != 4 or np.shape(x)[0] != 1:
+    raise ValueError(f"image must be (S, S, C) or (1, S, S, C), got shape {np.shape(image)}")
+  x = jnp.asarray(x, jnp.float32)
+  shape = _check_layer(net, x.shape[1], layer)
+  _check_channel(layer, shape, channel)
+  _check_position(layer, shape, position)
+  probed, order = rewrite.with_probes(lambda z: net.features(variables, z), x)
+  below = order[:order.index(layer)] if layer in order else []
+  feats = jax.eval_shape(lambda z: net.features(variables, z), x)
+  eps = {n: jnp.zeros(feats[n].shape, feats[n].dtype) for n in below}
+  try:
+    g = rewrite.deconvnet_transform(lambda z, e: probed(z, e)[layer], rule)
+    act, vjp = jax.vjp(g, x, eps)
+  except rewrite.UnsupportedConstructError as e:
+    raise ValueError(f"no walk-through of {net.name}: {e}") from None
+  act4 = act.reshape(1, 1, 1, -1) if act.ndim == 2 else act
+  positions, strongest_ = _broadcast_position(position, 1)
+  r, pos, _ = _select(act4, jnp.asarray([channel], jnp.int32), positions, strongest_)
+  pixels, arriving = vjp(r.reshape(act.shape).astype(act.dtype))
+  out = lambda a: np.asarray(a, np.float32).reshape((1, 1, -1) if a.ndim == 2 else a.shape[1:])
+  return ([Stage(f"{layer}: unit", layer, "unit", out(r),
+                 position=tuple(int(v) for v in np.asarray(pos)[0]))] +
+          [Stage(f"{n}: signal", n, "signal", out(arriving[n])) for n in reversed(below)] +
+          [Stage("input: projection", "input", "projection", out(pixels))])
 
 
 AVGPOOL = "avgpool"   # torchvision's adaptive average pool before fc6: step "average"

@@ -302,3 +302,35 @@ def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped
+
+
+def with_probes(fn: Callable, x) -> tuple[Callable, list[str]]:
+  """For ``fn(x) -> {name: array}`` (a CNN's named layers): ``(probed, order)``.
+
+  ``probed(x, eps)`` is ``fn(x)`` with each ``eps[name]`` (zeros, the layer's shape) added
+  to that layer wherever the forward pass reads it on, so the VJP's cotangent of
+  ``eps[name]`` is the signal that arrives at that layer on the way down.  ``order``: the
+  names in the order the forward pass makes them.  ``probed`` is traceable and
+  ``deconvnet_transform`` takes it.
+  """
+  closed, shapes = jax.make_jaxpr(fn, return_shape=True)(x)
+  if not isinstance(shapes, dict):
+    raise ValueError(f"features must return {{layer: array}}, got {type(shapes).__name__}")
+  jaxpr, names = closed.jaxpr, sorted(shapes)   # a dict's leaves: in sorted key order
+  var_of = dict(zip(names, jaxpr.outvars))
+  made = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
+  order = sorted((n for n in names if var_of[n] in made), key=lambda n: made[var_of[n]])
+
+  def probed(x, eps):
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env[jaxpr.invars[0]] = x
+    read = lambda v: v.val if isinstance(v, xcore.Literal) else env[v]
+    added = {var_of[n]: e for n, e in eps.items()}
+    for eqn in jaxpr.eqns:
+      with eqn.ctx.manager:
+        ans = eqn.primitive.bind(*map(read, eqn.invars),
+                                 **eqn.primitive.get_bind_params(eqn.params))
+      for v, val in zip(eqn.outvars, ans if eqn.primitive.multiple_results else [ans]):
+        env[v] = val + added[v] if v in added else val
+    return {n: read(var_of[n]) for n in names}
+  return probed, order

@@ -53,6 +53,9 @@ def strongest_units(net, variables, images: np.ndarray, layers, batch_size: int 
 def _groups(stages: list[deconv.Stage]) -> list[list[deconv.Stage]]:
   """Stages below the unit in rows: a conv/fc layer's rectify and filter, with the
   pool and norm steps just above them."""
+  if any(s.step == "signal" for s in stages):   # a network known by its named layers
+    rest = stages[1:]
+    return [rest[i:i + len(COLUMNS)] for i in range(0, len(rest), len(COLUMNS))]
   rows, row = [], []
   for s in stages[1:]:
     row.append(s)
@@ -71,7 +74,8 @@ def plot(stages: list[deconv.Stage], display: np.ndarray, field, channel: int, t
          path: str) -> str:
   """Fig. 1 for one unit.  Top row: the input (receptive field boxed), the receptive
   field's patch and projection (cropped as the atlas crops them), the unit.  Then one
-  row per layer: normalise, unpool, rectify, filter; each stage summed over channels
+  row per layer: normalise, unpool (or torchvision's average), rectify, filter (a network
+  known by its named layers: the signal arriving at each, four per row); each summed over channels
   (zero = mid-grey, each scaled on its own), the last the pixel projection.
   display: (S, S) or (S, S, 3) in [0, 1]; field: the layer's ``models.ReceptiveField``
   (None: the whole image)."""
@@ -107,7 +111,9 @@ def plot(stages: list[deconv.Stage], display: np.ndarray, field, channel: int, t
   prev = unit
   for r, row in enumerate(rows, start=1):
     for stage in row:
-      ax = axes[r, COLUMNS.index(stage.step)]
+      column = (COLUMNS.index(stage.step) if stage.step in COLUMNS else
+                COLUMNS.index("unpool") if stage.step == "average" else row.index(stage))
+      ax = axes[r, column]
       ax.axis("on")
       last = stage is stages[-1]
       _show(ax, stage.signal, pixels=last)
@@ -134,11 +140,6 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
   """Fig. 1 for the strongest unit of each layer: walkthrough_<layer>.png and .npz."""
   net = context.net
   sec = sections_lib.Section("The way down, stage by stage", "walkthrough")
-  if not isinstance(net.module, (models.PaperNet, models.TorchvisionNet)):
-    sec.paragraphs.append(f"The walk-through needs a network with a layer table (our models, "
-                          f"torchvision's AlexNet or VGG16); {net.name} is known only by "
-                          "its outputs.")
-    return [sec]
   if not len(context.images):
     sec.paragraphs.append("No analysed images.")
     return [sec]
@@ -153,13 +154,20 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
       "by its transposed filters (filter). Each picture is the signal after that step, "
       "summed over channels (zero = mid-grey, each scaled on its own); the last is the "
       "pixel projection, shown in the top row cropped to the unit's receptive field beside "
-      "the image patch (as in the atlas). Arrays: walkthrough_<layer>.npz (one key per stage).")
+      "the image patch (as in the atlas). Arrays: walkthrough_<layer>.npz (one key per stage)."
+      + ("" if isinstance(net.module, (models.PaperNet, models.TorchvisionNet)) else
+         f" {net.name} is known by its named layers: each picture is the signal arriving "
+         "at one of them."))
   units = strongest_units(net, context.variables, context.images, options.layers,
                           context.batch_size)
   for layer in options.layers:
     n, channel, position, value = units[layer]
-    stages = deconv.walkthrough(net, context.variables, context.images[n], layer=layer,
-                                channel=channel, position=position, rule=context.rule)
+    try:
+      stages = deconv.walkthrough(net, context.variables, context.images[n], layer=layer,
+                                  channel=channel, position=position, rule=context.rule)
+    except ValueError as e:   # a construct the rewriter cannot walk through: say which
+      sec.paragraphs.append(f"{e}.")
+      return [sec]
     np.savez_compressed(context.path(f"walkthrough_{layer}.npz"),
                         **{f"{k:02d}_{s.layer}_{s.step}": s.signal for k, s in enumerate(stages)})
     label = context.class_name(context.labels[n])
