@@ -370,3 +370,12 @@ def test_for_pixels_takes_mean_subtracted_pixels_and_gives_torchvisions_logits(a
                                                                           np.float32))))
   assert_close(got, want, "alexnet logits from pixels")
   assert np.abs(got - np.asarray(model.apply(variables, jnp.asarray(pixels)))).max() > 1e-3
+
+
+def test_the_normalisation_users_are_told_to_use_is_torchvisions():
+  """Pinned by value from torchvision's documentation of its ImageNet weights
+  (transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])), not
+  from the constants under test."""
+  assert convert.TORCHVISION_MEAN == (0.485, 0.456, 0.406)
+  assert convert.TORCHVISION_STD == (0.229, 0.224, 0.225)
+  np.testing.assert_allclose(convert.PIXEL_MEAN, (123.675, 116.28, 103.53), rtol=1e-12)
