@@ -66,6 +66,9 @@ README_FIGURES = [
     ("benchmarks/results/quickstart_runs.json", "machine.cpu", ""),
     ("docs/results/quickstart/results.json", "top1_error", ".4f"),
     ("docs/results/quickstart/results.json", "top1_error_10crop", ".4f"),
+    ("benchmarks/results/suite.json", "machine.cpu", ""),
+    ("benchmarks/results/suite.json", "counts.passed", "d"),
+    ("benchmarks/results/suite.json", "seconds", "mmss"),
 ]
 
 
