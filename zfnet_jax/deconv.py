@@ -512,9 +512,8 @@ def _walk_network(net: Network, variables, image, layer, channel, position, rule
   shape = _check_layer(net, x.shape[1], layer)
   _check_channel(layer, shape, channel)
   _check_position(layer, shape, position)
-  probed, order = rewrite.with_probes(lambda z: net.features(variables, z), x)
+  probed, order, feats = rewrite.with_probes(lambda z: net.features(variables, z), x)
   below = order[:order.index(layer)] if layer in order else []
-  feats = jax.eval_shape(lambda z: net.features(variables, z), x)
   eps = {n: jnp.zeros(feats[n].shape, feats[n].dtype) for n in below}
   try:
     g = rewrite.deconvnet_transform(lambda z, e: probed(z, e)[layer], rule)

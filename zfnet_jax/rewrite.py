@@ -304,13 +304,14 @@ def deconvnet_transform(fn: Callable, rule: str = "deconvnet") -> Callable:
   return wrapped
 
 
-def with_probes(fn: Callable, x) -> tuple[Callable, list[str]]:
-  """For ``fn(x) -> {name: array}`` (a CNN's named layers): ``(probed, order)``.
+def with_probes(fn: Callable, x) -> tuple[Callable, list[str], dict]:
+  """For ``fn(x) -> {name: array}`` (a CNN's named layers): ``(probed, order, shapes)``.
 
   ``probed(x, eps)`` is ``fn(x)`` with each ``eps[name]`` (zeros, the layer's shape) added
   to that layer wherever the forward pass reads it on, so the VJP's cotangent of
   ``eps[name]`` is the signal that arrives at that layer on the way down.  ``order``: the
-  names in the order the forward pass makes them.  ``probed`` is traceable and
+  names in the order the forward pass makes them; ``shapes``: {name: ShapeDtypeStruct}
+  from the same trace.  ``probed`` is traceable and
   ``deconvnet_transform`` takes it.
   """
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(x)
@@ -333,4 +334,4 @@ def with_probes(fn: Callable, x) -> tuple[Callable, list[str]]:
       for v, val in zip(eqn.outvars, ans if eqn.primitive.multiple_results else [ans]):
         env[v] = val + added[v] if v in added else val
     return {n: read(var_of[n]) for n in names}
-  return probed, order
+  return probed, order, shapes
