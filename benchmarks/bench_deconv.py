@@ -29,14 +29,12 @@ import statistics
 import sys
 import time
 
-from zfnet_jax import conv  # pylint: disable=g-bad-import-order
-
-
 import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from zfnet_jax import deconv, layers, models, rundir  # pylint: disable=g-import-not-at-top
+from zfnet_jax import deconv, rundir, xla
+from zfnet_jax.nn import layers, models
 
 
 def plain_conv5(params, x):
@@ -103,7 +101,7 @@ def captum_table(model, variables, images, *, repeats=5, layers=("conv2", "conv5
   select = lambda out: out[:, channel].flatten(1).max(dim=1).values   # strongest unit
   rows = []
   for layer in layers:
-    vjp = conv.jit(lambda v, x, ch, layer=layer: _plain_vjp(
+    vjp = xla.jit(lambda v, x, ch, layer=layer: _plain_vjp(
         None, x, ch, lambda img: model.apply(v, img, method="features")[layer]))
     for b in batches:
       x, xb = images[:b], xt[:b].clone().requires_grad_()
@@ -153,7 +151,7 @@ def main():
   key = jax.random.PRNGKey(0)
   images = jnp.clip(50.0 * jax.random.normal(key, (max(args.requests, 16), 224, 224, 3)),
                     -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
-  variables = conv.jit(model.init)(jax.random.PRNGKey(1), images[:1])
+  variables = xla.jit(model.init)(jax.random.PRNGKey(1), images[:1])
   if args.captum:
     meta = {"device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
             "command": " ".join(["benchmarks/bench_deconv.py"] + sys.argv[1:]),
@@ -177,9 +175,9 @@ def main():
   channels = np.arange(args.requests) % 256
   params = variables["params"]
   # A plain VJP of the same slice (conv5 at the strongest unit), for comparison.
-  plain = conv.jit(lambda p, x, ch: _plain_vjp(p, x, ch))
-  want = conv.jit(lambda v, x: model.apply(v, x, method="features")["conv5"])(variables, images[:1])
-  np.testing.assert_allclose(conv.jit(plain_conv5)(params, images[:1]), want, rtol=1e-3,
+  plain = xla.jit(lambda p, x, ch: _plain_vjp(p, x, ch))
+  want = xla.jit(lambda v, x: model.apply(v, x, method="features")["conv5"])(variables, images[:1])
+  np.testing.assert_allclose(xla.jit(plain_conv5)(params, images[:1]), want, rtol=1e-3,
                              atol=1e-3 * float(jnp.abs(want).max()))
 
   res = {"device": jax.devices()[0].device_kind, "cpu_count": __import__("os").cpu_count(),
@@ -196,7 +194,7 @@ def main():
                              for i in range(args.single)], args.repeats) / args.single
   n = min(args.chunk_size, args.requests)
   t_plainb = timeit(lambda: plain(params, images[:n], channels[:n]), args.repeats) / n
-  ours = conv.jit(lambda v, x, ch: _plain_vjp(
+  ours = xla.jit(lambda v, x, ch: _plain_vjp(
       None, x, ch, lambda img: model.apply(v, img, method="features")["conv5"]))
   t_oursb = timeit(lambda: ours(variables, images[:n], channels[:n]), args.repeats) / n
   res.update({

@@ -9,11 +9,11 @@ compute dtype bfloat16 (parameters float32), synthetic data:
 
 * matmul: an 8192^3 bf16 ``jnp.dot`` timed in this run (the measured peak), and
   the chip's datasheet bf16 dense peak when the device kind is known.
-* train: ``zfnet_jax.train.train_step`` (momentum SGD 0.9, weight decay 5e-4 on
+* train: ``zfnet_jax.training.steps.train_step`` (momentum SGD 0.9, weight decay 5e-4 on
   kernels, feature scale clipping 0.1, dropout 0.5 -- the default recipe) jitted
   under ``shard_map`` as ``train_and_evaluate`` does, batch 128 and 256: images/s,
   model FLOP utilisation against the measured matmul and the datasheet peak.
-* pipeline: ``input_pipeline.create_train_iterator`` on a folder of 256x256 JPEGs
+* pipeline: ``iterators.create_train_iterator`` on a folder of 256x256 JPEGs
   generated here, images/s against the step rate; skipped with a note when
   TensorFlow is not importable (the lent machine has none).
 * deconv: conv5 deconvnet projections/s, ``deconv.project_many`` (chunks of 256)
@@ -63,7 +63,7 @@ def _stand_ins() -> list[str]:
   except ImportError:
     clu = types.ModuleType("clu")
     clu.metric_writers = types.ModuleType("clu.metric_writers")
-    clu.metric_writers.MetricWriter = type("MetricWriter", (), {})   # train.Hook's annotation
+    clu.metric_writers.MetricWriter = type("MetricWriter", (), {})   # loop.Hook's annotation
     sys.modules["clu"], sys.modules["clu.metric_writers"] = clu, clu.metric_writers
     made.append("clu.metric_writers")
   return made
@@ -72,14 +72,18 @@ def _stand_ins() -> list[str]:
 STAND_INS = _stand_ins()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import run  # noqa: E402  pylint: disable=g-import-not-at-top  (configures XLA's CPU flag first)
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top
-from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 import optax  # noqa: E402  pylint: disable=g-import-not-at-top
+import run  # noqa: E402  pylint: disable=g-import-not-at-top  (configures XLA's CPU flag first)
+from jax.sharding import Mesh  # noqa: E402  pylint: disable=g-import-not-at-top
+from jax.sharding import PartitionSpec as P
 
-from zfnet_jax import deconv, models, rundir, train, train_state  # noqa: E402  pylint: disable=g-import-not-at-top
+from zfnet_jax import deconv, rundir
+from zfnet_jax.data import iterators
+from zfnet_jax.nn import models, table
+from zfnet_jax.training import steps, train_state
 
 report = run.report
 
@@ -92,13 +96,13 @@ def datasheet_peak(kind: str) -> float | None:
 
 
 def make_step(model, batch: int, size: int):
-  """(jitted step, state, batch) of train.train_step with the default recipe."""
-  mesh = Mesh(np.array(jax.devices()), (train.AXIS,))
+  """(jitted step, state, batch) of steps.train_step with the default recipe."""
+  mesh = Mesh(np.array(jax.devices()), (steps.AXIS,))
   tx = train_state.make_optimizer("sgd", momentum=0.9, weight_decay=5e-4)
   step = jax.jit(jax.shard_map(
-      lambda s, b: train.train_step(s, b, model=model, tx=tx,
+      lambda s, b: steps.train_step(s, b, model=model, tx=tx,
                                     lr_fn=optax.constant_schedule(0.01), clip_radius=0.1),
-      mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P()), check_vma=False),
+      mesh=mesh, in_specs=(P(), P(steps.AXIS)), out_specs=(P(), P()), check_vma=False),
       donate_argnums=(0,))
   init = train_state.init_fn(model, (1, size, size, 3), tx, seed=0, clip_radius=0.1)
   state = jax.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
@@ -145,7 +149,7 @@ def bench_pipeline(args, train_rate):
            "TensorFlow is not importable here (the lent GPU machine has none): tf.data "
            "cannot run; measure it on the CPU machine (benchmarks/run.py --only pipeline)")
     return
-  from zfnet_jax import configs, input_pipeline  # pylint: disable=g-import-not-at-top
+  from zfnet_jax import configs
   b, nb = args.pipeline_batch, args.pipeline_batches
   with tempfile.TemporaryDirectory() as tmp:
     c = configs.default_config()
@@ -156,7 +160,7 @@ def bench_pipeline(args, train_rate):
     c.dataset.shuffle_buffer = 4 * b
     c.dataset.resize_size, c.dataset.crop_size = args.jpeg_size, args.size
     run.make_jpeg_folder(c.dataset.folder, (nb + 3) * b, args.jpeg_size)
-    it = input_pipeline.create_train_iterator(c, os.path.join(tmp, "work"))
+    it = iterators.create_train_iterator(c, os.path.join(tmp, "work"))
     next(it)
     t = time.perf_counter()
     for _ in range(nb):
@@ -188,16 +192,16 @@ def bench_deconv(args, model, variables):
 
 def bench_scan(args, model, variables, fwd_rate):
   try:
-    from zfnet_jax import atlas  # pylint: disable=g-import-not-at-top
+    from zfnet_jax.analyses import atlas
   except ImportError as e:
-    report("top-9 scan", "n/a", "", f"zfnet_jax.atlas not importable: {e}")
+    report("top-9 scan", "n/a", "", f"zfnet_jax.analyses.atlas not importable: {e}")
     return
   b, nb = args.scan_batch, args.scan_batches
   rng = np.random.default_rng(4)
   batches = [{"image": rng.normal(0, 50, (b, args.size, args.size, 3)).astype(np.float32),
               "id": np.arange(i * b, (i + 1) * b), "label": np.zeros(b, np.int32)}
              for i in range(nb)]
-  scan = lambda bs: atlas.scan(model, variables, bs, layers=list(models.CONV_NAMES), k=9,
+  scan = lambda bs: atlas.scan(model, variables, bs, layers=list(table.CONV_NAMES), k=9,
                                progress=False).topk["conv5"].values
   t1 = min(run._timed(scan, batches[:1]) for _ in range(2))  # pylint: disable=protected-access
   tn = run._timed(scan, batches)  # pylint: disable=protected-access

@@ -1,4 +1,4 @@
-"""Legibility of the atlas projections of trained runs (``zfnet_jax.legibility``).
+"""Legibility of the atlas projections of trained runs (``zfnet_jax.analyses.legibility``).
 
   python benchmarks/legibility.py --run before=/tmp/qs_old --run after=/tmp/qs \
       [--rules deconvnet,guided] [--layers conv1,...,conv5] [--max_examples 10000]
@@ -25,23 +25,27 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from zfnet_jax import atlas, checkpoints, figures, input_pipeline, rundir
-from zfnet_jax import legibility as legibility_lib
+from zfnet_jax import rundir
+from zfnet_jax.analyses import atlas
+from zfnet_jax.analyses import legibility as legibility_lib
+from zfnet_jax.data import iterators
+from zfnet_jax.render import figures
+from zfnet_jax.training import weights
 
 
 def _load(workdir: str):
   """(model, variables, config): a run's newest checkpoint, or shipped weights (a folder
   with params.npz, e.g. zfnet_jax/shipped/quickstart)."""
-  if os.path.exists(os.path.join(workdir, checkpoints.PARAMS)):
-    model, variables, config, _, _ = checkpoints.load_shipped(workdir)
+  if os.path.exists(os.path.join(workdir, weights.PARAMS)):
+    model, variables, config, _, _ = weights.load_shipped(workdir)
     return model, variables, config
-  return checkpoints.load_trained(workdir)
+  return weights.load_trained(workdir)
 
 
 def measure(workdir: str, rules, layers, max_examples: int, image_prefix: str | None):
   model, variables, config = _load(workdir)
-  mean = input_pipeline.pixel_mean(config, workdir)
-  batches = lambda: input_pipeline.create_eval_iterator(
+  mean = iterators.pixel_mean(config, workdir)
+  batches = lambda: iterators.create_eval_iterator(
       config, workdir, batch_size=256, max_examples=max_examples)
   out = {}
   for rule in rules:

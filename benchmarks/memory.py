@@ -55,7 +55,9 @@ def child_scan(model_name: str, size: int, n: int, batch: int, sync: bool = Fals
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from zfnet_jax import atlas, models  # pylint: disable=g-import-not-at-top
+
+  from zfnet_jax.analyses import atlas
+  from zfnet_jax.nn import models, table
   if model_name == "quickstart":
     sys.path.insert(0, HERE)
     import run  # pylint: disable=g-import-not-at-top
@@ -78,7 +80,7 @@ def child_scan(model_name: str, size: int, n: int, batch: int, sync: bool = Fals
         lambda *a: jax.block_until_ready(make(net, names)(*a)))
   before = peak_mib()
   t = time.perf_counter()
-  out = atlas.scan(model, variables, batches(), layers=list(models.CONV_NAMES), k=9,
+  out = atlas.scan(model, variables, batches(), layers=list(table.CONV_NAMES), k=9,
                    progress=False)
   jax.block_until_ready(out.topk["conv5"].values)
   return {"images": n, "seconds": time.perf_counter() - t, "peak_rss_mib": peak_mib(),
@@ -143,7 +145,7 @@ def main(argv=None):
   if not set(cases) <= set(CASES):
     ap.error(f"--cases has {sorted(set(cases) - set(CASES))}; allowed: {', '.join(CASES)}")
   sys.path.insert(0, ROOT)
-  from zfnet_jax import rundir  # pylint: disable=g-import-not-at-top
+  from zfnet_jax import rundir
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "machine": rundir.machine(), "versions": rundir.versions(),
           "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),

@@ -29,7 +29,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
-from zfnet_jax import conv, models, rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from zfnet_jax import rundir, xla
+from zfnet_jax.nn import models
 
 
 def main(argv=None):
@@ -42,7 +44,7 @@ def main(argv=None):
   model = models.from_config(config.model, 10)
   size = config.dataset.crop_size
   step, state, data = bench.setup_train(config, model, config.batch_size,
-                                        conv.compiler_options(), input_size=size, channels=1)
+                                        xla.compiler_options(), input_size=size, channels=1)
   for _ in range(3):                                  # compile and warm up
     state, m = step(state, data)
   jax.block_until_ready(m)
@@ -102,7 +104,7 @@ def main(argv=None):
                  "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                      timespec="seconds"),
                  "machine": rundir.machine(), "devices": len(jax.devices()),
-                 "compiler_options": conv.compiler_options(),
+                 "compiler_options": xla.compiler_options(),
                  "load_average": os.getloadavg(), "median_step_ms": round(wall, 2),
                  "op_events_ms_per_step": round(total, 2),
                  "not_covered_ms_per_step": round(max(wall - total, 0), 2),

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import soak
+
 from zfnet_jax import rundir  # pylint: disable=wrong-import-order
 
 RECORDS = ("results.json", "timings.json", "transfer.csv", "probes.csv")

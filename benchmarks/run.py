@@ -7,11 +7,11 @@
 Full-size ZFNet at 224x224 in the compute dtype ``--dtype`` (default float32 on
 CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated:
 
-* train: ``zfnet_jax.train.train_step`` (momentum SGD, weight decay, feature
+* train: ``zfnet_jax.training.steps.train_step`` (momentum SGD, weight decay, feature
   scale clipping, dropout) jitted under ``shard_map`` exactly as
   ``train_and_evaluate`` does; images/s; and forward (inference) images/s.
   On CPU both also run compiled with jaxlib's default CPU options
-  (``conv.DEFAULT_CPU_COMPILER_OPTIONS``: YNNPACK convolutions) -- the "before".
+  (``xla.DEFAULT_CPU_COMPILER_OPTIONS``: YNNPACK convolutions) -- the "before".
 * matmul peak: a large ``jnp.dot`` in the compute dtype, measured in this run;
   the model's FLOPs per image counted from ``layer_table`` (multiply-adds x 2;
   training = forward + weight gradients + input gradients of all but conv1);
@@ -32,7 +32,7 @@ CPU, bfloat16 on GPU/TPU; parameters stay float32), synthetic data unless stated
 * occlusion positions/s (``analyses.occlusion.scan``); top-9 scan images/s
   (``atlas.scan`` over conv1..conv5, distinct images and per unit) beside a
   forward pass to conv5 on the same batches, interleaved, and their ratio.
-* input pipeline images/s (``input_pipeline.create_train_iterator``): offline
+* input pipeline images/s (``iterators.create_train_iterator``): offline
   Fashion-MNIST, and a folder of 256x256 JPEGs generated here (decode, resize,
   random crop, flip).
 * PyTorch (when importable, on CPU in float32): the same model and train step
@@ -57,7 +57,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data start-up chatter
 
-from zfnet_jax import configs, conv  # pylint: disable=g-bad-import-order
+from zfnet_jax import configs, xla
+from zfnet_jax.data import iterators
+from zfnet_jax.nn import models, table
+from zfnet_jax.training import steps
 
 
 def quickstart_config():
@@ -66,13 +69,14 @@ def quickstart_config():
   return configs.load_file(os.path.join(root, "experiments", "quickstart.py")).get_config()
 
 
-from zfnet_jax import models, train, train_state  # pylint: disable=g-bad-import-order
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from zfnet_jax import deconv, input_pipeline, rundir
+from zfnet_jax import deconv, rundir
+from zfnet_jax.training import train_state
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_deconv  # pylint: disable=g-import-not-at-top
@@ -137,19 +141,19 @@ def model_flops(model, input_size: int, channels: int = 3) -> dict[str, int]:
 # ----------------------------------------------------------------------------
 
 def setup_train(config, model, batch, compiler_options, input_size=224, channels=3):
-  """(step fn, state, batch) for zfnet_jax.train.train_step on all local devices."""
+  """(step fn, state, batch) for zfnet_jax.training.steps.train_step on all local devices."""
   devices = np.array(jax.devices())
-  mesh = Mesh(devices, (train.AXIS,))
+  mesh = Mesh(devices, (steps.AXIS,))
   tx = train_state.optimizer_from_config(config)
   lr_fn = train_state.learning_rate_fn(config, 100, 100)
   step = jax.jit(jax.shard_map(
-      lambda s, b: train.train_step(s, b, model=model, tx=tx, lr_fn=lr_fn,
+      lambda s, b: steps.train_step(s, b, model=model, tx=tx, lr_fn=lr_fn,
                                     clip_radius=train_state.clip_radius(config)),
-      mesh=mesh, in_specs=(P(), P(train.AXIS)), out_specs=(P(), P()), check_vma=False),
+      mesh=mesh, in_specs=(P(), P(steps.AXIS)), out_specs=(P(), P()), check_vma=False),
       donate_argnums=(0,), compiler_options=compiler_options)
   init = train_state.init_fn(model, (1, input_size, input_size, channels), tx, seed=config.seed,
                              clip_radius=train_state.clip_radius(config))
-  state = conv.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
+  state = xla.jit(init, out_shardings=jax.sharding.NamedSharding(mesh, P()))()
   rng = np.random.default_rng(0)
   data = {"image": jnp.asarray(rng.normal(0, 50, (batch, input_size, input_size, channels)),
                                jnp.float32),
@@ -162,9 +166,9 @@ def bench_model(args, model, config, flops, peak, torch_fns):
   options, PyTorch), interleaved."""
   b = args.batch
   on_cpu = jax.default_backend() == "cpu"
-  variants = {"jax": conv.compiler_options()}
-  if on_cpu and conv.compiler_options():
-    variants["jax_default_xla"] = conv.DEFAULT_CPU_COMPILER_OPTIONS
+  variants = {"jax": xla.compiler_options()}
+  if on_cpu and xla.compiler_options():
+    variants["jax_default_xla"] = xla.DEFAULT_CPU_COMPILER_OPTIONS
   fns_train, fns_fwd = {}, {}
   for name, opts in variants.items():
     step, state, data = setup_train(config, model, b, opts)
@@ -182,7 +186,7 @@ def bench_model(args, model, config, flops, peak, torch_fns):
   # The matmul peak again, interleaved with the model runs (same load).
   n, reps = (2048, 8) if on_cpu else (8192, 20)
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(config.model.dtype))
-  mm = conv.jit(lambda a: jnp.dot(a, a, preferred_element_type=a.dtype))
+  mm = xla.jit(lambda a: jnp.dot(a, a, preferred_element_type=a.dtype))
   matmul = lambda: [mm(a) for _ in range(reps)]
   out, peaks = {}, {}
   for kind, fns in (("train", fns_train), ("forward", fns_fwd)):
@@ -235,7 +239,7 @@ def bench_quickstart(args):
   config = quickstart_config()
   size, b, c = config.dataset.crop_size, config.batch_size, QUICKSTART_CHANNELS
   model = models.from_config(config.model, 10)
-  step, state, data = setup_train(config, model, b, conv.compiler_options(), input_size=size,
+  step, state, data = setup_train(config, model, b, xla.compiler_options(), input_size=size,
                                   channels=c)
   holder = {"s": state}
 
@@ -260,7 +264,7 @@ def bench_quickstart(args):
 def bench_matmul(n: int, dtype, repeats: int) -> float:
   """Peak FLOP/s of an (n, n) @ (n, n) jnp.dot: the best of ``repeats`` calls."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-  f = conv.jit(lambda a: jnp.dot(a, a, preferred_element_type=dtype))
+  f = xla.jit(lambda a: jnp.dot(a, a, preferred_element_type=dtype))
   block(f(a))
   best = float("inf")
   for _ in range(repeats):
@@ -276,8 +280,8 @@ def bench_deconvnet(args, model, variables):
                     -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
   channels = np.arange(r) % 256
   params = variables["params"]
-  plain = conv.jit(bench_deconv._plain_vjp)  # pylint: disable=protected-access
-  ours = conv.jit(lambda v, x, ch: bench_deconv._plain_vjp(  # pylint: disable=protected-access
+  plain = xla.jit(bench_deconv._plain_vjp)  # pylint: disable=protected-access
+  ours = xla.jit(lambda v, x, ch: bench_deconv._plain_vjp(  # pylint: disable=protected-access
       None, x, ch, lambda img: model.apply(v, img, method="features")["conv5"]))
   t = interleaved({
       "project_many": lambda: deconv.project_many(model, variables, images, layer="conv5",
@@ -318,7 +322,7 @@ def bench_occlusion(args, model, variables):
   image = np.asarray(50.0 * jax.random.normal(jax.random.PRNGKey(3), (224, 224, 3)))
   n = len(occlusion.squares(224, settings.size, settings.stride)) ** 2
   x = jnp.asarray(np.repeat(image[None], args.batch, 0))
-  fwd = conv.jit(lambda v, x: model.apply(v, x))
+  fwd = xla.jit(lambda v, x: model.apply(v, x))
   t = interleaved({"forward": lambda: fwd(variables, x),
                    "occlusion": lambda: occlusion.scan(model, variables, image, 0,
                                                        settings)["activation"]},
@@ -334,15 +338,15 @@ def bench_scan(args, model, variables):
   pass to conv5 on the same host batches, interleaved (fwd, scan of 1 batch, scan of
   nb batches, per mode; repeated); the steady scan rate is (nb - 1) batches over
   the difference of the two scans (each call's set-up cancels)."""
-  from zfnet_jax import atlas
+  from zfnet_jax.analyses import atlas
   b, nb = args.batch, args.scan_batches
   rng = np.random.default_rng(4)
   batches = [{"image": rng.normal(0, 50, (b, 224, 224, 3)).astype(np.float32),
               "id": np.arange(i * b, (i + 1) * b), "label": np.zeros(b, np.int32)}
              for i in range(nb)]
-  layers = list(models.CONV_NAMES)
+  layers = list(table.CONV_NAMES)
   net = deconv.as_network(model)
-  fwd = conv.jit(lambda v, x: net.features(v, x)[layers[-1]])   # conv1..conv5, nothing after
+  fwd = xla.jit(lambda v, x: net.features(v, x)[layers[-1]])   # conv1..conv5, nothing after
 
   def forward():
     return [fwd(variables, jnp.asarray(x["image"])) for x in batches]
@@ -416,7 +420,7 @@ def bench_pipeline(args, train_rate):
         report(f"input pipeline {name}", "n/a", "", f"{c.dataset.fashion_mnist_dir} missing")
         continue
       work = os.path.join(tmp, name.split()[0])
-      it = input_pipeline.create_train_iterator(c, work)
+      it = iterators.create_train_iterator(c, work)
       next(it)  # start-up: mean, file listing, tf.data graph
       t = time.perf_counter()
       for _ in range(nb):
@@ -467,7 +471,7 @@ def main(argv=None):
       "backend": backend, "cpu_count": os.cpu_count(), "platform": platform.platform(),
       "processor": rundir.machine()["cpu"], "load_average": [round(x, 2) for x in load],
       "versions": rundir.versions(), "compute_dtype": dtype, "batch": args.batch,
-      "cpu_compiler_options": conv.compiler_options(),
+      "cpu_compiler_options": xla.compiler_options(),
       "devices": len(jax.devices()), "quick": args.quick,
   }
   print("zfnet_jax benchmarks")
@@ -502,7 +506,7 @@ def main(argv=None):
 
   variables = None
   if {"deconv", "captum", "occlusion", "scan"} & args.only:
-    variables = conv.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 224, 224, 3)))
+    variables = xla.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 224, 224, 3)))
   if "deconv" in args.only:
     bench_deconvnet(args, model, variables)
   if "captum" in args.only and on_cpu and dtype == "float32" and not args.no_torch:

@@ -130,7 +130,9 @@ def start_load(kinds):
 
 def write_record(args, argv, started, t0, loadavg, records, done: bool) -> dict:
   """The record so far (``done``: the soak has ended) to ``--json``; returns its summary."""
-  import jax, jaxlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  import jax  # pylint: disable=g-import-not-at-top,multiple-imports
+  import jaxlib
+
   from zfnet_jax import rundir  # pylint: disable=g-import-not-at-top
   sps = [r["steps_per_second"] for r in records if r["steps_per_second"]]
   summary = {"runs": len(records), "aborts": sum(r["abort"] for r in records),

@@ -4,13 +4,14 @@ r"""The first-layer table, generated from the committed record.
   python launch/conv1_table.py docs/results/conv1_sweep/conv1_measures.json README.md # rewrite
 
 With a README path, replaces what lies between its conv1-table markers
-(``zfnet_jax.conv1_sweep.TABLE_MARKERS``).
+(``zfnet_jax.studies.conv1_sweep.TABLE_MARKERS``).
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zfnet_jax import conv1_sweep, rundir  # noqa: E402
+from zfnet_jax import rundir
+from zfnet_jax.studies import conv1_sweep
 
 
 def main(argv):

@@ -20,10 +20,10 @@ def main(argv):
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)   # Orbax's read-only notices
-  from zfnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  out = argv[2] if len(argv) == 3 else os.path.join(checkpoints.SHIPPED, "quickstart")
+  from zfnet_jax.training import weights
+  out = argv[2] if len(argv) == 3 else os.path.join(weights.SHIPPED, "quickstart")
   try:
-    checkpoints.save_shipped(argv[1], out)
+    weights.save_shipped(argv[1], out)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

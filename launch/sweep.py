@@ -18,7 +18,8 @@ import sys
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zfnet_jax import sections, sweeps  # noqa: E402
+from zfnet_jax.render import sections
+from zfnet_jax.studies import sweeps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep() (file.py[:variant]).")

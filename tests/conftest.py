@@ -29,7 +29,8 @@ def pytest_runtest_makereport(item, call):
 def tiny_workdir(tmp_path_factory):
   """Path of a workdir with a finished tiny run: checkpoints at epochs 1, 2, 3, results.json,
   and the Fig. 4 TensorBoard panels of the pipeline's training hooks."""
-  from zfnet_jax import pipeline, train  # pylint: disable=g-import-not-at-top
+  from zfnet_jax import job
+  from zfnet_jax.training import loop
   config = tiny_config()
   if not os.path.exists(os.path.join(config.dataset.fashion_mnist_dir,
                                      "train-images-idx3-ubyte.gz")):
@@ -38,5 +39,5 @@ def tiny_workdir(tmp_path_factory):
     make_fmnist(d, n_train=1024, n_test=256)
     config.dataset.fashion_mnist_dir = d
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  train.train_and_evaluate(config, workdir, hooks=pipeline.training_hooks(config, workdir))
+  loop.train_and_evaluate(config, workdir, hooks=job.training_hooks(config, workdir))
   return workdir

@@ -7,8 +7,8 @@ import gzip
 import itertools
 import json
 import os
-import struct
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -20,8 +20,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from zfnet_jax import configs, deconv, input_pipeline as ip, models
-
+from zfnet_jax import configs, deconv
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.nn import table
 
 # -- fake Fashion-MNIST IDX files ----------------------------------------------
 
@@ -39,7 +40,7 @@ def make_fmnist(directory, n_train=40, n_test=10, seed=0):
   for split, n in (("train", n_train), ("test", n_test)):
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n, dtype=np.uint8)
-    img_file, lab_file = ip.FASHION_MNIST_FILES[split]
+    img_file, lab_file = sources.FASHION_MNIST_FILES[split]
     write_idx(os.path.join(directory, img_file), images)
     write_idx(os.path.join(directory, lab_file), labels)
     out[split] = (images, labels)
@@ -189,13 +190,13 @@ def multihost_data(path):
 
 def slow_down_training(delay):
   """Make every training batch take ``delay`` s longer (so a kill lands mid-run)."""
-  make = ip.create_train_iterator
+  make = iterators.create_train_iterator
 
   def slow(*args, **kwargs):
     for batch in make(*args, **kwargs):
       time.sleep(delay)
       yield batch
-  ip.create_train_iterator = slow
+  iterators.create_train_iterator = slow
 
 
 # -- NumPy references of the layers ------------------------------------------------
@@ -328,8 +329,8 @@ class PlainCNN(nn.Module):
 
 # Receptive fields of PlainCNN by hand (size, stride, offset): c1 5/1; p1 6/2;
 # c2 (3x3 at stride 2, SAME padding 1) 10/2 offset -2; p2 12/4 offset -2.
-PLAIN_FIELDS = {"c1": models.ReceptiveField(5, 1, 0), "p1": models.ReceptiveField(6, 2, 0),
-                "c2": models.ReceptiveField(10, 2, -2), "p2": models.ReceptiveField(12, 4, -2)}
+PLAIN_FIELDS = {"c1": table.ReceptiveField(5, 1, 0), "p1": table.ReceptiveField(6, 2, 0),
+                "c2": table.ReceptiveField(10, 2, -2), "p2": table.ReceptiveField(12, 4, -2)}
 
 
 def plain_network(seed=0, size=32, channels=1, num_classes=3):

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import deconv, models
+from zfnet_jax import deconv
+from zfnet_jax.nn import models, table
 
 import helpers
 
@@ -31,10 +32,10 @@ def test_probed_fields_of_our_models_give_the_layer_tables_windows(name, size):
   variables = jax.tree.map(lambda a: jnp.abs(a) + 0.01, variables)   # no dead units
   probed = deconv.probe_receptive_fields(
       lambda v, x: model.apply(v, x, method="features"), variables, 1, size)
-  want = models.receptive_fields(model, size)
+  want = table.receptive_fields(model, size)
   assert set(probed) == set(want)
   for layer, rf in want.items():
-    side = models.layer_shapes(model, size)[layer][0]
+    side = table.layer_shapes(model, size)[layer][0]
     for i in range(side):
       assert probed[layer].window(i, i, size) == rf.window(i, i, size), (layer, i)
     if name == "ZFNet":
@@ -52,7 +53,7 @@ def test_from_features_probes_once_per_size(monkeypatch):
   cnn = helpers.PlainCNN()
   calls = []
   real = deconv.probe_receptive_fields
-  monkeypatch.setattr(deconv, "probe_receptive_fields",
+  monkeypatch.setattr(deconv.networks, "probe_receptive_fields",
                       lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
   net = deconv.from_features(lambda v, x: cnn.apply(v, x, method="features"), variables, 1)
   assert net.receptive_fields(32) == helpers.PLAIN_FIELDS
@@ -83,14 +84,14 @@ def test_project_fn_params_and_chunks():
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (5, 32, 32, 1)), np.float32)
   chans = np.array([0, 1, 2, 3, 1])
   other = jax.tree.map(lambda a: a * 1.5, variables)
-  before = deconv._project_fn_jit._cache_size()
+  before = deconv.projection._project_fn_jit._cache_size()
   got = {}
   for name, v in (("a", variables), ("b", other)):
     for chunk in (None, 2):
       got[name, chunk] = np.asarray(deconv.project_fn(
           fn, x, channel=chans, output="c1", rule="backprop", params=v, chunk_size=chunk))
   # one compilation for the whole batch and one for chunks of 2, whatever the weights
-  assert deconv._project_fn_jit._cache_size() - before == 2
+  assert deconv.projection._project_fn_jit._cache_size() - before == 2
   for name, v in (("a", variables), ("b", other)):
     k = np.asarray(v["params"]["c1"]["kernel"])
     b = np.asarray(v["params"]["c1"]["bias"])

@@ -26,7 +26,7 @@ def test_floors_contract_holds():
                         "no_logo=True))"],
                        cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-  assert "1 kept, 0 broken" in out.stdout
+  assert " kept, 0 broken" in out.stdout
 
 
 def test_no_function_local_imports_of_our_modules():
@@ -47,13 +47,13 @@ def test_no_function_local_imports_of_our_modules():
 
 
 def test_a_circle_is_caught(tmp_path):
-  """The contract can fail: a copy of the package where layers imports report is broken."""
+  """The contract can fail: a copy of the package where nn.layers imports the report is broken."""
   import shutil
   copy = tmp_path / "repo"
   shutil.copytree(PACKAGE, copy / "zfnet_jax")
   shutil.copy(os.path.join(REPO, "setup.cfg"), copy / "setup.cfg")
-  with open(copy / "zfnet_jax" / "layers.py", "a", encoding="utf-8") as f:
-    f.write("\nfrom zfnet_jax import report  # noqa\n")
+  with open(copy / "zfnet_jax" / "nn" / "layers.py", "a", encoding="utf-8") as f:
+    f.write("\nfrom zfnet_jax.report import report  # noqa\n")
   out = subprocess.run([sys.executable, "-c",
                         "import sys; sys.path.insert(0, '.'); "
                         "from importlinter.cli import lint_imports; "
@@ -62,10 +62,10 @@ def test_a_circle_is_caught(tmp_path):
                        cwd=copy, capture_output=True, text=True, timeout=300, check=False,
                        env=dict(os.environ, PYTHONPATH=str(copy)))
   assert out.returncode != 0
-  assert "zfnet_jax.layers is not allowed to import zfnet_jax.report" in out.stdout
+  assert "zfnet_jax.nn.layers -> zfnet_jax.report.report" in out.stdout
 
 
-@pytest.mark.parametrize("module", ["zfnet_jax", "zfnet_jax.report", "zfnet_jax.train"])
+@pytest.mark.parametrize("module", ["zfnet_jax", "zfnet_jax.report.report", "zfnet_jax.training.loop"])
 def test_importing_sets_nothing_in_jax(module):
   code = (f"import os, sys; before = os.environ.get('XLA_FLAGS'); import {module}; "
           "assert os.environ.get('XLA_FLAGS') == before, os.environ.get('XLA_FLAGS')")

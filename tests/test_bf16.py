@@ -9,23 +9,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from zfnet_jax import deconv
+from zfnet_jax.nn import models
+from zfnet_jax.training import loop, steps, train_state
+
 from helpers import small_config
-from zfnet_jax import deconv, models, train, train_state
 
 U = 2.0 ** -8   # unit roundoff of bfloat16
 STEPS = 3
 
 
 def train_steps(dtype, batches):
-  """(model, initial params, final state, losses) of ``train.build_train_step`` on one
+  """(model, initial params, final state, losses) of ``loop.build_train_step`` on one
   device, one step per batch."""
   c = small_config("unused", steps=STEPS)
   c.model.dtype = dtype
   model = models.from_config(c.model, 10)
   tx = train_state.optimizer_from_config(c)
   run = types.SimpleNamespace(config=c, steps_per_epoch=STEPS, num_steps=STEPS, model=model,
-                              tx=tx, mesh=Mesh(np.array(jax.devices()[:1]), (train.AXIS,)))
-  step = train.build_train_step(run)
+                              tx=tx, mesh=Mesh(np.array(jax.devices()[:1]), (steps.AXIS,)))
+  step = loop.build_train_step(run)
   state = jax.jit(train_state.init_fn(model, batches[0]["image"].shape, tx, seed=c.seed,
                                       clip_radius=train_state.clip_radius(c)))()
   params0 = jax.device_get(state.params)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from zfnet_jax import console, pipeline, rundir
+from zfnet_jax import console, job, rundir
 
 from helpers import make_fmnist, small_config
 
@@ -58,15 +58,15 @@ def test_estimate_model_by_hand(tmp_path):
   make_fmnist(d, n_train=40, n_test=10)
   c = small_config(d)                      # batch 8, 10 test images, centre crop
   c.report.max_examples = -1
-  est = pipeline.estimate_seconds(c, str(tmp_path / "wd"), 0.3, remaining_steps=100,
+  est = job.estimate_seconds(c, str(tmp_path / "wd"), 0.3, remaining_steps=100,
                                   write_report=True)
   fwd = 0.3 / 3 / 8
   assert est["training"] == pytest.approx(30.0)
   assert est["final evaluation"] == pytest.approx(10 * fwd)
-  assert est["report"] == pytest.approx(pipeline.REPORT_STEPS * 0.3 + 2 * 10 * fwd)
+  assert est["report"] == pytest.approx(job.REPORT_STEPS * 0.3 + 2 * 10 * fwd)
   assert not [k for k in est if k.startswith("comparison")]  # small_config trains none
   c.ten_crop_eval = True
-  est = pipeline.estimate_seconds(c, str(tmp_path / "wd"), 0.3, remaining_steps=0,
+  est = job.estimate_seconds(c, str(tmp_path / "wd"), 0.3, remaining_steps=0,
                                   write_report=False)
   assert est == pytest.approx({"training": 0.0, "final evaluation": 100 * fwd})
 

@@ -1,7 +1,7 @@
 """The CPU convolution routing of zfnet_jax/conv.py: same maths, other kernels.
 
-Convolutions compiled with ``conv.CPU_COMPILER_OPTIONS`` (what every function
-the package compiles carries, ``conv.jit``) must not go to YNNPACK, and their value
+Convolutions compiled with ``xla.CPU_COMPILER_OPTIONS`` (what every function
+the package compiles carries, ``xla.jit``) must not go to YNNPACK, and their value
 and VJPs must equal NumPy loop references -- the input VJP being the
 transposed convolution is what the deconvnet's "filter" step relies on.
 """
@@ -12,11 +12,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import pytest
+from jax import lax
 
-from zfnet_jax import conv
+from zfnet_jax import xla
 
 DN = ("NHWC", "HWIO", "NHWC")
 GEOMETRIES = [  # (input side, kernel, stride, (pad_lo, pad_hi)) as in the layer table
@@ -65,7 +65,7 @@ def test_routed_conv_matches_numpy(size, k, s, pad):
   rng = np.random.default_rng(size)
   x = rng.normal(size=(2, size, size, 3))
   w = rng.normal(size=(k, k, 3, 4))
-  fwd, vjp = _fns(s, pad, conv.CPU_COMPILER_OPTIONS)
+  fwd, vjp = _fns(s, pad, xla.CPU_COMPILER_OPTIONS)
   want = np_conv(x, w, s, pad)
   got = fwd(jnp.float32(x), jnp.float32(w))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -82,13 +82,13 @@ def test_options_route_convolutions_away_from_ynnpack():
   x, w = jnp.ones((2, 13, 13, 64)), jnp.ones((3, 3, 64, 64))
   g = jnp.ones((2, 6, 6, 64))
   texts = {}
-  for name, opts in [("fast", conv.CPU_COMPILER_OPTIONS),
-                     ("default", conv.DEFAULT_CPU_COMPILER_OPTIONS)]:
+  for name, opts in [("fast", xla.CPU_COMPILER_OPTIONS),
+                     ("default", xla.DEFAULT_CPU_COMPILER_OPTIONS)]:
     fwd, vjp = _fns(2, (0, 1), opts)
     texts[name] = (fwd.lower(x, w).compile().as_text() + vjp.lower(x, w, g).compile().as_text())
   assert "__ynn_fusion" not in texts["fast"]
   assert "convolution(" in texts["fast"]
-  if conv._jaxlib_version() in conv.KNOWN_JAXLIB:  # pylint: disable=protected-access
+  if xla._jaxlib_version() in xla.KNOWN_JAXLIB:  # pylint: disable=protected-access
     assert "__ynn_fusion" in texts["default"]  # the option is what makes the difference
 
 
@@ -102,44 +102,44 @@ from jax import lax
 f = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
 args = jnp.ones((2, 13, 13, 64)), jnp.ones((3, 3, 64, 64))
-ours = conv.jit(f).lower(*args).compile().as_text()       # how the package compiles
+ours = xla.jit(f).lower(*args).compile().as_text()       # how the package compiles
 theirs = jax.jit(f).lower(*args).compile().as_text()      # a user's own jit
 print(json.dumps({"flags_unchanged": os.environ.get("XLA_FLAGS") == before,
                   "ours_ynn": "__ynn_fusion" in ours, "theirs_ynn": "__ynn_fusion" in theirs,
-                  "options": conv.compiler_options(), "n": jax.local_device_count()}))
+                  "options": xla.compiler_options(), "n": jax.local_device_count()}))
 """
 
 
 def _child(env_updates):
   """What a plain script gets: no set-up call, nothing in XLA_FLAGS but ``env_updates``."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", conv.OPT_OUT)}
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla.OPT_OUT)}
   env.update(env_updates, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                        text=True, timeout=120, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(conv._jaxlib_version() not in conv.KNOWN_JAXLIB,  # pylint: disable=protected-access
+@pytest.mark.skipif(xla._jaxlib_version() not in xla.KNOWN_JAXLIB,  # pylint: disable=protected-access
                     reason="options only given for measured jaxlib versions")
 def test_package_functions_carry_the_options_however_called():
   plain = _child({})
   assert plain["flags_unchanged"] and plain["n"] == 1        # nothing process-wide
-  assert plain["options"] == conv.CPU_COMPILER_OPTIONS
+  assert plain["options"] == xla.CPU_COMPILER_OPTIONS
   assert not plain["ours_ynn"] and plain["theirs_ynn"]       # ours routed, the user's own not
-  off = _child({conv.OPT_OUT: "1"})
+  off = _child({xla.OPT_OUT: "1"})
   assert off["options"] is None and off["ours_ynn"]
-  user = _child({"XLA_FLAGS": f"--{conv.FLAG}={conv.DEFAULT_VALUE}"})
+  user = _child({"XLA_FLAGS": f"--{xla.FLAG}={xla.DEFAULT_VALUE}"})
   assert user["options"] is None and user["ours_ynn"]         # the user's own setting wins
 
 
 _DEVICES_CHILD = """
 import json, os, sys
 from zfnet_jax import conv
-n = conv.set_host_devices(int(sys.argv[1]))
+n = xla.set_host_devices(int(sys.argv[1]))
 import jax
 jax.devices()
 try:
-  conv.set_host_devices(2)
+  xla.set_host_devices(2)
   late = None
 except ValueError as e:
   late = str(e)
@@ -150,15 +150,15 @@ print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "n": jax.local_devic
 
 @pytest.mark.parametrize("asked,user,want", [(1, "", 1), (3, "", 3), (2, "5", 5)])
 def test_host_devices_are_opt_in_and_the_users_count_wins(asked, user, want):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", conv.OPT_OUT)}
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla.OPT_OUT)}
   env.update(JAX_PLATFORMS="cpu")
   if user:
-    env["XLA_FLAGS"] = f"--{conv.DEVICES_FLAG}={user}"
+    env["XLA_FLAGS"] = f"--{xla.DEVICES_FLAG}={user}"
   got = json.loads(subprocess.run(
       [sys.executable, "-c", _DEVICES_CHILD, str(asked)], env=env, capture_output=True,
       text=True, timeout=120, check=True).stdout.strip().splitlines()[-1])
   assert got["n"] == got["returned"] == want
-  assert got["flags"].count(conv.DEVICES_FLAG) == (0 if want == 1 else 1)
+  assert got["flags"].count(xla.DEVICES_FLAG) == (0 if want == 1 else 1)
   if not user:
     assert "JAX has started already" in got["late"]
 
@@ -166,7 +166,7 @@ def test_host_devices_are_opt_in_and_the_users_count_wins(asked, user, want):
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_host_devices_refuse_a_bad_count(bad):
   with pytest.raises(ValueError, match=r"cpu_host_devices=.*allowed: a positive int"):
-    conv.set_host_devices(bad)
+    xla.set_host_devices(bad)
 
 
 def test_nan_propagating_options_let_nan_reach_every_maximum():
@@ -183,7 +183,7 @@ def test_nan_propagating_options_let_nan_reach_every_maximum():
     y = lax.conv_general_dilated(a, w, (1, 1), "VALID", dimension_numbers=DN)
     r = jax.nn.relu(y + 0.05)
     return r, lax.reduce_window(r, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-  r, got = jax.jit(f, compiler_options=conv.nan_propagating_options())(jnp.asarray(x))
+  r, got = jax.jit(f, compiler_options=xla.nan_propagating_options())(jnp.asarray(x))
   want_r = np.isnan(np_conv(x, w, 1, (0, 0)))          # NaN where a window reads the column
   np.testing.assert_array_equal(np.isnan(np.asarray(r)), want_r)
   want = want_r.reshape(3, 14, 2, 14, 2, 4).any(axis=(2, 4))

@@ -11,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import conv1_sweep, models, sweeps
 from zfnet_jax.analyses import diagnostics
+from zfnet_jax.nn import models
+from zfnet_jax.nn import table as table_lib
+from zfnet_jax.studies import conv1_sweep, sweeps
 
 import helpers
 
@@ -160,7 +162,7 @@ def test_matched_pad_by_hand():
          for k, s in ((5, 1), (7, 2), (9, 2), (11, 2), (7, 4), (9, 4), (11, 4), (5, 2))}
   assert got == {(5, 1): 0, (7, 2): 0, (9, 2): 1, (11, 2): 2, (7, 4): 2, (9, 4): 3,
                  (11, 4): 4, (5, 2): 0}
-  assert models.conv_out(28, 11, 4, 4)[0] == 8 and models.conv_out(28, 11, 2, 2)[0] == 12
+  assert table_lib.conv_out(28, 11, 4, 4)[0] == 8 and table_lib.conv_out(28, 11, 2, 2)[0] == 12
 
 
 def test_dry_run_lists_the_grid():

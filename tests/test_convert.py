@@ -1,4 +1,4 @@
-"""torchvision weights in our models (zfnet_jax.convert) against PyTorch itself.
+"""torchvision weights in our models (zfnet_jax.nn.convert) against PyTorch itself.
 
 The reference networks are written here with torchvision's exact module layout
 (``features`` / ``avgpool`` / ``classifier`` Sequentials, so the state-dict keys
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import convert, deconv, layers, models
+from zfnet_jax import deconv
+from zfnet_jax.nn import convert, layers, models, torchvision
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -178,7 +179,7 @@ def imported(request):
 # (bins repeat pixels); 271: pool5 7x7 -> 6x6 (overlapping bins).
 def test_alexnet_logits_and_every_layer_equal_torchvision(alexnet, imported):
   model, variables = compare("alexnet", alexnet, ALEXNET_OUTPUTS, (224, 99, 271), imported)
-  assert isinstance(model, models.TorchvisionAlexNet) and model.num_classes == 1000
+  assert isinstance(model, torchvision.TorchvisionAlexNet) and model.num_classes == 1000
   assert models.count_params(variables) == sum(p.numel() for p in alexnet.parameters())
 
 
@@ -188,7 +189,7 @@ def test_vgg16_logits_and_every_layer_equal_torchvision(vgg16, imported, sizes):
   # 32: pool5 1x1 -> 7x7; 80: pool5 2x2 -> 7x7; 224: the identity.
   net = vgg16
   model, variables = compare("vgg16", net, vgg16_outputs(), sizes, imported)
-  assert isinstance(model, models.VGG16)
+  assert isinstance(model, torchvision.VGG16)
   assert models.count_params(variables) == sum(p.numel() for p in net.parameters())
 
 

@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, models, sections
+from zfnet_jax import configs
 from zfnet_jax.analyses import correspondence
+from zfnet_jax.nn import models
+from zfnet_jax.render import sections
 
 import helpers
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from zfnet_jax import deconv
+from zfnet_jax.deconv import rewrite
+from zfnet_jax.nn import layers, models, rules
+
 from helpers import np_conv, np_conv_down, np_lrn, np_pool, np_relu_down, np_unpool
-from zfnet_jax import deconv, layers, models, rewrite
 
 SIZE = 64
 
@@ -266,9 +269,9 @@ def test_projection_starts_from_value_and_is_linear_in_it():
 def test_forward_identical_for_all_rules():
   model, variables, x = tiny()
   feats = [jax.jit(lambda a, r=r: model.clone(rule=r).apply(variables, a, method="features"))(x)
-           for r in layers.RULES]
+           for r in tuple(rules.RULES)]
   fn = lambda img: model.apply(variables, img, method="features")
-  feats += [jax.jit(rewrite.deconvnet_transform(fn, r))(x) for r in layers.RULES]
+  feats += [jax.jit(rewrite.deconvnet_transform(fn, r))(x) for r in tuple(rules.RULES)]
   for f in feats[1:]:
     for name in f:
       np.testing.assert_array_equal(f[name], feats[0][name])
@@ -363,7 +366,7 @@ def test_to_image_and_receptive_patch():
 
 class PlainCNN(nn.Module):
   """A small CNN written the ordinary way (nn.relu, nn.max_pool ceil-mode padding)."""
-  ours: bool = False  # use zfnet_jax.layers instead (the same function)
+  ours: bool = False  # use zfnet_jax.nn.layers instead (the same function)
   rule: str = "backprop"
 
   @nn.compact
@@ -384,7 +387,7 @@ def _plain_setup():
   return jnp.asarray(x), v
 
 
-@pytest.mark.parametrize("rule", layers.RULES)
+@pytest.mark.parametrize("rule", tuple(rules.RULES))
 def test_transform_matches_our_layers_on_linen(rule):
   x, v = _plain_setup()
   got = deconv.project_fn(lambda img: PlainCNN().apply(v, img), x, output="c2", channel=2,
@@ -494,7 +497,8 @@ def test_api_arguments_property():
   raised before any computation; every good combination reaches the computation."""
   from unittest import mock
 
-  from hypothesis import given, settings, strategies as st
+  from hypothesis import given, settings
+  from hypothesis import strategies as st
   model, variables, x = tiny()
   calls = []
 
@@ -507,12 +511,12 @@ def test_api_arguments_property():
   @given(layer=st.sampled_from(list(TINY_SHAPES) + ["conv6", "fc8", "Conv1", ""]),
          channel=st.integers(-2, 8),
          position=st.none() | st.tuples(st.integers(-2, 32), st.integers(-2, 32)),
-         rule=st.sampled_from(list(layers.RULES) + ["lrp", "Deconvnet"]),
+         rule=st.sampled_from(list(tuple(rules.RULES)) + ["lrp", "Deconvnet"]),
          many=st.booleans())
   def check(layer, channel, position, rule, many):
     shape = TINY_SHAPES.get(layer)
     bad = []
-    if rule not in layers.RULES:
+    if rule not in tuple(rules.RULES):
       bad.append(repr(rule))
     if shape is None:
       bad.append(repr(layer))
@@ -522,7 +526,7 @@ def test_api_arguments_property():
       if position is not None and not (0 <= position[0] < shape[0] and 0 <= position[1] < shape[1]):
         bad.append(str(position))
     calls.clear()
-    with mock.patch.object(deconv, "_project_batch", fake):
+    with mock.patch.object(deconv.projection, "_project_batch", fake):
       try:
         if many:
           deconv.project_many(model, variables, x, layer=layer, channels=[channel] * 2,
@@ -548,12 +552,12 @@ def test_projection_runs_only_the_layers_below_and_compiles_once(layer, convolut
   equal model, reuse one compilation."""
   model, variables, x = tiny()
   args = (variables, x, jnp.zeros(2, jnp.int32), jnp.zeros((2, 2), jnp.int32), jnp.ones(2, bool))
-  hlo = deconv._project_batch.lower(model.clone(rule="deconvnet"), *args,
+  hlo = deconv.projection._project_batch.lower(model.clone(rule="deconvnet"), *args,
                                     layer=layer).compile().as_text()
   assert hlo.count(" convolution(") == convolutions
   deconv.project(model, variables, x, layer=layer, channel=0)
-  size = deconv._project_batch._cache_size()
+  size = deconv.projection._project_batch._cache_size()
   for rule in ("deconvnet", "deconvnet", "deconvnet"):
     again = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
     deconv.project(again, variables, x, layer=layer, channel=1, rule=rule)
-  assert deconv._project_batch._cache_size() == size
+  assert deconv.projection._project_batch._cache_size() == size

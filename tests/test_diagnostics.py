@@ -1,13 +1,18 @@
 """Dead filters, radial spectra and the high-frequency indicator on hand-made filters."""
 import os
+
 import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import checkpoints, configs, models, pipeline, report, sections
+from zfnet_jax import configs, job
+from zfnet_jax.analyses import diagnostics
+from zfnet_jax.nn import models
+from zfnet_jax.render import sections
+from zfnet_jax.report import comparisons
+from zfnet_jax.training import weights
 
 import helpers
-from zfnet_jax.analyses import diagnostics
 
 
 def test_dead_fraction_by_hand():
@@ -192,13 +197,13 @@ def test_pipeline_trains_the_no_clip_comparison_and_shows_its_filter_statistics(
   c.analyses.diagnostics.train_comparison = True
   c.analyses.diagnostics.comparisons = ("no_clip",)
   work = str(tmp_path / "wd")
-  pipeline.run(c, work, train_model=True, write_report=True)
+  job.run(c, work, train_model=True, write_report=True)
   sub = os.path.join(work, "comparison_ZFNetLowRes_noclip")
   assert os.path.isfile(os.path.join(sub, "results.json"))
   html = open(os.path.join(work, "report", "index.html"), encoding="utf-8").read()
   rows = {}
   for name, where in (("ZFNetLowRes", work), ("ZFNetLowRes without clipping", sub)):
-    kernel = np.asarray(checkpoints.load_trained(where)[1]["params"]["conv1"]["kernel"],
+    kernel = np.asarray(weights.load_trained(where)[1]["params"]["conv1"]["kernel"],
                         np.float64)
     rms = np.sqrt(np.mean(kernel ** 2, axis=(0, 1, 2)))
     dead = np.mean(rms < 0.05 * rms.max())
@@ -213,16 +218,16 @@ def test_pipeline_trains_the_no_clip_comparison_and_shows_its_filter_statistics(
 def test_comparison_runs_of_a_config():
   """Which Fig. 6 comparison runs a run has, where they train and with what config."""
   c = configs.default_config()                       # ZFNet, clipping on
-  assert report.comparison_kinds(c) == ["counterpart", "no_clip"]
-  nc = report.comparison_config(c, "no_clip")
+  assert comparisons.kinds(c) == ["counterpart", "no_clip"]
+  nc = comparisons.config_of(c, "no_clip")
   assert (nc.model.name, nc.clip_filters, c.clip_filters) == ("ZFNet", False, True)
   assert nc.model.to_dict() == c.model.to_dict() and nc.learning_rate == c.learning_rate
-  assert report.comparison_config(c, "counterpart").model.name == "AlexNet"
-  assert report.comparison_workdir(c, "/w", "no_clip") == "/w/comparison_ZFNet_noclip"
-  assert report.comparison_workdir(c, "/w") == "/w/comparison_AlexNet"
+  assert comparisons.config_of(c, "counterpart").model.name == "AlexNet"
+  assert comparisons.workdir_of(c, "/w", "no_clip") == "/w/comparison_ZFNet_noclip"
+  assert comparisons.workdir_of(c, "/w") == "/w/comparison_AlexNet"
   c.clip_filters = False                             # nothing to compare without clipping
-  assert report.comparison_kinds(c) == ["counterpart"]
-  assert report.comparison_workdir(c, "/w", "no_clip") is None
+  assert comparisons.kinds(c) == ["counterpart"]
+  assert comparisons.workdir_of(c, "/w", "no_clip") is None
   c.analyses.diagnostics.comparisons = ("no_clip", "alexnet")
   with pytest.raises(ValueError, match=r"\['alexnet'\]; allowed: counterpart, no_clip"):
-    report.comparison_kinds(c)
+    comparisons.kinds(c)

@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, deconv, input_pipeline as ip, models, report, train
+from zfnet_jax import configs, deconv
+from zfnet_jax.data import sources
+from zfnet_jax.nn import models
+from zfnet_jax.report import report
+from zfnet_jax.training import loop
 
 from helpers import make_fmnist, small_config
 
@@ -76,7 +80,7 @@ def test_impossible_config_values(field, value, names):
     node = node[p]
   node[leaf] = value
   validate = report.check_rule if field.startswith("report.") else (
-      lambda config: train.validate(config, 4))
+      lambda config: loop.validate(config, 4))
   with pytest.raises(ValueError, match=r".*".join(map(__import__("re").escape, [names]))):
     validate(c)
 
@@ -89,17 +93,17 @@ def test_clip_radius_must_be_positive_when_clipping(radius):
   c.clip_radius = radius
   with pytest.raises(ValueError, match=f"clip_radius={radius!r} with clip_filters=True; "
                                        "allowed: a positive number"):
-    train.validate(c)
+    loop.validate(c)
   c.clip_filters = False
-  train.validate(c)
+  loop.validate(c)
 
 
 def test_batch_must_divide_over_devices():
   c = configs.default_config()
   c.batch_size = 30
   with pytest.raises(ValueError, match="batch_size=30 does not divide by the 4 devices"):
-    train.validate(c, 4)
-  train.validate(c, 2)
+    loop.validate(c, 4)
+  loop.validate(c, 2)
 
 
 def _tiny():
@@ -134,36 +138,36 @@ def test_empty_or_missing_folder_dataset(tmp_path):
   c.dataset.name = "folder"
   c.dataset.folder = str(tmp_path / "empty")
   os.makedirs(c.dataset.folder)
-  ip._folder_files.cache_clear()
+  sources._folder_files.cache_clear()
   with pytest.raises(ValueError, match=r"has 0 class sub-folder\(s\).*need at least 2"):
-    ip.dataset_info(c)
+    sources.dataset_info(c)
   c.dataset.folder = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    ip.dataset_info(c)
+    sources.dataset_info(c)
 
 
 def test_failed_runs_leave_a_workdir_the_next_run_can_use(tmp_path):
   good, bad = str(tmp_path / "fm"), str(tmp_path / "fm_bad")
   make_fmnist(good, n_train=16, n_test=8)
   make_fmnist(bad, n_train=16, n_test=8)
-  path = os.path.join(bad, ip.FASHION_MNIST_FILES["train"][0])
+  path = os.path.join(bad, sources.FASHION_MNIST_FILES["train"][0])
   with gzip.open(path) as f:
     data = f.read()
   with gzip.open(path, "wb") as f:
     f.write(data[:len(data) // 2])
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   wd = str(tmp_path / "wd")
   one = jax.devices()[:1]
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is truncated"):
-    train.train_and_evaluate(small_config(bad, steps=2), wd, devices=one)
+    loop.train_and_evaluate(small_config(bad, steps=2), wd, devices=one)
   c = small_config(good, steps=2)
   c.restore_path = str(tmp_path / "no_such_run")
   with pytest.raises(FileNotFoundError, match="no_such_run"):
-    train.train_and_evaluate(c, wd, devices=one)
-  res = train.train_and_evaluate(small_config(good, steps=2), wd, devices=one)
+    loop.train_and_evaluate(c, wd, devices=one)
+  res = loop.train_and_evaluate(small_config(good, steps=2), wd, devices=one)
   assert res["steps"] == 2 and res["num_eval_examples"] == 8
   # A workdir that cannot be created (here: under a file) is named.
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(PermissionError, match="file/wd.*not writable"):
-    train.train_and_evaluate(small_config(good, steps=2), str(blocker / "wd"), devices=one)
+    loop.train_and_evaluate(small_config(good, steps=2), str(blocker / "wd"), devices=one)

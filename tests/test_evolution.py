@@ -10,10 +10,14 @@ import pytest
 import tensorflow as tf
 from clu import metric_writers
 
-from zfnet_jax import checkpoints, deconv, input_pipeline, models, rundir, sections
+from zfnet_jax import deconv, rundir
+from zfnet_jax.analyses import evolution
+from zfnet_jax.data import iterators
+from zfnet_jax.nn import models
+from zfnet_jax.render import sections
+from zfnet_jax.training import checkpoints, weights
 
 import helpers
-from zfnet_jax.analyses import evolution
 
 
 def brute_force_tile(model, variables, images, layer, ch):
@@ -42,7 +46,7 @@ def nearest(tile, t):
 def train_images(workdir, n):
   """The first ``n`` training examples of a run (its cached pixel mean subtracted)."""
   config = checkpoints.load_config(workdir)
-  batch = next(input_pipeline.create_eval_iterator(config, workdir, split="train", batch_size=n))
+  batch = next(iterators.create_eval_iterator(config, workdir, split="train", batch_size=n))
   return np.asarray(batch["image"])
 
 
@@ -131,13 +135,13 @@ def test_grids_come_from_evolution_checkpoints(tiny_workdir):
   images = train_images(tiny_workdir, 32)
   ckpts = rundir.evolution_checkpoints(tiny_workdir)
   assert len(ckpts) >= 2
-  model, _, _ = checkpoints.load_trained(tiny_workdir)
-  loaders = [(e, (lambda s=s: checkpoints.load_trained(tiny_workdir, s)[1])) for e, s in ckpts]
+  model, _, _ = weights.load_trained(tiny_workdir)
+  loaders = [(e, (lambda s=s: weights.load_trained(tiny_workdir, s)[1])) for e, s in ckpts]
   epochs, g = evolution.grids(model, loaders, images, ["conv1", "conv2"], [0, 1, 2], tile=None,
                               progress=False)
   assert epochs == [e for e, _ in ckpts]
   for e, (_, step) in enumerate(ckpts):
-    model, variables, _ = checkpoints.load_trained(tiny_workdir, step)
+    model, variables, _ = weights.load_trained(tiny_workdir, step)
     for k, layer in enumerate(("conv1", "conv2")):
       for m in range(3):
         want = brute_force_tile(model, variables, images, layer, m)
@@ -145,7 +149,7 @@ def test_grids_come_from_evolution_checkpoints(tiny_workdir):
   # training changed the features: the first and last epochs' tiles differ
   assert np.abs(g["conv1"][0] - g["conv1"][-1]).max() > 0.01
   # variables given directly: the same grids
-  _, variables, _ = checkpoints.load_trained(tiny_workdir, ckpts[-1][1])
+  _, variables, _ = weights.load_trained(tiny_workdir, ckpts[-1][1])
   _, g2 = evolution.grids(model, [(ckpts[-1][0], variables)], images, ["conv1"], [0, 1, 2],
                           tile=None, progress=False)
   np.testing.assert_allclose(g2["conv1"][0], g["conv1"][-1])
@@ -153,7 +157,7 @@ def test_grids_come_from_evolution_checkpoints(tiny_workdir):
 
 @pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_tensorboard_hook_writes_images(tiny_workdir, tmp_path):
-  model, variables, _ = checkpoints.load_trained(tiny_workdir)
+  model, variables, _ = weights.load_trained(tiny_workdir)
   images = train_images(tiny_workdir, 8)
   assert evolution.tensorboard_hook(model, images, layers=("conv1", "conv2"), maps=(0, 1),
                                     every=0) is None   # 0 = off

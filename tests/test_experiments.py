@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from zfnet_jax import models
+from zfnet_jax import job
+from zfnet_jax.nn import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -107,8 +108,8 @@ def test_imagenette_config_trains_and_reports_on_mock_data(tmp_path):
   on TFDS mock data (nothing downloads) and writes a report with the atlas, the
   evolution and the occlusion sections (ZFNet at 224 px on CPU: ~1-3 min)."""
   import os
+
   import tensorflow_datasets as tfds
-  from zfnet_jax import pipeline
   c = load("imagenette").get_config()
   c.model.conv_features, c.model.fc_features = (8, 8, 8, 8, 8), 8
   c.dataset.shuffle_buffer, c.dataset.prefetch = 8, 0
@@ -123,7 +124,7 @@ def test_imagenette_config_trains_and_reports_on_mock_data(tmp_path):
   for name in ("invariance", "walkthrough", "diagnostics"):
     c.analyses[name].enabled = False
   with tfds.testing.mock_data(num_examples=8):
-    out = pipeline.run(c, str(tmp_path / "run"))
+    out = job.run(c, str(tmp_path / "run"))
   assert out["results"]["steps"] == 2
   html = open(out["report"]).read()
   for anchor in ("layer-conv1", "layer-conv5", "evolution", "occlusion"):
@@ -141,7 +142,7 @@ def test_paper_configs_train_with_the_papers_momentum(file, variant):
 def test_a_run_saved_before_the_option_resumes_in_pytorchs_form():
   """config.json written before momentum_form existed: those runs used PyTorch's form, so
   resuming one under the paper's (another optimiser state) is a change check_resume sees."""
-  from zfnet_jax import configs  # pylint: disable=g-import-not-at-top
+  from zfnet_jax import configs
   old = json.loads(load("zfnet").get_config().to_json_best_effort())
   del old["momentum_form"]
   assert configs.from_saved(old).momentum_form == "pytorch"

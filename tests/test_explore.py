@@ -12,8 +12,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from zfnet_jax import checkpoints, configs, deconv, input_pipeline
-from zfnet_jax import explore
+from zfnet_jax import configs, deconv
+from zfnet_jax.data import preprocessing
+from zfnet_jax.report import explore
+from zfnet_jax.training import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = "/usr/bin/chromium"
@@ -66,8 +68,8 @@ def app(tmp_path_factory):
 def shipped():
   c = configs.default_config()
   c.pretrained = "quickstart"
-  loaded = checkpoints.load_model(c, None)
-  return loaded, input_pipeline.preprocessing(loaded.config, loaded.pixel_mean)
+  loaded = weights.load_model(c, None)
+  return loaded, preprocessing.preprocessing(loaded.config, loaded.pixel_mean)
 
 
 @pytest.mark.slow
@@ -81,7 +83,7 @@ def test_endpoint_returns_deconv_project_of_the_unit(app, shipped, image, layer,
   the strongest unit, or the second strongest given as row and col)."""
   url, _ = app
   loaded, prep = shipped
-  x = prep(input_pipeline.read_image(explore.sample_path(image), prep.channels))
+  x = prep(preprocessing.read_image(explore.sample_path(image), prep.channels))
   a = np.asarray(loaded.model.apply(loaded.variables, x[None], method="features")[layer][0])
   channel = int(np.argsort(-a.reshape(-1, a.shape[-1]).max(0))[rank])
   if position == "second":

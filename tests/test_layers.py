@@ -1,11 +1,12 @@
-"""Layer-level checks of zfnet_jax.layers against NumPy loops and hand derivations."""
+"""Layer-level checks of zfnet_jax.nn.layers against NumPy loops and hand derivations."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, layers, models
+from zfnet_jax import configs
+from zfnet_jax.nn import layers, models
 
 from helpers import np_lrn, np_pool, np_unpool
 

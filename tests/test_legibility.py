@@ -3,7 +3,7 @@ NumPy references (a loop of central differences, np.corrcoef)."""
 import numpy as np
 import pytest
 
-from zfnet_jax import legibility
+from zfnet_jax.analyses import legibility
 
 T = 16
 

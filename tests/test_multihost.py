@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import checkpoints, input_pipeline as ip, train
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.training import loop, weights
 
 import helpers
 
@@ -24,7 +25,7 @@ from zfnet_jax import train
 c = helpers.multihost_config({path!r}, {data!r})
 c.distributed = True
 with helpers.multihost_data({path!r}):
-  train.train_and_evaluate(c, {wd!r})
+  loop.train_and_evaluate(c, {wd!r})
 """
 
 
@@ -64,7 +65,7 @@ def _run_pair(code, signal_to=None, when=None, timeout=300):
 @pytest.mark.parametrize("path", ["memory", "folder", "tfds"])
 def test_two_processes_equal_one(tmp_path, path):
   data = helpers.make_multihost_data(path, str(tmp_path / "data"))
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   multi = str(tmp_path / "multi")
   code = WORKER.format(tests=os.path.dirname(__file__), path=path, data=data, wd=multi)
   codes, outs = _run_pair(code)
@@ -73,7 +74,7 @@ def test_two_processes_equal_one(tmp_path, path):
   # The same run in this process on 4 devices.
   single = str(tmp_path / "single")
   with helpers.multihost_data(path):
-    res = train.train_and_evaluate(helpers.multihost_config(path, data), single)
+    res = loop.train_and_evaluate(helpers.multihost_config(path, data), single)
   multi_res = json.load(open(os.path.join(multi, "results.json")))
   assert multi_res["num_eval_examples"] == res["num_eval_examples"] > 0
   assert multi_res["top1_error"] == pytest.approx(res["top1_error"])
@@ -82,8 +83,8 @@ def test_two_processes_equal_one(tmp_path, path):
   # in another order than one process's all-reduce: parameters agree to 1e-5, on purpose.
   # Different examples or augmentations per step would differ by far more (dropout 0.5,
   # learning rate 1e-2: a test of this claim is test_input_pipeline's split-by-process).
-  a = checkpoints.load_trained(multi)[1]["params"]
-  b = checkpoints.load_trained(single)[1]["params"]
+  a = weights.load_trained(multi)[1]["params"]
+  b = weights.load_trained(single)[1]["params"]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
                                                        rtol=1e-5, atol=1e-7), a, b)
 
@@ -95,9 +96,9 @@ def test_tf_data_paths_split_one_global_order(tmp_path, path):
   c = helpers.multihost_config(path, data)
   wd = str(tmp_path / "wd")
   with helpers.multihost_data(path):
-    one = ip.create_train_iterator(c, wd, 3, 0, 1)
+    one = iterators.create_train_iterator(c, wd, 3, 0, 1)
     full = [next(one) for _ in range(3)]
-    halves = [ip.create_train_iterator(c, wd, 3, p, 2) for p in range(2)]
+    halves = [iterators.create_train_iterator(c, wd, 3, p, 2) for p in range(2)]
     for step in range(3):
       parts = [next(h) for h in halves]
       for key in ("image", "label"):
@@ -113,7 +114,7 @@ from zfnet_jax import train
 helpers.slow_down_training({delay})
 c = helpers.multihost_config("memory", {data!r}, steps={steps})
 c.distributed = True
-res = train.train_and_evaluate(c, {wd!r})
+res = loop.train_and_evaluate(c, {wd!r})
 print("RESULT", res, flush=True)
 sys.exit(75 if res.get("preempted") else 0)
 """
@@ -124,7 +125,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   """Preemption on several hosts: SIGTERM reaches process 1 only; both save the same step
   and exit 75; rerun, they finish exactly as an uninterrupted one-process run."""
   data = helpers.make_multihost_data("memory", str(tmp_path / "data"))
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   steps, wd = 16, str(tmp_path / "multi")
   code = PREEMPT_WORKER.format(tests=os.path.dirname(__file__), data=data, wd=wd, steps=steps,
                                delay=0.3)
@@ -141,8 +142,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
                                                 wd=wd, steps=steps, delay=0.0))
   assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   single = str(tmp_path / "single")
-  train.train_and_evaluate(helpers.multihost_config("memory", data, steps=steps), single)
-  a = checkpoints.load_trained(wd)[1]["params"]
-  b = checkpoints.load_trained(single)[1]["params"]
+  loop.train_and_evaluate(helpers.multihost_config("memory", data, steps=steps), single)
+  a = weights.load_trained(wd)[1]["params"]
+  b = weights.load_trained(single)[1]["params"]
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
                                                        rtol=1e-5, atol=1e-7), a, b)

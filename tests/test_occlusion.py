@@ -3,10 +3,13 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import configs, deconv, models, report, sections
+from zfnet_jax import configs, deconv
+from zfnet_jax.analyses import occlusion
+from zfnet_jax.nn import models
+from zfnet_jax.render import sections
+from zfnet_jax.report import report
 
 import helpers
-from zfnet_jax.analyses import occlusion
 
 S = 64
 

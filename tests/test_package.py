@@ -2,8 +2,8 @@
 import importlib.metadata
 import os
 import re
-import subprocess
 import shutil
+import subprocess
 import sys
 import zipfile
 

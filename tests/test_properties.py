@@ -9,9 +9,11 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from zfnet_jax import input_pipeline as ip, train
+from zfnet_jax.data import iterators, preprocessing
+from zfnet_jax.training import steps as steps_lib
 
 import helpers
 
@@ -36,7 +38,7 @@ def test_random_crops_are_windows_inside_the_image(sz, n, seed, flip):
   images = index_images(n, size)
   rng = np.random.default_rng(seed)
   tops, lefts = rng.integers(0, size - crop + 1, (2, n))
-  out = ip.crops_and_flips(images, crop, tops, lefts, (rng.random(n) < 0.5) & flip)
+  out = preprocessing.crops_and_flips(images, crop, tops, lefts, (rng.random(n) < 0.5) & flip)
   assert out.shape == (n, crop, crop, 1)
   for i in range(n):
     first = int(out[i].min()) - i * size * size        # the window's top-left pixel
@@ -53,13 +55,13 @@ def test_device_crop_is_the_window_and_flip_is_an_involution(sz, top, left, flip
   size, crop = sz
   top, left = top % (size - crop + 1), left % (size - crop + 1)
   x = index_images(2, size, channels=2)
-  got = np.asarray(train._crop(x, top, left, crop, flip))
+  got = np.asarray(steps_lib._crop(x, top, left, crop, flip))
   ref = x[:, top:top + crop, left:left + crop]
   np.testing.assert_array_equal(got, ref[:, :, ::-1] if flip else ref)
   # Flipping twice gives the crop back; flipping once reverses every row.
-  twice = np.asarray(train._crop(train._crop(x, top, left, crop, True), 0, 0, crop, True))
+  twice = np.asarray(steps_lib._crop(steps_lib._crop(x, top, left, crop, True), 0, 0, crop, True))
   np.testing.assert_array_equal(twice, ref)
-  once = np.asarray(train._crop(x, top, left, crop, True))
+  once = np.asarray(steps_lib._crop(x, top, left, crop, True))
   for j in range(crop):
     np.testing.assert_array_equal(once[:, :, j], ref[:, :, crop - 1 - j])
 
@@ -69,7 +71,7 @@ def test_device_crop_is_the_window_and_flip_is_an_involution(sz, top, left, flip
 def test_ten_crops_are_the_papers(sz):
   """4 corners + centre, each also mirrored: 10 windows inside the image."""
   size, crop = sz
-  crops = ip.ten_crop_offsets(size, crop)
+  crops = preprocessing.ten_crop_offsets(size, crop)
   assert len(crops) == 10
   e = size - crop
   plain = [(t, l) for t, l, f in crops if not f]
@@ -88,7 +90,7 @@ def test_ten_crops_are_the_papers(sz):
 def test_centre_crop_has_equal_margins(sz):
   size, crop = sz
   x = index_images(1, size)
-  out = ip.centre_crop(x, crop)
+  out = preprocessing.centre_crop(x, crop)
   top, left = divmod(int(out.min()), size)
   assert top == left and abs(top - (size - crop - top)) <= 1
   np.testing.assert_array_equal(out, x[:, top:top + crop, left:left + crop])
@@ -117,10 +119,10 @@ def flip_batches(source, tmp_path, random_flip=True):
     config = helpers.multihost_config("folder", str(tmp_path))
     config.dataset.resize_size = config.dataset.crop_size = 36
     config.batch_size, steps = 16, 30
-    originals = np.concatenate([b["image"][b["mask"]] for b in ip.create_eval_iterator(
+    originals = np.concatenate([b["image"][b["mask"]] for b in iterators.create_eval_iterator(
         config, None, split="train", batch_size=16)])     # centre crops = whole images
   config.dataset.random_flip = random_flip
-  it = ip.create_train_iterator(config, None)
+  it = iterators.create_train_iterator(config, None)
   return [b["image"] for b in itertools.islice(it, steps)], originals
 
 

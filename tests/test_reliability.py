@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import checkpoints, input_pipeline as ip, train
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.training import checkpoints, loop, runtime, weights
 
 import helpers
 from helpers import make_fmnist
@@ -32,7 +33,7 @@ def data(tmp_path_factory):
   """(fmnist dir, workdir of an uninterrupted run, its final params)."""
   d = str(tmp_path_factory.mktemp("fm"))
   make_fmnist(d, n_train=64, n_test=8)
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   full = str(tmp_path_factory.mktemp("full"))
   run(tiny_config(d), full)
   return d, full, params_of(full)
@@ -40,11 +41,11 @@ def data(tmp_path_factory):
 
 def run(config, workdir):
   """In-process training on one device (as the subprocesses)."""
-  return train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
 
 def params_of(workdir):
-  return jax.tree.map(np.asarray, checkpoints.load_trained(workdir)[1]["params"])
+  return jax.tree.map(np.asarray, weights.load_trained(workdir)[1]["params"])
 
 
 def assert_same(a, b):
@@ -79,7 +80,7 @@ def test_sigterm_then_sigkill_then_rerun_resumes_exactly(data, tmp_path, capsys)
   wait_for_step(proc, wd, EVERY)
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=120)[0]
-  assert proc.returncode == train.EXIT_PREEMPTED, out[-3000:]
+  assert proc.returncode == runtime.EXIT_PREEMPTED, out[-3000:]
   saved = max(steps_on_disk(wd))
   assert f"SIGTERM: stopped after step {saved} and saved checkpoint step {saved}" in out
   assert EVERY <= saved < STEPS - 2 * EVERY and "Traceback" not in out
@@ -148,7 +149,7 @@ def test_flipped_byte_in_latest_checkpoint_falls_back_and_trains_identically(dat
   shutil.copytree(full_wd, wd)
   bad = flip_a_parameter_byte(os.path.join(wd, "checkpoints", str(STEPS)))
   with pytest.raises(ValueError, match=re.escape(bad)):
-    checkpoints.load_trained(wd, STEPS)     # that step: named, no fallback
+    weights.load_trained(wd, STEPS)     # that step: named, no fallback
   res = run(tiny_config(fmnist_dir), wd)
   out = capsys.readouterr().err
   warning = [line for line in out.splitlines() if "damaged" in line]
@@ -183,14 +184,14 @@ def test_checksum_manifests_and_checkpoints_without_them(data, tmp_path, capsys)
 
 def test_non_finite_loss_stops_naming_step_and_keeps_last_good(data, tmp_path, monkeypatch):
   fmnist_dir = data[0]
-  make = ip.create_train_iterator
+  make = iterators.create_train_iterator
 
   def poisoned(*args, **kwargs):
     for i, b in enumerate(make(*args, **kwargs), start=args[2] + 1):  # i = the step
       if i == 7:
         b = dict(b, image=np.full_like(b["image"], np.nan))
       yield b
-  monkeypatch.setattr(ip, "create_train_iterator", poisoned)
+  monkeypatch.setattr(iterators, "create_train_iterator", poisoned)
   c = tiny_config(fmnist_dir, steps=12)
   c.checkpoint_every_steps = 2
   wd = str(tmp_path / "nan")

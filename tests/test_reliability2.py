@@ -22,7 +22,9 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import checkpoints, input_pipeline as ip, rundir, train
+from zfnet_jax import rundir
+from zfnet_jax.data import sources
+from zfnet_jax.training import checkpoints, loop
 
 import helpers
 
@@ -43,14 +45,14 @@ def data(tmp_path_factory):
   """(fmnist dir, workdir of an uninterrupted run)."""
   d = str(tmp_path_factory.mktemp("fm"))
   helpers.make_fmnist(d, n_train=64, n_test=8)
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   full = str(tmp_path_factory.mktemp("full"))
   run(config(d), full)
   return d, full
 
 
 def run(c, workdir, hooks=()):
-  return train.train_and_evaluate(c, workdir, devices=jax.devices()[:1], hooks=hooks)
+  return loop.train_and_evaluate(c, workdir, devices=jax.devices()[:1], hooks=hooks)
 
 
 def steps_on_disk(workdir):
@@ -83,13 +85,13 @@ def test_second_training_process_stops_at_once_naming_the_first(data, tmp_path):
   wd, release = str(tmp_path / "wd"), str(tmp_path / "release")
   # The first process waits before step 6 until the test releases it.
   hold = f"""
-      make = ip.create_train_iterator
+      make = iterators.create_train_iterator
       def held(*args, **kwargs):
         for i, b in enumerate(make(*args, **kwargs), start=args[2] + 1):
           while i == 6 and not os.path.exists({release!r}):
             time.sleep(0.05)
           yield b
-      ip.create_train_iterator = held
+      iterators.create_train_iterator = held
       """
   first = start_main(tmp_path, fmnist_dir, wd, setup=hold, name="first")
   t0 = time.time()

@@ -17,7 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import checkpoints, input_pipeline as ip, models, rundir, train, train_state
+from zfnet_jax import rundir
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.nn import models
+from zfnet_jax.training import checkpoints, loop, steps, train_state, weights
 
 import helpers
 
@@ -78,8 +81,8 @@ def test_shortened_quickstart_drops_evolution_epochs_beyond_the_run(num_epochs, 
   c = quickstart.get_config()
   c.num_epochs = num_epochs
   per_epoch = 469                                     # 60000 / 128, rounded up
-  num_steps = train.total_steps(c, per_epoch)
-  out = train.evolution_steps(c, per_epoch, num_steps)
+  num_steps = steps.total_steps(c, per_epoch)
+  out = steps.evolution_steps(c, per_epoch, num_steps)
   # Each kept epoch e at step round(e * 469) (by hand: 117, 234, 469, 938).
   assert sorted(out) == [round(e * per_epoch) for e in kept]
   notice = [l for l in "".join(capsys.readouterr()).splitlines() if "evolution epochs" in l]
@@ -117,28 +120,28 @@ def _folder_config(root):
 def test_truncated_jpeg_is_skipped_and_counted_or_named(tmp_path):
   bad = _jpeg_folder(tmp_path / "imgs")
   c = _folder_config(tmp_path / "imgs")
-  info = ip.dataset_info(c)
+  info = sources.dataset_info(c)
   # 6 dog files (every 5th to eval): train 4 cats + 4 good dogs; the truncated one skipped.
   assert (info.num_train, info.num_eval) == (8, 2)
-  assert ip._folder_split(c, "train")[3] == 1 and bad not in ip._folder_split(c, "train")[0]
-  mean = ip.full_pixel_mean(c, str(tmp_path / "wd"))    # decoded every training image
+  assert sources._folder_split(c, "train")[3] == 1 and bad not in sources._folder_split(c, "train")[0]
+  mean = iterators.full_pixel_mean(c, str(tmp_path / "wd"))    # decoded every training image
   assert mean.shape == (16, 16, 3) and np.isfinite(mean).all()
   c.dataset.on_corrupt = "stop"
   with pytest.raises(ValueError, match=re.escape(bad) + ".*truncated"):
-    ip.dataset_info(c)
+    sources.dataset_info(c)
 
 
 def test_empty_class_folder_is_left_out_with_a_warning_or_an_error(tmp_path, capsys):
   _jpeg_folder(tmp_path / "imgs", classes=("cat", "dog", "emu"))
   os.makedirs(tmp_path / "imgs" / "bird")      # empty: not a class
   c = _folder_config(tmp_path / "imgs")
-  info = ip.dataset_info(c)
+  info = sources.dataset_info(c)
   assert info.class_names == ("cat", "dog", "emu") and info.num_classes == 3
   warning = [l for l in capsys.readouterr().err.splitlines() if "bird" in l]
   assert len(warning) == 1 and warning[0].startswith("warning: ") and "empty" in warning[0]
   c.dataset.on_corrupt = "stop"
   with pytest.raises(ValueError, match=r"\['bird'\] hold no images"):
-    ip.dataset_info(c)
+    sources.dataset_info(c)
 
 
 # -- items 2, 3, 5: the checkpoints behind reports and resumes ---------------------------
@@ -180,11 +183,11 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("r3")
   fm = str(root / "fm")
   helpers.make_fmnist(fm, n_train=64, n_test=8)
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   cfg = root / "cfg.py"
   cfg.write_text(CONFIG.format(tests=TESTS, fm=fm, steps=STEPS, every=EVERY))
   wd = str(root / "wd")
-  train.train_and_evaluate(config_of(cfg), wd, devices=jax.devices()[:1])
+  loop.train_and_evaluate(config_of(cfg), wd, devices=jax.devices()[:1])
   return cfg, wd, params_of(wd)
 
 
@@ -195,7 +198,7 @@ def config_of(cfg):
 
 
 def params_of(workdir, step=None):
-  return jax.tree.map(np.asarray, checkpoints.load_trained(workdir, step)[1]["params"])
+  return jax.tree.map(np.asarray, weights.load_trained(workdir, step)[1]["params"])
 
 
 def copy_run(trained, tmp_path):
@@ -291,14 +294,14 @@ def test_load_latest_falls_back_from_a_damaged_step(damage, trained, tmp_path, c
   else:
     rewrite_step(wd, STEPS, inf_opt_state if damage == "inf_opt_state" else nan_params,
                  manifest=not damage.endswith("no_manifest"))
-  _, variables, _, step, note = checkpoints.load_latest(wd)
+  _, variables, _, step, note = weights.load_latest(wd)
   assert step == EVERY and note.startswith(f"the newest good checkpoint; damaged: step {STEPS}")
   if damage != "truncated":
     assert "non-finite" in note
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables["params"]),
                want)
   with pytest.raises(ValueError, match=f"checkpoint step {STEPS} .* damaged"):
-    checkpoints.load_trained(wd, STEPS)                # asked for that step: no fallback
+    weights.load_trained(wd, STEPS)                # asked for that step: no fallback
   assert "Traceback" not in "".join(capsys.readouterr())
 
 
@@ -306,7 +309,7 @@ def test_non_finite_checkpoint_is_not_resumed_from(trained, tmp_path, capsys):
   cfg, _, params = trained
   wd = copy_run(trained, tmp_path)
   rewrite_step(wd, STEPS, nan_params)                 # consistent checksums, NaN inside
-  res = train.train_and_evaluate(config_of(cfg), wd, devices=jax.devices()[:1])
+  res = loop.train_and_evaluate(config_of(cfg), wd, devices=jax.devices()[:1])
   out = "".join(capsys.readouterr())
   assert re.search(rf"checkpoint step {STEPS} in .* is damaged or unreadable \(Damaged: "
                    r"1 array\(s\) hold non-finite values, first \['params'\]\['conv1'\]", out)
@@ -317,15 +320,15 @@ def test_non_finite_checkpoint_is_not_resumed_from(trained, tmp_path, capsys):
 
 def test_nan_loss_message_names_a_checkpoint_that_exists(trained, tmp_path, monkeypatch):
   cfg = trained[0]
-  make = ip.create_train_iterator
+  make = iterators.create_train_iterator
 
   def poisoned(*args, **kwargs):
     for i, b in enumerate(make(*args, **kwargs), start=args[2] + 1):   # i = the step
       yield dict(b, image=np.full_like(b["image"], np.nan)) if i == 2 else b
-  monkeypatch.setattr(ip, "create_train_iterator", poisoned)
+  monkeypatch.setattr(iterators, "create_train_iterator", poisoned)
   wd = str(tmp_path / "nan")
   with pytest.raises(FloatingPointError) as e:
-    train.train_and_evaluate(config_of(cfg), wd, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config_of(cfg), wd, devices=jax.devices()[:1])
   assert "at step 2" in str(e.value) and "None" not in str(e.value)
   assert "no checkpoint was saved" in str(e.value)
   assert not os.path.exists(os.path.join(wd, "checkpoints", "1"))
@@ -354,7 +357,7 @@ def test_incompatible_config_change_is_refused_before_writing(key, value, named,
   node[leaf] = value
   c.log_every_steps = 2                               # an allowed change beside it: not named
   with pytest.raises(ValueError) as e:
-    train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+    loop.train_and_evaluate(c, wd, devices=jax.devices()[:1])
   msg = str(e.value)
   assert named in msg and "log_every_steps" not in msg and "new --workdir" in msg
   assert "\n" not in msg
@@ -370,7 +373,7 @@ def test_incompatible_change_cli_exits_2_writing_nothing(trained, tmp_path):
   assert rc == 2 and len(error_lines(out)) == 1, out[-3000:]
   assert "model.fc_features (16 -> 32)" in error_lines(out)[0] and "Traceback" not in out
   assert snapshot(wd) == before
-  assert checkpoints.load_trained(wd)[2].model.fc_features == 16   # the record still loads
+  assert weights.load_trained(wd)[2].model.fc_features == 16   # the record still loads
 
 
 def test_allowed_config_changes_are_recorded(trained, tmp_path, capsys):
@@ -385,7 +388,7 @@ def test_allowed_config_changes_are_recorded(trained, tmp_path, capsys):
   # A rerun of the finished run with other logging and report options: recorded, then run.
   c = config_of(cfg)
   c.log_every_steps, c.report.num_maps = 5, 3
-  assert train.train_and_evaluate(c, wd, devices=jax.devices()[:1])["steps"] == STEPS
+  assert loop.train_and_evaluate(c, wd, devices=jax.devices()[:1])["steps"] == STEPS
   rows = [json.loads(l) for l in open(os.path.join(wd, checkpoints.CONFIG_CHANGES))]
   assert len(rows) == 1 and rows[0]["changes"] == {"log_every_steps": [1, 5],
                                                    "report.num_maps": [2, 3]}
@@ -415,5 +418,5 @@ def test_checkpoint_format_version_and_old_checkpoints(trained, tmp_path, capsys
   # A version newer than this code's: refused, and the older step used.
   rewrite_step(wd, STEPS, lambda s: s,
                meta_change=lambda m: dict(m, format_version=checkpoints.FORMAT_VERSION + 1))
-  _, _, _, step, note = checkpoints.load_latest(wd)
+  _, _, _, step, note = weights.load_latest(wd)
   assert step == EVERY and "format version 3 is newer" in note

@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import helpers
+from zfnet_jax import configs
+from zfnet_jax.analyses import atlas
+from zfnet_jax.nn import models
+from zfnet_jax.render import sections
+from zfnet_jax.report import report
+from zfnet_jax.training import weights
 
-from zfnet_jax import atlas, checkpoints, configs, models, report, sections
+import helpers
 
 S = 64
 PAYLOAD = "<script>alert(1)</script>"
@@ -112,7 +117,7 @@ def test_report_has_a_panel_for_every_conv_layer(setup):
     saved = atlas.load(os.path.join(os.path.dirname(path), f"atlas_{layer}.npz"))
     assert saved["distinct_images"] and all(len(set(r)) == len(r) for r in saved["ids"])
   with open(path, encoding="utf-8") as f:
-    assert f.read().count("Legibility (zfnet_jax.legibility)") == len(CONVS)
+    assert f.read().count("Legibility (zfnet_jax.analyses.legibility)") == len(CONVS)
   for section, src in (("results", "curves.png"), ("filters", "filters_conv1.png")):
     assert page.sections[section] == [src]
   assert sorted(os.listdir(os.path.dirname(os.path.dirname(path)))) == [
@@ -242,7 +247,7 @@ def test_report_in_a_real_browser(setup, tmp_path):
 @pytest.mark.slow
 def test_report_of_a_trained_run(tiny_workdir):
   """End to end: --mode=report's path on the training helper's tiny run."""
-  _, _, config = checkpoints.load_trained(tiny_workdir)
+  _, _, config = weights.load_trained(tiny_workdir)
   config.unlock()
   config.report.update(dict(layers=CONVS + ("pool2",), num_maps=4, max_examples=128,
                             rule="guided"))

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from zfnet_jax import sweeps
+from zfnet_jax.studies import sweeps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "launch" / "sweep.py")
@@ -27,7 +27,7 @@ def test_grid_zip_product():
 def test_dry_run_lists_commands(tmp_path):
   sweep = tmp_path / "s.py"
   sweep.write_text(textwrap.dedent("""
-      from zfnet_jax.sweeps import grid, zip_
+      from zfnet_jax.studies.sweeps import grid, zip_
       CONFIG = "experiments/quickstart.py"
       def get_sweep():
         return (grid(**{"model.fc_features": [64, 128], "config.learning_rate": [0.1]})
@@ -113,7 +113,7 @@ def test_collect_copies_each_runs_results(tmp_path, monkeypatch):
 def test_real_two_run_sweep(tmp_path):
   sweep = tmp_path / "s.py"
   sweep.write_text(textwrap.dedent("""
-      from zfnet_jax.sweeps import grid
+      from zfnet_jax.studies.sweeps import grid
       CONFIG = "experiments/quickstart.py"
       def get_sweep():
         return grid(**{"model.fc_features": [8, 16]})

@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import input_pipeline as ip, models, sweeps, train
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.nn import models
+from zfnet_jax.studies import sweeps
+from zfnet_jax.training import ensemble, loop
 
 import helpers
 from helpers import make_fmnist, saved_state, small_config
@@ -26,7 +29,7 @@ def runs(tmp_path_factory):
   """Two finished 3-step runs (seeds 0 and 1) planned as a sweep: (planned, root, data, dir)."""
   d = str(tmp_path_factory.mktemp("fm"))
   data = make_fmnist(d, n_train=N_TRAIN, n_test=N_TEST)
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   root = str(tmp_path_factory.mktemp("sweep"))
   cwd = os.getcwd()
   os.chdir(ROOT)
@@ -38,7 +41,7 @@ def runs(tmp_path_factory):
     c = small_config(d, steps=3)
     c.seed = run["overrides"]["seed"]
     c.eval_batch_size = 6          # 13 examples: padded batches
-    train.train_and_evaluate(c, run["workdir"])
+    loop.train_and_evaluate(c, run["workdir"])
   return planned, root, data, d
 
 
@@ -90,19 +93,19 @@ def test_eval_iterator_with_ids_yields_exactly_those_examples(path, tmp_path):
   """The training subset: sorted ids drawn by default_rng([seed, 2]), as many as the eval
   split; on every data path the iterator with ids gives those rows of the full split."""
   data = helpers.make_multihost_data(path, str(tmp_path / "data"))
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   c = helpers.multihost_config(path, data)
   c.seed = 7
   with helpers.multihost_data(path):
-    info = ip.dataset_info(c)
-    ids = ip.train_subset(c)
+    info = sources.dataset_info(c)
+    ids = iterators.train_subset(c)
     want = np.sort(np.random.default_rng([7, 2]).choice(info.num_train, info.num_eval,
                                                         replace=False))
     np.testing.assert_array_equal(ids, want)
     wd = str(tmp_path / "wd")
 
     def read(**kw):
-      batches = list(ip.create_eval_iterator(c, wd, split=c.dataset.train_split, batch_size=4,
+      batches = list(iterators.create_eval_iterator(c, wd, split=c.dataset.train_split, batch_size=4,
                                              **kw))
       return {k: np.concatenate([b[k][b["mask"]] for b in batches])
               for k in ("image", "label", "id")}
@@ -112,7 +115,7 @@ def test_eval_iterator_with_ids_yields_exactly_those_examples(path, tmp_path):
   np.testing.assert_array_equal(sub["label"], full["label"][ids])
   np.testing.assert_allclose(sub["image"], full["image"][ids], atol=1e-4)
   with pytest.raises(ValueError, match="sorted distinct"):
-    next(ip.create_eval_iterator(c, wd, ids=[3, 1]))
+    next(iterators.create_eval_iterator(c, wd, ids=[3, 1]))
 
 
 def test_ensemble_equals_numpy_average_of_softmax(runs, tmp_path):
@@ -122,7 +125,7 @@ def test_ensemble_equals_numpy_average_of_softmax(runs, tmp_path):
   c.ten_crop_eval = True
   c.eval_batch_size = 8
   out = str(tmp_path / "ens")
-  res = train.evaluate_ensemble(c, workdirs, out)
+  res = ensemble.evaluate_ensemble(c, workdirs, out)
   images, labels = data["test"]
   full = _resized(images)
   views = [(2, 2, False)] + [(t, l, f) for f in (False, True)
@@ -156,19 +159,19 @@ def test_ensemble_errors_before_work(runs, tmp_path):
   c = small_config(d)
   out = str(tmp_path / "out")
   with pytest.raises(ValueError, match="at least 2 distinct workdirs"):
-    train.evaluate_ensemble(c, [w0, w0], out)
+    ensemble.evaluate_ensemble(c, [w0, w0], out)
   with pytest.raises(FileNotFoundError, match="ensemble member '.*nope': no such directory"):
-    train.evaluate_ensemble(c, [w0, str(tmp_path / "nope")], out)
+    ensemble.evaluate_ensemble(c, [w0, str(tmp_path / "nope")], out)
   other = str(tmp_path / "other")
   shutil.copytree(w1, other)
   info = json.loads(pathlib.Path(other, "dataset_info.json").read_text())
   info["class_names"][0] = "Tee"
   pathlib.Path(other, "dataset_info.json").write_text(json.dumps(info))
   with pytest.raises(ValueError, match="has classes 10 classes \\['Tee'.*must share"):
-    train.evaluate_ensemble(c, [w0, other], out)
+    ensemble.evaluate_ensemble(c, [w0, other], out)
   c.dataset.resize_size = 40
   with pytest.raises(ValueError, match="resize_size 36, the ensemble's config has 40"):
-    train.evaluate_ensemble(c, [w0, w1], out)
+    ensemble.evaluate_ensemble(c, [w0, w1], out)
   assert not os.path.exists(out)
   # the command line: one line, exit 2
   cfg = tmp_path / "cfg.py"

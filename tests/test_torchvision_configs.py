@@ -13,8 +13,11 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from zfnet_jax import checkpoints, configs, convert, deconv, input_pipeline, models, pipeline
-from zfnet_jax import train
+from zfnet_jax import configs, deconv, job
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.nn import convert, torchvision
+from zfnet_jax.training import loop
+from zfnet_jax.training import weights as weights_lib
 
 import helpers
 
@@ -63,14 +66,14 @@ def torchvision_input(pixels_minus_mean):
 
 
 def test_configs_keep_torchvisions_preprocessing_and_name_real_layers():
-  for name, model in (("torchvision_alexnet", models.TorchvisionAlexNet),
-                      ("vgg16", models.VGG16)):
+  for name, model in (("torchvision_alexnet", torchvision.TorchvisionAlexNet),
+                      ("vgg16", torchvision.VGG16)):
     c = experiment(name)
     d = c.dataset
     assert (d.resize_size, d.crop_size, d.pixel_scale) == (256, 224, 1 / 255)
     np.testing.assert_allclose(d.mean, MEAN)
     np.testing.assert_allclose(d.std, STD)
-    assert models.IMPORTED[c.model.name] is model
+    assert torchvision.IMPORTED[c.model.name] is model
     names = {s.name for s in model().layer_table(224)}
     assert set(c.report.layers) <= names and c.analyses.occlusion.layer in names
 
@@ -82,7 +85,7 @@ def test_imported_mean_and_scale_fold_into_conv1(weights):
   c.pretrained = weights
   c.dataset.update(dict(resize_size=80, crop_size=67, pixel_scale=0.5, mean=(10., 20., 30.),
                         std=(4., 5., 6.)))
-  loaded = checkpoints.load_model(c, None)
+  loaded = weights_lib.load_model(c, None)
   assert loaded.class_names[0].startswith("tench") and len(loaded.class_names) == 1000
   np.testing.assert_allclose(loaded.pixel_mean, np.broadcast_to([20., 40., 60.], (67, 67, 3)))
   assert loaded.full_pixel_mean.shape == (80, 80, 3)
@@ -99,28 +102,28 @@ def test_bad_preprocessing_keys_and_training_are_refused(weights, tmp_path):
   c.pretrained = weights
   c.dataset.std = (0.2, 0.2)
   with pytest.raises(ValueError, match=r"dataset.std=\(0.2, 0.2\).*3 values"):
-    checkpoints.load_model(c, None)
+    weights_lib.load_model(c, None)
   c.dataset.std = STD.tolist()
   c.dataset.pixel_scale = 0.0
   with pytest.raises(ValueError, match="dataset.pixel_scale=0.0; allowed: > 0"):
-    checkpoints.load_model(c, None)
+    weights_lib.load_model(c, None)
   c = experiment("torchvision_alexnet")
   c.pretrained, c.model.name = weights, "ZFNet"
   with pytest.raises(ValueError, match="model.name must be one of TorchvisionAlexNet, VGG16, "
                                        "got 'ZFNet'"):
-    checkpoints.load_model(c, None)
+    weights_lib.load_model(c, None)
   c = configs.default_config()
   c.pretrained, c.dataset.mean = "quickstart", (1., 2., 3.)
   with pytest.raises(ValueError, match="are for imported weights"):
-    checkpoints.load_model(c, None)
+    weights_lib.load_model(c, None)
   with pytest.raises(ValueError, match="dataset.mean and dataset.std are for imported"):
-    train.validate(c)
+    loop.validate(c)
   with pytest.raises(ValueError, match="model.name='VGG16' takes imported weights"):
-    train.validate(experiment("vgg16"))
+    loop.validate(experiment("vgg16"))
   c = experiment("vgg16")
   c.pretrained = str(tmp_path / "missing.pth")
   with pytest.raises(ValueError, match="missing.pth'?: no such weights file"):
-    pipeline.validate_report(c)
+    job.validate_report(c)
 
 
 def _folder(root, layout):
@@ -137,14 +140,14 @@ def test_flat_folder_is_one_unlabelled_class_in_every_split(tmp_path):
   (root / "notes.txt").write_text("not an image")
   c = configs.default_config()
   c.dataset.update(dict(name="folder", folder=str(root), resize_size=40, crop_size=32))
-  info = input_pipeline.dataset_info(c)
+  info = sources.dataset_info(c)
   assert info.class_names == ("unlabelled",) and (info.num_train, info.num_eval) == (5, 5)
-  batch = next(input_pipeline.create_eval_iterator(c, None, batch_size=8))
+  batch = next(iterators.create_eval_iterator(c, None, batch_size=8))
   assert batch["mask"].sum() == 5 and set(batch["label"][:5]) == {0}
   one = _folder(tmp_path / "one", {"cat/a.jpg": (0, 0)})     # one class sub-folder: not flat
   c.dataset.folder = str(one)
   with pytest.raises(ValueError, match="1 class sub-folder"):
-    input_pipeline.dataset_info(c)
+    sources.dataset_info(c)
 
 
 @pytest.mark.slow
@@ -222,7 +225,7 @@ def test_cli_report_over_a_folder_with_imported_alexnet(weights, tmp_path, layou
   c = experiment("torchvision_alexnet")
   c.dataset.update(dict(name="folder", folder=str(root), folder_eval_fraction=0.34,
                         resize_size=112, crop_size=99))
-  image = input_pipeline.load_examples(c, str(work), num=1)[0]
+  image = iterators.load_examples(c, str(work), num=1)[0]
   raw_model, raw = convert.from_torchvision(weights, "alexnet")
   top = int(np.argmax(raw_model.apply(raw, jnp.asarray(torchvision_input(image),
                                                         jnp.float32))[0]))

@@ -6,11 +6,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from zfnet_jax import checkpoints, configs, input_pipeline as ip, models, rundir, train, train_state
+from zfnet_jax import configs, rundir
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.nn import models
+from zfnet_jax.training import checkpoints, loop, train_state, weights
+from zfnet_jax.training import steps as steps_lib
 
 import helpers
 from helpers import make_fmnist, saved_state, small_config
@@ -20,12 +25,12 @@ from helpers import make_fmnist, saved_state, small_config
 def fmnist_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("fm")
   make_fmnist(d, n_train=64, n_test=23)
-  ip._fashion_mnist.cache_clear()
+  sources._fashion_mnist.cache_clear()
   return str(d)
 
 
 def params_of(workdir):
-  return jax.tree.map(np.asarray, checkpoints.load_trained(workdir)[1]["params"])
+  return jax.tree.map(np.asarray, weights.load_trained(workdir)[1]["params"])
 
 
 def test_clip_conv_filters_matches_numpy():
@@ -88,8 +93,8 @@ def test_one_device_equals_four_devices(fmnist_dir, tmp_path):
   assert len(jax.devices()) == 4
   c = small_config(fmnist_dir)
   c.learning_rate = 1e-2
-  train.train_and_evaluate(c, str(tmp_path / "one"), devices=jax.devices()[:1])
-  train.train_and_evaluate(c, str(tmp_path / "four"))
+  loop.train_and_evaluate(c, str(tmp_path / "one"), devices=jax.devices()[:1])
+  loop.train_and_evaluate(c, str(tmp_path / "four"))
   one, four = params_of(str(tmp_path / "one")), params_of(str(tmp_path / "four"))
   init = models.from_config(c.model, 10).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))
   moved = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), one, init["params"])
@@ -104,12 +109,12 @@ def test_resume_is_exact_and_outputs(fmnist_dir, tmp_path):
   c.checkpoint_every_steps = 3
   c.learning_rate = 1e-2
   full = str(tmp_path / "full")
-  res = train.train_and_evaluate(c, full)
+  res = loop.train_and_evaluate(c, full)
   part = str(tmp_path / "part")
   c3 = small_config(fmnist_dir, steps=3)
   c3.model.dropout_rate, c3.learning_rate = 0.5, 1e-2
-  train.train_and_evaluate(c3, part)
-  res2 = train.train_and_evaluate(c, part)   # resumes from step 3
+  loop.train_and_evaluate(c3, part)
+  res2 = loop.train_and_evaluate(c, part)   # resumes from step 3
   jax.tree.map(np.testing.assert_array_equal, params_of(full), params_of(part))
   assert res["steps"] == res2["steps"] == 6
   # Outputs.
@@ -129,11 +134,11 @@ def test_eval_matches_per_example_reference(fmnist_dir, tmp_path):
   c.eval_batch_size = 12        # 23 examples: batches of 12 and 11 (+1 padding)
   c.ten_crop_eval = True
   wd = str(tmp_path / "wd")
-  res = train.train_and_evaluate(c, wd)
+  res = loop.train_and_evaluate(c, wd)
   assert res["num_eval_examples"] == 23
-  model, variables, _ = checkpoints.load_trained(wd)
-  images, labels = ip._fashion_mnist(fmnist_dir, "test")
-  mean = ip.full_pixel_mean(c, wd)
+  model, variables, _ = weights.load_trained(wd)
+  images, labels = sources._fashion_mnist(fmnist_dir, "test")
+  mean = iterators.full_pixel_mean(c, wd)
   wrong1 = wrong1_10 = 0
   for x, y in zip(images.astype(np.float32), labels):
     full = np.asarray(jax.image.resize(x, (36, 36, 1), "linear")) - mean
@@ -154,21 +159,21 @@ def test_nan_guard_names_the_step(fmnist_dir, tmp_path):
   c.clip_filters = False
   c.checkpoint_every_steps = 1
   with pytest.raises(FloatingPointError, match=r"at step \d"):
-    train.train_and_evaluate(c, str(tmp_path / "nan"))
+    loop.train_and_evaluate(c, str(tmp_path / "nan"))
   for step in checkpoints.manager(str(tmp_path / "nan" / "checkpoints"), 1,
                                         read_only=True).all_steps():
-    p = checkpoints.load_trained(str(tmp_path / "nan"), step)[1]["params"]
+    p = weights.load_trained(str(tmp_path / "nan"), step)[1]["params"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
 
 
 def test_bad_batch_and_restore_path_are_errors(fmnist_dir, tmp_path):
   c = small_config(fmnist_dir, batch=6)
   with pytest.raises(ValueError, match="batch_size=6"):
-    train.train_and_evaluate(c, str(tmp_path / "a"))
+    loop.train_and_evaluate(c, str(tmp_path / "a"))
   c = small_config(fmnist_dir)
   c.restore_path = str(tmp_path / "does_not_exist")
   with pytest.raises(FileNotFoundError, match="does_not_exist"):
-    train.train_and_evaluate(c, str(tmp_path / "b"))
+    loop.train_and_evaluate(c, str(tmp_path / "b"))
 
 
 def test_plateau_without_evaluation_during_training_is_a_config_error(fmnist_dir, tmp_path):
@@ -177,19 +182,19 @@ def test_plateau_without_evaluation_during_training_is_a_config_error(fmnist_dir
   c.schedule = "plateau"
   with pytest.raises(ValueError, match=r"eval_every_epochs=0\.0 and num_train_steps=4 never "
                                        r"evaluates.*allowed: 0 < eval_every_epochs"):
-    train.train_and_evaluate(c, str(tmp_path / "wd"))
+    loop.train_and_evaluate(c, str(tmp_path / "wd"))
   assert not os.path.exists(tmp_path / "wd")          # raised before any work
   c.eval_every_epochs = 0.5                  # every 4 steps: the last one, never evaluated
   with pytest.raises(ValueError, match="eval_every_epochs=0.5 and num_train_steps=4"):
-    train.validate(c, 4)
+    loop.validate(c, 4)
   c.num_train_steps = 5                      # an evaluation after step 4
-  train.validate(c, 4)
+  loop.validate(c, 4)
   c = configs.default_config()               # epochs: needs no dataset
   c.eval_every_epochs = c.num_epochs
   with pytest.raises(ValueError, match="eval_every_epochs=70.0 and num_epochs=70.0"):
-    train.validate(c, 4)
+    loop.validate(c, 4)
   c.eval_every_epochs = 69.0
-  train.validate(c, 4)
+  loop.validate(c, 4)
 
 
 def test_plateau_drops_rate_after_patience_and_survives_resume(fmnist_dir, tmp_path):
@@ -211,8 +216,8 @@ def test_plateau_drops_rate_after_patience_and_survives_resume(fmnist_dir, tmp_p
   one, wd = jax.devices()[:1], str(tmp_path / "wd")
   c9 = c.copy_and_resolve_references()
   c9.num_train_steps = 9                     # after the 4th evaluation: one bad one pending
-  train.train_and_evaluate(c9, wd, devices=one)
-  res = train.train_and_evaluate(c, wd, devices=one)   # resumes from step 9
+  loop.train_and_evaluate(c9, wd, devices=one)
+  res = loop.train_and_evaluate(c, wd, devices=one)   # resumes from step 9
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   (error,) = {r["top1_error"] for r in rows if r["split"] == "eval"}   # it never improved
   train_rows = [r for r in rows if r["split"] == "train"]
@@ -231,11 +236,11 @@ def test_plateau_drops_rate_after_patience_and_survives_resume(fmnist_dir, tmp_p
 @pytest.mark.slow  # trains (or uses the session's tiny trained run)
 def test_tiny_workdir_fixture(tiny_workdir):
   assert rundir.evolution_checkpoints(tiny_workdir) == [(1.0, 16), (2.0, 32), (3.0, 48)]
-  model, variables, config = checkpoints.load_trained(tiny_workdir)
+  model, variables, config = weights.load_trained(tiny_workdir)
   assert isinstance(model, models.ZFNetLowRes) and config.report.enabled is False
-  early = checkpoints.load_trained(tiny_workdir, step=16)[1]
+  early = weights.load_trained(tiny_workdir, step=16)[1]
   assert not np.allclose(early["params"]["conv1"]["kernel"], variables["params"]["conv1"]["kernel"])
-  assert ip.pixel_mean(config, tiny_workdir).shape == (64, 64, 1)
+  assert iterators.pixel_mean(config, tiny_workdir).shape == (64, 64, 1)
 
 
 @pytest.mark.slow
@@ -257,7 +262,7 @@ def test_mock_imagenet_full_zfnet_train_and_eval_step(tmp_path):
   c.evolution_epochs = ()
   c.report.enabled = False
   with tfds.testing.mock_data(num_examples=8):
-    res = train.train_and_evaluate(c, str(tmp_path / "wd"))
+    res = loop.train_and_evaluate(c, str(tmp_path / "wd"))
   assert res["steps"] == 1 and res["num_eval_examples"] == 5
   assert np.isfinite(res["loss"])
   p = params_of(str(tmp_path / "wd"))
@@ -269,10 +274,10 @@ def test_a_stuck_step_is_said_once_naming_it(tmp_path, monkeypatch, capsys):
   waited on and the last one finished; the run then goes on to the end."""
   d = str(tmp_path / "fm")
   helpers.make_fmnist(d, n_train=64, n_test=8)
-  ip._fashion_mnist.cache_clear()  # pylint: disable=protected-access
+  sources._fashion_mnist.cache_clear()  # pylint: disable=protected-access
   config = helpers.small_config(d, steps=6)
   config.stall_warning_seconds = 0.5
-  real = train.build_train_step
+  real = loop.build_train_step
 
   def blocking(run):
     step, calls = real(run), []
@@ -283,8 +288,8 @@ def test_a_stuck_step_is_said_once_naming_it(tmp_path, monkeypatch, capsys):
         time.sleep(3.0)       # step 4 blocks: nothing finishes for 3 s
       return step(state, batch)
     return stuck_at_4
-  monkeypatch.setattr(train, "build_train_step", blocking)
-  res = train.train_and_evaluate(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  monkeypatch.setattr(loop, "build_train_step", blocking)
+  res = loop.train_and_evaluate(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
   err = capsys.readouterr().err
   lines = [l for l in err.splitlines() if "has not finished" in l]
   assert len(lines) == 1, err[-2000:]
@@ -298,16 +303,16 @@ def test_default_cpu_train_step_has_no_collective(tmp_path):
   cross-device collective: nothing in it can wait for another device."""
   d = str(tmp_path / "fm")
   helpers.make_fmnist(d, n_train=64, n_test=8)
-  ip._fashion_mnist.cache_clear()  # pylint: disable=protected-access
+  sources._fashion_mnist.cache_clear()  # pylint: disable=protected-access
   config = helpers.small_config(d)
   texts = {}
   for n in (1, 2):
-    run = train.prepare_run(config, str(tmp_path / f"wd{n}"), np.array(jax.devices()[:n]))
-    state = train.restore_or_initialise(
+    run = loop.prepare_run(config, str(tmp_path / f"wd{n}"), np.array(jax.devices()[:n]))
+    state = loop.restore_or_initialise(
         run, checkpoints.manager(str(tmp_path / f"ck{n}"), 1))[0]
-    batch = next(ip.create_train_iterator(config, run.workdir, 0))
-    sharded = train._global(batch, NamedSharding(run.mesh, P(train.AXIS)))  # pylint: disable=protected-access
-    texts[n] = train.build_train_step(run).lower(state, sharded).compile().as_text()
+    batch = next(iterators.create_train_iterator(config, run.workdir, 0))
+    sharded = steps_lib._global(batch, NamedSharding(run.mesh, P(steps_lib.AXIS)))  # pylint: disable=protected-access
+    texts[n] = loop.build_train_step(run).lower(state, sharded).compile().as_text()
   collective = re.compile(r"all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all")
   assert collective.search(texts[2])       # the split step does reduce across devices
   assert not collective.search(texts[1])

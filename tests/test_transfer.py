@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from zfnet_jax import configs, models, train, transfer
+from zfnet_jax import configs
+from zfnet_jax.analyses import transfer, transfer_tables
+from zfnet_jax.data import targets
+from zfnet_jax.nn import models
+from zfnet_jax.training import loop
 
 
 def np_grid_max(x, g):
@@ -78,7 +82,7 @@ def test_scores_by_hand():
 
 
 def test_load_digits():
-  d = transfer.load_digits(32, 3)
+  d = targets.load_digits(32, 3)
   assert d.images.shape == (1797, 32, 32, 3) and d.labels.shape == (1797,)
   assert d.images.min() >= 0 and d.images.max() <= 255 and d.images.max() > 250
   assert np.array_equal(d.images[..., 0], d.images[..., 2])
@@ -134,7 +138,7 @@ def small_tc(**kw):
 
 
 def digits_subset(n=400):
-  d = transfer.load_digits(32, 1)
+  d = targets.load_digits(32, 1)
   d.images, d.labels = d.images[:n], d.labels[:n]
   return d
 
@@ -153,7 +157,7 @@ def test_probes_table_and_transfer_consistent(tiny):
   assert all(0.0 <= float(r[k].split(" ± ")[0]) <= 100.0 for r in rows for k in (3, 4))
   assert rows[0][-2:] == ["44.8", "–"] and rows[2][-2:] == ["85.5", "85.4"]
   # The transfer table's "pretrained" cell is the softmax probe of fc7 on the same folds.
-  theader, trows = transfer.transfer(m, v, mean, data, tc, 32)
+  theader, trows = transfer_tables.transfer(m, v, mean, data, tc, 32)
   assert trows[0][1] == rows[2][4]
   assert trows[1][1] == "not run"
 
@@ -166,7 +170,7 @@ def multilabel_data(planted=True):
   y = (rng.uniform(size=(60, 3)) < 0.4).astype(np.int32)
   for k in range(3 if planted else 0):
     x[y[:, k] == 1, 11 * k:11 * k + 10] += 200
-  return transfer.TargetData(np.clip(x, 0, 255), y, ["a", "b", "c"], multilabel=True,
+  return targets.TargetData(np.clip(x, 0, 255), y, ["a", "b", "c"], multilabel=True,
                              split=(np.arange(40), np.arange(40, 60)))
 
 
@@ -207,7 +211,7 @@ def test_scratch_control(tiny):
   data = multilabel_data()
   tc = small_tc(scratch_steps=100, scratch_batch_size=16)
   res = transfer.transfer_scores(m, v, data.images.mean(0), data, tc, 32)
-  header, rows = transfer.transfer_rows(res, tc.dataset)
+  header, rows = transfer_tables.transfer_rows(res, tc.dataset)
   assert header == ["model", "all (mAP %)"]
   # Per-class AP of the scratch model (Table 6's column): its mean is the table's mAP.
   assert rows[1][1] == f"{100 * np.mean(res['per_class_ap']['scratch']):.1f}"
@@ -223,7 +227,7 @@ def test_bad_config_errors(tiny):
   with pytest.raises(ValueError, match="unknown classifiers \\['knn'\\]"):
     transfer.probes(m, v, data.images.mean(0), data, small_tc(classifiers=("knn",)), 32)
   with pytest.raises(ValueError, match="unknown transfer dataset 'mnist'.*digits"):
-    transfer.load_target(small_tc(dataset="mnist"), 32, 36, 1)
+    targets.load_target(small_tc(dataset="mnist"), 32, 36, 1)
 
 
 @pytest.mark.slow
@@ -247,13 +251,13 @@ def test_probe_table_from_trained_workdir(tmp_path):
   config.transfer.train_per_class = (5,)
   config.transfer.folds = 1
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
-  header, rows = transfer.probe_table(config, workdir)
+  loop.train_and_evaluate(config, workdir)
+  header, rows = transfer_tables.probe_table(config, workdir)
   assert [r[1] for r in rows] == ["norm1", "fc7"]
   csv_text = open(os.path.join(workdir, "transfer", "probes.csv")).read()
   assert csv_text.splitlines()[0].startswith("layer,output,dims")
   assert os.path.exists(os.path.join(workdir, "transfer", "probes.md"))
-  sections = transfer.table_sections(os.path.join(workdir, "transfer"), config.transfer)
+  sections = transfer_tables.table_sections(os.path.join(workdir, "transfer"), config.transfer)
   assert sections[0].tables[0][1] == rows
 
 
@@ -261,11 +265,11 @@ def test_tfds_loaders_on_mock_data():
   tc = configs.default_config().transfer
   with tfds.testing.mock_data(num_examples=4):
     tc.dataset = "caltech101"
-    d = transfer.load_target(tc, 32, 36, 3)
+    d = targets.load_target(tc, 32, 36, 3)
     assert d.images.shape == (8, 32, 32, 3) and d.split is None    # train + test merged
     assert len(d.class_names) == 102 and d.labels.max() < 102
     tc.dataset = "voc2012"
-    d = transfer.load_target(tc, 32, 36, 1)
+    d = targets.load_target(tc, 32, 36, 1)
     assert d.images.shape == (8, 32, 32, 1) and d.labels.shape == (8, 20) and d.multilabel
     assert [len(s) for s in d.split] == [4, 4] and not set(d.split[0]) & set(d.split[1])
     assert 0 <= d.images.min() and d.images.max() <= 255
@@ -314,7 +318,7 @@ def test_caltech256_folder_protocol_and_curve(tiny, tmp_path):
   counts = write_caltech256(tmp_path / "256_ObjectCategories")
   tc = small_tc(dataset="caltech256", data_dir=str(tmp_path), train_per_class=(2, 4, 6),
                 test_per_class=3, folds=5)                  # scratch: test_scratch_control
-  data = transfer.load_target(tc, 32, 36, 1)
+  data = targets.load_target(tc, 32, 36, 1)
   assert data.class_names == ["ak47", "american-flag", "backpack"]
   np.testing.assert_array_equal(np.bincount(data.labels), [9, 8, 10])
   assert data.images.shape == (27, 32, 32, 1) and data.images.dtype == np.uint8
@@ -326,7 +330,7 @@ def test_caltech256_folder_protocol_and_curve(tiny, tmp_path):
       np.testing.assert_array_equal(np.bincount(data.labels[tr], minlength=3), [int(n)] * 3)
       assert np.bincount(data.labels[te], minlength=3).max() <= 3 and not set(tr) & set(te)
   out = str(tmp_path / "out")
-  tables = transfer.write_tables(m, v, data.images.mean(0), tc, 32, 36, out, which=("transfer",))
+  tables = transfer_tables.write_tables(m, v, data.images.mean(0), tc, 32, 36, out, which=("transfer",))
   header, rows = tables["transfer"]
   assert header[1:4] == [f"{n}/class (mean class acc %)" for n in (2, 4, 6)]
   assert header[4] == "paper (15 / 30 / 45 / 60 per class)"
@@ -341,10 +345,10 @@ def test_caltech256_folder_protocol_and_curve(tiny, tmp_path):
   with open(os.path.join(out, "curve.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sum(counts.values()) - counts["257.clutter"] == len(data.labels)
-  section = transfer.table_sections(out, tc)[0]
+  section = transfer_tables.table_sections(out, tc)[0]
   assert section.figures[0][0] == os.path.join("out", "curve.png") and len(section.tables) == 1
   with pytest.raises(FileNotFoundError, match="256_ObjectCategories.tar"):
-    transfer.load_target(small_tc(dataset="caltech256", data_dir=str(tmp_path / "no")), 32, 36, 1)
+    targets.load_target(small_tc(dataset="caltech256", data_dir=str(tmp_path / "no")), 32, 36, 1)
 
 
 def test_voc_per_class_ap_on_mock_data(tiny, tmp_path):
@@ -355,9 +359,9 @@ def test_voc_per_class_ap_on_mock_data(tiny, tmp_path):
   tc = small_tc(dataset="voc2012")
   out = str(tmp_path / "out")
   with tfds.testing.mock_data(num_examples=16):
-    data = transfer.load_target(tc, 32, 36, 1)
+    data = targets.load_target(tc, 32, 36, 1)
     mean = data.images.mean(0)
-    tables = transfer.write_tables(m, v, mean, tc, 32, 36, out, which=("transfer",))
+    tables = transfer_tables.write_tables(m, v, mean, tc, 32, 36, out, which=("transfer",))
   header, rows = tables["per_class_ap"]
   names = tfds.builder("voc/2012").info.features["labels"].feature.names
   assert [r[0] for r in rows] == list(names) + ["mean"]
@@ -381,7 +385,7 @@ def test_voc_per_class_ap_on_mock_data(tiny, tmp_path):
                       for k in range(20) if y[:, k].any()])
   assert rows[20][1] == f"{100 * ref_mean:.1f}"
   assert tables["transfer"][1][0][1] == f"{100 * ref_mean:.1f}"
-  section = transfer.table_sections(out, tc)[0]
+  section = transfer_tables.table_sections(out, tc)[0]
   assert section.tables[1] == (header, rows) and not section.figures
 
 

@@ -15,9 +15,15 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-import helpers
-from zfnet_jax import checkpoints, configs, conv, deconv, input_pipeline, models, pages, visualize
+from zfnet_jax import configs, deconv, job, xla
 from zfnet_jax.analyses import occlusion
+from zfnet_jax.data import iterators, preprocessing, sources
+from zfnet_jax.nn import models
+from zfnet_jax.render import pages
+from zfnet_jax.report import visualize
+from zfnet_jax.training import weights
+
+import helpers
 
 S = 64
 PAYLOAD = "<script>alert(1)</script>"
@@ -31,7 +37,7 @@ def tiny():
   """A random-weight grey ZFNetLowRes and its preprocessing (64 px, mean 120)."""
   model = models.ZFNetLowRes(num_classes=3, conv_features=(4, 6, 8, 8, 6), fc_features=8)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, S, S, 1)))
-  prep = input_pipeline.Preprocessing(S, S, 1, np.full((S, S, 1), 120.0, np.float32))
+  prep = preprocessing.Preprocessing(S, S, 1, np.full((S, S, 1), 120.0, np.float32))
   return model, variables, prep
 
 
@@ -58,13 +64,13 @@ def test_preprocessing_matches_an_independent_resize_and_converts_channels(tmp_p
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
   Image.fromarray(rgb).save(tmp_path / "c.png")
-  grey = input_pipeline.read_image(str(tmp_path / "c.png"), 1)
+  grey = preprocessing.read_image(str(tmp_path / "c.png"), 1)
   assert grey.shape == (30, 50, 1) and grey.dtype == np.uint8
   ref_grey = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]   # PIL's luminance
   np.testing.assert_array_equal(grey, ref_grey)
-  assert input_pipeline.read_image(str(tmp_path / "c.png"), 3).shape == (30, 50, 3)
+  assert preprocessing.read_image(str(tmp_path / "c.png"), 3).shape == (30, 50, 3)
   mean = rng.normal(100, 10, (16, 16, 3)).astype(np.float32)
-  prep = input_pipeline.Preprocessing(20, 16, 3, mean, std=np.array([2.0, 4.0, 8.0]))
+  prep = preprocessing.Preprocessing(20, 16, 3, mean, std=np.array([2.0, 4.0, 8.0]))
   x = prep(rgb)
   # Reference: smaller side to 20 (30x50 -> 20x33) with jax.image.resize, centre 20x20, centre 16.
   big = np.asarray(jax.image.resize(rgb.astype(np.float32), (20, 33, 3), "linear"))
@@ -118,9 +124,9 @@ def test_arrays_equal_deconv_project_and_independent_references(tiny, tmp_path, 
   assert set(batch.done) == {PHOTOS[0], str(small)} and not batch.failed
   z = np.load(tmp_path / "v" / "china" / "arrays.npz")
   x = z["input"][None]
-  np.testing.assert_allclose(x[0], prep(input_pipeline.read_image(PHOTOS[0], 1)), atol=1e-5)
+  np.testing.assert_allclose(x[0], prep(preprocessing.read_image(PHOTOS[0], 1)), atol=1e-5)
   # The forward pass compiled as the package compiles its own (the same CPU kernels).
-  feats = conv.jit(lambda v, a: model.apply(v, a, method="features"))(variables, jnp.asarray(x))
+  feats = xla.jit(lambda v, a: model.apply(v, a, method="features"))(variables, jnp.asarray(x))
   logits = np.asarray(feats["logits"][0], np.float64)
   p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
   np.testing.assert_allclose(z["probabilities"], p, rtol=1e-5, atol=1e-9)
@@ -193,13 +199,13 @@ def test_templates_and_shipped_weights_are_package_data():
 def test_shipped_quickstart_loads_and_classifies():
   config = configs.default_config()
   config.pretrained = "quickstart"
-  loaded = checkpoints.load_model(config, None)
+  loaded = weights.load_model(config, None)
   assert type(loaded.model).__name__ == "ZFNetLowRes" and loaded.pixel_mean.shape == (32, 32, 1)
   assert loaded.class_names[9] == "Ankle boot"
-  prep = input_pipeline.preprocessing(loaded.config, loaded.pixel_mean)
+  prep = preprocessing.preprocessing(loaded.config, loaded.pixel_mean)
   if os.path.exists(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")):
-    images = input_pipeline.read_idx(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz"))[:64]
-    labels = input_pipeline.read_idx(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz"))[:64]
+    images = sources.read_idx(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz"))[:64]
+    labels = sources.read_idx(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz"))[:64]
   else:   # no dataset here (CI installs it): shapes only
     images, labels = np.random.default_rng(0).integers(0, 256, (8, 28, 28), np.uint8), None
   x = np.stack([prep(im) for im in images])
@@ -209,7 +215,7 @@ def test_shipped_quickstart_loads_and_classifies():
     assert (logits.argmax(1) == labels).mean() >= 0.85   # 0.911 measured on all 10,000
   config.pretrained = "nonesuch"
   with pytest.raises(ValueError, match="pretrained='nonesuch'.*quickstart"):
-    checkpoints.load_model(config, None)
+    weights.load_model(config, None)
 
 
 @pytest.mark.slow
@@ -219,13 +225,13 @@ def test_ship_weights_round_trip(tiny_workdir, tmp_path):
                       str(out)], capture_output=True, text=True, check=False,
                      env=dict(os.environ, PYTHONPATH=str(REPO)))
   assert r.returncode == 0, r.stderr[-2000:]
-  _, variables, _ = checkpoints.load_trained(tiny_workdir)
+  _, variables, _ = weights.load_trained(tiny_workdir)
   config = configs.default_config()
   config.pretrained = str(out)
-  loaded = checkpoints.load_model(config, None)
+  loaded = weights.load_model(config, None)
   jax.tree.map(np.testing.assert_array_equal, loaded.variables, jax.device_get(variables))
   np.testing.assert_array_equal(
-      loaded.pixel_mean, input_pipeline.pixel_mean(loaded.config, tiny_workdir))
+      loaded.pixel_mean, iterators.pixel_mean(loaded.config, tiny_workdir))
 
 
 def _main(*args, cwd):
@@ -237,7 +243,7 @@ def _main(*args, cwd):
 @pytest.mark.slow
 def test_cli_visualize_on_two_photographs_with_a_trained_model(tiny_workdir, tmp_path):
   """--mode=visualize on scikit-learn's photographs with the tiny trained run, one bad file."""
-  _, variables, config = checkpoints.load_trained(tiny_workdir)
+  _, variables, config = weights.load_trained(tiny_workdir)
   work = tmp_path / "run"
   shutil.copytree(tiny_workdir, work)
   (tmp_path / "in").mkdir()
@@ -282,7 +288,7 @@ def test_cli_visualize_with_the_shipped_weights_needs_no_training(tmp_path):
 
 
 def test_report_with_the_shipped_weights_on_a_fresh_workdir(tmp_path):
-  from zfnet_jax import pipeline, report   # pylint: disable=g-import-not-at-top
+  from zfnet_jax.report import report
   helpers.make_fmnist(tmp_path / "fmnist", n_train=40, n_test=20)
   config = helpers.fmnist_config(tmp_path / "fmnist", resize=32, crop=32)  # as shipped
   config.pretrained = "quickstart"
@@ -290,15 +296,15 @@ def test_report_with_the_shipped_weights_on_a_fresh_workdir(tmp_path):
                             batch_size=16, chunk_size=16))
   work = str(tmp_path / "fresh")
   with pytest.raises(ValueError, match="pretrained='quickstart' is for --mode=report"):
-    pipeline.run(config, work, train_model=True)
+    job.run(config, work, train_model=True)
   path = report.write_report(config, work, registry=[e for e in report.REGISTRY
                                                      if e.name in report.CORE])
   text = open(path, encoding="utf-8").read()
   assert 'id="layer-conv1"' in text and 'id="layer-conv2"' in text and "Ankle boot" in text
   # The model's own pixel mean, not one recomputed from these (random) images.
   np.testing.assert_array_equal(np.load(os.path.join(work, "pixel_mean.npy")),
-                                np.load(os.path.join(checkpoints.SHIPPED, "quickstart",
+                                np.load(os.path.join(weights.SHIPPED, "quickstart",
                                                      "pixel_mean.npy")))
   config.dataset.crop_size = 16
   with pytest.raises(ValueError, match="takes 32x32x1 images; the dataset gives 16x16x1"):
-    pipeline.validate_report(config)
+    job.validate_report(config)

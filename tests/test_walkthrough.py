@@ -5,13 +5,23 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 import pytest
 
-from helpers import np_conv_down, np_lrn, np_pool, np_relu_down, np_unpool, plain_network
-from zfnet_jax import convert, deconv, models, sections
+from zfnet_jax import deconv
 from zfnet_jax.analyses import walkthrough
+from zfnet_jax.nn import convert, models
+from zfnet_jax.render import sections
+
+from helpers import (
+  np_conv_down,
+  np_lrn,
+  np_pool,
+  np_relu_down,
+  np_unpool,
+  plain_network,
+)
 
 SIZE = 64
 GEOMETRY = {"conv1": (7, 2, 0), "conv2": (5, 2, 0), "conv3": (3, 1, 1), "conv4": (3, 1, 1),

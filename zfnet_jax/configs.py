@@ -6,11 +6,15 @@ value of the wrong type fails at once (configs are locked by ``main.py``).
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
+import re
+import sys
 import types
 
 import ml_collections
+from absl import flags
 
 
 def load_file(path: str, name: str = "config_file") -> types.ModuleType:
@@ -171,7 +175,7 @@ def default_config() -> ml_collections.ConfigDict:
   # A warning line when no training step has finished for this long (0 = never).
   c.stall_warning_seconds = 60.0
 
-  # -- report (zfnet_jax.report) ---------------------------------------------
+  # -- report (zfnet_jax.report.report) ---------------------------------------------
   c.report = ml_collections.ConfigDict()
   c.report.enabled = True              # write <workdir>/report after training
   c.report.split = ""                  # "" = dataset.eval_split
@@ -185,7 +189,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.report.distinct_images = True      # Fig. 2: top-k images (each at its strongest unit), as
                                        # the paper; False: top-k units (an image may repeat)
 
-  # -- visualize (zfnet_jax.visualize): --mode=visualize --images=PATH -------
+  # -- visualize (zfnet_jax.report.visualize): --mode=visualize --images=PATH -------
   c.visualize = ml_collections.ConfigDict()
   c.visualize.layers = ()              # () = report.layers
   c.visualize.num_maps = 9             # strongest maps of each layer shown per image
@@ -334,3 +338,52 @@ def torchvision_imported(model_name: str, layers: tuple[str, ...], occlusion_lay
   c.analyses.diagnostics.train_comparison = False
   c.analyses.evolution.layers = layers
   return c
+
+
+# -- the command line -----------------------------------------------------------
+
+def _usage_error(msg: str):
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(FLAGS, argv: list[str]) -> list[str]:  # pylint: disable=invalid-name
+  """absl's flag parsing of ``argv`` into ``FLAGS``, with bad flags as one line ``error: ...`` and exit 2.
+
+  Before parsing: ``--config=NAME`` of a shipped experiment becomes its file, one that
+  is neither a file nor such a name is refused with the names, and a
+  ``--config.KEY`` given more than once is refused (absl would concatenate
+  repeated tuple values).  While parsing: an unknown key and a value that does
+  not parse as the key's type are named, with the expected type.
+  """
+  given = [m.group(2) for m in (re.match(r"^--?(no)?config\.([^=]+)", a) for a in argv[1:]) if m]
+  repeated = [k for k, n in collections.Counter(given).items() if n > 1]
+  if repeated:
+    _usage_error(f"--config.{repeated[0]} is given {given.count(repeated[0])} times; give it "
+                 f"once (a tuple as one value: --config.{repeated[0]}='(a, b, c)')")
+  try:
+    argv = config_argv(argv)   # a shipped experiment's name stands for its file
+  except ValueError as e:
+    _usage_error(str(e))
+  files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    m = re.match(r"flag --([^=]+)=(.*?): (.*)", str(e), re.S)
+    if m and m.group(1) == "config":   # absl hides why the file gave no config: say it
+      path, _, variant = m.group(2).partition(":")
+      try:
+        load_file(path).get_config(*([variant] if variant else []))
+      except Exception as cause:  # pylint: disable=broad-except
+        _usage_error(f"--config={m.group(2)}: {cause}")
+    if m and m.group(1) in FLAGS:
+      flag = FLAGS[m.group(1)]
+      expected = getattr(flag.parser, "flag_type", lambda: "?")()
+      _usage_error(f"--{m.group(1)}={m.group(2)}: expected {expected} (the type of "
+                   f"{m.group(1)}), got {m.group(2)!r}")
+    _usage_error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except (KeyError, AttributeError) as e:   # ml_collections: a key the config lacks
+    name = str(e).strip("\"'")
+    key = next((k for k in given if name in k.split(".")), name)
+    _usage_error(f"--config.{key}: unknown config key {name!r} (not in the config "
+                 f"{files[-1] if files else ''}; see --mode=summary or zfnet_jax/configs.py)")

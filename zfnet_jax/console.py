@@ -167,3 +167,25 @@ class Watchdog:
             f"last finished step is {self._done}); the run may be stuck: if it stays so, stop "
             "it (Ctrl-C or SIGTERM) and rerun the same command to resume from the last "
             "checkpoint", warn=True)
+
+
+def quiet_libraries(verbose: bool) -> None:
+  """A command's logging: the libraries' INFO chatter (Orbax, JAX) off unless ``verbose``,
+  and a full disk said once by the run rather than by each of Orbax's threads and tasks
+  (with a traceback through absl's handler), nor TensorStore's "Event loop is closed"."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not verbose:
+    logging.set_verbosity(logging.WARNING)
+    # Orbax warns on every read-only restore ("Given directory is read only"): errors only.
+    logging.get_absl_logger().addFilter(
+        lambda r: r.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in r.pathname)
+  logging.get_absl_handler().addFilter(
+      lambda r: not any(t in r.getMessage() for t in ("No space left", "os_error_code='28'")))
+  hook = sys.excepthook
+
+  def quiet(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      hook(kind, value, tb)
+  sys.excepthook = quiet

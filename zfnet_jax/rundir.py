@@ -9,7 +9,7 @@ A training run writes, in its workdir:
   metrics.jsonl      one JSON row per log/eval: step, epoch, split, metrics
   results.json       final evaluation, with the package versions it ran with
   checkpoints/       Orbax checkpoints (``zfnet_jax.checkpoints``)
-  report/            the HTML report (``zfnet_jax.report``)
+  report/            the HTML report (``zfnet_jax.report.report``)
   training.lock      held (``flock``) by the training process, with its pid and host (``LOCK``)
 
 Every file is written to a temporary name (``<name>.tmp<pid>``) and renamed, so

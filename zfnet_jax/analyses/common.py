@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zfnet_jax import conv, deconv, models
+from zfnet_jax import deconv, xla
+from zfnet_jax.nn import table
 
 
 @functools.lru_cache(maxsize=64)
 def _subset_fn(net: deconv.Network, keep: tuple[str, ...]):
-  return conv.jit(lambda variables, x: {k: v for k, v in net.features(variables, x).items()
+  return xla.jit(lambda variables, x: {k: v for k, v in net.features(variables, x).items()
                                        if k in keep})
 
 
@@ -22,7 +23,7 @@ def activations(net, variables, images: np.ndarray, layers: Sequence[str],
   """{layer: (N, ...)} of ``layers`` (and "logits" when the network has it) over
   ``images`` (N, S, S, C), in batches (the last one padded: one compilation)."""
   net = deconv.as_network(net)
-  names = models.layer_names(net, images.shape[1])
+  names = table.layer_names(net, images.shape[1])
   keep = tuple(dict.fromkeys(list(layers) + (["logits"] if "logits" in names else [])))
   fn = _subset_fn(net, keep)
   n = len(images)

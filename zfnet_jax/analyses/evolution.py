@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from zfnet_jax import console, conv, deconv, figures, models
-from zfnet_jax import sections as sections_lib
+from zfnet_jax import console, deconv, xla
+from zfnet_jax.nn import table
+from zfnet_jax.render import figures
+from zfnet_jax.render import sections as sections_lib
 
 TILE = 48  # side of a tile in pixels (receptive-field crops are resized to it)
 
@@ -62,7 +64,7 @@ def layer_maps(net, input_size: int, layers: Sequence[str], options: Options, se
   """{layer: maps shown}: ``options.maps`` in every layer, or random (``choose_maps``)."""
   if options.maps:
     return {l: tuple(options.maps) for l in layers}
-  widths = models.spatial_layers(deconv.as_network(net), input_size)
+  widths = table.spatial_layers(deconv.as_network(net), input_size)
   return {l: tuple(int(m) for m in choose_maps(widths[l], options.num_maps, seed, n))
           for n, l in enumerate(layers)}
 
@@ -80,8 +82,8 @@ def check(net, input_size: int, layers: Sequence[str], maps: Maps) -> None:
                      f"maps={maps!r}")
   net = deconv.as_network(net)
   for layer in layers:
-    models.check_layer(net, input_size, layer, "evolution layer", spatial=True)
-    models.check_channels(net, input_size, layer, list(_per_layer([layer], maps)[layer]),
+    table.check_layer(net, input_size, layer, "evolution layer", spatial=True)
+    table.check_channels(net, input_size, layer, list(_per_layer([layer], maps)[layer]),
                           "evolution map")
 
 
@@ -104,18 +106,19 @@ def validate(options, net, data: sections_lib.Data) -> Options:
 
 @functools.lru_cache(maxsize=32)
 def _batch_max_fn(net: deconv.Network, maps: tuple[tuple[str, tuple[int, ...]], ...]):
-  """jit((variables, x (B, S, S, C), mask (B,)) -> {layer: (max (M,), flat argmax (M,)
-  over (B, H, W), first in row-major order)}); masked images never win."""
+  """jit((variables, x (B, S, S, C), mask (B,)) -> {layer: (max (M,), (image, row, col)
+  (3 x (M,)) of each map's strongest activation, ``deconv.strongest_in``)}); masked
+  images never win."""
   def batch_max(variables, x, mask):
     f = net.features(variables, x)
     out = {}
     for layer, idx in maps:
       a = f[layer][..., np.asarray(idx, np.int32)].astype(jnp.float32)   # (B, H, W, M)
       a = jnp.where(mask[:, None, None, None], a, -jnp.inf)
-      flat = a.reshape(-1, len(idx))
-      out[layer] = (flat.max(0), jnp.argmax(flat, 0))
+      where, value = deconv.strongest_in(jnp.moveaxis(a, -1, 0), 3)
+      out[layer] = (value, where)
     return out
-  return conv.jit(batch_max)
+  return xla.jit(batch_max)
 
 
 def _array_batches(images: np.ndarray, batch_size: int) -> Iterator[dict]:
@@ -160,8 +163,7 @@ def strongest_many(net, variables: Sequence[Any], batches: Iterable[Mapping[str,
     xd, md = jnp.asarray(x), jnp.asarray(mask)
     res = jax.device_get([fn(v, xd, md) for v in variables])    # every checkpoint, one batch
     for e, r in enumerate(res):
-      for l, (val, arg) in r.items():
-        b, i, j = np.unravel_index(arg, (len(x), *hw[l]))
+      for l, (val, (b, i, j)) in r.items():
         better = val > best[e][l][2]
         best[e][l][0][better] = ids[b[better]]
         best[e][l][1][better] = np.stack([i, j], 1)[better]

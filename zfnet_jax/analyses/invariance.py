@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zfnet_jax import conv, deconv, figures, models
-from zfnet_jax import sections as sections_lib
+from zfnet_jax import deconv, xla
 from zfnet_jax.analyses import common
+from zfnet_jax.nn import table
+from zfnet_jax.render import figures
+from zfnet_jax.render import sections as sections_lib
 
 TRANSFORMS = ("translation", "scale", "rotation")
 UNITS = {"translation": "vertical shift (px)", "scale": "scale factor",
@@ -45,13 +47,13 @@ def validate(options, net, data: sections_lib.Data) -> Options:
   net = deconv.as_network(net)
   layers = tuple(options.layers)
   for layer in layers:
-    models.check_layer(net, data.input_size, layer, "invariance layer")
+    table.check_layer(net, data.input_size, layer, "invariance layer")
   _check_logits(net, data.input_size)
   return Options(layers, amounts(options, data.input_size))
 
 
 def _check_logits(net: deconv.Network, input_size: int) -> None:
-  if "logits" not in models.layer_names(net, input_size):
+  if "logits" not in table.layer_names(net, input_size):
     raise ValueError(f"invariance needs class probabilities: network {net.name!r} has no "
                      "'logits' activation")
 
@@ -101,7 +103,7 @@ def transform(image: jax.Array, kind: str, amount) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _transform_many_fn(kind: str):
-  return conv.jit(jax.vmap(jax.vmap(lambda im, a: transform(im, kind, a), (None, 0)), (0, None)))
+  return xla.jit(jax.vmap(jax.vmap(lambda im, a: transform(im, kind, a), (None, 0)), (0, None)))
 
 
 def transform_many(images: np.ndarray, kind: str, amounts_: np.ndarray) -> np.ndarray:
@@ -121,7 +123,7 @@ def measure(net, variables, images: np.ndarray, labels: np.ndarray, layers,
   net = deconv.as_network(net)
   size = images.shape[1]
   for layer in layers:
-    models.check_layer(net, size, layer, "invariance layer")
+    table.check_layer(net, size, layer, "invariance layer")
   _check_logits(net, size)
   f0 = common.activations(net, variables, images, layers, batch_size)
   n = len(images)

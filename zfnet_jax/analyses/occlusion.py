@@ -37,9 +37,11 @@ import jax.numpy as jnp
 import matplotlib.patches
 import numpy as np
 
-from zfnet_jax import conv, deconv, figures, models
-from zfnet_jax import sections as sections_lib
+from zfnet_jax import deconv, xla
 from zfnet_jax.analyses import common
+from zfnet_jax.nn import table
+from zfnet_jax.render import figures
+from zfnet_jax.render import sections as sections_lib
 
 
 @dataclasses.dataclass
@@ -73,7 +75,7 @@ def check(s: Settings, net, input_size: int) -> Settings:
                      ">= 0 (0 = no other images)")
   if s.fill > 255:
     raise ValueError(f"occlusion fill {s.fill} not allowed: a pixel value 0..255, or -1 (mean)")
-  models.check_layer(deconv.as_network(net), input_size, s.layer, "occlusion layer",
+  table.check_layer(deconv.as_network(net), input_size, s.layer, "occlusion layer",
                      spatial=True)
   return s
 
@@ -94,9 +96,10 @@ def fill_image(fill: float, mean: np.ndarray | None, shape) -> np.ndarray:
 
 def strongest_map(activation: np.ndarray) -> int:
   """(H, W, C) activations of one image -> the map with the largest single activation
-  (max over positions; the paper's "strongest feature map"); ties: the lowest index."""
-  a = np.asarray(activation)
-  return int(np.argmax(a.reshape(-1, a.shape[-1]).max(0)))
+  (max over positions, ``deconv.strongest_in``; the paper's "strongest feature map");
+  ties: the lowest index."""
+  _, top = deconv.strongest_in(np.moveaxis(np.asarray(activation), -1, 0), 2)
+  return int(np.argmax(top))
 
 
 def scan(net, variables, image: np.ndarray, label: int, s: Settings,
@@ -118,11 +121,11 @@ def scan(net, variables, image: np.ndarray, label: int, s: Settings,
   sq = squares(size, s.size, s.stride)
   n = len(sq)
   check(s, net, size)
-  num_classes = models.layer_shapes(net, size)["logits"][2]
+  num_classes = table.layer_shapes(net, size)["logits"][2]
   if not 0 <= int(label) < num_classes:
     raise ValueError(f"label {label} out of range: allowed 0..{num_classes - 1}")
   if channel is not None:
-    models.check_channels(net, size, s.layer, [channel])
+    table.check_channels(net, size, s.layer, [channel])
   f0 = common.activations(net, variables, np.asarray(image)[None], [s.layer])
   totals = f0[s.layer][0].reshape(-1, f0[s.layer].shape[-1]).sum(0)
   if channel is None:
@@ -139,7 +142,7 @@ def scan(net, variables, image: np.ndarray, label: int, s: Settings,
 
 @functools.lru_cache(maxsize=16)
 def _scan_fn(net, layer: str, chunk_size: int):
-  return conv.jit(functools.partial(_scan, net, layer, chunk_size))
+  return xla.jit(functools.partial(_scan, net, layer, chunk_size))
 
 
 def _scan(net, layer, chunk_size, variables, image, fill, sq, label, channel):

@@ -14,9 +14,11 @@ import dataclasses
 import matplotlib.patches
 import numpy as np
 
-from zfnet_jax import deconv, figures, models
-from zfnet_jax import sections as sections_lib
+from zfnet_jax import deconv
 from zfnet_jax.analyses import common
+from zfnet_jax.nn import models, table, torchvision
+from zfnet_jax.render import figures
+from zfnet_jax.render import sections as sections_lib
 
 COLUMNS = ("normalise", "unpool", "rectify", "filter")   # one row per layer group
 
@@ -33,7 +35,7 @@ def validate(options, net, data: sections_lib.Data) -> Options:
   layers = tuple(options.layers) or tuple(
       s.name for s in net.layer_table(data.input_size) if s.kind == "conv")
   for layer in layers:
-    models.check_layer(net, data.input_size, layer, "walkthrough layer")
+    table.check_layer(net, data.input_size, layer, "walkthrough layer")
   return Options(layers)
 
 
@@ -45,8 +47,8 @@ def strongest_units(net, variables, images: np.ndarray, layers, batch_size: int 
   out = {}
   for layer in layers:
     a = acts[layer].reshape(len(images), 1, 1, -1) if acts[layer].ndim == 2 else acts[layer]
-    n, i, j, c = np.unravel_index(np.argmax(a), a.shape)
-    out[layer] = int(n), int(c), (int(i), int(j)), float(a[n, i, j, c])
+    (n, i, j, c), value = deconv.strongest_in(a, 4)
+    out[layer] = int(n), int(c), (int(i), int(j)), float(value)
   return out
 
 
@@ -77,7 +79,7 @@ def plot(stages: list[deconv.Stage], display: np.ndarray, field, channel: int, t
   row per layer: normalise, unpool (or torchvision's average), rectify, filter (a network
   known by its named layers: the signal arriving at each, four per row); each summed over channels
   (zero = mid-grey, each scaled on its own), the last the pixel projection.
-  display: (S, S) or (S, S, 3) in [0, 1]; field: the layer's ``models.ReceptiveField``
+  display: (S, S) or (S, S, 3) in [0, 1]; field: the layer's ``table.ReceptiveField``
   (None: the whole image)."""
   plt = figures.pyplot()
   rows = _groups(stages)
@@ -155,7 +157,7 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
       "summed over channels (zero = mid-grey, each scaled on its own); the last is the "
       "pixel projection, shown in the top row cropped to the unit's receptive field beside "
       "the image patch (as in the atlas). Arrays: walkthrough_<layer>.npz (one key per stage)."
-      + ("" if isinstance(net.module, (models.PaperNet, models.TorchvisionNet)) else
+      + ("" if isinstance(net.module, (models.PaperNet, torchvision.TorchvisionNet)) else
          f" {net.name} is known by its named layers: each picture is the signal arriving "
          "at one of them."))
   units = strongest_units(net, context.variables, context.images, options.layers,

@@ -8,7 +8,7 @@ r"""Is a 7x7/2 first layer better than 11x11/4, and why?  One sweep of conv1.
 The same network and recipe, trained once per first-layer (kernel, stride) of
 ``GRID`` with the same seed(s) and budget; everything else as in the variant's
 config (this file is also that config: ``get_config(variant)``).  After the
-runs, ``collect`` (``zfnet_jax.conv1_sweep``) measures every run and writes
+runs, ``collect`` (``zfnet_jax.studies.conv1_sweep``) measures every run and writes
 <root>/conv1_measures.json and <root>/conv1_report/index.html: test error,
 filter spectrum per band, dead filters, aliasing, parameters and FLOPs of conv1
 and conv2, images/s.
@@ -42,7 +42,8 @@ The GPU variants run each geometry with ``GPU_SEEDS``.
 """
 import os
 
-from zfnet_jax import configs, conv1_sweep, sweeps
+from zfnet_jax import configs
+from zfnet_jax.studies import conv1_sweep, sweeps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = "experiments/conv1_sweep.py"

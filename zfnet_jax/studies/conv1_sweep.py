@@ -22,9 +22,13 @@ from typing import Sequence
 
 import numpy as np
 
-from zfnet_jax import checkpoints, figures, input_pipeline, models, pages, rundir
-from zfnet_jax import sections as sections_lib
+from zfnet_jax import rundir
 from zfnet_jax.analyses import diagnostics
+from zfnet_jax.data import iterators
+from zfnet_jax.nn import table as table_lib
+from zfnet_jax.render import figures, pages
+from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.training import checkpoints, weights
 
 NUM_IMAGES = 64          # eval images for the aliasing measures (conv1 response, conv2 projections)
 RECORD = "conv1_measures.json"
@@ -40,9 +44,9 @@ def matched_pad(input_size: int, kernel: int, stride: int, baseline=(7, 2, 0)) -
   ``baseline`` (kernel, stride, pad)'s at ``input_size`` (ties: the smaller p), so later
   layers keep the baseline's sizes where a stride allows it.  At most "same" padding:
   more would make the border a larger part of the map."""
-  target = models.conv_out(input_size, *baseline)[0]
+  target = table_lib.conv_out(input_size, *baseline)[0]
   pads = range((kernel - 1) // 2 + 1)
-  return min(pads, key=lambda p: (abs(models.conv_out(input_size, kernel, stride, p)[0]
+  return min(pads, key=lambda p: (abs(table_lib.conv_out(input_size, kernel, stride, p)[0]
                                       - target), p))
 
 
@@ -58,8 +62,8 @@ def workdir_measures(workdir: str, num_images: int = NUM_IMAGES) -> tuple[dict, 
   """(record entry {results, measures}, conv1 kernel (k, k, C, F)) of a finished run:
   its newest checkpoint, the first ``num_images`` centre crops of its eval split."""
   config = checkpoints.load_config(workdir)
-  loaded = checkpoints.load_model(config, workdir)
-  images = input_pipeline.load_examples(loaded.config, workdir, num=num_images)[0]
+  loaded = weights.load_model(config, workdir)
+  images = iterators.load_examples(loaded.config, workdir, num=num_images)[0]
   d = loaded.config.analyses.diagnostics
   m = diagnostics.first_layer_measures(
       loaded.model, loaded.variables, images, dead_threshold=d.dead_threshold,

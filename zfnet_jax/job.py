@@ -1,8 +1,9 @@
-"""The whole job behind ``main``: train, train the Fig. 6 comparison runs, write the report.
+"""The whole job behind ``main``: train, train the Fig. 6 comparison runs, write the report;
+and each of ``main``'s other modes (``run_mode``).
 
 The top floor: it may import everything, and nothing imports it but ``main``
 (and notebooks or tests that want the whole job).  Every option is validated
-once, before any long work: training's by ``train.validate``, the report's by
+once, before any long work: training's by ``loop.validate``, the report's by
 ``report.validate``.
 """
 from __future__ import annotations
@@ -15,21 +16,26 @@ import time
 import jax
 import ml_collections
 
-from zfnet_jax import checkpoints, console, input_pipeline, models, report, rundir, sections
-from zfnet_jax import train
+from zfnet_jax import console, rundir
 from zfnet_jax.analyses import evolution
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.nn import models
+from zfnet_jax.render import sections
+from zfnet_jax.report import comparisons, explore, report, visualize
+from zfnet_jax.training import checkpoints, ensemble, loop, runtime, weights
+from zfnet_jax.training import steps as steps_lib
 
-EXIT_PREEMPTED = train.EXIT_PREEMPTED
+EXIT_PREEMPTED = runtime.EXIT_PREEMPTED
 TENSORBOARD_IMAGES = 64   # training examples behind the live Fig. 4 panels
 
 
 def summary(config: ml_collections.ConfigDict) -> str:
   """The model's layer table (works without the dataset: then ImageNet's 1000 classes, RGB).
 
-  The config is validated first (``train.validate``), as for training."""
-  train.validate(config)
+  The config is validated first (``loop.validate``), as for training."""
+  loop.validate(config)
   try:
-    info = input_pipeline.dataset_info(config)
+    info = sources.dataset_info(config)
     num_classes, channels, note = info.num_classes, info.channels, ""
   except (ValueError, OSError):  # data not prepared here: the paper's ImageNet head
     num_classes, channels = 1000, 3
@@ -38,15 +44,15 @@ def summary(config: ml_collections.ConfigDict) -> str:
                                config.dataset.crop_size, channels)
 
 
-def training_hooks(config: ml_collections.ConfigDict, workdir: str) -> list[train.Hook]:
+def training_hooks(config: ml_collections.ConfigDict, workdir: str) -> list[loop.Hook]:
   """The hooks ``main`` gives training: Fig. 4 panels in TensorBoard every
   ``analyses.evolution.tensorboard_every_steps`` steps (none when 0), process 0 only."""
   evolution_config = config.analyses.evolution
   if evolution_config.tensorboard_every_steps <= 0 or jax.process_index() != 0:
     return []
-  info = input_pipeline.dataset_info(config)
+  info = sources.dataset_info(config)
   model = models.from_config(config.model, info.num_classes)
-  images, _, _ = input_pipeline.load_examples(config, workdir, split=config.dataset.train_split,
+  images, _, _ = iterators.load_examples(config, workdir, split=config.dataset.train_split,
                                               num=TENSORBOARD_IMAGES)
   hook = evolution.tensorboard_hook(
       model, images, layers=tuple(evolution_config.layers),
@@ -58,46 +64,11 @@ def training_hooks(config: ml_collections.ConfigDict, workdir: str) -> list[trai
 def validate_report(config: ml_collections.ConfigDict) -> list:
   """The report's plan (``report.validate``) for the model ``config`` describes."""
   models.validate(config.model)
-  input_pipeline.validate(config.dataset)
-  imported = checkpoints.is_imported(config)
-  if imported:   # torchvision's weights: their shapes are checked when loaded
-    checkpoints.imported_preprocessing(config)
-    if not os.path.isfile(config.pretrained):
-      raise ValueError(f"pretrained={config.pretrained!r}: no such weights file")
-  info = input_pipeline.dataset_info(config)
-  model_config, num_classes = config.model, info.num_classes
-  if imported:
-    num_classes = 1000
-  elif config.get("pretrained"):   # the shipped model, checked against the data it will see
-    shipped = checkpoints.shipped_dir(config.pretrained)
-    model_config = checkpoints.load_config(shipped).model
-    trained = checkpoints.load_dataset_info(shipped)
-    num_classes = trained.num_classes
-    if (trained.input_size, trained.channels) != (config.dataset.crop_size, info.channels):
-      raise ValueError(f"pretrained={config.pretrained!r} takes {trained.input_size}x"
-                       f"{trained.input_size}x{trained.channels} images; the dataset gives "
-                       f"{config.dataset.crop_size}x{config.dataset.crop_size}x{info.channels}")
-  model = models.from_config(model_config, num_classes)
+  sources.validate(config.dataset)
+  info = sources.dataset_info(config)
   data = sections.Data(config.dataset.name, config.dataset.crop_size,
                        config.dataset.resize_size, info.channels)
-  return report.validate(config, model, data)
-
-
-def train_comparison(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Train each Fig. 6 comparison run (``report.comparison_kinds``: the counterpart
-  AlexNet <-> ZFNet, this model without feature scale clipping) in its sub-workdir unless
-  it has finished there; returns those workdirs.  SIGTERM while one trains raises
-  ``train.Preempted`` (its checkpoint saved)."""
-  subs = []
-  for kind in report.comparison_kinds(config):
-    sub = report.comparison_workdir(config, workdir, kind)
-    subs.append(sub)
-    if not os.path.exists(rundir.path(sub, rundir.RESULTS)):
-      console.say(f"training the comparison model {report.comparison_name(config, kind)} "
-                  f"in {sub}")
-      if train.train_and_evaluate(report.comparison_config(config, kind), sub).get("preempted"):
-        raise train.Preempted()
-  return subs
+  return report.validate(config, weights.planned_model(config, info), data)
 
 
 # Work of each phase in training steps of this run (measured on the quickstart, AMD EPYC,
@@ -110,21 +81,21 @@ REPORT_STEPS = 1200
 def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
          write_report: bool, report_plan: list | None) -> list[str]:
   """The lines ``run`` prints before it starts: what it will do, in order."""
-  info = input_pipeline.dataset_info(config)
+  info = sources.dataset_info(config)
   lines = [f"zfnet_jax: {config.model.name} on {config.dataset.name} "
            f"({info.num_train} training, {info.num_eval} {config.dataset.eval_split} images) "
            f"in {os.path.abspath(workdir)}"]
   todo = []
   if train_model:
-    spe = input_pipeline.steps_per_epoch(config)
-    steps = train.total_steps(config, spe)
+    spe = iterators.steps_per_epoch(config)
+    steps = steps_lib.total_steps(config, spe)
     crops = "10 crops" if config.ten_crop_eval else "centre crop"
     todo.append(f"train {steps / spe:g} epochs ({steps} steps of {config.batch_size} images, "
                 f"{config.optimizer}), then evaluate ({crops})")
   if write_report:
-    for kind in _comparisons_wanted(config, workdir):
-      c = report.comparison_config(config, kind)
-      todo.append(f"train the comparison model {report.comparison_name(config, kind)} for "
+    for kind in comparisons.pending(config, workdir):
+      c = comparisons.config_of(config, kind)
+      todo.append(f"train the comparison model {comparisons.name_of(config, kind)} for "
                   f"{c.num_epochs:g} epoch(s) (Fig. 6)")
     todo.append("write the report: " + ", ".join(e.name for e, _ in report_plan or []))
   lines += [f"  {n}. {t}" for n, t in enumerate(todo, 1)]
@@ -133,29 +104,19 @@ def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
   return lines
 
 
-def _comparisons_wanted(config, workdir) -> list[str]:
-  """The comparison kinds the pipeline has yet to train."""
-  d = config.analyses
-  if not (d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison and
-          not config.get("pretrained")):
-    return []
-  return [k for k in report.comparison_kinds(config) if not os.path.exists(
-      rundir.path(report.comparison_workdir(config, workdir, k), rundir.RESULTS))]
-
-
 def estimate_seconds(config, workdir: str, step_seconds: float, *, remaining_steps: int,
                      write_report: bool) -> dict[str, float]:
   """Seconds left per phase at ``step_seconds`` per training step (a rough model)."""
-  info = input_pipeline.dataset_info(config)
+  info = sources.dataset_info(config)
   fwd = step_seconds * FORWARD_STEP_FRACTION / config.batch_size   # seconds per image forward
   crops = 10 if config.ten_crop_eval else 1
   out = {"training": remaining_steps * step_seconds,
          "final evaluation": info.num_eval * crops * fwd}
   if write_report:
-    for kind in _comparisons_wanted(config, workdir):   # centre-crop evaluation
-      c = report.comparison_config(config, kind)
-      out[f"comparison {report.comparison_name(config, kind)}"] = (
-          train.total_steps(c, input_pipeline.steps_per_epoch(c)) * step_seconds +
+    for kind in comparisons.pending(config, workdir):   # centre-crop evaluation
+      c = comparisons.config_of(config, kind)
+      out[f"comparison {comparisons.name_of(config, kind)}"] = (
+          steps_lib.total_steps(c, iterators.steps_per_epoch(c)) * step_seconds +
           out["final evaluation"] / crops)
     scanned = info.num_eval if config.report.max_examples < 0 else min(
         info.num_eval, config.report.max_examples)
@@ -178,8 +139,8 @@ class _Estimate:
     if step == self.first + self.skip:
       self.t0 = time.time()
     elif self.t0 is not None and step == self.first + self.skip + self.measure:
-      spe = input_pipeline.steps_per_epoch(self.config)
-      left = train.total_steps(self.config, spe) - step
+      spe = iterators.steps_per_epoch(self.config)
+      left = steps_lib.total_steps(self.config, spe) - step
       est = estimate_seconds(self.config, self.workdir, (time.time() - self.t0) / self.measure,
                              remaining_steps=left, write_report=self.write_report)
       parts = ", ".join(f"{k} {console.minutes(v)}" for k, v in est.items())
@@ -226,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
   command, versions).  The total counts from ``$ZFNET_JAX_STARTED`` (seconds since the
   epoch) when set, so ``launch/quickstart.sh`` includes its install step.
 
-  Training holds the workdir's lock (``train.workdir_lock``) to the end of the report;
+  Training holds the workdir's lock (``runtime.workdir_lock``) to the end of the report;
   the report alone takes no lock (it reads checkpoints and replaces only ``report/``,
   built in a temporary folder).  SIGTERM at any point returns {"preempted": True}
   (nothing half-written is left; rerun to finish); a full disk raises ``rundir.DiskFull``.
@@ -235,12 +196,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool = 
   if train_model and config.get("pretrained"):
     raise ValueError(f"config.pretrained={config.pretrained!r} is for --mode=report and "
                      "--mode=visualize; training starts from scratch (or restore_path)")
-  train.maybe_initialize_distributed(config)
+  runtime.maybe_initialize_distributed(config)
   out = {}
   try:
-    with train.sigterm_raises():
+    with runtime.sigterm_raises():
       return _run(config, workdir, train_model, write_report, out, started)
-  except train.Preempted:
+  except runtime.Preempted:
     console.say("SIGTERM: stopped before the report was written; rerun the same command to "
                 "finish", warn=True)
     out["preempted"] = True
@@ -261,30 +222,30 @@ def _run(config, workdir: str, train_model: bool, write_report: bool, out: dict,
     report_plan = validate_report(config)  # before hours of training, not after
     d = config.analyses
     if d.enabled and d.diagnostics.enabled and d.diagnostics.train_comparison:
-      for kind in report.comparison_kinds(config):
-        train.validate(report.comparison_config(config, kind))
+      for kind in comparisons.kinds(config):
+        loop.validate(comparisons.config_of(config, kind))
   if train_model:
-    train.validate(config)   # before the lock creates the workdir
+    loop.validate(config)   # before the lock creates the workdir
   for line in plan(config, workdir, train_model=train_model, write_report=write_report,
                    report_plan=report_plan):
     console.say(line)
   phases = console.Phases()
-  with (train.workdir_lock(os.path.abspath(workdir)) if train_model else
+  with (runtime.workdir_lock(os.path.abspath(workdir)) if train_model else
         contextlib.nullcontext()):
     if train_model:
       # A resume with an incompatible config stops before the hooks write anything.
-      checkpoints.check_resume(config, workdir, input_pipeline.dataset_info(config))
+      checkpoints.check_resume(config, workdir, sources.dataset_info(config))
       hooks = training_hooks(config, workdir) + [_Estimate(config, workdir, write_report)]
       with phases("training and evaluation"):
-        results = train.train_and_evaluate(config, workdir, hooks=hooks)
+        results = loop.train_and_evaluate(config, workdir, hooks=hooks)
       out["results"] = results
       if results.get("preempted"):
         out["preempted"] = True
         return out
     if write_report:
-      if _comparisons_wanted(config, workdir):
+      if comparisons.pending(config, workdir):
         with phases("comparison models"):
-          train_comparison(config, workdir)
+          comparisons.train(config, workdir)
       with phases("report"):
         out["report"] = report.write_report(config, workdir, plan=report_plan)
       out["report_sections"] = _read_or_empty(
@@ -297,3 +258,55 @@ def _run(config, workdir: str, train_model: bool, write_report: bool, out: dict,
         "versions": rundir.versions()})
   console.say(summary_table(config, workdir, out, phases, started))
   return out
+
+
+def run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str | None, *,
+             images: str | None = None, members: str | None = None,
+             host: str = "127.0.0.1", port: int = 7860) -> int:
+  """``main``'s modes (``--mode``); returns the exit code.  Bad input (config, data,
+  paths) or a full disk: one line ``error: ...`` and 2; a non-finite loss: 1 (the
+  last good checkpoint is kept); SIGTERM: ``EXIT_PREEMPTED``."""
+  try:
+    return _run_mode(mode, config, workdir, images, members, host, port)
+  except (ValueError, OSError) as e:   # bad config, data or paths: no traceback
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except FloatingPointError as e:      # non-finite loss: the last good checkpoint is kept
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _run_mode(mode, config, workdir, images, members, host, port) -> int:
+  if mode == "summary":
+    print(summary(config))
+    return 0
+  if workdir is None:
+    raise ValueError("--workdir is required for --mode=train, report, visualize, ensemble "
+                     "and explore")
+  if mode == "ensemble":
+    res = ensemble.evaluate_ensemble(config, (members or "").split(","), workdir)
+    console.say(f"ensemble of {len(res['members'])} on {res['num_eval_examples']} images: top-1 "
+                f"error {res['top1_error']:.4f}, top-5 error {res['top5_error']:.4f} -> "
+                f"{os.path.join(workdir, ensemble.ENSEMBLE_RESULTS)}")
+    return 0
+  if mode == "explore":
+    try:
+      explore.require_gradio()
+    except ImportError as e:
+      raise ValueError(str(e)) from None
+    explore.run(config, workdir, host=host, port=port)
+    return 0
+  if mode == "visualize":
+    if not images:
+      raise ValueError("--mode=visualize needs --images=PATH (a file, folder, glob or "
+                       "comma-separated list)")
+    batch = visualize.run(config, workdir, images)
+    for page in batch.done.values():
+      console.say(f"visualize: {page}")
+    if batch.failed:
+      raise ValueError(f"{len(batch.failed)} of {len(batch.failed) + len(batch.done)} inputs "
+                       f"failed: {'; '.join(m for _, m in batch.failed)}")
+    return 0
+  out = run(config, workdir, train_model=mode == "train",
+            write_report=config.report.enabled or mode == "report")
+  return EXIT_PREEMPTED if out.get("preempted") else 0

@@ -23,16 +23,22 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from zfnet_jax import atlas, checkpoints, deconv, input_pipeline, models
+from zfnet_jax import deconv
+from zfnet_jax.analyses import atlas
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.data import preprocessing as preprocessing_lib
+from zfnet_jax.nn import models, rules, torchvision
+from zfnet_jax.render import figures
+from zfnet_jax.training import weights
 
 SAMPLES = ("china", "flower")   # scikit-learn's sample photographs
-RULES = ("deconvnet", "guided", "backprop")
+RULES = ("deconvnet",) + tuple(r for r in rules.RULES if r != "deconvnet")   # as offered
 MAX_UPLOAD = "10mb"
 
 
 def require_gradio() -> None:
   """ImportError saying in one line what to install when Gradio is missing."""
-  import importlib.util   # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
   if importlib.util.find_spec("gradio") is None:
     raise ImportError("the explorer needs Gradio: pip install 'zfnet_jax[explore]'")
 
@@ -45,14 +51,14 @@ def _gradio(workdir: str):
   os.makedirs(uploads, exist_ok=True)
   os.environ["GRADIO_TEMP_DIR"] = uploads
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-  import gradio   # pylint: disable=import-outside-toplevel
+  import gradio  # pylint: disable=import-outside-toplevel
   return gradio
 
 
 @functools.lru_cache(maxsize=None)
 def sample_path(name: str) -> str:
   """The file of scikit-learn's sample photograph ``name`` (china, flower)."""
-  from sklearn.datasets import load_sample_images   # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_sample_images  # pylint: disable=import-outside-toplevel
   if name not in SAMPLES:
     raise ValueError(f"unknown sample {name!r}; allowed: {', '.join(SAMPLES)}")
   return next(f for f in load_sample_images().filenames if os.path.basename(f) == f"{name}.jpg")
@@ -72,7 +78,7 @@ class Explorer:
   """
   net: deconv.Network
   variables: dict
-  preprocessing: input_pipeline.Preprocessing
+  preprocessing: preprocessing_lib.Preprocessing
   class_names: Sequence[str] | None = None
   eval_images: Callable[[int], np.ndarray] | None = None
   eval_size: int = 0
@@ -93,7 +99,7 @@ class Explorer:
     """float32 (S, S, C) model input of a sample name or ``eval:N`` (cached); BadRequest
     naming what is allowed."""
     if image in SAMPLES:
-      return self.preprocessing(input_pipeline.read_image(sample_path(image),
+      return self.preprocessing(preprocessing_lib.read_image(sample_path(image),
                                                           self.preprocessing.channels))
     if image.startswith("eval:") and self.eval_images is not None:
       try:
@@ -153,7 +159,7 @@ class Explorer:
     """float32 (S, S, C): the unit's projection (the map's strongest unit when no position)."""
     module = self.net.module
     with self._lock:
-      if isinstance(module, (models.PaperNet, models.TorchvisionNet)):
+      if isinstance(module, (models.PaperNet, torchvision.TorchvisionNet)):
         p = deconv.project(module, self.variables, x[None], layer=layer, channel=channel,
                            position=position, rule=rule)
       else:
@@ -206,7 +212,7 @@ class Explorer:
     """uint8 (S, S, 3) picture of a model input (its mean and scale added back)."""
     p = self.preprocessing
     pixels = x * np.asarray(p.std, np.float32) + np.asarray(p.mean, np.float32)
-    return _rgb(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    return figures.to_uint8_rgb(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
 
   def patch(self, picture: np.ndarray, layer: str, position) -> np.ndarray:
     """uint8 ``picture`` (S, S, 3) cropped to the receptive field of ``layer``'s unit
@@ -215,7 +221,7 @@ class Explorer:
       return picture
     crop = deconv.crop_receptive_field(picture[None].astype(np.float32) / 255,
                                        self.fields[layer], np.asarray([position]), fill=0.5)
-    return _rgb(crop[0])
+    return figures.to_uint8_rgb(crop[0])
 
   def map_pictures(self, feats, layer: str, num: int = 32):
     """[(uint8 map picture, caption)] of the layer's maps, strongest first, and their channels."""
@@ -224,17 +230,9 @@ class Explorer:
     peak = a.reshape(-1, a.shape[-1]).max(0)
     order = np.argsort(-peak, kind="stable")[:num]
     top = max(float(peak.max()), 1e-12)
-    pics = [(_rgb(_enlarge(np.clip(a[..., c] / top, 0, 1))), f"map {c}: max {peak[c]:.3g}")
+    pics = [(figures.to_uint8_rgb(_enlarge(np.clip(a[..., c] / top, 0, 1))), f"map {c}: max {peak[c]:.3g}")
             for c in order]
     return pics, [int(c) for c in order]
-
-
-def _rgb(a: np.ndarray) -> np.ndarray:
-  """uint8 (H, W, 3) of a grey or RGB picture (uint8, or float in [0, 1])."""
-  if a.dtype != np.uint8:
-    a = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
-  a = a[..., None] if a.ndim == 2 else a
-  return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
 
 def _enlarge(a: np.ndarray, side: int = 96) -> np.ndarray:
@@ -245,7 +243,7 @@ def _enlarge(a: np.ndarray, side: int = 96) -> np.ndarray:
 
 def _api(explorer: Explorer):
   """The FastAPI app of the endpoint (the page is mounted on it at /)."""
-  import fastapi   # pylint: disable=import-outside-toplevel
+  import fastapi  # pylint: disable=import-outside-toplevel
   app = fastapi.FastAPI(title="zfnet_jax explorer")
 
   @app.get("/api/projection")
@@ -273,7 +271,7 @@ def _load(explorer, sample, eval_index, upload, webcam, source):
     if source == "upload":
       if upload is None:
         raise ValueError("choose a file to upload")
-      pixels = input_pipeline.read_image(upload, explorer.preprocessing.channels)
+      pixels = preprocessing_lib.read_image(upload, explorer.preprocessing.channels)
     elif source == "webcam":
       if webcam is None:
         raise ValueError("take a picture with the webcam first")
@@ -305,14 +303,14 @@ def _unit(explorer, state, rule, position=None):
   proj = explorer.project(x, layer, channel, position, rule)
   pos = explorer.unit(feats, layer, channel, position)
   picture = explorer.show_input(x)
-  shown = _rgb(deconv.to_image(proj))
+  shown = figures.to_uint8_rgb(deconv.to_image(proj))
   views = [(shown, "projection"), (explorer.patch(shown, layer, pos), "its receptive field"),
            (explorer.patch(picture, layer, pos), "the image patch")]
   a = feats[layer]
-  big = (_rgb(_enlarge(np.clip(a[..., channel] / max(float(a.max()), 1e-12), 0, 1), 256))
+  big = (figures.to_uint8_rgb(_enlarge(np.clip(a[..., channel] / max(float(a.max()), 1e-12), 0, 1), 256))
          if a.ndim == 3 else None)
   stages = explorer.walkthrough(x, layer, channel, position, rule)
-  walk = ([(_rgb(deconv.to_image(s.signal if i == len(stages) - 1 else
+  walk = ([(figures.to_uint8_rgb(deconv.to_image(s.signal if i == len(stages) - 1 else
                                  s.signal.sum(-1, keepdims=True))), s.name)
            for i, s in enumerate(stages)] if isinstance(stages, list) else [])
   top = explorer.atlas_top(layer, channel)
@@ -350,9 +348,9 @@ def page(explorer: Explorer, workdir: str = "explore_workdir"):
     gr.Markdown("## What does this unit see? The deconvnet explorer")
     with gr.Row():
       with gr.Column():
-        sources = ["sample", "upload", "webcam"] + \
+        kinds = ["sample", "upload", "webcam"] + \
             (["evaluation image"] if explorer.eval_images is not None else [])
-        source = gr.Radio(sources, value="sample", label="input")
+        source = gr.Radio(kinds, value="sample", label="input")
         sample = gr.Dropdown(list(SAMPLES), value=SAMPLES[0], label="sample photograph")
         eval_index = gr.Number(0, precision=0, label="evaluation image index",
                                visible=explorer.eval_images is not None)
@@ -412,7 +410,7 @@ class Server:
     self.thread.join(timeout=10)
 
 
-def launch(model, variables, *, preprocessing: input_pipeline.Preprocessing,
+def launch(model, variables, *, preprocessing: preprocessing_lib.Preprocessing,
            class_names: Sequence[str] | None = None, workdir: str = "explore_workdir",
            eval_images: Callable[[int], np.ndarray] | None = None, eval_size: int = 0,
            atlas_dir: str | None = None, host: str = "127.0.0.1", port: int = 7860,
@@ -425,14 +423,14 @@ def launch(model, variables, *, preprocessing: input_pipeline.Preprocessing,
   show the page in the notebook (default: when running in Colab or Jupyter).
   """
   gr = _gradio(workdir)
-  import uvicorn   # pylint: disable=import-outside-toplevel
+  import uvicorn  # pylint: disable=import-outside-toplevel
   explorer = Explorer(deconv.as_network(model), variables, preprocessing, class_names,
                       eval_images, eval_size, atlas_dir)
   app = gr.mount_gradio_app(_api(explorer), page(explorer, workdir), path="/",
                             max_file_size=MAX_UPLOAD,
                             allowed_paths=[os.environ["GRADIO_TEMP_DIR"]])
   if port == 0:   # any free port
-    import socket   # pylint: disable=import-outside-toplevel
+    import socket  # pylint: disable=import-outside-toplevel
     with socket.socket() as s:
       s.bind((host, 0))
       port = s.getsockname()[1]
@@ -458,7 +456,7 @@ def launch(model, variables, *, preprocessing: input_pipeline.Preprocessing,
 
 def _in_notebook() -> bool:
   try:
-    from IPython import get_ipython   # pylint: disable=import-outside-toplevel
+    from IPython import get_ipython  # pylint: disable=import-outside-toplevel
   except ImportError:
     return False
   return get_ipython() is not None and "IPKernelApp" in getattr(get_ipython(), "config", {})
@@ -466,10 +464,10 @@ def _in_notebook() -> bool:
 
 def _show_inline(port: int) -> None:
   try:
-    from google.colab import output   # pylint: disable=import-outside-toplevel
+    from google.colab import output  # pylint: disable=import-outside-toplevel
     output.serve_kernel_port_as_iframe(port, height=900)
   except ImportError:
-    from IPython.display import IFrame, display   # pylint: disable=import-outside-toplevel
+    from IPython.display import IFrame, display  # pylint: disable=import-outside-toplevel
     display(IFrame(f"http://127.0.0.1:{port}/", width="100%", height=900))
 
 
@@ -478,20 +476,20 @@ def run(config, workdir: str, *, host: str = "127.0.0.1", port: int = 7860) -> N
   evaluation split of its dataset where its files are here, the report's atlas where
   ``<workdir>/report`` has one; serves until stopped."""
   require_gradio()
-  loaded = checkpoints.load_model(config, workdir)
-  prep = input_pipeline.preprocessing(loaded.config, loaded.pixel_mean)
+  loaded = weights.load_model(config, workdir)
+  prep = preprocessing_lib.preprocessing(loaded.config, loaded.pixel_mean)
   eval_images, eval_size = None, 0
-  if not checkpoints.is_imported(config):
+  if not weights.is_imported(config):
     # The run's own pixel mean: the shipped folder's, or the workdir's.
-    run_dir = checkpoints.shipped_dir(config.pretrained) if config.get("pretrained") else workdir
+    run_dir = weights.shipped_dir(config.pretrained) if config.get("pretrained") else workdir
     try:
-      eval_size = input_pipeline.dataset_info(loaded.config).num_eval
+      eval_size = sources.dataset_info(loaded.config).num_eval
     except (ValueError, OSError):
       eval_size = 0   # the dataset is not here: samples, uploads and the webcam only
     if eval_size:
       @functools.lru_cache(maxsize=64)
       def eval_images(i):
-        return input_pipeline.load_examples(loaded.config, run_dir, ids=[i])[0][0]
+        return iterators.load_examples(loaded.config, run_dir, ids=[i])[0][0]
   report = os.path.join(workdir, "report")
   launch(loaded.model, loaded.variables, preprocessing=prep, class_names=loaded.class_names,
          workdir=workdir, eval_images=eval_images, eval_size=eval_size,

@@ -1,4 +1,4 @@
-"""Checkpoints of a run: the Orbax manager, restore with fallback, loading a trained model.
+"""Checkpoints of a run: the Orbax manager, checksums, restore with fallback, resume checks.
 
 ``<workdir>/checkpoints/<step>/`` holds the TrainState ("state") and a small
 JSON record ("meta": step, epoch, data position, batch size, seed).  Saves are
@@ -19,24 +19,9 @@ as before; a newer version than this code knows is refused.
 Resuming with a changed config (``check_resume``): a change of the parameter
 or optimiser-state shapes, or of the dataset, is refused before anything is
 written; other changes are allowed and recorded in ``config_changes.jsonl``.
-
-Shipped weights (``load_model`` with ``config.pretrained``): a folder holding a
-run's ``config.json``, ``dataset_info.json``, ``pixel_mean.npy``, ``results.json``
-and its parameters as ``params.npz`` (float32, keys "layer/name").  The trained
-quickstart model ships inside the package (``zfnet_jax/shipped/quickstart``,
-``pretrained="quickstart"``); ``launch/ship_weights.py WORKDIR`` writes one from a
-finished run (``save_shipped``).
-
-Imported weights (``config.pretrained`` a torchvision ``.pth``/``.pt``/``.safetensors``
-state dict, ``config.model.name`` TorchvisionAlexNet or VGG16): the network was
-trained on ``(pixels * dataset.pixel_scale - dataset.mean) / dataset.std``; the
-scale ``pixel_scale / std`` is folded into the first conv (``convert.for_pixels``),
-so the model takes this project's input, pixels minus the constant pixel mean
-``dataset.mean / pixel_scale``, and the figures show image + mean as pixels.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -47,11 +32,13 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from zfnet_jax import configs, console, convert, input_pipeline, models, rundir, train_state
+from zfnet_jax import configs, console, rundir
+from zfnet_jax.data import sources
+from zfnet_jax.nn import models
+from zfnet_jax.training import train_state
 
 
 def manager(ckpt_dir: str, keep: int, keep_steps=(), read_only: bool = False
@@ -66,7 +53,9 @@ def manager(ckpt_dir: str, keep: int, keep_steps=(), read_only: bool = False
                                item_names=("state", "meta"))
 
 
+
 MANIFEST = "zfnet_checksums.json"
+
 
 
 def _sha256(file: str) -> str:
@@ -75,6 +64,7 @@ def _sha256(file: str) -> str:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
+
 
 
 def checksums(step_dir: str) -> dict[str, str]:
@@ -86,6 +76,7 @@ def checksums(step_dir: str) -> dict[str, str]:
       if not rel.startswith(MANIFEST):          # the manifest and its temporary file
         out[rel] = _sha256(os.path.join(root, name))
   return dict(sorted(out.items()))
+
 
 
 def verify(step_dir: str) -> None:
@@ -101,11 +92,14 @@ def verify(step_dir: str) -> None:
                        f"the save (sha256 recorded in {MANIFEST})")
 
 
+
 def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), str(step))
 
 
+
 FORMAT_VERSION = 2   # 1: before versions (no "format_version" in meta); 2: + the version
+
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
@@ -119,6 +113,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
                       {"sha256": checksums(step_dir(mngr, step))})
 
 
+
 def check_finite(state) -> None:
   """ValueError naming the first parameter or optimiser-state array (or the learning-rate
   factor) with a value that is not finite."""
@@ -130,6 +125,7 @@ def check_finite(state) -> None:
   bad = [name for (name, _), good in zip(leaves, ok) if not good]
   if bad:
     raise Damaged(f"{len(bad)} array(s) hold non-finite values, first {bad[0]}")
+
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
@@ -147,8 +143,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return out["state"], out["meta"]
 
 
+
 class Damaged(ValueError):
   """A step that restores but is not what was saved: bytes changed, arrays not finite."""
+
 
 
 def _short(e: BaseException) -> str:
@@ -158,6 +156,7 @@ def _short(e: BaseException) -> str:
   if not isinstance(e, Damaged) and len(text) > 200:
     text = text[:200] + "..."
   return f"{type(e).__name__}: {text}"
+
 
 
 def _quiet_closed_event_loops() -> None:
@@ -173,6 +172,7 @@ def _quiet_closed_event_loops() -> None:
       previous(unraisable)
   hook.zfnet_quiet = True
   sys.unraisablehook = hook
+
 
 
 def _first_good(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
@@ -199,6 +199,7 @@ def _first_good(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
       f"no checkpoint in {ckpt_dir} can be restored (steps {steps}; last error "
       f"{damaged[-1][1]}). If the model or optimiser config changed since they were "
       "written, use a new workdir.")
+
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
@@ -228,6 +229,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
   return state, meta, step
 
 
+
 def resolve_restore_path(path: str) -> tuple[str, int | None]:
   """An explicit restore path: a checkpoints dir (latest step) or one step's dir."""
   path = os.path.abspath(path)
@@ -240,19 +242,22 @@ def resolve_restore_path(path: str) -> tuple[str, int | None]:
   return path, None
 
 
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's saved config (``<workdir>/config.json``) over the current defaults."""
   return configs.from_saved(rundir.read_json(rundir.path(workdir, rundir.CONFIG),
                                              "training workdir"))
 
 
-def load_dataset_info(workdir: str) -> input_pipeline.DatasetInfo:
+
+def load_dataset_info(workdir: str) -> sources.DatasetInfo:
   info = rundir.read_json(rundir.path(workdir, rundir.DATASET_INFO), "training workdir")
   info["class_names"] = tuple(info["class_names"])
-  return input_pipeline.DatasetInfo(**info)
+  return sources.DatasetInfo(**info)
 
 
-def abstract_state(config, info: input_pipeline.DatasetInfo, sharding=None):
+
+def abstract_state(config, info: sources.DatasetInfo, sharding=None):
   """The TrainState of ``config`` on ``info``'s data as ShapeDtypeStructs (no arrays made);
   ``sharding``: each leaf's (default: no sharding)."""
   model = models.from_config(config.model, info.num_classes)
@@ -263,60 +268,16 @@ def abstract_state(config, info: input_pipeline.DatasetInfo, sharding=None):
                       jax.eval_shape(init))
 
 
-def _load(workdir: str, step: int | None):
-  """(model, {"params": params}, config, step, note) of a run; see ``load_trained``."""
-  config = load_config(workdir)
-  info = load_dataset_info(workdir)
-  model = models.from_config(config.model, info.num_classes)
-  ckpt_dir = rundir.path(workdir, rundir.CHECKPOINTS)
-  mngr = manager(ckpt_dir, 1, read_only=True)
-  try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
-    if step is not None and step not in steps:
-      raise ValueError(f"no checkpoint for step {step} in {workdir}/checkpoints; "
-                       f"available: {sorted(steps)}")
-    abstract = abstract_state(config, info, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    note = ""
-    if step is not None:
-      try:
-        restored, _ = restore(mngr, step, abstract)
-      except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(f"checkpoint step {step} in {ckpt_dir} is damaged or unreadable "
-                         f"({_short(e)})") from None
-    else:
-      restored, _, step, damaged = _first_good(mngr, abstract, ckpt_dir)
-      if damaged:
-        note = ("the newest good checkpoint; damaged: "
-                + "; ".join(f"step {b} ({why})" for b, why in damaged))
-  finally:
-    mngr.close()
-  return model, {"params": restored.params}, config, step, note
-
-
-def load_latest(workdir: str):
-  """(model, {"params": params}, config, step, note) of the newest checkpoint that
-  restores: a damaged newer step (checksum, missing or truncated file, non-finite
-  arrays) is skipped as in training, but left in place (a reader moves nothing);
-  ``note`` says why in one line ("" when the newest step was used)."""
-  return _load(workdir, None)
-
-
-def load_trained(workdir: str, step: int | None = None):
-  """(model, {"params": params}, config) of a run; by default the newest checkpoint that
-  restores (``load_latest``).
-
-  An explicit ``step`` that is damaged (checksum, non-finite arrays) raises
-  ValueError naming the file or array (no fallback: the caller asked for that step).
-  """
-  return _load(workdir, step)[:3]
-
 
 CONFIG_CHANGES = "config_changes.jsonl"   # in the workdir: allowed changes at each resume
+
+
+
 # Keys that select the training data: a change is a different dataset.
+
 DATASET_KEYS = ("dataset.name", "dataset.train_split", "dataset.resize_size",
                 "dataset.crop_size", "dataset.max_train_examples", "dataset.folder_eval_fraction")
+
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -329,6 +290,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+
 def config_diff(old: dict, new: dict) -> dict[str, tuple]:
   """{dotted key: (old, new)} of the leaves that differ between two JSON configs
   (a key missing on one side is None there)."""
@@ -336,12 +298,14 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+
 def _shapes(config, info) -> list:
   state = abstract_state(config, info)
   return [jax.tree.structure(state)] + [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
 
 
-def check_resume(config, workdir: str, info: input_pipeline.DatasetInfo) -> dict[str, tuple]:
+
+def check_resume(config, workdir: str, info: sources.DatasetInfo) -> dict[str, tuple]:
   """The changes of ``config`` from the workdir's ``config.json`` ({key: (old, new)}; {}
   for a new workdir); reads only.
 
@@ -393,6 +357,7 @@ def check_resume(config, workdir: str, info: input_pipeline.DatasetInfo) -> dict
   return changes
 
 
+
 def record_changes(workdir: str, changes: dict[str, tuple]) -> str:
   """Append the allowed changes of a resumed run to ``<workdir>/config_changes.jsonl``
   ({"time", "changes": {key: [old, new]}}); returns a one-line summary."""
@@ -403,170 +368,3 @@ def record_changes(workdir: str, changes: dict[str, tuple]) -> str:
           + ", ".join(f"{k} ({o!r} -> {n!r})" for k, (o, n) in changes.items())
           + f" (recorded in {CONFIG_CHANGES})")
 
-
-# ----------------------------------------------------------------------------
-# Shipped weights: a model that works before any training.
-# ----------------------------------------------------------------------------
-
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
-PARAMS = "params.npz"
-SHIPPED_FILES = (rundir.CONFIG, rundir.DATASET_INFO, rundir.MEAN, rundir.RESULTS, PARAMS)
-
-
-def shipped_names() -> list[str]:
-  """The weights that ship inside the package (``config.pretrained`` names)."""
-  return sorted(d for d in os.listdir(SHIPPED) if os.path.isdir(os.path.join(SHIPPED, d))) \
-      if os.path.isdir(SHIPPED) else []
-
-
-def shipped_dir(pretrained: str) -> str:
-  """The folder of ``pretrained``: a shipped name or a folder ``save_shipped`` wrote;
-  ValueError naming it and the shipped names otherwise."""
-  folder = os.path.join(SHIPPED, pretrained) if pretrained in shipped_names() else pretrained
-  missing = [f for f in SHIPPED_FILES if not os.path.isfile(os.path.join(folder, f))]
-  if missing:
-    raise ValueError(f"pretrained={pretrained!r} is neither a shipped model ("
-                     f"{', '.join(shipped_names()) or 'none'}) nor a folder with "
-                     f"{', '.join(SHIPPED_FILES)} (missing: {', '.join(missing)})")
-  return folder
-
-
-def save_shipped(workdir: str, out_dir: str, step: int | None = None) -> str:
-  """Write the shipped form of a finished run (its latest checkpoint, or ``step``)
-  into ``out_dir``; returns ``out_dir``."""
-  for name in (rundir.CONFIG, rundir.DATASET_INFO, rundir.MEAN, rundir.RESULTS):
-    if not os.path.isfile(rundir.path(workdir, name)):
-      raise FileNotFoundError(f"{rundir.path(workdir, name)} not found: {workdir!r} is not a "
-                              "finished training run")
-  _, variables, _ = load_trained(workdir, step)
-  flat = {"/".join(k.key for k in path): np.asarray(leaf, np.float32)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])}
-  os.makedirs(out_dir, exist_ok=True)
-  np.savez_compressed(os.path.join(out_dir, PARAMS), **flat)
-  for name in (rundir.CONFIG, rundir.DATASET_INFO):
-    rundir.write_json(os.path.join(out_dir, name), rundir.read_json(rundir.path(workdir, name)))
-  np.save(os.path.join(out_dir, rundir.MEAN), np.load(rundir.path(workdir, rundir.MEAN)))
-  results = rundir.read_json(rundir.path(workdir, rundir.RESULTS))
-  results["shipped_from"] = {"workdir": os.path.abspath(workdir), "step": step or "latest",
-                             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-  rundir.write_json(os.path.join(out_dir, rundir.RESULTS), results)
-  return out_dir
-
-
-def load_shipped(pretrained: str):
-  """(model, {"params": ...}, its config, its DatasetInfo, full pixel mean (R, R, C))."""
-  folder = shipped_dir(pretrained)
-  config = load_config(folder)
-  info = load_dataset_info(folder)
-  model = models.from_config(config.model, info.num_classes)
-  with np.load(os.path.join(folder, PARAMS)) as z:
-    arrays = {k: z[k] for k in z.files}
-  shape = (1, info.input_size, info.input_size, info.channels)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(
-      shape, np.float32))["params"]
-  params = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(expected):
-    key = "/".join(k.key for k in path)
-    if key not in arrays or arrays[key].shape != leaf.shape:
-      got = arrays[key].shape if key in arrays else "missing"
-      raise ValueError(f"{folder}/{PARAMS}: parameter {key} is {got}, the model "
-                       f"{config.model.name} needs {leaf.shape}")
-    node = params
-    for k in path[:-1]:
-      node = node.setdefault(k.key, {})
-    node[path[-1].key] = jax.numpy.asarray(arrays.pop(key))
-  if arrays:
-    raise ValueError(f"{folder}/{PARAMS}: unexpected parameters {sorted(arrays)}")
-  return model, {"params": params}, config, info, np.load(os.path.join(folder, rundir.MEAN))
-
-
-@dataclasses.dataclass
-class Loaded:
-  """A model ready to analyse: module, {"params": ...}, the config it was trained
-  with, pixel_mean float32 (S, S, C) (image + mean = 0..255 pixels), class names,
-  full_pixel_mean (R, R, C) before the centre crop, and source: one sentence saying
-  which weights these are (the checkpoint step used and why, or the shipped folder)."""
-  model: object
-  variables: dict
-  config: ml_collections.ConfigDict
-  pixel_mean: np.ndarray
-  class_names: tuple[str, ...]
-  full_pixel_mean: np.ndarray
-  source: str = ""
-
-
-WEIGHTS_FILES = (".pth", ".pt", ".safetensors")
-IMPORTED_ARCH = {"TorchvisionAlexNet": "alexnet", "VGG16": "vgg16"}   # model.name -> arch
-
-
-def is_imported(config) -> bool:
-  """Whether ``config.pretrained`` names a weights file to import (``WEIGHTS_FILES``)."""
-  return str(config.get("pretrained") or "").lower().endswith(WEIGHTS_FILES)
-
-
-def imported_preprocessing(config) -> tuple[np.ndarray, np.ndarray]:
-  """(pixel mean (3,) in 0..255 units, std for ``convert.for_pixels``) of an imported
-  model's config; ValueError naming the bad key (model.name, dataset.pixel_scale, mean,
-  std) and what is allowed.  For our models, dataset.mean and std must stay ()."""
-  d = config.dataset
-  if not is_imported(config):
-    if tuple(d.mean) or tuple(d.std) or d.pixel_scale != 1.0:
-      raise ValueError(f"dataset.mean={tuple(d.mean)}, std={tuple(d.std)}, pixel_scale="
-                       f"{d.pixel_scale} are for imported weights (pretrained=*"
-                       f"{'|*'.join(WEIGHTS_FILES)}); our models subtract the training mean: "
-                       "leave them (), (), 1.0")
-    raise ValueError(f"pretrained={config.get('pretrained')!r} is not a weights file")
-  if config.model.name not in IMPORTED_ARCH:
-    raise ValueError(f"pretrained={config.pretrained!r} is a weights file: model.name must be "
-                     f"one of {', '.join(IMPORTED_ARCH)}, got {config.model.name!r}")
-  mean, std = np.asarray(d.mean, np.float64), np.asarray(d.std, np.float64)
-  if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
-    raise ValueError(f"dataset.mean={tuple(d.mean)} and dataset.std={tuple(d.std)}: need 3 "
-                     "values each (RGB), std > 0 (torchvision: (0.485, 0.456, 0.406), "
-                     "(0.229, 0.224, 0.225))")
-  if not float(d.pixel_scale) > 0:
-    raise ValueError(f"dataset.pixel_scale={d.pixel_scale!r}; allowed: > 0 (torchvision: 1/255)")
-  scale = float(d.pixel_scale)
-  return (mean / scale).astype(np.float32), std / (255.0 * scale)
-
-
-def load_imported(config) -> Loaded:
-  """The torchvision weights ``config.pretrained`` names, folded for this project's
-  input (module docstring), with ImageNet's class names when there are 1000 classes."""
-  mean, std = imported_preprocessing(config)
-  arch = IMPORTED_ARCH[config.model.name]
-  model, variables = convert.from_torchvision(config.pretrained, arch)
-  variables = convert.for_pixels(variables, arch, std=std)
-  d = config.dataset
-  names = (tuple(convert.imagenet_class_names()) if model.num_classes == 1000
-           else tuple(str(i) for i in range(model.num_classes)))
-  full = np.broadcast_to(mean, (d.resize_size, d.resize_size, 3)).astype(np.float32)
-  return Loaded(model, variables, config, np.ascontiguousarray(full[:d.crop_size, :d.crop_size]),
-                names, full, f"Model: {config.model.name} imported from {config.pretrained!r}.")
-
-
-def load_model(config, workdir: str | None) -> Loaded:
-  """The model ``config`` asks for: the weights file ``config.pretrained`` names
-  (``load_imported``), the shipped weights it names (a shipped name or a folder),
-  else the latest checkpoint of ``workdir``."""
-  if is_imported(config):
-    return load_imported(config)
-  if tuple(config.dataset.get("mean", ())) or tuple(config.dataset.get("std", ())):
-    imported_preprocessing(config)   # raises: the keys are for imported weights only
-  if config.get("pretrained"):
-    model, variables, run_config, info, mean = load_shipped(config.pretrained)
-    crop = run_config.dataset.crop_size
-    return Loaded(model, variables, run_config,
-                  np.ascontiguousarray(input_pipeline.centre_crop(mean, crop), np.float32),
-                  info.class_names, np.asarray(mean, np.float32),
-                  f"Model: the shipped weights {config.pretrained!r} "
-                  f"({shipped_dir(config.pretrained)}).")
-  if workdir is None:
-    raise ValueError("no model: give a workdir with a finished run or config.pretrained "
-                     f"(shipped: {', '.join(shipped_names())})")
-  model, variables, run_config, step, why = load_latest(workdir)
-  full = np.asarray(input_pipeline.full_pixel_mean(run_config, workdir), np.float32)
-  return Loaded(model, variables, run_config, np.ascontiguousarray(
-      input_pipeline.centre_crop(full, run_config.dataset.crop_size)),
-                load_dataset_info(workdir).class_names, full,
-                f"Model: checkpoint step {step}" + (f" ({why})." if why else " (the newest)."))

@@ -21,7 +21,7 @@ Two steps:
 2. ``project``: every recorded unit of the shown maps is projected to pixels
    with ``deconv.project_many`` (one batched call per layer), and both the
    projection and the original image are cropped to the unit's receptive field
-   (``models.receptive_fields``).
+   (``table.receptive_fields``).
 
 Ties are deterministic: a larger value ranks first, then the lower example id,
 then the lower flat position ``row * width + col`` in the map.  (ReLU maps have
@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zfnet_jax import console, conv, deconv, figures
-from zfnet_jax import legibility as legibility_lib
-from zfnet_jax import layers as layers_lib
-from zfnet_jax import models
-from zfnet_jax import sections as sections_lib
+from zfnet_jax import console, deconv, xla
+from zfnet_jax.analyses import legibility as legibility_lib
+from zfnet_jax.nn import rules, table
+from zfnet_jax.render import figures
+from zfnet_jax.render import sections as sections_lib
 
 _EMPTY = np.iinfo(np.int32).max  # id of an empty slot while scanning (sorts last)
 
@@ -81,14 +81,14 @@ class LayerAtlas:
   labels: np.ndarray
   projections: np.ndarray
   patches: np.ndarray
-  receptive_field: models.ReceptiveField
+  receptive_field: table.ReceptiveField
 
 
 def check_options(net, input_size: int, *, layers: Sequence[str],
                   k: int, rule: str, num_maps: int = -1, chunk_size: int = 1) -> None:
   """Raise ValueError naming the bad option and what is allowed (before any scan)."""
   net = deconv.as_network(net)
-  allowed = models.spatial_layers(net, input_size)
+  allowed = table.spatial_layers(net, input_size)
   if isinstance(layers, str) or not layers:
     raise ValueError(f"layers must be a non-empty sequence of layer names, got {layers!r}; "
                      f"allowed: {', '.join(allowed)}")
@@ -98,7 +98,7 @@ def check_options(net, input_size: int, *, layers: Sequence[str],
                      f"{input_size}; allowed: {', '.join(allowed)}")
   if len(set(layers)) != len(layers):
     raise ValueError(f"layers listed twice: {list(layers)}")
-  layers_lib.check_rule(rule)
+  rules.get(rule)
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"top_k must be a positive integer, got {k!r}")
   if not isinstance(num_maps, (int, np.integer)) or (num_maps < 1 and num_maps != -1):
@@ -205,7 +205,7 @@ def _make_step(net, layer_names, distinct_images):
   """One jitted scan step per (network, layers, mode): repeated scans do not recompile."""
   merge = _merge_images if distinct_images else _merge_units
 
-  @conv.jit
+  @xla.jit
   def step(state, variables, images, ids, mask):
     feats = net.features(variables, images)
     return {l: merge(state[l], feats[l], ids, mask) for l in layer_names}
@@ -330,7 +330,7 @@ def project(net, variables, scan_result: ScanResult, layer: str,
                     projections.reshape(shape), patches.reshape(shape), rf)
 
 
-def window_masks(rf: models.ReceptiveField, positions: np.ndarray, input_size: int
+def window_masks(rf: table.ReceptiveField, positions: np.ndarray, input_size: int
                  ) -> np.ndarray:
   """bool (R, t, t): True where each unit's cropped window (``crop_receptive_field``)
   lies inside the image; positions (R, 2)."""
@@ -339,7 +339,7 @@ def window_masks(rf: models.ReceptiveField, positions: np.ndarray, input_size: i
 
 
 def legibility(a: LayerAtlas, input_size: int) -> legibility_lib.Legibility:
-  """``zfnet_jax.legibility`` of a layer's filled units: the projections' edge
+  """``zfnet_jax.analyses.legibility`` of a layer's filled units: the projections' edge
   maps against their patches', the baseline from other maps' patches."""
   filled = a.ids.ravel() >= 0
   t, c = a.projections.shape[2], a.projections.shape[-1]
@@ -361,7 +361,7 @@ def build(net, variables, batches: Iterable[Mapping[str, np.ndarray]],
   input_size = int(np.shape(pixel_mean)[0])
   check_options(net, input_size, layers=layers, k=k, rule=rule, num_maps=num_maps,
                 chunk_size=chunk_size)
-  widths = models.spatial_layers(net, input_size)
+  widths = table.spatial_layers(net, input_size)
   shown = {l: choose_maps(widths[l], num_maps, seed + n) for n, l in enumerate(layers)}
   result = scan(net, variables, batches, layers=layers, k=k, track=shown, total=total,
                 progress=progress, distinct_images=distinct_images)
@@ -430,9 +430,7 @@ def validate(options, net, data: sections.Data) -> Options:
   layers = tuple(layers)
   if not layers:
     raise ValueError("config.report.layers is empty; give at least one layer, e.g. conv1")
-  if options.rule not in layers_lib.RULES:
-    raise ValueError(f"config.report.rule {options.rule!r} unknown; allowed: "
-                     f"{', '.join(layers_lib.RULES)}")
+  rules.get(options.rule, "config.report.rule")
   distinct = options.get("distinct_images", True)
   if not isinstance(distinct, (bool, np.bool_)):
     raise ValueError(f"config.report.distinct_images must be True (top-k images, as the "
@@ -476,7 +474,7 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
     if len(a.channels) > 1:
       leg = legibility(a, int(np.shape(context.pixel_mean)[0]))
       s.paragraphs.append(
-          f"Legibility (zfnet_jax.legibility): the projections' edge maps correlate "
+          f"Legibility (zfnet_jax.analyses.legibility): the projections' edge maps correlate "
           f"{np.mean(leg.matched):.3f} with their own patches' and {np.mean(leg.baseline):.3f} "
           f"with other maps' patches; score {leg.score:.3f} (0 = no better than a "
           f"mismatched patch).")

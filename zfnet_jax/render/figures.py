@@ -23,8 +23,9 @@ LABEL_H = 14      # text line above each map's grids
 
 
 def to_uint8_rgb(tile: np.ndarray) -> np.ndarray:
-  """(h, w, C) float in [0, 1], C in {1, 3} -> (h, w, 3) uint8."""
-  tile = np.asarray(tile, np.float32)
+  """(h, w, C) float in [0, 1] (or uint8, kept), C in {1, 3} -> (h, w, 3) uint8."""
+  tile = np.asarray(tile)
+  tile = tile.astype(np.float32) / 255 if tile.dtype == np.uint8 else tile.astype(np.float32)
   if tile.ndim == 2:
     tile = tile[..., None]
   if tile.shape[-1] == 1:

@@ -9,7 +9,7 @@ a ``Contributor``:
 
 ``validate`` reads only its own part of the config and raises ValueError
 naming a bad value and what is allowed; ``sections`` computes from the
-``Context`` (a model and arrays, built once by ``zfnet_jax.report``), writes
+``Context`` (a model and arrays, built once by ``zfnet_jax.report.report``), writes
 its files into ``context.out_dir`` and returns Sections that name them by
 paths relative to that folder.  The report owns the page: a contributor knows
 no config, no workdir and no HTML.

@@ -25,7 +25,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from zfnet_jax import configs, rundir, sections
+from zfnet_jax import configs, rundir
+from zfnet_jax.render import sections
 
 RESULT_KEYS = ("top1_error", "top5_error", "top1_error_10crop", "top5_error_10crop",
                "train_top1_error", "num_eval_examples", "steps", "train_seconds")

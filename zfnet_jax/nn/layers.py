@@ -3,9 +3,10 @@
 Every op here has the same forward pass whatever the rule; only the signal that
 goes *down* (the VJP) changes:
 
-* ``relu(x, rule)``: ``"backprop"`` passes R * 1[X > 0] (the gradient),
-  ``"deconvnet"`` passes ``rectify(R)`` = relu(R) (the paper's forward
-  rectification of the reconstruction), ``"guided"`` passes R * 1[X > 0] * 1[R > 0].
+* ``relu(x, rule)``: the VJP is the rule's (``rules``): ``"backprop"`` passes
+  R * 1[X > 0] (the gradient), ``"deconvnet"`` passes ``rectify(R)`` = relu(R) (the
+  paper's forward rectification of the reconstruction), ``"guided"`` passes
+  R * 1[X > 0] * 1[R > 0].
 * ``max_pool`` (cuda-convnet ceil mode) and ``general_max_pool`` (any
   ``lax.reduce_window`` max: any rank, layout and padding): record the
   *switches* (argmax of each window) and ``unpool`` through them on the way
@@ -35,22 +36,12 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
-RULES = ("backprop", "deconvnet", "guided")
+from zfnet_jax.nn import rules
+
 NORM_RULES = ("exact", "identity")
-
-
-def check_rule(rule: str) -> str:
-  if rule not in RULES:
-    raise ValueError(f"unknown rule {rule!r}; allowed: {', '.join(RULES)}")
-  return rule
-
-
-def rectify(r: jax.Array) -> jax.Array:
-  """The deconvnet's rectification of the reconstructed signal: relu(R)."""
-  return jnp.maximum(r, 0)
 
 
 # ----------------------------------------------------------------------------
@@ -67,21 +58,16 @@ def _relu_fwd(x, rule):
 
 
 def _relu_bwd(rule, x, r):
-  if rule == "deconvnet":
-    return (rectify(r),)
-  if rule == "guided":
-    return (jnp.where(x > 0, rectify(r), 0),)
-  return (jnp.where(x > 0, r, 0),)
+  return (rules.get(rule).backward(x, r),)
 
 
 _relu_rule.defvjp(_relu_fwd, _relu_bwd)
 
 
 def relu(x: jax.Array, rule: str = "backprop") -> jax.Array:
-  """max(x, 0); the VJP follows ``rule`` (see module docstring)."""
-  check_rule(rule)
-  if rule == "backprop":
-    return jax.nn.relu(x)  # exact gradient R * 1[X > 0]; keeps jvp working
+  """max(x, 0); the VJP follows ``rule``, a name in ``rules.RULES``."""
+  if rules.get(rule).exact_gradient:
+    return jax.nn.relu(x)  # keeps jvp working
   return _relu_rule(x, rule)
 
 
@@ -179,7 +165,7 @@ def general_unpool(r: jax.Array, switches: jax.Array, in_shape: Sequence[int],
                    [lo + n for n, (lo, _) in zip(in_shape, padding)])
 
 
-def _tuple_padding(padding):
+def tuple_padding(padding):
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
@@ -188,7 +174,7 @@ def general_switches(x: jax.Array, window_dimensions: tuple[int, ...],
                      padding: tuple[tuple[int, int], ...]) -> jax.Array:
   """Switches of ``general_max_pool``: int32, the output's shape, the row-major window
   offset of each window's first maximum (``general_unpool`` takes them)."""
-  return _max_and_switches(x, window_dimensions, window_strides, _tuple_padding(padding))[1]
+  return _max_and_switches(x, window_dimensions, window_strides, tuple_padding(padding))[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

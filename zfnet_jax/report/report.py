@@ -1,14 +1,14 @@
 """The static HTML report of a run: <workdir>/report/index.html.
 
 One page plus its files, openable from disk.  Everything on it comes from the
-contributors of ``REGISTRY`` (``zfnet_jax.sections`` states the protocol): the
+contributors of ``REGISTRY`` (``zfnet_jax.render.sections`` states the protocol): the
 run's results and curves, the Fig. 2 atlas of each layer (``atlas``), each
-analysis (``analyses/*``) and the transfer tables (``transfer``).  The report
+analysis (``analyses/*``) and the transfer tables (``analyses.transfer_tables``).  The report
 validates every enabled contributor's options once, before any long work,
 builds the ``Context`` once (model, variables, examples, pixel mean, class
 names, checkpoints, comparison models), then collects the sections.
 
-Safety: the page is rendered by ``zfnet_jax.pages`` (Jinja2 templates, autoescaped):
+Safety: the page is rendered by ``zfnet_jax.render.pages`` (Jinja2 templates, autoescaped):
 every piece of text from data, config or results is escaped; the page carries no
 script and a Content-Security-Policy that forbids scripts and any load from the network.  The report is built in a
 temporary directory next to the old one and swapped in at the end, so a failure
@@ -16,7 +16,6 @@ leaves the previous report as it was.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -30,15 +29,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zfnet_jax import conv
-from zfnet_jax import atlas, checkpoints, console, deconv, figures, input_pipeline, models, pages
-from zfnet_jax import rundir
-from zfnet_jax import sections as sections_lib
-from zfnet_jax import train_state, transfer
-from zfnet_jax.analyses import (correspondence, diagnostics, evolution, invariance, occlusion,
-                                walkthrough)
-
-
+from zfnet_jax import console, deconv, rundir, xla
+from zfnet_jax.analyses import (
+  atlas,
+  correspondence,
+  diagnostics,
+  evolution,
+  invariance,
+  occlusion,
+  transfer_tables,
+  walkthrough,
+)
+from zfnet_jax.data import iterators, sources
+from zfnet_jax.nn import models, rules
+from zfnet_jax.render import figures, pages
+from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.report import comparisons
+from zfnet_jax.training import train_state, weights
 
 # ----------------------------------------------------------------------------
 # The run's own sections: results, curves, first-layer filters.
@@ -130,7 +137,7 @@ REGISTRY: tuple[Entry, ...] = (
           analysis=True),
     _analysis("evolution", evolution),
     _analysis("diagnostics", diagnostics),
-    Entry("transfer", transfer,
+    Entry("transfer", transfer_tables,
           lambda c: _with(c.transfer, clip_radius=train_state.clip_radius(c)),
           lambda c: bool(c.transfer.in_report)),
 )
@@ -143,119 +150,14 @@ def validate(config, net, data: sections_lib.Data, registry: Sequence[Entry] = R
 
   Raises ValueError naming the first bad option: call before any long work.
   """
-  check_rule(config)
+  rules.get(config.report.rule, "report.rule")
   analyses = config.analyses
   for name in ("num_images", "batch_size"):
     if analyses[name] < 1:
       raise ValueError(f"analyses.{name} {analyses[name]} not allowed: >= 1")
-  comparison_kinds(config)
+  comparisons.kinds(config)
   return [(e, e.contributor.validate(e.options(config), net, data))
           for e in registry if e.enabled(config)]
-
-
-def check_rule(config) -> None:
-  """ValueError unless ``config.report.rule`` is a deconvnet rule."""
-  if config.report.rule not in deconv.RULES:
-    raise ValueError(f"unknown report.rule {config.report.rule!r}; allowed: "
-                     f"{', '.join(deconv.RULES)}")
-
-
-# ----------------------------------------------------------------------------
-# Comparison runs (Fig. 6): trained by ``main``, shown by the diagnostics.
-# ----------------------------------------------------------------------------
-
-COUNTERPART = {"ZFNet": "AlexNet", "AlexNet": "ZFNet",
-               "ZFNetLowRes": "AlexNetLowRes", "AlexNetLowRes": "ZFNetLowRes"}
-# The kinds of comparison run: the counterpart (AlexNet <-> ZFNet, Fig. 6 (b)-(e)) and
-# this run's model without feature scale clipping (Fig. 6 (a)).
-COMPARISONS = ("counterpart", "no_clip")
-
-
-def comparison_kinds(config) -> list[str]:
-  """The kinds of ``analyses.diagnostics.comparisons`` that apply to this run: the
-  counterpart when its model has one, no_clip when this run trains one of our models
-  with clipping.  ValueError for an unknown kind."""
-  kinds = list(config.analyses.diagnostics.comparisons)
-  bad = [k for k in kinds if k not in COMPARISONS]
-  if bad:
-    raise ValueError(f"analyses.diagnostics.comparisons has {bad}; allowed: "
-                     f"{', '.join(COMPARISONS)}")
-  return [k for k in COMPARISONS if k in kinds and (
-      config.model.name in COUNTERPART if k == "counterpart" else
-      config.clip_filters and config.model.name in models.MODELS)]
-
-
-def comparison_workdir(config, workdir: str, kind: str = "counterpart") -> str | None:
-  """Where a comparison run is (or will be) trained: the counterpart in
-  ``analyses.diagnostics.comparison_workdir`` or <workdir>/comparison_<other model>,
-  no_clip in <workdir>/comparison_<model>_noclip; None if the run has no such comparison."""
-  if kind not in comparison_kinds(config):
-    return None
-  if kind == "no_clip":
-    return os.path.join(workdir, f"comparison_{config.model.name}_noclip")
-  return config.analyses.diagnostics.comparison_workdir or os.path.join(
-      workdir, f"comparison_{COUNTERPART[config.model.name]}")
-
-
-def comparison_config(config, kind: str = "counterpart") -> ml_collections.ConfigDict:
-  """A comparison run with this run's widths and recipe: the counterpart (AlexNet <->
-  ZFNet, with its own first-layer geometry) or this model with ``clip_filters=False``; epochs
-  ``analyses.diagnostics.comparison_epochs`` (-1 = this run's); no evolution
-  checkpoints, centre-crop evaluation only (the report compares its final weights); no
-  report."""
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    if kind == "counterpart":
-      c.model.name = COUNTERPART[config.model.name]
-      for key in ("conv1_kernel", "conv1_stride", "conv1_pad"):
-        c.model[key] = None       # the counterpart's own first layer (ZFNet 7/2, AlexNet 11/4)
-    else:
-      c.clip_filters = False
-    if config.analyses.diagnostics.comparison_epochs > 0:
-      c.num_epochs = float(config.analyses.diagnostics.comparison_epochs)
-      c.num_train_steps = -1
-    c.evolution_epochs = ()     # the report compares its final weights only
-    c.ten_crop_eval = False
-    c.report.enabled = False
-    c.analyses.enabled = False
-    c.analyses.diagnostics.train_comparison = False
-  return c
-
-
-def comparison_name(config, kind: str) -> str:
-  """How the report names a comparison run."""
-  return (COUNTERPART[config.model.name] if kind == "counterpart"
-          else f"{config.model.name} without clipping")
-
-
-def load_comparisons(config, workdir: str) -> dict[str, tuple[Any, Any, str]]:
-  """{name: (network, variables, note)} of every trained comparison run, and of this run
-  at a comparison's epoch when that evolution checkpoint exists (compared at equal epochs)."""
-  out = {}
-  for kind in comparison_kinds(config):
-    sub = comparison_workdir(config, workdir, kind)
-    if not os.path.exists(rundir.path(sub, rundir.RESULTS)):
-      continue
-    other, other_vars, other_config = checkpoints.load_trained(sub)
-    epochs = float(other_config.num_epochs)
-    if epochs < float(config.num_epochs):
-      try:
-        kept = dict(rundir.evolution_checkpoints(workdir))
-      except FileNotFoundError:
-        kept = {}
-      near = min(kept, key=lambda e: abs(e - epochs), default=None)
-      name = f"{config.model.name} (epoch {near:g})"
-      if near is not None and abs(near - epochs) <= 0.05 * epochs + 1e-3 and name not in out:
-        model, variables, _ = checkpoints.load_trained(workdir, kept[near])
-        out[name] = (deconv.network(model), variables,
-                     f"{config.model.name} is also shown at its epoch-{near:g} evolution "
-                     "checkpoint, as long as the comparison runs were trained.")
-    what = ("with this run's recipe" if kind == "counterpart" else
-            "with this run's recipe but without feature scale clipping (paper Fig. 6 (a))")
-    out[comparison_name(config, kind)] = (
-        deconv.network(other), other_vars,
-        f"{comparison_name(config, kind)}: trained in {sub} for {epochs:g} epochs {what}.")
-  return out
 
 
 # ----------------------------------------------------------------------------
@@ -267,25 +169,25 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
   """Rebuild <workdir>/report from the workdir's latest checkpoint (or the shipped
   weights ``config.pretrained`` names).
 
-  The model, parameters and pixel mean come from the run (``checkpoints.load_model``:
+  The model, parameters and pixel mean come from the run (``weights.load_model``:
   the newest checkpoint that restores; a damaged newer step is skipped, and the page
   and console say which step was used and why);
   the dataset and report options from ``config``.  ``plan``: the result of
   ``validate`` when the caller has validated already.  Returns the path of index.html.
   """
-  check_rule(config)   # the cheapest check, before any file is read
+  rules.get(config.report.rule, "report.rule")   # the cheapest check, before any file is read
   if config.get("pretrained"):    # shipped weights: the workdir only receives the report
     os.makedirs(workdir, exist_ok=True)
   elif not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} does not exist")
-  loaded = checkpoints.load_model(config, workdir)
+  loaded = weights.load_model(config, workdir)
   source = loaded.source
   console.say(f"report: {source}")
-  imported = checkpoints.is_imported(config)
+  imported = weights.is_imported(config)
   if imported or (config.get("pretrained") and
                   not os.path.exists(rundir.path(workdir, rundir.MEAN))):
     np.save(rundir.path(workdir, rundir.MEAN), loaded.full_pixel_mean)   # the model's own
-  info = input_pipeline.dataset_info(config)
+  info = sources.dataset_info(config)
   class_names, relabel = info.class_names, None
   if imported:     # predictions are named by the model's classes (ImageNet's)
     class_names = loaded.class_names
@@ -299,7 +201,7 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
   total = info.num_eval if split == config.dataset.eval_split else None
   if total is not None and max_examples > 0:
     total = min(total, max_examples)
-  batches = lambda: input_pipeline.create_eval_iterator(
+  batches = lambda: iterators.create_eval_iterator(
       config, workdir, split=split, batch_size=config.report.batch_size,
       max_examples=max_examples)
   return render_report(config, workdir, loaded.model, loaded.variables, batches,
@@ -310,7 +212,7 @@ def write_report(config, workdir: str, *, registry: Sequence[Entry] = REGISTRY,
 
 def top_class_fn(model, variables) -> Callable[[np.ndarray], np.ndarray]:
   """images (N, S, S, C) -> int32 (N,): the model's most probable class of each."""
-  fn = conv.jit(lambda v, x: jnp.argmax(model.apply(v, x), -1).astype(jnp.int32))
+  fn = xla.jit(lambda v, x: jnp.argmax(model.apply(v, x), -1).astype(jnp.int32))
   return lambda images: np.asarray(fn(variables, jnp.asarray(images)))
 
 
@@ -322,7 +224,7 @@ def render_report(config, workdir: str, model, variables,
                   source: str = "", relabel: Callable | None = None) -> str:
   """Write <workdir>/report from a model, its variables and a split's batches.
 
-  batches: as ``input_pipeline.create_eval_iterator`` yields them (or a
+  batches: as ``iterators.create_eval_iterator`` yields them (or a
   function returning such an iterator); pixel_mean float32 (S, S, C): image +
   pixel_mean = display pixels in 0..255.  ``extra_sections=False``: only the
   run's sections and the atlas (``CORE``).  ``source``: where the variables come from
@@ -351,7 +253,7 @@ def render_report(config, workdir: str, model, variables,
                             class_names=class_names, total=total, progress=progress,
                             analysed=any(e.analysis for e, _ in plan), relabel=relabel)
     page, seconds = [], {}
-    with input_pipeline.single_thread_blas():
+    with iterators.single_thread_blas():
       for entry, options in plan:
         t1 = time.time()
         page += entry.contributor.sections(context, options)
@@ -384,7 +286,7 @@ def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.
   default_split = a.split or config.dataset.eval_split
 
   def examples(ids=None, split=None, num=-1):
-    images, labels, got = input_pipeline.load_examples(
+    images, labels, got = iterators.load_examples(
         config, workdir, split=split or default_split, ids=ids, num=num)
     return images, (labels if relabel is None else relabel(images)), got
   if analysed:
@@ -397,7 +299,7 @@ def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.
     evolution_ckpts = rundir.evolution_checkpoints(workdir)
   except FileNotFoundError:
     evolution_ckpts = []
-  loader = lambda step: (lambda: checkpoints.load_trained(workdir, step)[1])
+  loader = lambda step: (lambda: weights.load_trained(workdir, step)[1])
   results_path = rundir.path(workdir, rundir.RESULTS)
   results = None
   if os.path.exists(results_path):
@@ -414,15 +316,15 @@ def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.
                      batches if callable(batches) else (lambda: batches)),
       split_name=config.report.split or config.dataset.eval_split, split_total=total,
       examples=examples,
-      train_batches=lambda n: input_pipeline.create_eval_iterator(
+      train_batches=lambda n: iterators.create_eval_iterator(
           config, workdir, split=config.dataset.train_split,
           batch_size=config.report.batch_size, max_examples=n),
       checkpoints=[(epoch, loader(step)) for epoch, step in evolution_ckpts],
-      comparisons=load_comparisons(config, workdir) if _comparisons_wanted(config) else {},
+      comparisons=comparisons.load(config, workdir) if _diagnostics_on(config) else {},
       results=results, metrics=metrics, bad_metrics=bad, progress=progress)
 
 
-def _comparisons_wanted(config) -> bool:
+def _diagnostics_on(config) -> bool:
   return bool(config.analyses.enabled and config.analyses.diagnostics.enabled)
 
 

@@ -1,7 +1,7 @@
 """Static HTML pages made of Sections: the report and the visualize page.
 
-Both pages render ``zfnet_jax.sections.Section`` objects (data, never HTML)
-through the Jinja2 templates of ``zfnet_jax/templates`` (``page.html.j2`` on
+Both pages render ``zfnet_jax.render.sections.Section`` objects (data, never HTML)
+through the Jinja2 templates of ``zfnet_jax/render/templates`` (``page.html.j2`` on
 ``base.html.j2``) with autoescaping on, so every piece of text from data,
 config or results is escaped.  A page carries no script, a
 Content-Security-Policy that forbids scripts and any load from the network,
@@ -19,13 +19,13 @@ from typing import Sequence
 import jinja2
 import markupsafe
 
-from zfnet_jax import sections as sections_lib
+from zfnet_jax.render import sections as sections_lib
 
 FOLD_LINES = 40      # longer text blocks and tables start folded (<details>)
 CSP = ("default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
        "base-uri 'none'; form-action 'none'")
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("zfnet_jax", "templates"),
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("zfnet_jax.render", "templates"),
                           autoescape=True, undefined=jinja2.StrictUndefined,
                           trim_blocks=False, lstrip_blocks=False)
 
