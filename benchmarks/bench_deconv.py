@@ -49,9 +49,9 @@ def plain_conv5(params, x):
                                  ((0, 0), (0, ph), (0, ph), (0, 0)))
 
   a = pool(jax.nn.relu(conv(x, params["conv1"], 2, ((0, 1), (0, 1)))))
-  a = layers._lrn(a, 2.0, 5, 1e-4, 0.75)
+  a = layers.contrast_norm(a, 2.0, 5, 1e-4, 0.75)
   a = pool(jax.nn.relu(conv(a, params["conv2"], 2, ((0, 0), (0, 0)))))
-  a = layers._lrn(a, 2.0, 5, 1e-4, 0.75)
+  a = layers.contrast_norm(a, 2.0, 5, 1e-4, 0.75)
   for name in ("conv3", "conv4", "conv5"):
     a = jax.nn.relu(conv(a, params[name], 1, ((1, 1), (1, 1))))
   return a
@@ -101,7 +101,7 @@ def captum_table(model, variables, images, *, repeats=5, layers=("conv2", "conv5
   select = lambda out: out[:, channel].flatten(1).max(dim=1).values   # strongest unit
   rows = []
   for layer in layers:
-    vjp = xla.jit(lambda v, x, ch, layer=layer: _plain_vjp(
+    vjp = xla.jit(lambda v, x, ch, layer=layer: plain_vjp(
         None, x, ch, lambda img: model.apply(v, img, method="features")[layer]))
     for b in batches:
       x, xb = images[:b], xt[:b].clone().requires_grad_()
@@ -175,7 +175,7 @@ def main():
   channels = np.arange(args.requests) % 256
   params = variables["params"]
   # A plain VJP of the same slice (conv5 at the strongest unit), for comparison.
-  plain = xla.jit(lambda p, x, ch: _plain_vjp(p, x, ch))
+  plain = xla.jit(lambda p, x, ch: plain_vjp(p, x, ch))
   want = xla.jit(lambda v, x: model.apply(v, x, method="features")["conv5"])(variables, images[:1])
   np.testing.assert_allclose(xla.jit(plain_conv5)(params, images[:1]), want, rtol=1e-3,
                              atol=1e-3 * float(jnp.abs(want).max()))
@@ -194,7 +194,7 @@ def main():
                              for i in range(args.single)], args.repeats) / args.single
   n = min(args.chunk_size, args.requests)
   t_plainb = timeit(lambda: plain(params, images[:n], channels[:n]), args.repeats) / n
-  ours = xla.jit(lambda v, x, ch: _plain_vjp(
+  ours = xla.jit(lambda v, x, ch: plain_vjp(
       None, x, ch, lambda img: model.apply(v, img, method="features")["conv5"]))
   t_oursb = timeit(lambda: ours(variables, images[:n], channels[:n]), args.repeats) / n
   res.update({
@@ -213,7 +213,7 @@ def main():
       json.dump(res, f, indent=1)
 
 
-def _plain_vjp(params, x, channels, fn=None):
+def plain_vjp(params, x, channels, fn=None):
   act, vjp = jax.vjp(fn or (lambda img: plain_conv5(params, img)), x)
   maps = jnp.take_along_axis(act, channels[:, None, None, None], axis=3)[..., 0]
   flat = maps.reshape(maps.shape[0], -1)

@@ -82,7 +82,7 @@ from jax.sharding import PartitionSpec as P
 
 from zfnet_jax import deconv, rundir
 from zfnet_jax.data import iterators
-from zfnet_jax.nn import models, table
+from zfnet_jax.nn import geometry, models
 from zfnet_jax.training import steps, train_state
 
 report = run.report
@@ -201,10 +201,10 @@ def bench_scan(args, model, variables, fwd_rate):
   batches = [{"image": rng.normal(0, 50, (b, args.size, args.size, 3)).astype(np.float32),
               "id": np.arange(i * b, (i + 1) * b), "label": np.zeros(b, np.int32)}
              for i in range(nb)]
-  scan = lambda bs: atlas.scan(model, variables, bs, layers=list(table.CONV_NAMES), k=9,
+  scan = lambda bs: atlas.scan(model, variables, bs, layers=list(geometry.CONV_NAMES), k=9,
                                progress=False).topk["conv5"].values
-  t1 = min(run._timed(scan, batches[:1]) for _ in range(2))  # pylint: disable=protected-access
-  tn = run._timed(scan, batches)  # pylint: disable=protected-access
+  t1 = min(run.timed(scan, batches[:1]) for _ in range(2))
+  tn = run.timed(scan, batches)
   rate = (nb - 1) * b / max(tn - t1, 1e-9)
   report(f"top-9 scan conv1..conv5 (steady, {nb} batches of {b}, host float32 images)", rate,
          "images/s", f"{rate / fwd_rate:.2f}x the forward rate" if fwd_rate else "")

@@ -18,11 +18,6 @@ image.
 * scan64: the same scan of the quickstart's model (ZFNetLowRes with its widths)
   at 64 px, N = 25,000 and 2N = 50,000 images (batches of 256): the scan size of
   a large atlas, at the quickstart's resolution.
-* scan64_sync: scan64 with each scan step awaited before the next batch is taken
-  (``atlas._make_step`` wrapped here, nothing changed in the package): what
-  ``atlas.scan`` would hold if it kept at most one step in flight.  JAX dispatches
-  asynchronously, so a scan loop that never waits runs ahead of the computation
-  and keeps every not-yet-computed batch's input buffer alive.
 * report: ``python -m zfnet_jax.main --mode=report`` of a tiny trained workdir
   (made first, once; ``tests/helpers.tiny_config``'s model and recipe on
   Fashion-MNIST) with ``report.max_examples`` = N and 2N from the training split
@@ -43,21 +38,21 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CASES = ("scan224", "scan64", "scan64_sync", "report")
+CASES = ("scan224", "scan64", "report")
 
 
 def peak_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
-def child_scan(model_name: str, size: int, n: int, batch: int, sync: bool = False) -> dict:
+def child_scan(model_name: str, size: int, n: int, batch: int) -> dict:
   """Runs in the child: scan n synthetic images, return peak RSS and timings."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from zfnet_jax.analyses import atlas
-  from zfnet_jax.nn import models, table
+  from zfnet_jax.nn import geometry, models
   if model_name == "quickstart":
     sys.path.insert(0, HERE)
     import run  # pylint: disable=g-import-not-at-top
@@ -74,13 +69,9 @@ def child_scan(model_name: str, size: int, n: int, batch: int, sync: bool = Fals
       img[:b] = rng.normal(0, 50, (b, size, size, 3))
       yield {"image": img, "id": np.arange(s, s + batch), "mask": np.arange(batch) < b,
              "label": np.zeros(batch, np.int32)}
-  if sync:   # await every step (at most one in flight)
-    make = atlas._make_step  # pylint: disable=protected-access
-    atlas._make_step = lambda net, names: (  # pylint: disable=protected-access
-        lambda *a: jax.block_until_ready(make(net, names)(*a)))
   before = peak_mib()
   t = time.perf_counter()
-  out = atlas.scan(model, variables, batches(), layers=list(table.CONV_NAMES), k=9,
+  out = atlas.scan(model, variables, batches(), layers=list(geometry.CONV_NAMES), k=9,
                    progress=False)
   jax.block_until_ready(out.topk["conv5"].values)
   return {"images": n, "seconds": time.perf_counter() - t, "peak_rss_mib": peak_mib(),
@@ -134,12 +125,12 @@ def main(argv=None):
   ap.add_argument("--scan224", type=int, default=256, help="N of the 224 px scan")
   ap.add_argument("--scan64", type=int, default=25_000, help="N of the 64 px scan")
   ap.add_argument("--report", type=int, default=2_500, help="N of the report phase")
-  ap.add_argument("--child", nargs=5, metavar=("MODEL", "SIZE", "N", "BATCH", "SYNC"),
+  ap.add_argument("--child", nargs=4, metavar=("MODEL", "SIZE", "N", "BATCH"),
                   help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.child:
-    m, size, n, batch, sync = args.child
-    print(json.dumps(child_scan(m, int(size), int(n), int(batch), sync == "sync")))
+    m, size, n, batch = args.child
+    print(json.dumps(child_scan(m, int(size), int(n), int(batch))))
     return
   cases = args.cases.split(",")
   if not set(cases) <= set(CASES):
@@ -156,14 +147,11 @@ def main(argv=None):
     for case in cases:
       for mult in (1, 2):
         if case == "scan224":
-          r = run_child(["ZFNet", "224", str(args.scan224 * mult), "64", "async"])
+          r = run_child(["ZFNet", "224", str(args.scan224 * mult), "64"])
           what = "atlas.scan, ZFNet 224 px, synthetic stream, batches of 64"
         elif case == "scan64":
-          r = run_child(["quickstart", "64", str(args.scan64 * mult), "256", "async"])
+          r = run_child(["quickstart", "64", str(args.scan64 * mult), "256"])
           what = "atlas.scan, the quickstart's ZFNetLowRes 64 px, batches of 256"
-        elif case == "scan64_sync":
-          r = run_child(["quickstart", "64", str(args.scan64 * mult), "256", "sync"])
-          what = "as scan64, each scan step awaited (at most one in flight)"
         else:
           r = report_case(args.report * mult, tmp)
           what = "--mode=report of a tiny trained workdir, report.max_examples"

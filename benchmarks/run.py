@@ -59,7 +59,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # tf.data start-up chatter
 
 from zfnet_jax import configs, xla
 from zfnet_jax.data import iterators
-from zfnet_jax.nn import models, table
+from zfnet_jax.nn import geometry, models
 from zfnet_jax.training import steps
 
 
@@ -280,8 +280,8 @@ def bench_deconvnet(args, model, variables):
                     -deconv.MAX_ABS_PIXEL, deconv.MAX_ABS_PIXEL)
   channels = np.arange(r) % 256
   params = variables["params"]
-  plain = xla.jit(bench_deconv._plain_vjp)  # pylint: disable=protected-access
-  ours = xla.jit(lambda v, x, ch: bench_deconv._plain_vjp(  # pylint: disable=protected-access
+  plain = xla.jit(bench_deconv.plain_vjp)
+  ours = xla.jit(lambda v, x, ch: bench_deconv.plain_vjp(
       None, x, ch, lambda img: model.apply(v, img, method="features")["conv5"]))
   t = interleaved({
       "project_many": lambda: deconv.project_many(model, variables, images, layer="conv5",
@@ -344,7 +344,7 @@ def bench_scan(args, model, variables):
   batches = [{"image": rng.normal(0, 50, (b, 224, 224, 3)).astype(np.float32),
               "id": np.arange(i * b, (i + 1) * b), "label": np.zeros(b, np.int32)}
              for i in range(nb)]
-  layers = list(table.CONV_NAMES)
+  layers = list(geometry.CONV_NAMES)
   net = deconv.as_network(model)
   fwd = xla.jit(lambda v, x: net.features(v, x)[layers[-1]])   # conv1..conv5, nothing after
 
@@ -354,15 +354,15 @@ def bench_scan(args, model, variables):
                                              progress=False, distinct_images=d
                                              ).topk["conv5"].values)
            for mode, d in (("distinct images", True), ("per unit", False))}
-  _timed(forward)
+  timed(forward)
   for run in scans.values():
-    _timed(run, batches[:1])
+    timed(run, batches[:1])
   times = {"forward": []} | {m: [] for m in scans}
   for _ in range(args.repeats):
-    times["forward"].append(_timed(forward))
+    times["forward"].append(timed(forward))
     for mode, run in scans.items():
-      t1 = _timed(run, batches[:1])
-      times[mode].append((_timed(run, batches) - t1) * nb / (nb - 1))
+      t1 = timed(run, batches[:1])
+      times[mode].append((timed(run, batches) - t1) * nb / (nb - 1))
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   fwd_rates = [nb * b / t for t in times["forward"]]
   report(f"forward to conv5, same host batches ({nb} of {b})", statistics.median(fwd_rates),
@@ -376,7 +376,7 @@ def bench_scan(args, model, variables):
            "distinct images)")
 
 
-def _timed(fn, *a):
+def timed(fn, *a):
   t = time.perf_counter()
   block(fn(*a))
   return time.perf_counter() - t

@@ -57,6 +57,24 @@ def floors() -> str:
   return "\n".join(rows)
 
 
+def rooms() -> str:
+  """Each folder's floors, read from its import-linter contract in setup.cfg, as a
+  Markdown table (folder, floors from the top, joined by " > ")."""
+  import configparser
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(REPO, "setup.cfg"))
+  rows = ["| folder | its floors, top first |", "|---|---|"]
+  for name in cfg.sections():
+    if not name.startswith("importlinter:contract:") or name.endswith(":floors"):
+      continue
+    contract = cfg[name]
+    layers = [l.strip().replace("|", "\\|") for l in contract["layers"].splitlines()
+              if l.strip()]
+    folder = contract["containers"].strip().split(".", 1)[1]
+    rows.append(f"| `{folder}/` | {' > '.join(layers)} |")
+  return "\n".join(rows)
+
+
 # The README's measured figures: (record, key, format).  Each must appear in the README in
 # a paragraph that links its record (``readme_mismatches``; tests/test_docs.py).
 README_FIGURES = [

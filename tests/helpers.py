@@ -22,7 +22,7 @@ import numpy as np
 
 from zfnet_jax import configs, deconv
 from zfnet_jax.data import iterators, sources
-from zfnet_jax.nn import table
+from zfnet_jax.nn import geometry
 
 # -- fake Fashion-MNIST IDX files ----------------------------------------------
 
@@ -329,8 +329,8 @@ class PlainCNN(nn.Module):
 
 # Receptive fields of PlainCNN by hand (size, stride, offset): c1 5/1; p1 6/2;
 # c2 (3x3 at stride 2, SAME padding 1) 10/2 offset -2; p2 12/4 offset -2.
-PLAIN_FIELDS = {"c1": table.ReceptiveField(5, 1, 0), "p1": table.ReceptiveField(6, 2, 0),
-                "c2": table.ReceptiveField(10, 2, -2), "p2": table.ReceptiveField(12, 4, -2)}
+PLAIN_FIELDS = {"c1": geometry.ReceptiveField(5, 1, 0), "p1": geometry.ReceptiveField(6, 2, 0),
+                "c2": geometry.ReceptiveField(10, 2, -2), "p2": geometry.ReceptiveField(12, 4, -2)}
 
 
 def plain_network(seed=0, size=32, channels=1, num_classes=3):
@@ -421,7 +421,10 @@ def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="r
       sys.path.insert(0, {TESTS!r})
       from absl import app
       import helpers
-      from zfnet_jax import input_pipeline as ip, main, report, train
+      from zfnet_jax import main
+      from zfnet_jax.data import iterators
+      from zfnet_jax.report import report
+      from zfnet_jax.training import loop
       """) + textwrap.dedent(setup) + textwrap.dedent(f"""
       sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
       app.run(main.main)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zfnet_jax import deconv
-from zfnet_jax.nn import models, table
+from zfnet_jax.nn import geometry, models
 
 import helpers
 
@@ -32,10 +32,10 @@ def test_probed_fields_of_our_models_give_the_layer_tables_windows(name, size):
   variables = jax.tree.map(lambda a: jnp.abs(a) + 0.01, variables)   # no dead units
   probed = deconv.probe_receptive_fields(
       lambda v, x: model.apply(v, x, method="features"), variables, 1, size)
-  want = table.receptive_fields(model, size)
+  want = geometry.receptive_fields(model, size)
   assert set(probed) == set(want)
   for layer, rf in want.items():
-    side = table.layer_shapes(model, size)[layer][0]
+    side = geometry.layer_shapes(model, size)[layer][0]
     for i in range(side):
       assert probed[layer].window(i, i, size) == rf.window(i, i, size), (layer, i)
     if name == "ZFNet":

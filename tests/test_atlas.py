@@ -8,7 +8,7 @@ import pytest
 
 from zfnet_jax import configs, deconv
 from zfnet_jax.analyses import atlas
-from zfnet_jax.nn import models, table
+from zfnet_jax.nn import geometry, models
 from zfnet_jax.render import figures, sections
 
 import helpers
@@ -253,7 +253,7 @@ def positive():
 @pytest.mark.parametrize("layer", ["conv1", "pool1", "conv2", "conv5"])
 def test_receptive_field_windows_match_perturbation(positive, layer):
   model, variables = positive
-  rf = table.receptive_fields(model, S)[layer]
+  rf = geometry.receptive_fields(model, S)[layer]
   for (i, j), box in _perturbation_windows(model, variables, layer).items():
     assert rf.window(i, j, S) == box, (layer, i, j)
 
@@ -276,7 +276,7 @@ def test_patches_are_the_receptive_field_crops(built, positive):
     boxes = _perturbation_windows(*positive, layer)
     a = out[layer]
     t = a.patches.shape[2]
-    assert t == table.receptive_fields(model, S)[layer].size  # RF smaller than the image
+    assert t == geometry.receptive_fields(model, S)[layer].size  # RF smaller than the image
     for m in range(len(a.channels)):
       for u in (0, 4, 8):
         r0, r1, c0, c1 = boxes[tuple(a.positions[m, u])]

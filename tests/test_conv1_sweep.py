@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from zfnet_jax.analyses import diagnostics
-from zfnet_jax.nn import models
-from zfnet_jax.nn import table as table_lib
+from zfnet_jax.nn import geometry, models
 from zfnet_jax.studies import conv1_sweep, sweeps
 
 import helpers
@@ -162,7 +161,7 @@ def test_matched_pad_by_hand():
          for k, s in ((5, 1), (7, 2), (9, 2), (11, 2), (7, 4), (9, 4), (11, 4), (5, 2))}
   assert got == {(5, 1): 0, (7, 2): 0, (9, 2): 1, (11, 2): 2, (7, 4): 2, (9, 4): 3,
                  (11, 4): 4, (5, 2): 0}
-  assert table_lib.conv_out(28, 11, 4, 4)[0] == 8 and table_lib.conv_out(28, 11, 2, 2)[0] == 12
+  assert geometry.conv_out(28, 11, 4, 4)[0] == 8 and geometry.conv_out(28, 11, 2, 2)[0] == 12
 
 
 def test_dry_run_lists_the_grid():
@@ -217,7 +216,7 @@ def test_two_run_tiny_sweep_writes_record_table_and_plot(tmp_path):
   """))
   sweep = tmp_path / "s.py"
   sweep.write_text(textwrap.dedent(f"""
-      from zfnet_jax import conv1_sweep
+      from zfnet_jax.studies import conv1_sweep
       CONFIG = {str(cfg)!r}
       def get_sweep():
         return [{{"model.conv1_kernel": 7, "model.conv1_stride": 2}},

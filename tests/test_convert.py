@@ -231,7 +231,7 @@ def test_safetensors_file_works_without_torch(alexnet, tmp_path):
   script = textwrap.dedent(f"""
       import sys
       import numpy as np
-      from zfnet_jax import convert
+      from zfnet_jax.nn import convert
       model, variables = convert.from_torchvision({str(path)!r}, "alexnet")
       feats = model.apply(variables, np.load({str(tmp_path / 'x.npy')!r}), method="features")
       np.savez({str(tmp_path / 'out.npz')!r}, **{{k: np.asarray(v) for k, v in feats.items()}})
@@ -332,7 +332,7 @@ def test_pth_without_torch_says_so(tmp_path):
   script = textwrap.dedent(f"""
       import sys
       sys.modules["torch"] = None   # as if PyTorch were not installed
-      from zfnet_jax import convert
+      from zfnet_jax.nn import convert
       try:
         convert.from_torchvision({str(tmp_path / 'w.pth')!r}, "alexnet")
       except ValueError as e:

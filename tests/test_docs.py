@@ -22,7 +22,7 @@ def _user_facing_files():
   docstrings), the experiment configs' headers and the page templates."""
   files = [os.path.join(REPO, "README.md")]
   for pattern in ("docs/**/*.md", "docs/**/*.html", "docs/*.py", "zfnet_jax/**/*.py",
-                  "zfnet_jax/templates/*"):
+                  "zfnet_jax/render/templates/*"):
     files += glob.glob(os.path.join(REPO, pattern), recursive=True)
   return [f for f in files if f"{os.sep}_build{os.sep}" not in f]
 

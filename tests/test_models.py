@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from zfnet_jax import configs
-from zfnet_jax.nn import models, table
+from zfnet_jax.nn import geometry, models
 
 
 def _shapes(model, size=224, channels=3):
@@ -131,7 +131,7 @@ def test_receptive_fields_equal_brute_force(model_cls):
   for b, (r, c) in enumerate(pixels):
     x[b, r, c, 1] = np.nan
   feats = jax.jit(lambda v, x: model.apply(v, x, method="features"))(v, jnp.asarray(x))
-  rfs = table.receptive_fields(model, size)
+  rfs = geometry.receptive_fields(model, size)
   for layer, rf in rfs.items():
     nan = np.isnan(np.asarray(feats[layer])).any(axis=-1)       # (B, Ho, Wo)
     n = nan.shape[1]
@@ -169,7 +169,7 @@ def test_conv1_geometry_from_config(kernel, stride, pad, size):
   n2 = 1 + -(-(p1 - 5) // 2)                                       # conv2 5x5/2, no pad
   assert s["conv1"] == (n1, n1, 32) and s["pool1"] == (p1, p1, 32) and s["conv2"][0] == n2
   assert models.count_params(v["params"]["conv1"]) == _conv(kernel, 1, 32)
-  rf = table.receptive_fields(m, size)["conv1"]
+  rf = geometry.receptive_fields(m, size)["conv1"]
   assert (rf.size, rf.stride, rf.offset) == (kernel, stride, -pad)
   # brute force: a NaN pixel reaches exactly the conv1 units whose window holds it
   vv = m.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 1)))

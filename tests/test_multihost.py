@@ -21,7 +21,7 @@ WORKER = r"""
 import sys
 sys.path.insert(0, {tests!r})
 import helpers
-from zfnet_jax import train
+from zfnet_jax.training import loop
 c = helpers.multihost_config({path!r}, {data!r})
 c.distributed = True
 with helpers.multihost_data({path!r}):
@@ -110,7 +110,7 @@ PREEMPT_WORKER = r"""
 import sys
 sys.path.insert(0, {tests!r})
 import helpers
-from zfnet_jax import train
+from zfnet_jax.training import loop
 helpers.slow_down_training({delay})
 c = helpers.multihost_config("memory", {data!r}, steps={steps})
 c.distributed = True

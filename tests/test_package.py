@@ -107,7 +107,7 @@ def test_wheel_in_a_fresh_venv_visualizes_and_trains_from_an_empty_folder(tmp_pa
   for name in SHIPPED_NAMES + ("correspondence_fashion_mnist",):
     assert any(n.startswith(f"zfnet_jax/experiments/{name}.") for n in names), name
   assert any(n.startswith("zfnet_jax/shipped/quickstart/") for n in names)
-  assert any(n.startswith("zfnet_jax/templates/") for n in names)
+  assert any(n.startswith("zfnet_jax/render/templates/") for n in names)
   python, env = helpers.fresh_venv(tmp_path / "venv")
   subprocess.run([python, "-m", "pip", "install", "-q", wheel],   # its dependencies are there
                  check=True, env=env, capture_output=True, timeout=600)

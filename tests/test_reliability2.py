@@ -236,7 +236,7 @@ def test_sigterm_in_final_evaluation_and_in_report_exits_75_then_rerun_finishes(
       {module}.{name} = {name}
       """
   # 1. SIGTERM during the final evaluation: exit 75, the last checkpoint kept, no results.
-  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("train", "evaluate"),
+  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("loop", "evaluate"),
                  overrides=REPORT, name="eval")
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 75, out[-3000:]

@@ -170,7 +170,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed = False                # call jax.distributed.initialize()
   # CPU only, command line only: split the CPU into this many JAX host devices before JAX
   # starts (1 = one device, the default).  Can be faster, but on a loaded machine XLA's
-  # in-process all-reduce between them can abort the run (zfnet_jax/conv.py says why).
+  # in-process all-reduce between them can abort the run (zfnet_jax/xla.py says why).
   c.cpu_host_devices = 1
   # A warning line when no training step has finished for this long (0 = never).
   c.stall_warning_seconds = 60.0

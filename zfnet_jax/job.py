@@ -23,7 +23,7 @@ from zfnet_jax.nn import models
 from zfnet_jax.render import sections
 from zfnet_jax.report import comparisons, explore, report, visualize
 from zfnet_jax.training import checkpoints, ensemble, loop, runtime, weights
-from zfnet_jax.training import steps as steps_lib
+from zfnet_jax.training import steps
 
 EXIT_PREEMPTED = runtime.EXIT_PREEMPTED
 TENSORBOARD_IMAGES = 64   # training examples behind the live Fig. 4 panels
@@ -44,13 +44,14 @@ def summary(config: ml_collections.ConfigDict) -> str:
                                config.dataset.crop_size, channels)
 
 
-def training_hooks(config: ml_collections.ConfigDict, workdir: str) -> list[loop.Hook]:
+def training_hooks(config: ml_collections.ConfigDict, workdir: str,
+                   info: sources.DatasetInfo | None = None) -> list[loop.Hook]:
   """The hooks ``main`` gives training: Fig. 4 panels in TensorBoard every
   ``analyses.evolution.tensorboard_every_steps`` steps (none when 0), process 0 only."""
   evolution_config = config.analyses.evolution
   if evolution_config.tensorboard_every_steps <= 0 or jax.process_index() != 0:
     return []
-  info = sources.dataset_info(config)
+  info = info or sources.dataset_info(config)
   model = models.from_config(config.model, info.num_classes)
   images, _, _ = iterators.load_examples(config, workdir, split=config.dataset.train_split,
                                               num=TENSORBOARD_IMAGES)
@@ -61,11 +62,12 @@ def training_hooks(config: ml_collections.ConfigDict, workdir: str) -> list[loop
   return [hook] if hook is not None else []
 
 
-def validate_report(config: ml_collections.ConfigDict) -> list:
+def validate_report(config: ml_collections.ConfigDict,
+                    info: sources.DatasetInfo | None = None) -> list:
   """The report's plan (``report.validate``) for the model ``config`` describes."""
   models.validate(config.model)
   sources.validate(config.dataset)
-  info = sources.dataset_info(config)
+  info = info or sources.dataset_info(config)
   data = sections.Data(config.dataset.name, config.dataset.crop_size,
                        config.dataset.resize_size, info.channels)
   return report.validate(config, weights.planned_model(config, info), data)
@@ -79,18 +81,19 @@ REPORT_STEPS = 1200
 
 
 def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
-         write_report: bool, report_plan: list | None) -> list[str]:
+         write_report: bool, report_plan: list | None,
+         info: sources.DatasetInfo | None = None) -> list[str]:
   """The lines ``run`` prints before it starts: what it will do, in order."""
-  info = sources.dataset_info(config)
+  info = info or sources.dataset_info(config)
   lines = [f"zfnet_jax: {config.model.name} on {config.dataset.name} "
            f"({info.num_train} training, {info.num_eval} {config.dataset.eval_split} images) "
            f"in {os.path.abspath(workdir)}"]
   todo = []
   if train_model:
     spe = iterators.steps_per_epoch(config)
-    steps = steps_lib.total_steps(config, spe)
+    num_steps = steps.total_steps(config, spe)
     crops = "10 crops" if config.ten_crop_eval else "centre crop"
-    todo.append(f"train {steps / spe:g} epochs ({steps} steps of {config.batch_size} images, "
+    todo.append(f"train {num_steps / spe:g} epochs ({num_steps} steps of {config.batch_size} images, "
                 f"{config.optimizer}), then evaluate ({crops})")
   if write_report:
     for kind in comparisons.pending(config, workdir):
@@ -105,9 +108,10 @@ def plan(config: ml_collections.ConfigDict, workdir: str, *, train_model: bool,
 
 
 def estimate_seconds(config, workdir: str, step_seconds: float, *, remaining_steps: int,
-                     write_report: bool) -> dict[str, float]:
+                     write_report: bool,
+                     info: sources.DatasetInfo | None = None) -> dict[str, float]:
   """Seconds left per phase at ``step_seconds`` per training step (a rough model)."""
-  info = sources.dataset_info(config)
+  info = info or sources.dataset_info(config)
   fwd = step_seconds * FORWARD_STEP_FRACTION / config.batch_size   # seconds per image forward
   crops = 10 if config.ten_crop_eval else 1
   out = {"training": remaining_steps * step_seconds,
@@ -116,7 +120,7 @@ def estimate_seconds(config, workdir: str, step_seconds: float, *, remaining_ste
     for kind in comparisons.pending(config, workdir):   # centre-crop evaluation
       c = comparisons.config_of(config, kind)
       out[f"comparison {comparisons.name_of(config, kind)}"] = (
-          steps_lib.total_steps(c, iterators.steps_per_epoch(c)) * step_seconds +
+          steps.total_steps(c, iterators.steps_per_epoch(c)) * step_seconds +
           out["final evaluation"] / crops)
     scanned = info.num_eval if config.report.max_examples < 0 else min(
         info.num_eval, config.report.max_examples)
@@ -128,8 +132,9 @@ class _Estimate:
   """A training hook: after ``skip`` steps (compilation) and ``measure`` more, prints
   how long the whole job will take at the measured rate."""
 
-  def __init__(self, config, workdir, write_report, skip=20, measure=80):
+  def __init__(self, config, workdir, write_report, info=None, skip=20, measure=80):
     self.config, self.workdir, self.write_report = config, workdir, write_report
+    self.info = info
     self.skip, self.measure, self.first, self.t0 = skip, measure, None, None
 
   def __call__(self, step, state, writer):
@@ -140,9 +145,10 @@ class _Estimate:
       self.t0 = time.time()
     elif self.t0 is not None and step == self.first + self.skip + self.measure:
       spe = iterators.steps_per_epoch(self.config)
-      left = steps_lib.total_steps(self.config, spe) - step
+      left = steps.total_steps(self.config, spe) - step
       est = estimate_seconds(self.config, self.workdir, (time.time() - self.t0) / self.measure,
-                             remaining_steps=left, write_report=self.write_report)
+                             remaining_steps=left, write_report=self.write_report,
+                             info=self.info)
       parts = ", ".join(f"{k} {console.minutes(v)}" for k, v in est.items())
       done = time.strftime("%H:%M", time.localtime(time.time() + sum(est.values())))
       console.say(f"estimate: about {console.minutes(sum(est.values()))} left ({parts}); "
@@ -226,16 +232,18 @@ def _run(config, workdir: str, train_model: bool, write_report: bool, out: dict,
         loop.validate(comparisons.config_of(config, kind))
   if train_model:
     loop.validate(config)   # before the lock creates the workdir
+  info = sources.dataset_info(config)   # once, now that the config is known good
   for line in plan(config, workdir, train_model=train_model, write_report=write_report,
-                   report_plan=report_plan):
+                   report_plan=report_plan, info=info):
     console.say(line)
   phases = console.Phases()
   with (runtime.workdir_lock(os.path.abspath(workdir)) if train_model else
         contextlib.nullcontext()):
     if train_model:
       # A resume with an incompatible config stops before the hooks write anything.
-      checkpoints.check_resume(config, workdir, sources.dataset_info(config))
-      hooks = training_hooks(config, workdir) + [_Estimate(config, workdir, write_report)]
+      checkpoints.check_resume(config, workdir, info)
+      hooks = (training_hooks(config, workdir, info) +
+               [_Estimate(config, workdir, write_report, info)])
       with phases("training and evaluation"):
         results = loop.train_and_evaluate(config, workdir, hooks=hooks)
       out["results"] = results

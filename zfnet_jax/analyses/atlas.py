@@ -21,7 +21,7 @@ Two steps:
 2. ``project``: every recorded unit of the shown maps is projected to pixels
    with ``deconv.project_many`` (one batched call per layer), and both the
    projection and the original image are cropped to the unit's receptive field
-   (``table.receptive_fields``).
+   (``geometry.receptive_fields``).
 
 Ties are deterministic: a larger value ranks first, then the lower example id,
 then the lower flat position ``row * width + col`` in the map.  (ReLU maps have
@@ -44,7 +44,7 @@ from jax import lax
 
 from zfnet_jax import console, deconv, xla
 from zfnet_jax.analyses import legibility as legibility_lib
-from zfnet_jax.nn import rules, table
+from zfnet_jax.nn import geometry, rules
 from zfnet_jax.render import figures
 from zfnet_jax.render import sections as sections_lib
 
@@ -81,14 +81,14 @@ class LayerAtlas:
   labels: np.ndarray
   projections: np.ndarray
   patches: np.ndarray
-  receptive_field: table.ReceptiveField
+  receptive_field: geometry.ReceptiveField
 
 
 def check_options(net, input_size: int, *, layers: Sequence[str],
                   k: int, rule: str, num_maps: int = -1, chunk_size: int = 1) -> None:
   """Raise ValueError naming the bad option and what is allowed (before any scan)."""
   net = deconv.as_network(net)
-  allowed = table.spatial_layers(net, input_size)
+  allowed = geometry.spatial_layers(net, input_size)
   if isinstance(layers, str) or not layers:
     raise ValueError(f"layers must be a non-empty sequence of layer names, got {layers!r}; "
                      f"allowed: {', '.join(allowed)}")
@@ -330,7 +330,7 @@ def project(net, variables, scan_result: ScanResult, layer: str,
                     projections.reshape(shape), patches.reshape(shape), rf)
 
 
-def window_masks(rf: table.ReceptiveField, positions: np.ndarray, input_size: int
+def window_masks(rf: geometry.ReceptiveField, positions: np.ndarray, input_size: int
                  ) -> np.ndarray:
   """bool (R, t, t): True where each unit's cropped window (``crop_receptive_field``)
   lies inside the image; positions (R, 2)."""
@@ -361,7 +361,7 @@ def build(net, variables, batches: Iterable[Mapping[str, np.ndarray]],
   input_size = int(np.shape(pixel_mean)[0])
   check_options(net, input_size, layers=layers, k=k, rule=rule, num_maps=num_maps,
                 chunk_size=chunk_size)
-  widths = table.spatial_layers(net, input_size)
+  widths = geometry.spatial_layers(net, input_size)
   shown = {l: choose_maps(widths[l], num_maps, seed + n) for n, l in enumerate(layers)}
   result = scan(net, variables, batches, layers=layers, k=k, track=shown, total=total,
                 progress=progress, distinct_images=distinct_images)

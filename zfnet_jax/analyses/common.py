@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zfnet_jax import deconv, xla
-from zfnet_jax.nn import table
+from zfnet_jax.nn import geometry
 
 
 @functools.lru_cache(maxsize=64)
@@ -23,7 +23,7 @@ def activations(net, variables, images: np.ndarray, layers: Sequence[str],
   """{layer: (N, ...)} of ``layers`` (and "logits" when the network has it) over
   ``images`` (N, S, S, C), in batches (the last one padded: one compilation)."""
   net = deconv.as_network(net)
-  names = table.layer_names(net, images.shape[1])
+  names = geometry.layer_names(net, images.shape[1])
   keep = tuple(dict.fromkeys(list(layers) + (["logits"] if "logits" in names else [])))
   fn = _subset_fn(net, keep)
   n = len(images)

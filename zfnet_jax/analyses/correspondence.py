@@ -50,7 +50,7 @@ import numpy as np
 
 from zfnet_jax import configs, deconv, rundir
 from zfnet_jax.analyses import common, occlusion
-from zfnet_jax.nn import table as table_lib
+from zfnet_jax.nn import geometry
 from zfnet_jax.render import figures
 from zfnet_jax.render import sections as sections_lib
 
@@ -77,7 +77,7 @@ def validate(options, net, data: sections_lib.Data) -> Options:
   net = deconv.as_network(net)
   layers = tuple(options.layers)
   for layer in layers:
-    table_lib.check_layer(net, data.input_size, layer, "correspondence layer")
+    geometry.check_layer(net, data.input_size, layer, "correspondence layer")
   repeats = _check_repeats(options.repeats)
   fill = float(options.fill)
   if fill > 255:
@@ -245,7 +245,7 @@ def measure(net, variables, images: np.ndarray, parts: dict[str, np.ndarray], la
   net = deconv.as_network(net)
   size = images.shape[1]
   for layer in layers:
-    table_lib.check_layer(net, size, layer, "correspondence layer")
+    geometry.check_layer(net, size, layer, "correspondence layer")
   _check_repeats(repeats)
   fill = np.zeros(images.shape[1:], np.float32) if fill is None else fill
   f0 = common.activations(net, variables, images, layers, batch_size)

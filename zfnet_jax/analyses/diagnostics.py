@@ -39,7 +39,7 @@ import numpy as np
 
 from zfnet_jax import deconv
 from zfnet_jax.analyses import common
-from zfnet_jax.nn import table as table_lib
+from zfnet_jax.nn import geometry
 from zfnet_jax.render import figures
 from zfnet_jax.render import sections as sections_lib
 
@@ -62,7 +62,7 @@ def validate(options, net, data: sections_lib.Data) -> Options:
   high_freq_fraction(np.zeros((1, 2, 2, 1)), options.high_freq)
   if options.fft_size < 0:
     raise ValueError(f"diagnostics.fft_size {options.fft_size} not allowed: >= 0")
-  if "conv1" not in table_lib.layer_names(deconv.as_network(net), data.input_size):
+  if "conv1" not in geometry.layer_names(deconv.as_network(net), data.input_size):
     raise ValueError("diagnostics need a conv1 layer")
   return Options(float(options.dead_threshold), int(options.fft_size), float(options.high_freq))
 
@@ -130,8 +130,8 @@ def layer2_projections(net, variables, images: np.ndarray, rule: str = "deconvne
   the projection of its strongest activation over ``images`` (N, S, S, C)."""
   net = deconv.as_network(net)
   size = images.shape[1]
-  table_lib.check_layer(net, size, layer, "aliasing layer", spatial=True)
-  m = min(num_maps, table_lib.layer_shapes(net, size)[layer][2])
+  geometry.check_layer(net, size, layer, "aliasing layer", spatial=True)
+  m = min(num_maps, geometry.layer_shapes(net, size)[layer][2])
   f = common.activations(net, variables, images, [layer])[layer]
   best = f[..., :m].reshape(len(f), -1, m).max(1).argmax(0)         # (M,) image index
   return np.asarray(net.project(variables, images[best], layer=layer, channels=np.arange(m),

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from zfnet_jax import console, deconv, xla
-from zfnet_jax.nn import table
+from zfnet_jax.nn import geometry
 from zfnet_jax.render import figures
 from zfnet_jax.render import sections as sections_lib
 
@@ -64,7 +64,7 @@ def layer_maps(net, input_size: int, layers: Sequence[str], options: Options, se
   """{layer: maps shown}: ``options.maps`` in every layer, or random (``choose_maps``)."""
   if options.maps:
     return {l: tuple(options.maps) for l in layers}
-  widths = table.spatial_layers(deconv.as_network(net), input_size)
+  widths = geometry.spatial_layers(deconv.as_network(net), input_size)
   return {l: tuple(int(m) for m in choose_maps(widths[l], options.num_maps, seed, n))
           for n, l in enumerate(layers)}
 
@@ -82,8 +82,8 @@ def check(net, input_size: int, layers: Sequence[str], maps: Maps) -> None:
                      f"maps={maps!r}")
   net = deconv.as_network(net)
   for layer in layers:
-    table.check_layer(net, input_size, layer, "evolution layer", spatial=True)
-    table.check_channels(net, input_size, layer, list(_per_layer([layer], maps)[layer]),
+    geometry.check_layer(net, input_size, layer, "evolution layer", spatial=True)
+    geometry.check_channels(net, input_size, layer, list(_per_layer([layer], maps)[layer]),
                           "evolution map")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from zfnet_jax import deconv, xla
 from zfnet_jax.analyses import common
-from zfnet_jax.nn import table
+from zfnet_jax.nn import geometry
 from zfnet_jax.render import figures
 from zfnet_jax.render import sections as sections_lib
 
@@ -47,13 +47,13 @@ def validate(options, net, data: sections_lib.Data) -> Options:
   net = deconv.as_network(net)
   layers = tuple(options.layers)
   for layer in layers:
-    table.check_layer(net, data.input_size, layer, "invariance layer")
+    geometry.check_layer(net, data.input_size, layer, "invariance layer")
   _check_logits(net, data.input_size)
   return Options(layers, amounts(options, data.input_size))
 
 
 def _check_logits(net: deconv.Network, input_size: int) -> None:
-  if "logits" not in table.layer_names(net, input_size):
+  if "logits" not in geometry.layer_names(net, input_size):
     raise ValueError(f"invariance needs class probabilities: network {net.name!r} has no "
                      "'logits' activation")
 
@@ -123,7 +123,7 @@ def measure(net, variables, images: np.ndarray, labels: np.ndarray, layers,
   net = deconv.as_network(net)
   size = images.shape[1]
   for layer in layers:
-    table.check_layer(net, size, layer, "invariance layer")
+    geometry.check_layer(net, size, layer, "invariance layer")
   _check_logits(net, size)
   f0 = common.activations(net, variables, images, layers, batch_size)
   n = len(images)

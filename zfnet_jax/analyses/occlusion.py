@@ -39,7 +39,7 @@ import numpy as np
 
 from zfnet_jax import deconv, xla
 from zfnet_jax.analyses import common
-from zfnet_jax.nn import table
+from zfnet_jax.nn import geometry
 from zfnet_jax.render import figures
 from zfnet_jax.render import sections as sections_lib
 
@@ -75,7 +75,7 @@ def check(s: Settings, net, input_size: int) -> Settings:
                      ">= 0 (0 = no other images)")
   if s.fill > 255:
     raise ValueError(f"occlusion fill {s.fill} not allowed: a pixel value 0..255, or -1 (mean)")
-  table.check_layer(deconv.as_network(net), input_size, s.layer, "occlusion layer",
+  geometry.check_layer(deconv.as_network(net), input_size, s.layer, "occlusion layer",
                      spatial=True)
   return s
 
@@ -121,11 +121,11 @@ def scan(net, variables, image: np.ndarray, label: int, s: Settings,
   sq = squares(size, s.size, s.stride)
   n = len(sq)
   check(s, net, size)
-  num_classes = table.layer_shapes(net, size)["logits"][2]
+  num_classes = geometry.layer_shapes(net, size)["logits"][2]
   if not 0 <= int(label) < num_classes:
     raise ValueError(f"label {label} out of range: allowed 0..{num_classes - 1}")
   if channel is not None:
-    table.check_channels(net, size, s.layer, [channel])
+    geometry.check_channels(net, size, s.layer, [channel])
   f0 = common.activations(net, variables, np.asarray(image)[None], [s.layer])
   totals = f0[s.layer][0].reshape(-1, f0[s.layer].shape[-1]).sum(0)
   if channel is None:

@@ -39,7 +39,7 @@ from sklearn.svm import LinearSVC
 
 from zfnet_jax import console, deconv, xla
 from zfnet_jax.data.targets import DATASETS, TargetData
-from zfnet_jax.nn import table
+from zfnet_jax.nn import geometry
 from zfnet_jax.render import figures
 from zfnet_jax.training.scratch import scratch_outputs, train_scratch
 
@@ -108,7 +108,7 @@ def probe_layers(net, input_size: int, layers: Sequence[int]) -> dict[int, str]:
   """Layer number -> name of the activation used as its output: the last of the layer's
   block in the network's order (ZFNet's norm1 after pool1, AlexNet's pool1 after norm1;
   removed layers left out)."""
-  order = table.layer_names(deconv.as_network(net), input_size)
+  order = geometry.layer_names(deconv.as_network(net), input_size)
   bad = [l for l in layers if l not in LAYER_OUTPUTS]
   if bad:
     raise ValueError(f"unknown layers {bad}; allowed: {sorted(LAYER_OUTPUTS)}")

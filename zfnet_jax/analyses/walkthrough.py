@@ -16,7 +16,7 @@ import numpy as np
 
 from zfnet_jax import deconv
 from zfnet_jax.analyses import common
-from zfnet_jax.nn import models, table, torchvision
+from zfnet_jax.nn import geometry, models, torchvision
 from zfnet_jax.render import figures
 from zfnet_jax.render import sections as sections_lib
 
@@ -35,7 +35,7 @@ def validate(options, net, data: sections_lib.Data) -> Options:
   layers = tuple(options.layers) or tuple(
       s.name for s in net.layer_table(data.input_size) if s.kind == "conv")
   for layer in layers:
-    table.check_layer(net, data.input_size, layer, "walkthrough layer")
+    geometry.check_layer(net, data.input_size, layer, "walkthrough layer")
   return Options(layers)
 
 
@@ -79,7 +79,7 @@ def plot(stages: list[deconv.Stage], display: np.ndarray, field, channel: int, t
   row per layer: normalise, unpool (or torchvision's average), rectify, filter (a network
   known by its named layers: the signal arriving at each, four per row); each summed over channels
   (zero = mid-grey, each scaled on its own), the last the pixel projection.
-  display: (S, S) or (S, S, 3) in [0, 1]; field: the layer's ``table.ReceptiveField``
+  display: (S, S) or (S, S, 3) in [0, 1]; field: the layer's ``geometry.ReceptiveField``
   (None: the whole image)."""
   plt = figures.pyplot()
   rows = _groups(stages)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zfnet_jax.nn import models, rules, table
+from zfnet_jax.nn import geometry, models, rules
 
 RULES = tuple(rules.RULES)   # the rule names
 
@@ -45,7 +45,7 @@ def check_images(model: models.PaperNet, variables, images, what="images"):
   fc = next((params[n]["kernel"] for n in ("fc6", "fc7", "fc8") if n in params), None)
   if fc is not None and not getattr(model, "adaptive_pool", False):
     try:
-      h, w, c = table.layer_shapes(model, size)["pool5"]
+      h, w, c = geometry.layer_shapes(model, size)["pool5"]
       ok = h * w * c == fc.shape[0]
     except Exception:  # pylint: disable=broad-except  (too small for the layer table)
       ok = False
@@ -64,7 +64,7 @@ def check_images(model: models.PaperNet, variables, images, what="images"):
 
 
 def _check_layer(model, input_size, layer):
-  shapes = table.layer_shapes(model, input_size)
+  shapes = geometry.layer_shapes(model, input_size)
   if not isinstance(layer, str) or layer not in shapes:
     raise ValueError(f"unknown layer {layer!r}; allowed: {', '.join(shapes)}")
   return shapes[layer]

@@ -6,7 +6,7 @@ import numpy as np
 
 from zfnet_jax.deconv.checks import _check_layer, _check_position
 from zfnet_jax.deconv.networks import as_network
-from zfnet_jax.nn import table
+from zfnet_jax.nn import geometry
 
 # ----------------------------------------------------------------------------
 # Display.
@@ -70,7 +70,7 @@ def receptive_patch(model, images, layer: str, position, *,
   return crops[0] if single else crops
 
 
-def crop_receptive_field(images: np.ndarray, rf: table.ReceptiveField,
+def crop_receptive_field(images: np.ndarray, rf: geometry.ReceptiveField,
                          positions: np.ndarray, fill: float = 0.5, *,
                          full: bool = False) -> np.ndarray:
   """Crop each image to its unit's receptive field (the project's one cropper).

@@ -15,8 +15,7 @@ from zfnet_jax import xla
 from zfnet_jax.deconv import rewrite
 from zfnet_jax.deconv.checks import _check_images
 from zfnet_jax.deconv.projection import _project_core, _project_requests, project_many
-from zfnet_jax.nn import models, rules
-from zfnet_jax.nn import table as table_lib
+from zfnet_jax.nn import geometry, models, rules
 
 # ----------------------------------------------------------------------------
 # Networks as the analyses see them.
@@ -28,11 +27,11 @@ class Network:
 
   features: (variables, images (N, S, S, C)) -> {layer: (N, H, W, C) or (N, units)},
     with "logits" for analyses that read class probabilities.
-  layer_table: input_size -> [table_lib.LayerSpec] (names, kinds, maps, map sides),
-    so ``table_lib.layer_shapes``, ``table_lib.check_layer``... work on it.
+  layer_table: input_size -> [geometry.LayerSpec] (names, kinds, maps, map sides),
+    so ``geometry.layer_shapes``, ``geometry.check_layer``... work on it.
   project: (variables, images (R, S, S, C), *, layer, channels (R,), positions
     (R, 2) or None, rule, chunk_size, progress) -> (R, S, S, C) projections.
-  fields: input_size -> {spatial layer: table_lib.ReceptiveField}, or None if
+  fields: input_size -> {spatial layer: geometry.ReceptiveField}, or None if
     unknown (analyses that crop to receptive fields then say so).
   module: the Flax module, when there is one.
   """
@@ -72,7 +71,7 @@ def network(model: models.PaperNet) -> Network:
   return Network(features=functools.partial(_paper_features, model),
                  layer_table=model.layer_table,
                  project=functools.partial(project_many, model),
-                 fields=functools.partial(table_lib.receptive_fields, model),
+                 fields=functools.partial(geometry.receptive_fields, model),
                  name=type(model).__name__, module=model)
 
 
@@ -112,7 +111,7 @@ def _fit_field(left: np.ndarray, right: np.ndarray, s: int) -> tuple[int, int, i
 
 
 def probe_receptive_fields(features: Callable, variables, channels: int, input_size: int, *,
-                           batch_size: int = 16) -> dict[str, table_lib.ReceptiveField]:
+                           batch_size: int = 16) -> dict[str, geometry.ReceptiveField]:
   """Receptive field of every spatial layer of ``features``, found by probing.
 
   Image c of a batch holds NaN in input column c (every row and channel); a unit
@@ -146,7 +145,7 @@ def probe_receptive_fields(features: Callable, variables, channels: int, input_s
     left = np.array([np.flatnonzero(hit[:, j])[0] for j in range(w)])
     right = np.array([np.flatnonzero(hit[:, j])[-1] for j in range(w)])
     size, stride, offset = _fit_field(left, right, s)
-    out[name] = table_lib.ReceptiveField(size, stride, offset)
+    out[name] = geometry.ReceptiveField(size, stride, offset)
   return out
 
 
@@ -159,7 +158,7 @@ def from_features(features: Callable, variables, channels: int, *,
   Projections go through ``rewrite.deconvnet_transform`` (its ReLUs and
   max-pools take the rule).  ``channels``: input channels; ``variables``: any
   variables of the network (only their shapes are kept, for the layer table).
-  ``receptive_fields``: {layer: table_lib.ReceptiveField} or input_size -> that; None:
+  ``receptive_fields``: {layer: geometry.ReceptiveField} or input_size -> that; None:
   found by ``probe_receptive_fields`` (once per input size, cached).
   """
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)),
@@ -169,8 +168,8 @@ def from_features(features: Callable, variables, channels: int, *,
   def table(input_size: int) -> list:
     x = jax.ShapeDtypeStruct((1, input_size, input_size, channels), jnp.float32)
     shapes = jax.eval_shape(features, abstract, x)
-    return [table_lib.LayerSpec(k, "fc", v.shape[-1]) if len(v.shape) == 2 else
-            table_lib.LayerSpec(k, "conv", v.shape[-1], out=v.shape[1]) for k, v in shapes.items()]
+    return [geometry.LayerSpec(k, "fc", v.shape[-1]) if len(v.shape) == 2 else
+            geometry.LayerSpec(k, "conv", v.shape[-1], out=v.shape[1]) for k, v in shapes.items()]
 
   def project(variables, images, *, layer, channels, positions=None, rule="deconvnet",
               chunk_size=32, progress=False):

@@ -24,8 +24,7 @@ from zfnet_jax.deconv.checks import (
   _check_position,
   check_images,
 )
-from zfnet_jax.nn import layers, models, rules, torchvision
-from zfnet_jax.nn import table as table_lib
+from zfnet_jax.nn import geometry, layers, models, rules, torchvision
 
 # ----------------------------------------------------------------------------
 # The projection core: one forward per image, one VJP with one-hot cotangents.
@@ -362,7 +361,7 @@ AVGPOOL = "avgpool"   # torchvision's adaptive average pool before fc6: step "av
 
 
 
-def _plan(model, input_size: int, layer: str) -> list[tuple[table_lib.LayerSpec, str]]:
+def _plan(model, input_size: int, layer: str) -> list[tuple[geometry.LayerSpec, str]]:
   """The steps from ``layer`` down to the pixels: [(layer spec, step)]."""
   table = model.layer_table(input_size)
   plan = []
@@ -370,7 +369,7 @@ def _plan(model, input_size: int, layer: str) -> list[tuple[table_lib.LayerSpec,
     if spec.kind in ("conv", "fc"):
       plan += ([(spec, "rectify")] if spec.name != "logits" else []) + [(spec, "filter")]
       if spec.name == "fc6" and isinstance(model, torchvision.TorchvisionNet):
-        plan.append((table_lib.LayerSpec(AVGPOOL, "pool"), "average"))
+        plan.append((geometry.LayerSpec(AVGPOOL, "pool"), "average"))
     else:
       plan.append((spec, "unpool" if spec.kind == "pool" else "normalise"))
   return plan

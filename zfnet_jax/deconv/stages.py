@@ -21,7 +21,7 @@ from zfnet_jax.deconv.checks import (
 )
 from zfnet_jax.deconv.networks import Network
 from zfnet_jax.deconv.projection import AVGPOOL, _broadcast_position, _plan, _select
-from zfnet_jax.nn import layers, models, rules, table, torchvision
+from zfnet_jax.nn import geometry, layers, models, rules, torchvision
 
 # ----------------------------------------------------------------------------
 # The way down, stage by stage (Fig. 1).
@@ -132,7 +132,7 @@ def _walk_network(net: Network, variables, image, layer, channel, position, rule
 
 
 
-def _pool_args(model, spec: table.LayerSpec):
+def _pool_args(model, spec: geometry.LayerSpec):
   """(window, strides, padding) of a pool of ``model`` in NHWC: ceil mode for ours,
   floor mode (no padding) for torchvision's."""
   if isinstance(model, torchvision.TorchvisionNet):
@@ -182,7 +182,7 @@ def _walk(model, variables, x, channels, positions, strongest_, layer):
 
 
 
-def _layer_fn(spec: table.LayerSpec, params, dtype) -> Callable:
+def _layer_fn(spec: geometry.LayerSpec, params, dtype) -> Callable:
   """The linear part (no bias) of a conv or fc layer: its VJP is the "filter" step."""
   kernel = params["fc8" if spec.name == "logits" else spec.name]["kernel"].astype(dtype)
   if spec.kind == "fc":

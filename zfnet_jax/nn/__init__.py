@@ -1,3 +1,3 @@
 """The networks: layers with the deconvnet's rules (``layers``), the layer table
-(``table``), ZFNet, AlexNet and their variants (``models``), torchvision's layouts
+(``geometry``), ZFNet, AlexNet and their variants (``models``), torchvision's layouts
 (``torchvision``) and their weights (``convert``)."""

@@ -1,6 +1,6 @@
 """ZFNet and AlexNet in Flax Linen, exact to the paper's layer table (Fig. 3).
 
-One table (``layer_table``, see ``nn.table``) drives both the forward pass and the
+One table (``layer_table``, see ``nn.geometry``) drives both the forward pass and the
 receptive fields, so the two cannot disagree.  Sizes follow cuda-convnet's rules, which
 reproduce every size in the paper:
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from zfnet_jax.nn import layers
-from zfnet_jax.nn.table import CONV_NAMES, FC_NAMES, REMOVABLE, LayerSpec, conv_out
+from zfnet_jax.nn.geometry import CONV_NAMES, FC_NAMES, REMOVABLE, LayerSpec, conv_out
 from zfnet_jax.nn.torchvision import IMPORTED
 
 

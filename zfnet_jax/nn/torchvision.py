@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from zfnet_jax.nn import layers
-from zfnet_jax.nn.table import LayerSpec
+from zfnet_jax.nn.geometry import LayerSpec
 
 # ----------------------------------------------------------------------------
 # torchvision's AlexNet and VGG16, for ImageNet weights (``zfnet_jax.nn.convert``).

@@ -25,7 +25,7 @@ import numpy as np
 from zfnet_jax import rundir
 from zfnet_jax.analyses import diagnostics
 from zfnet_jax.data import iterators
-from zfnet_jax.nn import table as table_lib
+from zfnet_jax.nn import geometry
 from zfnet_jax.render import figures, pages
 from zfnet_jax.render import sections as sections_lib
 from zfnet_jax.training import checkpoints, weights
@@ -44,9 +44,9 @@ def matched_pad(input_size: int, kernel: int, stride: int, baseline=(7, 2, 0)) -
   ``baseline`` (kernel, stride, pad)'s at ``input_size`` (ties: the smaller p), so later
   layers keep the baseline's sizes where a stride allows it.  At most "same" padding:
   more would make the border a larger part of the map."""
-  target = table_lib.conv_out(input_size, *baseline)[0]
+  target = geometry.conv_out(input_size, *baseline)[0]
   pads = range((kernel - 1) // 2 + 1)
-  return min(pads, key=lambda p: (abs(table_lib.conv_out(input_size, kernel, stride, p)[0]
+  return min(pads, key=lambda p: (abs(geometry.conv_out(input_size, kernel, stride, p)[0]
                                       - target), p))
 
 

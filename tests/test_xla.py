@@ -1,4 +1,4 @@
-"""The CPU convolution routing of zfnet_jax/conv.py: same maths, other kernels.
+"""The CPU convolution routing of zfnet_jax/xla.py: same maths, other kernels.
 
 Convolutions compiled with ``xla.CPU_COMPILER_OPTIONS`` (what every function
 the package compiles carries, ``xla.jit``) must not go to YNNPACK, and their value
@@ -96,7 +96,7 @@ _CHILD = """
 import os, sys, json
 before = os.environ.get("XLA_FLAGS")
 import zfnet_jax
-from zfnet_jax import conv
+from zfnet_jax import xla
 import jax, jax.numpy as jnp
 from jax import lax
 f = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
@@ -134,7 +134,7 @@ def test_package_functions_carry_the_options_however_called():
 
 _DEVICES_CHILD = """
 import json, os, sys
-from zfnet_jax import conv
+from zfnet_jax import xla
 n = xla.set_host_devices(int(sys.argv[1]))
 import jax
 jax.devices()
