@@ -357,6 +357,17 @@ def saved_state(step_dir):
 
 # -- a real browser (headless Chromium) opening a static page ----------------------
 
+def available(path: str, what: str) -> bool:
+  """Whether ``path`` exists.  A check that shrinks without it (a local machine without the
+  dataset or the browser) fails instead under ``CI=true``, where everything is installed."""
+  if os.path.exists(path):
+    return True
+  if os.environ.get("CI", "").lower() in ("1", "true"):
+    import pytest  # pylint: disable=import-outside-toplevel
+    pytest.fail(f"{what} is missing ({path}); CI installs it, so the full check must run")
+  return False
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -403,7 +414,8 @@ def browser_check(report_dir, tmp, name, *, keep_csp=True, inject=""):
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="run"):
+def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="run",
+               flags=()):
   """``python -m zfnet_jax.main`` on ``reliability_config(fmnist_dir)`` (plus
   ``overrides``, lines on ``c``) after ``setup`` (lines run in the child first: fault
   injection, e.g. ``helpers.slow_down_training(0.1)``); stdout and stderr piped."""
@@ -423,10 +435,10 @@ def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="r
       import helpers
       from zfnet_jax import main
       from zfnet_jax.data import iterators
-      from zfnet_jax.report import report
+      from zfnet_jax.report import report, visualize
       from zfnet_jax.training import loop
       """) + textwrap.dedent(setup) + textwrap.dedent(f"""
-      sys.argv = ["main", "--config={cfg}", "--workdir={workdir}"]
+      sys.argv = ["main", "--config={cfg}", "--workdir={workdir}", *{list(flags)!r}]
       app.run(main.main)
       """))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",

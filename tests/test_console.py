@@ -1,4 +1,4 @@
-"""The console (issue 15, item 4): one line per event, bars that become plain lines in
+"""The console: one line per event, bars that become plain lines in
 logs, no library chatter, a summary table and timings.json at the end; the time
 estimate's model."""
 import io
@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+from tqdm import std as tqdm_std
 
 from zfnet_jax import console, job, rundir
 
@@ -20,21 +20,68 @@ TESTS = os.path.join(REPO, "tests")
 
 
 def test_bar_in_a_log_is_plain_lines(monkeypatch):
-  """Not a terminal: no carriage returns; a line every ZFNET_PROGRESS_SECONDS and at the end."""
+  """Not a terminal: no carriage returns; a line once ZFNET_PROGRESS_SECONDS have passed
+  since the last one, and none at the end when nothing is new.  The bar reads a clock
+  this test moves (10 s per step), so the lines do not depend on the machine's speed:
+  at 30, 60, 90 and 120 s, i.e. after steps 3, 6, 9 and 12."""
   err = io.StringIO()
   monkeypatch.setattr(sys, "stderr", err)
-  monkeypatch.setenv("ZFNET_PROGRESS_SECONDS", "0.05")
-  bar = console.progress(desc="phase", total=6, unit="step")
-  for _ in range(6):
-    time.sleep(0.06)
+  monkeypatch.setenv("ZFNET_PROGRESS_SECONDS", "30")
+  now = [1000.0]
+  monkeypatch.setattr(tqdm_std, "time", lambda: now[0])     # the bar's clock
+  monkeypatch.setattr(tqdm_std.tqdm, "monitor_interval", 0)  # no monitor thread (real time)
+  bar = console.progress(desc="phase", total=12, unit="step")
+  for _ in range(12):
+    now[0] += 10.0
     bar.update(1)
   bar.close()
   lines = err.getvalue().splitlines()
   assert "\r" not in err.getvalue()
+  assert [l.split("|")[-1].split()[0] for l in lines] == ["3/12", "6/12", "9/12", "12/12"], lines
   assert all(l.startswith("phase:") for l in lines), lines
-  assert lines[-1].startswith("phase: 100%") and "6/6" in lines[-1]
-  assert 3 <= len(lines) <= 8                       # periodic, not one per update only at end
-  assert len(set(lines)) == len(lines)              # never the same line twice
+  assert lines[-1].startswith("phase: 100%")
+
+
+def test_bar_in_a_log_prints_the_last_count_at_close(monkeypatch):
+  """Work done since the last periodic line is printed once when the bar closes."""
+  err = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", err)
+  monkeypatch.setenv("ZFNET_PROGRESS_SECONDS", "30")
+  now = [1000.0]
+  monkeypatch.setattr(tqdm_std, "time", lambda: now[0])
+  monkeypatch.setattr(tqdm_std.tqdm, "monitor_interval", 0)
+  bar = console.progress(desc="phase", total=5, unit="step")
+  for _ in range(5):
+    now[0] += 10.0
+    bar.update(1)
+  bar.close()
+  lines = err.getvalue().splitlines()
+  assert [l.split("|")[-1].split()[0] for l in lines] == ["3/5", "5/5"], lines
+
+
+def test_job_console_is_short_and_says_each_thing_once(tmp_path, capfd, monkeypatch):
+  """The console budget, in-process (the command line's is checked by the slow
+  ``test_cli_console_is_short_and_quiet``): the plan first, training and evaluation in a
+  few lines, the summary table last; no line twice, no library chatter."""
+  monkeypatch.delenv("ZFNET_PROGRESS_SECONDS", raising=False)
+  d = str(tmp_path / "fm")
+  make_fmnist(d, n_train=64, n_test=16)
+  c = small_config(d, steps=6)
+  c.log_every_steps, c.checkpoint_every_steps = 2, 3
+  out = job.run(c, str(tmp_path / "wd"), train_model=True, write_report=False)
+  assert out["results"]["steps"] == 6
+  captured = capfd.readouterr()
+  out, err = captured.out.splitlines(), captured.err.splitlines()
+  lines = out + err
+  assert len(lines) <= 20, "\n".join(lines)
+  assert out[0].startswith("zfnet_jax: ZFNetLowRes on fashion_mnist_idx"), lines
+  assert out[1].startswith("  1. train 0.75 epochs (6 steps of 8 images"), lines
+  assert out[-1] == "-" * len(out[-1]) and any(l.startswith("top-1 error") for l in out)
+  assert err and all(l.startswith("training ZFNetLowRes: ") for l in err), err   # the bar
+  events = [l for l in lines if set(l) != {"-"}]
+  assert len(set(events)) == len(events), "a line printed twice:\n" + "\n".join(lines)
+  for chatter in ("checkpoint_manager", "orbax", "I0000", "oneDNN", "Traceback", "\r"):
+    assert not any(chatter in l for l in lines), (chatter, lines)
 
 
 def test_say_prints_once_and_warnings_go_to_stderr(capsys):

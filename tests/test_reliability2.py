@@ -1,6 +1,5 @@
-"""Reliability II: the workdir lock, divergence, records across a resume, SIGTERM outside
-the training loop, leftovers of interrupted writes, a full disk (issue 21, items 1, 4, 6,
-7, 8, 11).
+"""Reliability II: the workdir lock, divergence, records across a resume, SIGTERM inside
+and outside the training loop, leftovers of interrupted writes, a full disk.
 
 A tiny ZFNetLowRes on random Fashion-MNIST-format data, one CPU device; faults are
 injected in-process (a hook that sends SIGTERM to this process, a writer that raises
@@ -24,7 +23,7 @@ import pytest
 
 from zfnet_jax import rundir
 from zfnet_jax.data import sources
-from zfnet_jax.training import checkpoints, loop
+from zfnet_jax.training import checkpoints, loop, runtime
 
 import helpers
 
@@ -140,6 +139,56 @@ def test_lock_names_its_holder_and_a_stale_one_is_taken_over(data, tmp_path, cap
   assert f"warning: taking over the lock of workdir {wd}: its holder (pid {gone} on host " \
          f"{socket.gethostname()}" in out
   assert os.path.getsize(lock) == 0             # released
+
+
+# -- SIGTERM, in-process (the subprocess versions are slow-marked) -------------------------
+
+def test_sigterm_in_training_saves_that_step_and_the_rerun_equals_an_uninterrupted_run(
+    data, tmp_path, capsys):
+  """A real SIGTERM to this process after step 6 (between checkpoints): the step finishes,
+  is saved, and the run returns preempted; the same call again resumes and ends with the
+  uninterrupted run's parameters, bit for bit."""
+  fmnist_dir, full = data
+  wd = str(tmp_path / "wd")
+
+  def sigterm_at_6(step, state, writer):
+    del state, writer
+    if step == 6:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  before = signal.getsignal(signal.SIGTERM)
+  res = run(config(fmnist_dir), wd, hooks=[sigterm_at_6])
+  assert res == {"preempted": True, "steps": 6}
+  assert signal.getsignal(signal.SIGTERM) is before           # handler restored
+  assert 6 in steps_on_disk(wd) and max(steps_on_disk(wd)) == 6
+  assert "SIGTERM: stopped after step 6 and saved checkpoint step 6" in capsys.readouterr().err
+  res = run(config(fmnist_dir), wd)
+  assert res["steps"] == STEPS
+  got = helpers.saved_state(os.path.join(wd, "checkpoints", str(STEPS)))["params"]
+  want = helpers.saved_state(os.path.join(full, "checkpoints", str(STEPS)))["params"]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_outside_training_raises_preempted_once_and_restores_the_handler():
+  """Start-up, final evaluation, report: the first SIGTERM raises ``Preempted`` (a
+  BaseException, so ``except Exception`` cannot swallow it); later ones are ignored
+  while the work unwinds; the previous handler comes back."""
+  before = signal.getsignal(signal.SIGTERM)
+  unwound = []
+  with pytest.raises(runtime.Preempted):
+    with runtime.sigterm_raises():
+      try:
+        try:
+          os.kill(os.getpid(), signal.SIGTERM)
+          time.sleep(5)                                 # interrupted at once
+        except Exception:                               # pylint: disable=broad-except
+          pytest.fail("Preempted was caught as an Exception")
+      finally:
+        os.kill(os.getpid(), signal.SIGTERM)            # a second one during clean-up
+        unwound.append(True)
+  assert unwound == [True]
+  assert signal.getsignal(signal.SIGTERM) is before
 
 
 # -- 4. divergence -----------------------------------------------------------------------

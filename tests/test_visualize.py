@@ -203,10 +203,11 @@ def test_shipped_quickstart_loads_and_classifies():
   assert type(loaded.model).__name__ == "ZFNetLowRes" and loaded.pixel_mean.shape == (32, 32, 1)
   assert loaded.class_names[9] == "Ankle boot"
   prep = preprocessing.preprocessing(loaded.config, loaded.pixel_mean)
-  if os.path.exists(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")):
+  if helpers.available(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz"),
+                       "Fashion-MNIST (dataset-fashion-mnist)"):
     images = sources.read_idx(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz"))[:64]
     labels = sources.read_idx(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz"))[:64]
-  else:   # no dataset here (CI installs it): shapes only
+  else:   # no dataset on this machine: shapes only
     images, labels = np.random.default_rng(0).integers(0, 256, (8, 28, 28), np.uint8), None
   x = np.stack([prep(im) for im in images])
   logits = np.asarray(loaded.model.apply(loaded.variables, jnp.asarray(x)))
@@ -268,7 +269,7 @@ def test_cli_visualize_on_two_photographs_with_a_trained_model(tiny_workdir, tmp
                            channel=c, position=pos)
       np.testing.assert_allclose(z[f"{layer}/projections"][0], np.asarray(ref)[0], rtol=1e-4,
                                  atol=1e-6)
-    if os.path.exists(helpers.CHROMIUM):
+    if helpers.available(helpers.CHROMIUM, "Chromium"):
       seen = helpers.browser_check(str(folder), tmp_path, f"check-{name}.html")
       assert seen["alerts"] == [] and len(seen["images"]) == 1 + 2 * 5 + 1
       assert all(w > 0 for _, w in seen["images"]), seen["images"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import sys
 import threading
@@ -183,9 +184,20 @@ def quiet_libraries(verbose: bool) -> None:
         lambda r: r.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in r.pathname)
   logging.get_absl_handler().addFilter(
       lambda r: not any(t in r.getMessage() for t in ("No space left", "os_error_code='28'")))
-  hook = sys.excepthook
+  closed = lambda kind, value: kind is RuntimeError and str(value) == "Event loop is closed"
+  full = lambda value: (getattr(value, "errno", None) == errno.ENOSPC or
+                        "No space left" in str(value))
+  hook, unraisable, in_thread = sys.excepthook, sys.unraisablehook, threading.excepthook
 
   def quiet(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+    if not closed(kind, value):
       hook(kind, value, tb)
-  sys.excepthook = quiet
+
+  def quiet_unraisable(u):   # TensorStore's callbacks after a failed save report here
+    if not closed(u.exc_type, u.exc_value):
+      unraisable(u)
+
+  def quiet_thread(args):    # Orbax's save threads, once the run has said the disk is full
+    if not (closed(args.exc_type, args.exc_value) or full(args.exc_value)):
+      in_thread(args)
+  sys.excepthook, sys.unraisablehook, threading.excepthook = quiet, quiet_unraisable, quiet_thread

@@ -67,6 +67,7 @@ def validate_report(config: ml_collections.ConfigDict,
   """The report's plan (``report.validate``) for the model ``config`` describes."""
   models.validate(config.model)
   sources.validate(config.dataset)
+  weights.check_source(config)   # the weights' own checks, before the data is read
   info = info or sources.dataset_info(config)
   data = sections.Data(config.dataset.name, config.dataset.crop_size,
                        config.dataset.resize_size, info.channels)
@@ -273,9 +274,15 @@ def run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str | None, 
              host: str = "127.0.0.1", port: int = 7860) -> int:
   """``main``'s modes (``--mode``); returns the exit code.  Bad input (config, data,
   paths) or a full disk: one line ``error: ...`` and 2; a non-finite loss: 1 (the
-  last good checkpoint is kept); SIGTERM: ``EXIT_PREEMPTED``."""
+  last good checkpoint is kept); SIGTERM, in any mode: ``EXIT_PREEMPTED`` (nothing
+  half-written is left)."""
   try:
-    return _run_mode(mode, config, workdir, images, members, host, port)
+    with runtime.sigterm_raises():
+      return _run_mode(mode, config, workdir, images, members, host, port)
+  except runtime.Preempted:
+    console.say(f"SIGTERM: --mode={mode} stopped; nothing half-written is left; rerun the "
+                "same command to finish", warn=True)
+    return EXIT_PREEMPTED
   except (ValueError, OSError) as e:   # bad config, data or paths: no traceback
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2

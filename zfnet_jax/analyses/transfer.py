@@ -47,9 +47,7 @@ LAYER_OUTPUTS = {1: ("norm1", "pool1"), 2: ("norm2", "pool2"), 3: ("conv3",), 4:
                  5: ("pool5",), 6: ("fc6",), 7: ("fc7",)}
 
 
-
 CLASSIFIERS = ("svm", "softmax")
-
 
 
 # Paper Table 7 (% mean per-class accuracy): Caltech-101 at 30 images per class, and
@@ -59,10 +57,8 @@ PAPER_TABLE7 = {"svm": {1: 44.8, 2: 66.2, 3: 72.3, 4: 76.6, 5: 86.2, 7: 85.5},
                 "softmax": {5: 82.9, 7: 85.4}}
 
 
-
 PAPER_TABLE7_256 = {"svm": {1: 24.6, 2: 39.6, 3: 46.0, 4: 51.3, 5: 65.6, 7: 71.7},
                     "softmax": {5: 65.7, 7: 72.6}}
-
 
 
 # Paper Sec. 5.2: training images per class -> % mean per-class accuracy, ImageNet-pretrained
@@ -75,12 +71,10 @@ PAPER_TRANSFER = {
 }
 
 
-
 # Paper Table 6: PASCAL VOC 2012 test, AP % per class (TFDS voc/2012 label order); mean 79.0.
 
 PAPER_VOC_AP = (96.0, 77.1, 88.4, 85.5, 55.8, 85.8, 78.6, 91.2, 65.0, 74.4,
                 67.7, 87.8, 86.0, 85.1, 90.9, 52.2, 83.6, 61.1, 91.8, 76.1)
-
 
 
 def class_folds(labels: np.ndarray, n_train: int, n_test: int, folds: int,
@@ -101,7 +95,6 @@ def class_folds(labels: np.ndarray, n_train: int, n_test: int, folds: int,
   return out
 
 
-
 # -- features ------------------------------------------------------------------
 
 def probe_layers(net, input_size: int, layers: Sequence[int]) -> dict[int, str]:
@@ -120,7 +113,6 @@ def probe_layers(net, input_size: int, layers: Sequence[int]) -> dict[int, str]:
   return out
 
 
-
 def grid_max_pool(x: jax.Array, grid: int) -> jax.Array:
   """(N, H, W, C) -> (N, g * g * C): max over a g x g grid of regions (g = min(grid, H, W))."""
   n, h, w, c = x.shape
@@ -132,7 +124,6 @@ def grid_max_pool(x: jax.Array, grid: int) -> jax.Array:
       c0, c1 = (j * w) // gw, -(-((j + 1) * w) // gw)
       cells.append(x[:, r0:r1, c0:c1, :].max(axis=(1, 2)))
   return jnp.stack(cells, axis=1).reshape(n, -1)
-
 
 
 def extract_features(net, variables, images: np.ndarray, mean: np.ndarray,
@@ -157,13 +148,11 @@ def extract_features(net, variables, images: np.ndarray, mean: np.ndarray,
   return {l: np.concatenate(v) for l, v in outs.items()}
 
 
-
 # -- classifiers and scores ----------------------------------------------------
 
 def mean_class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
   """Mean over classes of the fraction of that class's examples predicted right."""
   return float(np.mean([np.mean(predictions[labels == c] == c) for c in np.unique(labels)]))
-
 
 
 def average_precisions(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -173,11 +162,9 @@ def average_precisions(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
                    else np.nan for k in range(labels.shape[1])])
 
 
-
 def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
   """(N, K) {0,1} labels and scores -> mean over classes (with positives) of the AP."""
   return float(np.nanmean(average_precisions(labels, scores)))
-
 
 
 def fit_predict(kind: str, x_train, y_train, x_test, c: float, multilabel: bool) -> np.ndarray:
@@ -195,7 +182,6 @@ def fit_predict(kind: str, x_train, y_train, x_test, c: float, multilabel: bool)
   return pipe.decision_function(x_test) if multilabel else pipe.predict(x_test)
 
 
-
 def score(labels: np.ndarray, outputs: np.ndarray, multilabel: bool) -> float:
   """Mean AP of (N, K) scores, or mean per-class accuracy of (N,) predictions."""
   if multilabel:
@@ -203,11 +189,9 @@ def score(labels: np.ndarray, outputs: np.ndarray, multilabel: bool) -> float:
   return mean_class_accuracy(labels, outputs)
 
 
-
 def fit_score(kind: str, x_train, y_train, x_test, y_test, c: float, multilabel: bool) -> float:
   """Standardise, fit a linear classifier, score on the test set (accuracy or mAP)."""
   return score(y_test, fit_predict(kind, x_train, y_train, x_test, c, multilabel), multilabel)
-
 
 
 def splits_for(data: TargetData, settings) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
@@ -216,7 +200,6 @@ def splits_for(data: TargetData, settings) -> dict[str, list[tuple[np.ndarray, n
     return {"all": [data.split]}
   return {str(n): class_folds(data.labels, n, settings.test_per_class, settings.folds, seed=1)
           for n in settings.train_per_class}
-
 
 
 # -- tables --------------------------------------------------------------------
@@ -232,11 +215,9 @@ def _check(settings):
     raise ValueError(f"transfer.pool_grid must be >= 1, got {settings.pool_grid}")
 
 
-
 def _fmt(scores: Sequence[float]) -> str:
   s = 100 * np.asarray(scores)
   return f"{s.mean():.1f} ± {s.std():.1f}" if len(s) > 1 else f"{s.mean():.1f}"
-
 
 
 def probes(net, variables, mean, data: TargetData, settings, input_size: int
@@ -266,7 +247,6 @@ def probes(net, variables, mean, data: TargetData, settings, input_size: int
     row += [str(paper[k].get(l, "–")) for k in settings.classifiers]
     rows.append(row)
   return header, rows
-
 
 
 def transfer_scores(net, variables, mean, data: TargetData, settings, input_size: int,
@@ -315,7 +295,6 @@ def transfer_scores(net, variables, mean, data: TargetData, settings, input_size
   return result
 
 
-
 def _paper_transfer(dataset: str):
   """(header cell, pretrained cell, scratch cell) of the paper's Sec. 5.2 numbers, or None."""
   if dataset in PAPER_TRANSFER:
@@ -326,7 +305,6 @@ def _paper_transfer(dataset: str):
   if dataset == "voc2012":
     return "paper (test mAP)", "79.0", "–"
   return None
-
 
 
 def transfer_curve(result: dict, dataset: str, path: str) -> str:

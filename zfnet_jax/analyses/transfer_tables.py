@@ -45,7 +45,6 @@ def transfer_rows(result: dict, dataset: str) -> tuple[list[str], list[list[str]
   return header, [pre, scratch]
 
 
-
 def per_class_ap_rows(result: dict) -> tuple[list[str], list[list[str]]]:
   """Table 6: AP % of each class (pretrained, scratch, the paper's) and their mean."""
   ap = result["per_class_ap"]
@@ -63,13 +62,11 @@ def per_class_ap_rows(result: dict) -> tuple[list[str], list[list[str]]]:
   return header, rows
 
 
-
 def transfer(net, variables, mean, data: TargetData, settings, input_size: int, seed: int = 0,
              clip_radius: float = 0.1) -> tuple[list[str], list[list[str]]]:
   """The Sec. 5.2 table of ``transfer_scores`` (header, rows)."""
   return transfer_rows(transfer_scores(net, variables, mean, data, settings, input_size, seed,
                                        clip_radius), settings.dataset)
-
 
 
 def table_sections(directory: str, settings) -> list[sections_lib.Section]:
@@ -105,9 +102,7 @@ def table_sections(directory: str, settings) -> list[sections_lib.Section]:
   return out
 
 
-
 TABLES = ("probes", "transfer")
-
 
 
 def write_tables(net, variables, mean, settings, input_size: int, resize_size: int, directory: str,
@@ -133,7 +128,6 @@ def write_tables(net, variables, mean, settings, input_size: int, resize_size: i
   return tables
 
 
-
 def write_json(result: dict, dataset: str, path: str) -> str:
   """``transfer_scores``' result as JSON (scores in [0, 1]; NaN -> null), with the paper's."""
   plain = lambda v: [None if np.isnan(x) else float(x) for x in v] if isinstance(
@@ -151,7 +145,6 @@ def write_json(result: dict, dataset: str, path: str) -> str:
   return path
 
 
-
 # -- the report ----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -161,13 +154,11 @@ class Options:
   clip_radius: float
 
 
-
 def validate(options, net, data: sections_lib.Data) -> Options:
   """``config.transfer`` plus ``clip_radius`` (added by the report), checked."""
   _check(options)
   probe_layers(net, data.input_size, options.layers)
   return Options(options, float(options.get("clip_radius", 0.1)))
-
 
 
 def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
@@ -180,7 +171,6 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
   return table_sections(directory, options.settings)
 
 
-
 # -- command line ----------------------------------------------------------------
 
 def _source(config, workdir):
@@ -190,7 +180,6 @@ def _source(config, workdir):
   return model, variables, np.asarray(iterators.pixel_mean(src_config, src)), src_config
 
 
-
 def _tables(config, workdir, which):
   model, variables, mean, src = _source(config, workdir)
   return write_tables(model, variables, mean, config.transfer, mean.shape[0],
@@ -198,12 +187,10 @@ def _tables(config, workdir, which):
                       seed=config.seed, clip_radius=train_state.clip_radius(src), which=which)
 
 
-
 def probe_table(config, workdir: str) -> tuple[list[str], list[list[str]]]:
   """Per-layer probes of the model in ``config.transfer.source_workdir`` (or ``workdir``)
   on ``config.transfer.dataset``; writes <workdir>/transfer/probes.csv and .md."""
   return _tables(config, workdir, ("probes",))["probes"]
-
 
 
 def transfer_table(config, workdir: str) -> tuple[list[str], list[list[str]]]:

@@ -81,12 +81,10 @@ def full_pixel_mean(config, workdir: str | None) -> np.ndarray:
   return mean
 
 
-
 def pixel_mean(config, workdir: str | None) -> np.ndarray:
   """float32 (S, S, C): the centre crop of the training mean (image + mean = 0..255 pixels)."""
   return np.ascontiguousarray(centre_crop(full_pixel_mean(config, workdir),
                                           config.dataset.crop_size))
-
 
 
 # ----------------------------------------------------------------------------
@@ -101,7 +99,6 @@ def single_thread_blas():
   any more; when it did, the quickstart trained at 7 steps/s without this guard.)
   """
   return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-
 
 
 def _prefetch(it: Iterator, size: int) -> Iterator:
@@ -137,11 +134,9 @@ def _prefetch(it: Iterator, size: int) -> Iterator:
     stop.set()
 
 
-
 def _process():
   import jax
   return jax.process_index(), jax.process_count()
-
 
 
 def steps_per_epoch(config) -> int:
@@ -150,7 +145,6 @@ def steps_per_epoch(config) -> int:
     raise ValueError(f"batch_size={config.batch_size} is larger than the training split "
                      f"({n} examples)")
   return n // config.batch_size
-
 
 
 def create_train_iterator(config, workdir: str | None, start_step: int = 0,
@@ -199,7 +193,6 @@ def create_train_iterator(config, workdir: str | None, start_step: int = 0,
                                       local), 0)
 
 
-
 def _tf_train_iterator(config, mean, start_step, process_index, process_count, local):
   """TFDS / folder training batches: one global example order for every process.
 
@@ -243,14 +236,12 @@ def _tf_train_iterator(config, mean, start_step, process_index, process_count, l
   return ds.as_numpy_iterator()
 
 
-
 def _shuffled(ds, d, n, seed, epoch, count):
   """Epoch ``epoch`` of ``ds`` (``n`` examples): a deterministic shuffle seeded by (seed, epoch)."""
   import tensorflow as tf
   buf = max(1, min(d.shuffle_buffer, n))
   epoch_seed = tf.cast(seed, tf.int64) * 1_000_003 + epoch
   return ds.shuffle(buf, seed=epoch_seed, reshuffle_each_iteration=False).take(count)
-
 
 
 def train_subset(config) -> np.ndarray:
@@ -260,7 +251,6 @@ def train_subset(config) -> np.ndarray:
   info = dataset_info(config)
   rng = np.random.default_rng([config.seed, 2])
   return np.sort(rng.choice(info.num_train, min(info.num_eval, info.num_train), replace=False))
-
 
 
 def create_eval_iterator(config, workdir: str | None, split: str | None = None,

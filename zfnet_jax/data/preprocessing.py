@@ -27,7 +27,6 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
                     np.float32)
 
 
-
 @functools.lru_cache(maxsize=16)
 def _resize_taps(n_in: int, n_out: int, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
   """Rows [start, start + size) of ``_resize_matrix`` as taps: (index, weight), each (T, size).
@@ -44,7 +43,6 @@ def _resize_taps(n_in: int, n_out: int, start: int, size: int) -> tuple[np.ndarr
   return index, weight
 
 
-
 def _resize_axis(x: np.ndarray, taps: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
   """Linear resize of one axis by element-wise multiply-adds in a fixed tap order."""
   index, weight = taps
@@ -54,7 +52,6 @@ def _resize_axis(x: np.ndarray, taps: tuple[np.ndarray, np.ndarray], axis: int) 
   for t in range(1, len(index)):
     out += np.take(x, index[t], axis=axis) * weight[t].reshape(shape)
   return out
-
 
 
 def _np_resize_centre(images: np.ndarray, size: int) -> np.ndarray:
@@ -72,7 +69,6 @@ def _np_resize_centre(images: np.ndarray, size: int) -> np.ndarray:
   return _resize_axis(x, _resize_taps(w, nw, (nw - size) // 2, size), 2)
 
 
-
 def crops_and_flips(images: np.ndarray, crop: int, tops, lefts, flips) -> np.ndarray:
   """(N, R, R, C) -> (N, crop, crop, C): the window at (tops[i], lefts[i]) of image i,
   mirrored left-right where flips[i]."""
@@ -83,7 +79,6 @@ def crops_and_flips(images: np.ndarray, crop: int, tops, lefts, flips) -> np.nda
   return out
 
 
-
 def centre_crop(images, crop: int):
   """(..., R, R, C) -> (..., crop, crop, C), top-left at (R - crop) // 2."""
   r = images.shape[-3]
@@ -91,13 +86,11 @@ def centre_crop(images, crop: int):
   return images[..., o:o + crop, o:o + crop, :]
 
 
-
 def ten_crop_offsets(size: int, crop: int) -> list[tuple[int, int, bool]]:
   """The paper's 10 crops: (top, left, flipped) for 4 corners + centre, each also flipped."""
   c, e = (size - crop) // 2, size - crop
   pos = [(0, 0), (0, e), (e, 0), (e, e), (c, c)]
   return [(t, l, f) for f in (False, True) for t, l in pos]
-
 
 
 # ----------------------------------------------------------------------------
@@ -139,13 +132,11 @@ class Preprocessing:
                     np.asarray(self.mean, np.float32)) / 255.0, 0.0, 1.0)
 
 
-
 def preprocessing(config, pixel_mean: np.ndarray) -> Preprocessing:
   """Our models' preprocessing: ``config.dataset`` sizes, the (S, S, C) training mean."""
   mean = np.asarray(pixel_mean, np.float32)
   return Preprocessing(int(config.dataset.resize_size), int(config.dataset.crop_size),
                        int(mean.shape[-1]), mean)
-
 
 
 def read_image(path: str, channels: int) -> np.ndarray:

@@ -17,20 +17,16 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
-
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 
 
-
 IMAGENET_TARBALLS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
 
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".webp")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +37,6 @@ class DatasetInfo:
   class_names: tuple[str, ...]
   num_train: int
   num_eval: int
-
 
 
 # ----------------------------------------------------------------------------
@@ -71,7 +66,6 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(body, np.uint8).reshape(shape)
 
 
-
 @functools.lru_cache(maxsize=4)
 def _fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 (N, 28, 28, 1), labels int32 (N,)) from IDX files or TFDS."""
@@ -98,7 +92,6 @@ def _fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         f"({type(e).__name__}: {e}).") from e
 
 
-
 # ----------------------------------------------------------------------------
 # TFDS and folder sources.
 # ----------------------------------------------------------------------------
@@ -123,13 +116,11 @@ def _tfds_builder(config):
   return builder
 
 
-
 def _is_prepared(builder) -> bool:
   try:
     return bool(builder.is_prepared())
   except Exception:  # pylint: disable=broad-except
     return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
-
 
 
 def _tfds_split_size(builder, split: str) -> int:
@@ -144,16 +135,13 @@ def _tfds_split_size(builder, split: str) -> int:
   return n if n >= 0 else sum(1 for _ in ds)
 
 
-
 UNLABELLED = "unlabelled"   # the one class of a flat folder of images
-
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(msg: str) -> None:
   """A warning about the data, said once per process (every split lists the folder)."""
   console.say(msg, warn=True)
-
 
 
 @functools.lru_cache(maxsize=4)
@@ -230,12 +218,10 @@ def _folder_files(root: str, split: str, eval_split: str, fraction: float, on_co
   return tuple(paths), tuple(labels), tuple(classes), skipped
 
 
-
 def _folder_split(config, split):
   d = config.dataset
   return _folder_files(os.path.abspath(d.folder), split, d.eval_split,
                        float(d.folder_eval_fraction), d.on_corrupt)
-
 
 
 def _source_kind(config) -> str:
@@ -246,10 +232,8 @@ def _source_kind(config) -> str:
   return "tfds"
 
 
-
 def _limit(n: int, limit: int) -> int:
   return min(n, limit) if limit and limit > 0 else n
-
 
 
 def dataset_info(config) -> DatasetInfo:
@@ -282,7 +266,6 @@ def dataset_info(config) -> DatasetInfo:
                      _limit(n_train, d.max_train_examples), _limit(n_eval, d.max_eval_examples))
 
 
-
 def validate(dataset_config) -> None:
   """ValueError naming the first impossible ``config.dataset`` value and what is allowed."""
   d = dataset_config
@@ -293,7 +276,6 @@ def validate(dataset_config) -> None:
     raise ValueError(f"dataset.on_corrupt={d.on_corrupt!r}; allowed: skip, stop")
   if d.name == "folder" and not d.folder:
     raise ValueError("dataset.name='folder' needs --config.dataset.folder=DIR")
-
 
 
 def _tf_decode_resize(image, config, channels):
@@ -313,14 +295,12 @@ def _tf_decode_resize(image, config, channels):
   return tf.reshape(image, (r, r, channels))
 
 
-
 def _tf_off_accelerators(tf) -> None:
   """TensorFlow only feeds tf.data here: it gets no GPU (it would reserve JAX's memory)."""
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:   # TensorFlow's devices are already set up (by an earlier call)
     pass
-
 
 
 def _tf_examples(config, split, *, train: bool, read: bool = True):

@@ -17,9 +17,7 @@ from zfnet_jax.data import sources
 DATASETS = ("digits", "caltech101", "caltech256", "voc2012")
 
 
-
 CALTECH256_URL = "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"
-
 
 
 @dataclasses.dataclass
@@ -37,7 +35,6 @@ class TargetData:
   split: tuple[np.ndarray, np.ndarray] | None = None
 
 
-
 # -- data ----------------------------------------------------------------------
 
 def load_digits(input_size: int, channels: int) -> TargetData:
@@ -48,7 +45,6 @@ def load_digits(input_size: int, channels: int) -> TargetData:
   x = np.clip(np.asarray(x), 0, 255)
   return TargetData(np.repeat(x, channels, axis=-1), d.target.astype(np.int32),
                     [str(i) for i in range(10)])
-
 
 
 def _as_arrays(ds, desc, resize_size, crop_size, channels, label_fn):
@@ -76,7 +72,6 @@ def _as_arrays(ds, desc, resize_size, crop_size, channels, label_fn):
   return np.concatenate(images), np.concatenate(labels)
 
 
-
 def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label_fn):
   import tensorflow as tf
   import tensorflow_datasets as tfds
@@ -86,7 +81,6 @@ def _tfds_images(name, splits, data_dir, resize_size, crop_size, channels, label
            for split in splits]
   return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
           [len(p[1]) for p in parts])
-
 
 
 def caltech256_files(root: str) -> tuple[list[str], np.ndarray, list[str]]:
@@ -119,7 +113,6 @@ def caltech256_files(root: str) -> tuple[list[str], np.ndarray, list[str]]:
   return paths, np.asarray(labels, np.int32), [d.split(".", 1)[-1] for d in classes]
 
 
-
 def load_caltech256(root: str, input_size: int, resize_size: int, channels: int) -> TargetData:
   """Caltech-256 (256 classes, 30,607 images less 827 clutter) from its folder, as uint8."""
   import tensorflow as tf
@@ -130,7 +123,6 @@ def load_caltech256(root: str, input_size: int, resize_size: int, channels: int)
       "label": l})
   x, y = _as_arrays(ds, "caltech256", resize_size, input_size, channels, lambda ex: ex["label"])
   return TargetData(x, y.astype(np.int32), names)
-
 
 
 def load_target(settings, input_size: int, resize_size: int, channels: int) -> TargetData:

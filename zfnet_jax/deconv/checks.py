@@ -11,7 +11,6 @@ from zfnet_jax.nn import geometry, models, rules
 RULES = tuple(rules.RULES)   # the rule names
 
 
-
 # ----------------------------------------------------------------------------
 # Validation (before any computation).
 # ----------------------------------------------------------------------------
@@ -25,9 +24,7 @@ def _check_images(images, what="images"):
                      f"got dtype {images.dtype}")
 
 
-
 MAX_ABS_PIXEL = 255.0  # mean-subtracted 0..255 pixels lie in [-255, 255]
-
 
 
 def check_images(model: models.PaperNet, variables, images, what="images"):
@@ -62,13 +59,11 @@ def check_images(model: models.PaperNet, variables, images, what="images"):
                        f"pixels (0..255 minus the pixel mean), within +-{MAX_ABS_PIXEL:g}")
 
 
-
 def _check_layer(model, input_size, layer):
   shapes = geometry.layer_shapes(model, input_size)
   if not isinstance(layer, str) or layer not in shapes:
     raise ValueError(f"unknown layer {layer!r}; allowed: {', '.join(shapes)}")
   return shapes[layer]
-
 
 
 def _check_channel(layer, shape, channel):
@@ -78,7 +73,6 @@ def _check_channel(layer, shape, channel):
   if not 0 <= channel < c:
     raise ValueError(f"channel {channel} out of range for layer {layer!r}: "
                      f"allowed 0..{c - 1}")
-
 
 
 def _check_position(layer, shape, position):

@@ -28,7 +28,6 @@ def to_image(projections) -> np.ndarray:
   return np.clip(0.5 + p / scale, 0.0, 1.0)
 
 
-
 def receptive_patch(model, images, layer: str, position, *,
                     fill: float = 0.0, clip: bool = False):
   """The part of the input that unit ``position`` of ``layer`` sees.

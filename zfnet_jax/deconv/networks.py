@@ -59,10 +59,8 @@ class Network:
     return params.get(layer, {}).get(name) if hasattr(params, "get") else None
 
 
-
 def _paper_features(model, variables, images):
   return model.apply(variables, images, method="features")
-
 
 
 @functools.lru_cache(maxsize=32)
@@ -75,11 +73,9 @@ def network(model: models.PaperNet) -> Network:
                  name=type(model).__name__, module=model)
 
 
-
 def as_network(model) -> Network:
   """``model`` if it is a Network, else ``network(model)`` (one of our models)."""
   return model if isinstance(model, Network) else network(model)
-
 
 
 @functools.partial(xla.jit, static_argnames=("features", "layer", "rule"))
@@ -87,7 +83,6 @@ def _project_features(features, variables, images, channels, positions, stronges
                       rule):
   g = rewrite.deconvnet_transform(lambda v, x: features(v, x)[layer], rule)
   return _project_core(lambda x: g(variables, x), images, channels, positions, strongest)
-
 
 
 def _fit_field(left: np.ndarray, right: np.ndarray, s: int) -> tuple[int, int, int]:
@@ -107,7 +102,6 @@ def _fit_field(left: np.ndarray, right: np.ndarray, s: int) -> tuple[int, int, i
       if (np.clip(start + size - 1, 0, s - 1) == right).all():
         return size, stride, int(offset)
   raise ValueError("no receptive-field geometry fits the probed windows")
-
 
 
 def probe_receptive_fields(features: Callable, variables, channels: int, input_size: int, *,
@@ -147,7 +141,6 @@ def probe_receptive_fields(features: Callable, variables, channels: int, input_s
     size, stride, offset = _fit_field(left, right, s)
     out[name] = geometry.ReceptiveField(size, stride, offset)
   return out
-
 
 
 def from_features(features: Callable, variables, channels: int, *,

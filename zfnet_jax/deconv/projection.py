@@ -69,7 +69,6 @@ def _project_core(fn, images, channels, positions, strongest):
   return proj, pos, values
 
 
-
 @functools.partial(xla.jit, static_argnames=("model", "layer"))
 def _project_batch(model, variables, images, channels, positions, strongest, layer,
                    filters=None):
@@ -86,7 +85,6 @@ def _project_batch(model, variables, images, channels, positions, strongest, lay
   return _project_core(fn, images, channels, positions, strongest)
 
 
-
 def _transposed_filters(params, dtype) -> dict[str, jax.Array]:
   """{conv name: (k, k, C_out, C_in)}: each conv's filters flipped and with the maps
   swapped, the filters of its "filter" step (a convolution going down)."""
@@ -94,13 +92,10 @@ def _transposed_filters(params, dtype) -> dict[str, jax.Array]:
           for name, p in params.items() if name.startswith("conv")}
 
 
-
 _transposed_filters_jit = xla.jit(_transposed_filters, static_argnums=1)
 
 
-
 _FILTER_CACHE: dict = {}
-
 
 
 def transposed_filters(model: models.PaperNet, variables) -> dict[str, jax.Array] | None:
@@ -121,7 +116,6 @@ def transposed_filters(model: models.PaperNet, variables) -> dict[str, jax.Array
     _FILTER_CACHE.clear()
   _FILTER_CACHE[key] = ([weakref.ref(k) for k in kernels], filters)
   return filters
-
 
 
 # ----------------------------------------------------------------------------
@@ -152,7 +146,6 @@ def _project_in_field(model, variables, filters, images, channels, positions, st
   return proj, pos, values
 
 
-
 def _slide(a, start, size: int, span: int):
   """a[start[0]:start[0] + size, start[1]:start[1] + size] for a start in [0, span]^2,
   chosen among the span + 1 static slices of each axis (elementwise; no gather)."""
@@ -161,7 +154,6 @@ def _slide(a, start, size: int, span: int):
     a = functools.reduce(lambda acc, j: jnp.where(start[axis] == j, parts[j], acc),
                          range(1, span + 1), parts[0])
   return a
-
 
 
 def _walk_in_field(model, filters, layer, feats, switches, image, channel, pos, value):
@@ -201,13 +193,11 @@ def _walk_in_field(model, filters, layer, feats, switches, image, channel, pos, 
   return out.astype(image.dtype)
 
 
-
 def _broadcast_position(position, n):
   if position is None:
     return jnp.zeros((n, 2), jnp.int32), jnp.ones((n,), bool)
   return (jnp.broadcast_to(jnp.asarray(position, jnp.int32), (n, 2)),
           jnp.zeros((n,), bool))
-
 
 
 def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
@@ -256,7 +246,6 @@ def project(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
   return proj
 
 
-
 def strongest(model: models.PaperNet, variables, images: jax.Array, *, layer: str,
               channel: int) -> tuple[jax.Array, jax.Array]:
   """((N, 2) int (row, col), (N,) value) of the strongest activation of a map."""
@@ -266,14 +255,12 @@ def strongest(model: models.PaperNet, variables, images: jax.Array, *, layer: st
   return _strongest(model, variables, images, channel, layer=layer)
 
 
-
 @functools.partial(xla.jit, static_argnames=("model", "layer"))
 def _strongest(model, variables, images, channel, layer):
   act = model.apply(variables, images, method="features")[layer]
   act = act.reshape(act.shape[0], 1, 1, -1) if act.ndim == 2 else act
   (rows, cols), values = strongest_in(act[..., channel], 2)
   return jnp.stack([rows, cols], 1), values
-
 
 
 def project_many(model: models.PaperNet, variables, images: jax.Array, *,
@@ -306,7 +293,6 @@ def project_many(model: models.PaperNet, variables, images: jax.Array, *,
                                              filters=filters)
   return _project_requests(batch, model, images, layer, channels, positions, chunk_size,
                            progress, rule)
-
 
 
 def _project_requests(batch, table, images, layer, channels, positions, chunk_size, progress,
@@ -356,9 +342,7 @@ def _project_requests(batch, table, images, layer, channels, positions, chunk_si
   return out
 
 
-
 AVGPOOL = "avgpool"   # torchvision's adaptive average pool before fc6: step "average"
-
 
 
 def _plan(model, input_size: int, layer: str) -> list[tuple[geometry.LayerSpec, str]]:
@@ -375,7 +359,6 @@ def _plan(model, input_size: int, layer: str) -> list[tuple[geometry.LayerSpec, 
   return plan
 
 
-
 # ----------------------------------------------------------------------------
 # Any CNN (through ``zfnet_jax.deconv.rewrite``).
 # ----------------------------------------------------------------------------
@@ -388,13 +371,11 @@ def _pick(out, output):
   return out[output]
 
 
-
 @functools.partial(xla.jit, static_argnames=("fn", "output", "rule"))
 def _project_fn_jit(fn, params, images, channels, positions, strongest, output, rule):
   call = (lambda x: fn(x)) if params is None else (lambda x: fn(params, x))
   g = rewrite.deconvnet_transform(lambda x: _pick(call(x), output), rule)
   return _project_core(g, images, channels, positions, strongest)
-
 
 
 def project_fn(fn: Callable, images: jax.Array, *, channel, position=None,

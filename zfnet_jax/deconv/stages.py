@@ -47,7 +47,6 @@ class Stage(NamedTuple):
   position: tuple[int, int] | None = None
 
 
-
 def walkthrough(model, variables, image, *, layer: str, channel: int,
                 position: tuple[int, int] | None = None,
                 rule: str = "deconvnet") -> list[Stage]:
@@ -99,7 +98,6 @@ def walkthrough(model, variables, image, *, layer: str, channel: int,
   return stages
 
 
-
 def _walk_network(net: Network, variables, image, layer, channel, position, rule):
   """``walkthrough`` of any Network: the unit, then the signal arriving at each named layer
   below it (step "signal", in the order the forward pass makes them, reversed), then the
@@ -131,7 +129,6 @@ def _walk_network(net: Network, variables, image, layer, channel, position, rule
           [Stage("input: projection", "input", "projection", out(pixels))])
 
 
-
 def _pool_args(model, spec: geometry.LayerSpec):
   """(window, strides, padding) of a pool of ``model`` in NHWC: ceil mode for ours,
   floor mode (no padding) for torchvision's."""
@@ -139,7 +136,6 @@ def _pool_args(model, spec: geometry.LayerSpec):
     k, s = spec.kernel, spec.stride
     return (1, k, k, 1), (1, s, s, 1), ((0, 0),) * 4
   return None
-
 
 
 @functools.partial(xla.jit, static_argnames=("model", "layer"))
@@ -181,7 +177,6 @@ def _walk(model, variables, x, channels, positions, strongest_, layer):
   return signals, pos, switch_pos
 
 
-
 def _layer_fn(spec: geometry.LayerSpec, params, dtype) -> Callable:
   """The linear part (no bias) of a conv or fc layer: its VJP is the "filter" step."""
   kernel = params["fc8" if spec.name == "logits" else spec.name]["kernel"].astype(dtype)
@@ -190,7 +185,6 @@ def _layer_fn(spec: geometry.LayerSpec, params, dtype) -> Callable:
   return lambda z: lax.conv_general_dilated(z, kernel, (spec.stride, spec.stride),
                                             (spec.pad, spec.pad),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +199,6 @@ def switches(model: models.PaperNet, variables, images: jax.Array) -> dict[str, 
   """
   check_images(model, variables, images)
   return _switches(model, variables, images)
-
 
 
 @functools.partial(xla.jit, static_argnames=("model",))

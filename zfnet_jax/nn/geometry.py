@@ -12,13 +12,10 @@ from typing import Sequence
 CONV_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 
-
 FC_NAMES = ("fc6", "fc7")
 
 
-
 REMOVABLE = ("conv3", "conv4", "fc6", "fc7")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +34,11 @@ class LayerSpec:
   out: int = 0
 
 
-
 def conv_out(n: int, kernel: int, stride: int, pad: int) -> tuple[int, tuple[int, int]]:
   """cuda-convnet convolution: (output size, (pad_lo, pad_hi))."""
   out = 1 + -(-(2 * pad + n - kernel) // stride)
   hi = (out - 1) * stride + kernel - n - pad
   return out, (pad, max(hi, 0))
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +55,6 @@ class ReceptiveField:
     r0, c0 = self.offset + i * self.stride, self.offset + j * self.stride
     clip = lambda v: min(max(v, 0), input_size)
     return clip(r0), clip(r0 + self.size), clip(c0), clip(c0 + self.size)
-
 
 
 def receptive_fields(model, input_size: int) -> dict[str, ReceptiveField]:
@@ -81,7 +75,6 @@ def receptive_fields(model, input_size: int) -> dict[str, ReceptiveField]:
   return out
 
 
-
 # ----------------------------------------------------------------------------
 # Layer introspection: for anything with ``layer_table(input_size)`` (our
 # models, and ``deconv.Network`` for any other CNN).
@@ -93,17 +86,14 @@ def layer_shapes(model, input_size: int) -> dict[str, tuple[int, int, int]]:
           for s in model.layer_table(input_size)}
 
 
-
 def layer_names(model, input_size: int) -> list[str]:
   """Every named activation of ``features``, in order."""
   return [s.name for s in model.layer_table(input_size)]
 
 
-
 def spatial_layers(model, input_size: int) -> dict[str, int]:
   """{name: maps} of every conv/pool/norm layer (not fc) at this input size."""
   return {s.name: s.features for s in model.layer_table(input_size) if s.kind != "fc"}
-
 
 
 def check_layer(model, input_size: int, layer: str, what: str = "layer", *,
@@ -113,7 +103,6 @@ def check_layer(model, input_size: int, layer: str, what: str = "layer", *,
   if not isinstance(layer, str) or layer not in names:
     raise ValueError(f"unknown {what} {layer!r}; allowed: {', '.join(names)}")
   return layer
-
 
 
 def check_channels(model, input_size: int, layer: str, channels: Sequence[int],

@@ -35,7 +35,6 @@ def _init(std):
   return nn.initializers.normal(stddev=std)
 
 
-
 class PaperNet(nn.Module):
   """The family of Fig. 3: 5 conv (+pool/norm) layers and 3 fc layers.
 
@@ -168,7 +167,6 @@ class PaperNet(nn.Module):
     return self.features(x, train)["logits"]
 
 
-
 def contrast_norm_fn(model: PaperNet) -> Callable[[jax.Array], jax.Array]:
   """The model's contrast normalisation (its constants and ``norm_rule``) as a function."""
   return functools.partial(layers.contrast_norm, k=model.lrn_k, n=model.lrn_n,
@@ -176,10 +174,8 @@ def contrast_norm_fn(model: PaperNet) -> Callable[[jax.Array], jax.Array]:
                            norm_rule=model.norm_rule, alpha_over_n=model.lrn_alpha_over_n)
 
 
-
 class ZFNet(PaperNet):
   """ZFNet (Fig. 3): conv1 7x7/2, conv2 5x5/2, dense conv3-5."""
-
 
 
 class AlexNet(PaperNet):
@@ -193,7 +189,6 @@ class AlexNet(PaperNet):
   conv2_pad: int = 2
 
 
-
 class ZFNetLowRes(ZFNet):
   """ZFNet's topology with smaller widths for low-resolution inputs (the quickstart).
 
@@ -205,13 +200,11 @@ class ZFNetLowRes(ZFNet):
   kernel_init_std: float | None = None
 
 
-
 class AlexNetLowRes(AlexNet):
   """AlexNet's topology at the quickstart's size (for Fig. 6 comparisons)."""
   conv_features: Sequence[int] = (32, 64, 96, 96, 64)
   fc_features: int = 256
   kernel_init_std: float | None = None
-
 
 
 MODELS: dict[str, Callable[..., PaperNet]] = {
@@ -220,13 +213,11 @@ MODELS: dict[str, Callable[..., PaperNet]] = {
 }
 
 
-
 def create_model(name: str, **kwargs) -> PaperNet:
   """Build a model by name (``MODELS``) with constructor overrides."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
   return MODELS[name](**kwargs)
-
 
 
 def summary(model: PaperNet, input_size: int, channels: int = 3) -> str:
@@ -247,10 +238,8 @@ def summary(model: PaperNet, input_size: int, channels: int = 3) -> str:
   return "\n".join(rows)
 
 
-
 def count_params(tree) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
-
 
 
 def validate(model_config) -> None:
@@ -291,7 +280,6 @@ def validate(model_config) -> None:
           (v > 0 if low == "> 0" else v >= 0))
     if not ok:
       raise ValueError(f"model.{name}={v!r}; allowed: a finite number {low}")
-
 
 
 def from_config(model_config, num_classes: int) -> PaperNet:

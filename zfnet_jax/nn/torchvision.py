@@ -91,15 +91,12 @@ class TorchvisionNet(nn.Module):
     return self.features(x, train)["logits"]
 
 
-
 def _conv(name, maps, kernel=3, stride=1, pad=1):
   return (name, "conv", maps, kernel, stride, pad)
 
 
-
 def _pool(name, kernel, stride):
   return (name, "pool", 0, kernel, stride, 0)
-
 
 
 class TorchvisionAlexNet(TorchvisionNet):
@@ -116,14 +113,12 @@ class TorchvisionAlexNet(TorchvisionNet):
   dropout_before_fc6 = True
 
 
-
 def _vgg_arch(blocks):
   arch = []
   for b, (maps, convs) in enumerate(blocks, 1):
     arch += [_conv(f"conv{b}_{i}", maps) for i in range(1, convs + 1)]
     arch.append(_pool(f"pool{b}", 2, 2))
   return tuple(arch)
-
 
 
 class VGG16(TorchvisionNet):
@@ -134,7 +129,6 @@ class VGG16(TorchvisionNet):
   arch = _vgg_arch(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)))
   pool_size = 7
   dropout_before_fc6 = False
-
 
 
 # config.model.name of the models that take imported weights (``zfnet_jax.nn.convert``).

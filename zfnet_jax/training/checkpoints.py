@@ -53,9 +53,7 @@ def manager(ckpt_dir: str, keep: int, keep_steps=(), read_only: bool = False
                                item_names=("state", "meta"))
 
 
-
 MANIFEST = "zfnet_checksums.json"
-
 
 
 def _sha256(file: str) -> str:
@@ -64,7 +62,6 @@ def _sha256(file: str) -> str:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
-
 
 
 def checksums(step_dir: str) -> dict[str, str]:
@@ -76,7 +73,6 @@ def checksums(step_dir: str) -> dict[str, str]:
       if not rel.startswith(MANIFEST):          # the manifest and its temporary file
         out[rel] = _sha256(os.path.join(root, name))
   return dict(sorted(out.items()))
-
 
 
 def verify(step_dir: str) -> None:
@@ -92,14 +88,11 @@ def verify(step_dir: str) -> None:
                        f"the save (sha256 recorded in {MANIFEST})")
 
 
-
 def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), str(step))
 
 
-
 FORMAT_VERSION = 2   # 1: before versions (no "format_version" in meta); 2: + the version
-
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
@@ -113,7 +106,6 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
                       {"sha256": checksums(step_dir(mngr, step))})
 
 
-
 def check_finite(state) -> None:
   """ValueError naming the first parameter or optimiser-state array (or the learning-rate
   factor) with a value that is not finite."""
@@ -125,7 +117,6 @@ def check_finite(state) -> None:
   bad = [name for (name, _), good in zip(leaves, ok) if not good]
   if bad:
     raise Damaged(f"{len(bad)} array(s) hold non-finite values, first {bad[0]}")
-
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
@@ -143,10 +134,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return out["state"], out["meta"]
 
 
-
 class Damaged(ValueError):
   """A step that restores but is not what was saved: bytes changed, arrays not finite."""
-
 
 
 def _short(e: BaseException) -> str:
@@ -156,7 +145,6 @@ def _short(e: BaseException) -> str:
   if not isinstance(e, Damaged) and len(text) > 200:
     text = text[:200] + "..."
   return f"{type(e).__name__}: {text}"
-
 
 
 def _quiet_closed_event_loops() -> None:
@@ -172,7 +160,6 @@ def _quiet_closed_event_loops() -> None:
       previous(unraisable)
   hook.zfnet_quiet = True
   sys.unraisablehook = hook
-
 
 
 def _first_good(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
@@ -199,7 +186,6 @@ def _first_good(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
       f"no checkpoint in {ckpt_dir} can be restored (steps {steps}; last error "
       f"{damaged[-1][1]}). If the model or optimiser config changed since they were "
       "written, use a new workdir.")
-
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
@@ -229,7 +215,6 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
   return state, meta, step
 
 
-
 def resolve_restore_path(path: str) -> tuple[str, int | None]:
   """An explicit restore path: a checkpoints dir (latest step) or one step's dir."""
   path = os.path.abspath(path)
@@ -242,19 +227,16 @@ def resolve_restore_path(path: str) -> tuple[str, int | None]:
   return path, None
 
 
-
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's saved config (``<workdir>/config.json``) over the current defaults."""
   return configs.from_saved(rundir.read_json(rundir.path(workdir, rundir.CONFIG),
                                              "training workdir"))
 
 
-
 def load_dataset_info(workdir: str) -> sources.DatasetInfo:
   info = rundir.read_json(rundir.path(workdir, rundir.DATASET_INFO), "training workdir")
   info["class_names"] = tuple(info["class_names"])
   return sources.DatasetInfo(**info)
-
 
 
 def abstract_state(config, info: sources.DatasetInfo, sharding=None):
@@ -268,16 +250,13 @@ def abstract_state(config, info: sources.DatasetInfo, sharding=None):
                       jax.eval_shape(init))
 
 
-
 CONFIG_CHANGES = "config_changes.jsonl"   # in the workdir: allowed changes at each resume
-
 
 
 # Keys that select the training data: a change is a different dataset.
 
 DATASET_KEYS = ("dataset.name", "dataset.train_split", "dataset.resize_size",
                 "dataset.crop_size", "dataset.max_train_examples", "dataset.folder_eval_fraction")
-
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -290,7 +269,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-
 def config_diff(old: dict, new: dict) -> dict[str, tuple]:
   """{dotted key: (old, new)} of the leaves that differ between two JSON configs
   (a key missing on one side is None there)."""
@@ -298,11 +276,9 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple]:
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-
 def _shapes(config, info) -> list:
   state = abstract_state(config, info)
   return [jax.tree.structure(state)] + [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
-
 
 
 def check_resume(config, workdir: str, info: sources.DatasetInfo) -> dict[str, tuple]:
@@ -355,7 +331,6 @@ def check_resume(config, workdir: str, info: sources.DatasetInfo) -> dict[str, t
                      "(it changes the parameter or optimiser-state shapes, or the dataset); "
                      f"start it in a new --workdir (this run's config is {path})")
   return changes
-
 
 
 def record_changes(workdir: str, changes: dict[str, tuple]) -> str:

@@ -26,9 +26,7 @@ from zfnet_jax.training.steps import AXIS, _crop, _errors, _global, _over_device
 ENSEMBLE_RESULTS = "ensemble_results.json"          # in the output directory
 
 
-
 ENSEMBLE_PREDICTIONS = "ensemble_predictions.npz"
-
 
 
 def ensemble_step(members, batch, *, models_, crop_size, ten_crop):
@@ -67,7 +65,6 @@ def ensemble_step(members, batch, *, models_, crop_size, ten_crop):
   return _over_devices(lax.psum, out), top
 
 
-
 def _ensemble_member(config, info, workdir: str):
   """(model, params, full pixel mean, its config, step) of one member, after checking it
   can join an ensemble evaluated with ``config`` on ``info``'s data (ValueError or
@@ -97,7 +94,6 @@ def _ensemble_member(config, info, workdir: str):
                      f"{(d.resize_size, d.resize_size, info.channels)}")
   model, variables, _, step, _ = weights.load_latest(workdir)
   return model, variables["params"], mean.astype(np.float32), run_config, step
-
 
 
 def evaluate_ensemble(config, workdirs: Sequence[str], out_dir: str, *, devices=None) -> dict:

@@ -48,7 +48,6 @@ from zfnet_jax.training.steps import (
 Hook = Callable[[int, train_state.TrainState, metric_writers.MetricWriter], None]
 
 
-
 def validate(config, num_devices: int | None = None) -> None:
   """ValueError naming the first impossible training value (and what is allowed).
 
@@ -110,7 +109,6 @@ def validate(config, num_devices: int | None = None) -> None:
          "constant, step or cosine")
 
 
-
 def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
   """Create the run directory and write config.json, dataset_info.json, evolution.json
   (after ``checkpoints.check_resume`` accepted the config: a resume with an incompatible
@@ -140,7 +138,6 @@ def prepare_run(config, workdir: str, devices: np.ndarray) -> Run:
   return Run(config, workdir, info, steps_per_epoch, num_steps, evolution, Mesh(devices, (AXIS,)),
              models.from_config(config.model, info.num_classes),
              train_state.optimizer_from_config(config))
-
 
 
 def restore_or_initialise(run: Run, mngr) -> tuple[train_state.TrainState, dict]:
@@ -174,7 +171,6 @@ def restore_or_initialise(run: Run, mngr) -> tuple[train_state.TrainState, dict]
   return state, dict(meta or {})
 
 
-
 def build_train_step(run: Run):
   """jit(shard_map(train_step)): (state, global batch) -> (state, metrics); state donated."""
   lr_fn = train_state.learning_rate_fn(run.config, run.steps_per_epoch, run.num_steps)
@@ -182,7 +178,6 @@ def build_train_step(run: Run):
                                  clip_radius=train_state.clip_radius(run.config))
   return xla.jit(jax.shard_map(step, mesh=run.mesh, in_specs=(P(), P(AXIS)),
                                out_specs=(P(), P()), check_vma=False), donate_argnums=(0,))
-
 
 
 def check_finite(state, mngr, workdir: str) -> None:
@@ -200,7 +195,6 @@ def check_finite(state, mngr, workdir: str) -> None:
         f"{kept})")
 
 
-
 def save(run: Run, mngr, state, step: int, progress: "_Progress") -> None:
   """Save ``step`` with its record: data position, and the progress bookkeeping
   (``_Progress.record``: training seconds so far, metrics since the last log row)."""
@@ -209,7 +203,6 @@ def save(run: Run, mngr, state, step: int, progress: "_Progress") -> None:
           "data_position": step * run.config.batch_size,
           "batch_size": run.config.batch_size, "seed": run.config.seed, **progress.record()}
   checkpoints.save(mngr, step, state, meta)
-
 
 
 def evaluate_and_plateau(run: Run, state, step: int, log: MetricsLog):
@@ -230,7 +223,6 @@ def evaluate_and_plateau(run: Run, state, step: int, log: MetricsLog):
   run.say(f"evaluation at step {step} (epoch {step / run.steps_per_epoch:.2f}): top-1 error "
           f"{res['top1_error']:.4f}, top-5 error {res['top5_error']:.4f}")
   return state
-
 
 
 def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> dict:
@@ -268,7 +260,6 @@ def final_evaluation(run: Run, state, log: MetricsLog, train_seconds: float) -> 
   return res
 
 
-
 def finished_results(run: Run, step: int) -> dict | None:
   """The results.json of a run that has finished at ``step`` (None if it has not)."""
   try:
@@ -279,7 +270,6 @@ def finished_results(run: Run, step: int) -> dict | None:
     return None
   res.pop("versions", None)
   return res
-
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None,
@@ -328,7 +318,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devic
     console.say(f"SIGTERM: stopped; the last checkpoint is step {step} in {ckpt_dir}; rerun "
                 "the same command to finish", warn=True)
     return {"preempted": True, "steps": step}
-
 
 
 def _train(run: Run, hooks: Sequence[Hook]) -> dict:

@@ -49,7 +49,6 @@ class MetricsLog:
       self.writer.close()
 
 
-
 class _Progress:
   """The training bar, training time, the step metrics since the last log row (averaged
   into a row every ``log_every_steps`` steps) and the divergence guard.  ``record()``

@@ -18,7 +18,6 @@ from zfnet_jax import rundir
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: stopped by SIGTERM after saving; rerun to resume
 
 
-
 # ----------------------------------------------------------------------------
 # Set-up helpers.
 # ----------------------------------------------------------------------------
@@ -45,12 +44,10 @@ def maybe_initialize_distributed(config) -> None:
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-
 class Preempted(BaseException):
   """SIGTERM outside the training loop (start-up, final evaluation, report): the work in
   progress is dropped (temporary files removed by the ``finally`` blocks it unwinds).
   A BaseException, so ``except Exception`` (a checkpoint fallback) cannot swallow it."""
-
 
 
 @contextlib.contextmanager
@@ -75,7 +72,6 @@ def sigterm_raises():
     signal.signal(signal.SIGTERM, old)
 
 
-
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
   """Process 0 creates ``workdir`` and holds its training lock (``rundir.lock``) while
@@ -97,7 +93,6 @@ def workdir_lock(workdir: str):
     if error is not None:
       raise error
     yield
-
 
 
 class _Preemption:
@@ -129,7 +124,6 @@ class _Preemption:
     if jax.process_count() == 1:
       return self.received
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.received))))
-
 
 
 def _disk_full(e: BaseException, workdir: str) -> rundir.DiskFull:

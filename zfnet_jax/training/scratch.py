@@ -40,7 +40,6 @@ def _scratch_step(model, learning_rate: float, multilabel: bool, flip: bool, cli
   return tx, step
 
 
-
 def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
                   learning_rate: float, multilabel: bool, flip: bool = True, seed: int = 0,
                   clip_radius: float = 0.1):
@@ -71,7 +70,6 @@ def train_scratch(model, images, labels, mean, *, steps: int, batch_size: int,
   return {"params": params}
 
 
-
 def scratch_outputs(model, variables, images, mean, multilabel, batch_size=128) -> np.ndarray:
   """A (from-scratch) model's own classifier on pixel images: logits (N, K) for
   multi-label data, else predicted labels (N,)."""
@@ -83,7 +81,6 @@ def scratch_outputs(model, variables, images, mean, multilabel, batch_size=128) 
     logits.append(np.asarray(apply(variables, x, mean))[:len(images[i:i + batch_size])])
   logits = np.concatenate(logits)
   return logits if multilabel else logits.argmax(-1)
-
 
 
 @functools.lru_cache(maxsize=8)

@@ -25,7 +25,6 @@ from zfnet_jax.training import train_state
 AXIS = "data"
 
 
-
 # ----------------------------------------------------------------------------
 # Steps (written per device).
 # ----------------------------------------------------------------------------
@@ -39,12 +38,10 @@ def _errors(logits, labels, mask):
   return jnp.sum(mask * ~hit1), jnp.sum(mask * ~hit5)
 
 
-
 def _over_devices(reduce, tree):
   """``reduce(tree, AXIS)`` (``lax.pmean`` or ``lax.psum``); on a one-device mesh the tree
   itself, so the compiled step holds no collective that could wait on anything."""
   return tree if lax.axis_size(AXIS) == 1 else reduce(tree, AXIS)
-
 
 
 def train_step(state: train_state.TrainState, batch, *, model, tx, lr_fn, clip_radius):
@@ -78,11 +75,9 @@ def train_step(state: train_state.TrainState, batch, *, model, tx, lr_fn, clip_r
   return new, metrics
 
 
-
 def _crop(x, top, left, size, flip):
   x = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(x, top, size, 1), left, size, 2)
   return x[:, :, ::-1] if flip else x
-
 
 
 def eval_step(params, batch, *, model, crop_size, ten_crop):
@@ -107,12 +102,10 @@ def eval_step(params, batch, *, model, crop_size, ten_crop):
   return _over_devices(lax.psum, out)
 
 
-
 def total_steps(config, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   return max(1, int(round(config.num_epochs * steps_per_epoch)))
-
 
 
 def evolution_steps(config, steps_per_epoch: int, num_steps: int) -> dict[int, float]:
@@ -136,10 +129,8 @@ def evolution_steps(config, steps_per_epoch: int, num_steps: int) -> dict[int, f
   return dict(sorted(out.items()))
 
 
-
 def _global(batch, sharding):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
 
 
 # ----------------------------------------------------------------------------
@@ -153,7 +144,6 @@ def _eval_fn(model, mesh, crop_size: int, ten_crop: bool):
   return xla.jit(jax.shard_map(
       lambda p, b: eval_step(p, b, model=model, crop_size=crop_size, ten_crop=ten_crop),
       mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))
-
 
 
 def evaluate(config, workdir, state, model, mesh, *, ten_crop: bool, split=None,
@@ -180,7 +170,6 @@ def evaluate(config, workdir, state, model, mesh, *, ten_crop: bool, split=None,
     res["top1_error_10crop"] = totals["top1_wrong_10crop"] / n
     res["top5_error_10crop"] = totals["top5_wrong_10crop"] / n
   return res
-
 
 
 @dataclasses.dataclass

@@ -71,14 +71,12 @@ def _load(workdir: str, step: int | None):
   return model, {"params": restored.params}, config, step, note
 
 
-
 def load_latest(workdir: str):
   """(model, {"params": params}, config, step, note) of the newest checkpoint that
   restores: a damaged newer step (checksum, missing or truncated file, non-finite
   arrays) is skipped as in training, but left in place (a reader moves nothing);
   ``note`` says why in one line ("" when the newest step was used)."""
   return _load(workdir, None)
-
 
 
 def load_trained(workdir: str, step: int | None = None):
@@ -91,7 +89,6 @@ def load_trained(workdir: str, step: int | None = None):
   return _load(workdir, step)[:3]
 
 
-
 # ----------------------------------------------------------------------------
 # Shipped weights: a model that works before any training.
 # ----------------------------------------------------------------------------
@@ -99,20 +96,16 @@ def load_trained(workdir: str, step: int | None = None):
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shipped")
 
 
-
 PARAMS = "params.npz"
 
 
-
 SHIPPED_FILES = (rundir.CONFIG, rundir.DATASET_INFO, rundir.MEAN, rundir.RESULTS, PARAMS)
-
 
 
 def shipped_names() -> list[str]:
   """The weights that ship inside the package (``config.pretrained`` names)."""
   return sorted(d for d in os.listdir(SHIPPED) if os.path.isdir(os.path.join(SHIPPED, d))) \
       if os.path.isdir(SHIPPED) else []
-
 
 
 def shipped_dir(pretrained: str) -> str:
@@ -125,7 +118,6 @@ def shipped_dir(pretrained: str) -> str:
                      f"{', '.join(shipped_names()) or 'none'}) nor a folder with "
                      f"{', '.join(SHIPPED_FILES)} (missing: {', '.join(missing)})")
   return folder
-
 
 
 def save_shipped(workdir: str, out_dir: str, step: int | None = None) -> str:
@@ -148,7 +140,6 @@ def save_shipped(workdir: str, out_dir: str, step: int | None = None) -> str:
                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
   rundir.write_json(os.path.join(out_dir, rundir.RESULTS), results)
   return out_dir
-
 
 
 def load_shipped(pretrained: str):
@@ -178,7 +169,6 @@ def load_shipped(pretrained: str):
   return model, {"params": params}, config, info, np.load(os.path.join(folder, rundir.MEAN))
 
 
-
 @dataclasses.dataclass
 class Loaded:
   """A model ready to analyse: module, {"params": ...}, the config it was trained
@@ -194,19 +184,15 @@ class Loaded:
   source: str = ""
 
 
-
 WEIGHTS_FILES = (".pth", ".pt", ".safetensors")
-
 
 
 IMPORTED_ARCH = {"TorchvisionAlexNet": "alexnet", "VGG16": "vgg16"}   # model.name -> arch
 
 
-
 def is_imported(config) -> bool:
   """Whether ``config.pretrained`` names a weights file to import (``WEIGHTS_FILES``)."""
   return str(config.get("pretrained") or "").lower().endswith(WEIGHTS_FILES)
-
 
 
 def imported_preprocessing(config) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +221,6 @@ def imported_preprocessing(config) -> tuple[np.ndarray, np.ndarray]:
   return (mean / scale).astype(np.float32), std / (255.0 * scale)
 
 
-
 def load_imported(config) -> Loaded:
   """The torchvision weights ``config.pretrained`` names, folded for this project's
   input (module docstring), with ImageNet's class names when there are 1000 classes."""
@@ -251,7 +236,6 @@ def load_imported(config) -> Loaded:
                 names, full, f"Model: {config.model.name} imported from {config.pretrained!r}.")
 
 
-
 def source(config) -> str:
   """Where ``load_model`` takes the weights ``config`` asks for from: "imported" (the
   weights file ``config.pretrained`` names), "shipped" (the shipped weights it names: a
@@ -264,14 +248,24 @@ def source(config) -> str:
   return "shipped" if config.get("pretrained") else "workdir"
 
 
-def planned_model(config, info):
-  """The module ``load_model`` will give for ``config`` (no weights read), checked
-  against the data it will see (``info``, a ``DatasetInfo``): before any long work."""
+def check_source(config) -> str:
+  """``source(config)``, with what can be checked before the data is read: an imported
+  model's preprocessing keys and weights file, a shipped model's folder."""
   kind = source(config)
   if kind == "imported":   # torchvision's weights: their shapes are checked when loaded
     imported_preprocessing(config)
     if not os.path.isfile(config.pretrained):
       raise ValueError(f"pretrained={config.pretrained!r}: no such weights file")
+  elif kind == "shipped":
+    shipped_dir(config.pretrained)
+  return kind
+
+
+def planned_model(config, info):
+  """The module ``load_model`` will give for ``config`` (no weights read), checked
+  against the data it will see (``info``, a ``DatasetInfo``): before any long work."""
+  kind = check_source(config)
+  if kind == "imported":
     return models.from_config(config.model, 1000)
   if kind == "shipped":
     shipped = shipped_dir(config.pretrained)
