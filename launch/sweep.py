@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 from zfnet_jax.studies import sweeps
 
 FLAGS = flags.FLAGS
@@ -49,7 +49,7 @@ def main(argv):
                 indent=1, default=str)
     status = sweeps.execute(planned, FLAGS.parallel, FLAGS.devices_per_run, FLAGS.rerun)
   header, rows = sweeps.collect(planned, FLAGS.root, status)
-  print(sections.markdown_table(header, rows))
+  print(content.markdown_table(header, rows))
   print(f"Summary: {os.path.join(FLAGS.root, 'summary.csv')} and summary.md")
   hook = sweeps.collect_hook(FLAGS.sweep)
   if hook is not None:

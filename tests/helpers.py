@@ -414,6 +414,19 @@ def browser_check(report_dir, tmp, name, *, keep_csp=True, inject=""):
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
+def kill_in(module: str, name: str) -> str:
+  """``start_main`` setup lines: ``module.name`` sends SIGTERM to its own process, then
+  runs (the signal arrives while it runs)."""
+  return textwrap.dedent(f"""
+      real = {module}.{name}
+      def {name}(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        return real(*args, **kwargs)
+      {module}.{name} = {name}
+      """)
+
+
 def start_main(tmp_path, fmnist_dir, workdir, *, setup="", overrides="", name="run",
                flags=()):
   """``python -m zfnet_jax.main`` on ``reliability_config(fmnist_dir)`` (plus

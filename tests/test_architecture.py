@@ -72,3 +72,22 @@ def test_importing_sets_nothing_in_jax(module):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120,
                  capture_output=True)
+
+
+def test_rooms_are_small():
+  """No module of the package over 500 lines, no function over 80 (the config builders
+  aside: a config is one long list of settings), main.py at most 80 lines."""
+  long_modules, long_functions = [], []
+  for path in _modules():
+    rel = os.path.relpath(path, REPO)
+    text = open(path, encoding="utf-8").read()
+    if len(text.splitlines()) > 500:
+      long_modules.append((rel, len(text.splitlines())))
+    for node in ast.walk(ast.parse(text)):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        n = node.end_lineno - node.lineno + 1
+        builder = node.name in ("default_config", "get_config", "get_sweep")
+        if n > 80 and not builder:
+          long_functions.append((rel, node.name, n))
+  assert not long_modules and not long_functions, (long_modules, long_functions)
+  assert len(open(os.path.join(PACKAGE, "main.py"), encoding="utf-8").read().splitlines()) <= 80

@@ -9,7 +9,7 @@ import pytest
 from zfnet_jax import configs, deconv
 from zfnet_jax.analyses import atlas
 from zfnet_jax.nn import geometry, models
-from zfnet_jax.render import figures, sections
+from zfnet_jax.render import content, figures
 
 import helpers
 
@@ -348,7 +348,7 @@ def test_bad_options_are_rejected_before_work():
   report = ml_collections.ConfigDict(configs.default_config().report.to_dict()
                                      | {"distinct_images": "yes"})
   with pytest.raises(ValueError, match="distinct_images must be True.*'yes'"):
-    atlas.validate(report, model, sections.Data("x", S, S, 1))
+    atlas.validate(report, model, content.Data("x", S, S, 1))
   removed = _model(removed=("conv3",))
   with pytest.raises(ValueError, match="'conv3'"):
     atlas.check_options(removed, S, layers=["conv3"], k=9, rule="deconvnet")

@@ -19,23 +19,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 
 
-def test_bar_in_a_log_is_plain_lines(monkeypatch):
-  """Not a terminal: no carriage returns; a line once ZFNET_PROGRESS_SECONDS have passed
-  since the last one, and none at the end when nothing is new.  The bar reads a clock
-  this test moves (10 s per step), so the lines do not depend on the machine's speed:
-  at 30, 60, 90 and 120 s, i.e. after steps 3, 6, 9 and 12."""
+def log_bar(monkeypatch, steps):
+  """A bar of ``steps`` steps written to a log (not a terminal), every 30 s, on a clock
+  this test moves by 10 s a step: (the log, its lines)."""
   err = io.StringIO()
   monkeypatch.setattr(sys, "stderr", err)
   monkeypatch.setenv("ZFNET_PROGRESS_SECONDS", "30")
   now = [1000.0]
   monkeypatch.setattr(tqdm_std, "time", lambda: now[0])     # the bar's clock
   monkeypatch.setattr(tqdm_std.tqdm, "monitor_interval", 0)  # no monitor thread (real time)
-  bar = console.progress(desc="phase", total=12, unit="step")
-  for _ in range(12):
+  bar = console.progress(desc="phase", total=steps, unit="step")
+  for _ in range(steps):
     now[0] += 10.0
     bar.update(1)
   bar.close()
-  lines = err.getvalue().splitlines()
+  return err, err.getvalue().splitlines()
+
+
+def test_bar_in_a_log_is_plain_lines(monkeypatch):
+  """Not a terminal: no carriage returns; a line once ZFNET_PROGRESS_SECONDS have passed
+  since the last one, and none at the end when nothing is new.  The bar reads a clock
+  this test moves (10 s per step), so the lines do not depend on the machine's speed:
+  at 30, 60, 90 and 120 s, i.e. after steps 3, 6, 9 and 12."""
+  err, lines = log_bar(monkeypatch, 12)
   assert "\r" not in err.getvalue()
   assert [l.split("|")[-1].split()[0] for l in lines] == ["3/12", "6/12", "9/12", "12/12"], lines
   assert all(l.startswith("phase:") for l in lines), lines
@@ -44,18 +50,7 @@ def test_bar_in_a_log_is_plain_lines(monkeypatch):
 
 def test_bar_in_a_log_prints_the_last_count_at_close(monkeypatch):
   """Work done since the last periodic line is printed once when the bar closes."""
-  err = io.StringIO()
-  monkeypatch.setattr(sys, "stderr", err)
-  monkeypatch.setenv("ZFNET_PROGRESS_SECONDS", "30")
-  now = [1000.0]
-  monkeypatch.setattr(tqdm_std, "time", lambda: now[0])
-  monkeypatch.setattr(tqdm_std.tqdm, "monitor_interval", 0)
-  bar = console.progress(desc="phase", total=5, unit="step")
-  for _ in range(5):
-    now[0] += 10.0
-    bar.update(1)
-  bar.close()
-  lines = err.getvalue().splitlines()
+  _, lines = log_bar(monkeypatch, 5)
   assert [l.split("|")[-1].split()[0] for l in lines] == ["3/5", "5/5"], lines
 
 

@@ -10,7 +10,7 @@ import pytest
 from zfnet_jax import configs
 from zfnet_jax.analyses import correspondence
 from zfnet_jax.nn import models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 
 import helpers
 
@@ -226,13 +226,13 @@ def _options(boxes, layers=("c2", "p2"), repeats=2, fill=200.0):
 
 def test_validate(tmp_path):
   net, _ = helpers.plain_network()
-  data = sections.Data("toy", 32, 32, 1)
+  data = content.Data("toy", 32, 32, 1)
   path = _box_file(tmp_path / "boxes.json")
   o = correspondence.validate(_options(path), net, data)
   assert (o.boxes_path, o.layers, o.repeats, o.fill) == (path, ("c2", "p2"), 2, 200.0)
   assert o.boxes["ids"] == [3, 5, 11] and list(o.boxes["parts"]) == ["top", "side"]
   np.testing.assert_array_equal(o.boxes["parts"]["top"][2], [0, 20, 8, 29])
-  other = correspondence.validate(_options(path), net, sections.Data("other", 32, 32, 1))
+  other = correspondence.validate(_options(path), net, content.Data("other", 32, 32, 1))
   assert other.boxes is None and other.dataset == "toy"
   for options, match in ((_options(path, layers=("c2", "fc7")),
                           "unknown correspondence layer 'fc7'"),
@@ -247,7 +247,7 @@ def test_validate(tmp_path):
 def test_sections_on_a_hand_built_cnn(tmp_path):
   net, variables = helpers.plain_network()
   images = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (3, 32, 32, 1))) * 40
-  data = sections.Data("toy", 32, 32, 1)
+  data = content.Data("toy", 32, 32, 1)
   options = correspondence.validate(_options(_box_file(tmp_path / "boxes.json")), net, data)
   asked = []
 
@@ -256,7 +256,7 @@ def test_sections_on_a_hand_built_cnn(tmp_path):
     return images, np.array([0, 0, 0]), np.array(ids)
 
   mean = np.full((32, 32, 1), 100.0, np.float32)
-  ctx = sections.Context(net=net, variables=variables, images=images[:1], labels=np.array([0]),
+  ctx = content.Context(net=net, variables=variables, images=images[:1], labels=np.array([0]),
                          ids=np.array([0]), pixel_mean=mean, class_names=("a", "b", "c"),
                          out_dir=str(tmp_path / "out"), data=data, seed=3, batch_size=2,
                          examples=examples)
@@ -284,11 +284,11 @@ def test_sections_on_a_hand_built_cnn(tmp_path):
                                [v for l in ("c2", "p2") for v in want[row[0]][l]], atol=1e-6)
   # a box file for another dataset: a note, no work
   skipped = correspondence.validate(_options(options.boxes_path), net,
-                                    sections.Data("other", 32, 32, 1))
-  ctx_other = sections.Context(net=net, variables=variables, images=images[:1],
+                                    content.Data("other", 32, 32, 1))
+  ctx_other = content.Context(net=net, variables=variables, images=images[:1],
                                labels=np.array([0]), ids=np.array([0]), pixel_mean=mean,
                                class_names=("a", "b", "c"), out_dir=str(tmp_path / "other"),
-                               data=sections.Data("other", 32, 32, 1))
+                               data=content.Data("other", 32, 32, 1))
   (note,) = correspondence.sections(ctx_other, skipped)
   assert note.anchor == "correspondence" and not note.figures and not note.tables
   assert note.paragraphs == [f"Skipped: the box file {options.boxes_path} is for dataset "

@@ -8,7 +8,7 @@ import pytest
 from zfnet_jax import configs, job
 from zfnet_jax.analyses import diagnostics
 from zfnet_jax.nn import models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 from zfnet_jax.report import comparisons
 from zfnet_jax.training import weights
 
@@ -136,12 +136,12 @@ def test_measure_of_a_hand_built_cnn_by_numpy():
 def test_sections_of_a_hand_built_cnn(tmp_path):
   net, variables = _plain()
   other, other_vars = helpers.plain_network(seed=1)
-  data = sections.Data("plain", 32, 32, 1)
+  data = content.Data("plain", 32, 32, 1)
   options = diagnostics.Options(0.05, 16, 0.25, first_layer="c1", second_layer="c2")
   base = dict(net=net, variables=variables, images=_images(4), labels=np.zeros(4, int),
               ids=np.arange(4), pixel_mean=np.zeros((32, 32, 1), np.float32),
               class_names=("a", "b", "c"), data=data)
-  (sec,) = diagnostics.sections(sections.Context(out_dir=str(tmp_path / "alone"), **base),
+  (sec,) = diagnostics.sections(content.Context(out_dir=str(tmp_path / "alone"), **base),
                                 options)
   assert (sec.title, sec.anchor) == ("Architecture diagnostics", "diagnostics")
   assert [f for f, _ in sec.figures] == ["diagnostics.png", "diagnostics_c2.png"]
@@ -150,7 +150,7 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
                                 "train_comparison=True to train one.")
   header, rows = sec.tables[0]
   assert len(header) == 9 and [r[:3] for r in rows] == [["PlainCNN", "5x5", "0.250"]]
-  ctx = sections.Context(out_dir=str(tmp_path), comparisons={
+  ctx = content.Context(out_dir=str(tmp_path), comparisons={
       "Other": (other, other_vars, "Other: another seed.")}, **base)
   (sec,) = diagnostics.sections(ctx, options)
   assert sec.paragraphs[1:] == ["Other: another seed."]
@@ -165,7 +165,7 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
 def test_validate():
   net, _ = helpers.plain_network()
   model = models.ZFNetLowRes(num_classes=3, conv_features=(4, 6, 6, 6, 8), fc_features=8)
-  data = sections.Data("plain", 32, 32, 1)
+  data = content.Data("plain", 32, 32, 1)
   o = configs.default_config().analyses.diagnostics
   assert diagnostics.validate(o, model, data) == diagnostics.Options(0.05, 32, 0.25)
   with pytest.raises(ValueError, match="diagnostics need a conv1 layer"):

@@ -14,7 +14,7 @@ from zfnet_jax import deconv, rundir
 from zfnet_jax.analyses import evolution
 from zfnet_jax.data import iterators
 from zfnet_jax.nn import models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 from zfnet_jax.training import checkpoints, weights
 
 import helpers
@@ -195,7 +195,7 @@ def _options(**kw):
 def test_sections_of_a_hand_built_cnn(tmp_path):
   net, v1 = helpers.plain_network(seed=0)
   _, v2 = helpers.plain_network(seed=1)
-  data = sections.Data("plain", 32, 32, 1)
+  data = content.Data("plain", 32, 32, 1)
   options = evolution.validate(_options(), net, data)
   assert options == evolution.Options(("c1", "c2"), (0, 1), 4, 6)
   for kw, match in ((dict(maps=(0, 5)), r"evolution map \[5\] out of range for c1"),
@@ -213,7 +213,7 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
   def train_batches(n):
     asked.append(n)
     return evolution._array_batches(images[:n], 3)
-  ctx = sections.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
+  ctx = content.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
                          ids=np.array([0, 1]), pixel_mean=np.zeros((32, 32, 1), np.float32),
                          class_names=("a", "b", "c"), out_dir=str(tmp_path), data=data,
                          train_batches=train_batches, checkpoints=[(1.0, v1), (2.5, lambda: v2)],
@@ -235,7 +235,7 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
         want = nearest(brute_force_tile(net, variables, images[:4], layer, ch), evolution.TILE)
         assert want.std() > 0.02, "degenerate test case: a flat tile"
         np.testing.assert_allclose(saved[layer][e][k], want, atol=2e-3)
-  empty = sections.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
+  empty = content.Context(net=net, variables=v1, images=images[:2], labels=np.array([0, 1]),
                            ids=np.array([0, 1]), pixel_mean=None, class_names=(),
                            out_dir=str(tmp_path / "empty"), data=data)
   (sec,) = evolution.sections(empty, options)
@@ -243,8 +243,8 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
 
 
 def _search_context(net, variables, images, tmp_path, seed=0):
-  data = sections.Data("plain", 32, 32, 1)
-  return sections.Context(net=net, variables=variables[0], images=images[:2],
+  data = content.Data("plain", 32, 32, 1)
+  return content.Context(net=net, variables=variables[0], images=images[:2],
                           labels=np.array([0, 1]), ids=np.array([0, 1]),
                           pixel_mean=np.zeros((32, 32, 1), np.float32), class_names=(),
                           out_dir=str(tmp_path), data=data, seed=seed,
@@ -258,7 +258,7 @@ def test_random_maps_are_reproducible_from_the_seed(tmp_path):
   4]) (the documented procedure, redone here): the same seed gives the same maps, the
   page and evolution.npz show them; another seed, others."""
   net, v1 = helpers.plain_network(seed=0)
-  data = sections.Data("plain", 32, 32, 1)
+  data = content.Data("plain", 32, 32, 1)
   options = evolution.validate(_options(maps=(), num_maps=3, layers=("c1", "c2", "p2")), net,
                                data)
   widths = {"c1": 4, "c2": 6, "p2": 6}
@@ -291,7 +291,7 @@ def test_search_set_size_changes_the_winners_as_brute_force_predicts(tmp_path):
   winners = {}
   for n in (8, 12):
     options = evolution.validate(_options(layers=layers, maps=maps, max_examples=n), net,
-                                 sections.Data("plain", 32, 32, 1))
+                                 content.Data("plain", 32, 32, 1))
     evolution.sections(_search_context(net, [v1, v2], images, tmp_path / str(n)), options)
     saved = np.load(tmp_path / str(n) / "evolution.npz")
     assert saved["num_examples"] == n

@@ -20,14 +20,6 @@ from zfnet_jax.training import loop
 import helpers
 
 REPORT = "c.report.enabled = True\nc.analyses.enabled = False\n"
-KILL_IN = """
-real = {module}.{name}
-def {name}(*args, **kwargs):
-  os.kill(os.getpid(), signal.SIGTERM)
-  time.sleep(1)                       # the signal arrives while it runs
-  return real(*args, **kwargs)
-{module}.{name} = {name}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ def test_sigterm_in_each_mode_exits_75_and_leaves_nothing_half_written(
   photo = str(tmp_path / "photo.png")
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), np.uint8)).save(photo)
   flags = [f"--mode={mode}"] + ([f"--images={photo}"] if mode == "visualize" else [])
-  code, out = main(tmp_path, fm, wd, setup=KILL_IN.format(module=module, name=name),
+  code, out = main(tmp_path, fm, wd, setup=helpers.kill_in(module, name),
                    overrides=REPORT, flags=flags, name=mode)
   assert code == 75, out[-3000:]
   assert "SIGTERM" in out and "Traceback" not in out

@@ -6,7 +6,7 @@ import pytest
 from zfnet_jax import configs
 from zfnet_jax.analyses import invariance
 from zfnet_jax.nn import models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 
 import helpers
 
@@ -151,7 +151,7 @@ def _options(**kw):
 
 def test_validate():
   net, _ = helpers.plain_network()
-  data = sections.Data("toy", 32, 32, 1)
+  data = content.Data("toy", 32, 32, 1)
   o = invariance.validate(_options(layers=("c1", "logits"), num_shifts=3, rotation_step=90.0),
                           net, data)
   assert o.layers == ("c1", "logits")
@@ -170,10 +170,10 @@ def test_validate():
 def test_sections_on_a_hand_built_cnn(tmp_path):
   net, variables = helpers.plain_network()
   images = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (2, 32, 32, 1))) * 40
-  data = sections.Data("toy", 32, 32, 1)
+  data = content.Data("toy", 32, 32, 1)
   options = invariance.validate(_options(layers=("c1", "c2"), num_shifts=3, num_scales=2,
                                          rotation_step=120.0), net, data)
-  ctx = sections.Context(net=net, variables=variables, images=images, labels=np.array([1, 2]),
+  ctx = content.Context(net=net, variables=variables, images=images, labels=np.array([1, 2]),
                          ids=np.array([4, 8]), pixel_mean=np.full((32, 32, 1), 100.0, np.float32),
                          class_names=("a", "b", "c"), out_dir=str(tmp_path), data=data,
                          batch_size=5)

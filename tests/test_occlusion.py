@@ -6,7 +6,7 @@ import pytest
 from zfnet_jax import configs, deconv
 from zfnet_jax.analyses import occlusion
 from zfnet_jax.nn import models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 from zfnet_jax.report import report
 
 import helpers
@@ -138,7 +138,7 @@ def test_bad_settings(tiny):
 
 def _validate(config, model):
   """The report's validation of every analysis (what runs before any long work)."""
-  data = sections.Data(config.dataset.name, S, config.dataset.resize_size, 1)
+  data = content.Data(config.dataset.name, S, config.dataset.resize_size, 1)
   analyses = [e for e in report.REGISTRY if e.analysis]
   return report.validate(config, model, data, analyses)
 
@@ -194,13 +194,13 @@ def test_occlusion_of_a_hand_built_cnn_equals_a_python_loop():
 def test_sections_on_a_hand_built_cnn(tmp_path):
   net, variables = helpers.plain_network()
   images = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (2, 32, 32, 1))) * 40
-  data = sections.Data("toy", 32, 32, 1)
+  data = content.Data("toy", 32, 32, 1)
   options = occlusion.validate(_occlusion_options("c2"), net, data)
   split = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (12, 32, 32, 1))) * 40
   split[9] = images[1]                    # the occluded image 9 is in the scanned split
   batches = lambda: iter([{"image": split[i:i + 6], "id": np.arange(i, i + 6)}
                           for i in (0, 6)])
-  ctx = sections.Context(net=net, variables=variables, images=images, labels=np.array([0, 2]),
+  ctx = content.Context(net=net, variables=variables, images=images, labels=np.array([0, 2]),
                          ids=np.array([7, 9]), pixel_mean=np.full((32, 32, 1), 100.0, np.float32),
                          class_names=("a", "b", "c"), out_dir=str(tmp_path), data=data,
                          split_batches=batches, split_name="toy")

@@ -276,16 +276,8 @@ c.report.max_examples, c.report.batch_size, c.report.chunk_size = 8, 8, 8
 def test_sigterm_in_final_evaluation_and_in_report_exits_75_then_rerun_finishes(data, tmp_path):
   fmnist_dir, _ = data
   wd = str(tmp_path / "wd")
-  kill_in = lambda module, name: f"""
-      real = {module}.{name}
-      def {name}(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)                       # the signal arrives while it runs
-        return real(*args, **kwargs)
-      {module}.{name} = {name}
-      """
   # 1. SIGTERM during the final evaluation: exit 75, the last checkpoint kept, no results.
-  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("loop", "evaluate"),
+  p = start_main(tmp_path, fmnist_dir, wd, setup=helpers.kill_in("loop", "evaluate"),
                  overrides=REPORT, name="eval")
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 75, out[-3000:]
@@ -293,7 +285,7 @@ def test_sigterm_in_final_evaluation_and_in_report_exits_75_then_rerun_finishes(
   assert max(steps_on_disk(wd)) == STEPS
   assert not os.path.exists(os.path.join(wd, "results.json"))
   # 2. SIGTERM while the report is written: exit 75, no temporary folder left.
-  p = start_main(tmp_path, fmnist_dir, wd, setup=kill_in("report.pages", "render"),
+  p = start_main(tmp_path, fmnist_dir, wd, setup=helpers.kill_in("report.pages", "render"),
                  overrides=REPORT, name="report")
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 75, out[-3000:]

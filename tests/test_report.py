@@ -15,7 +15,7 @@ from PIL import Image
 from zfnet_jax import configs
 from zfnet_jax.analyses import atlas
 from zfnet_jax.nn import models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 from zfnet_jax.report import report
 from zfnet_jax.training import weights
 
@@ -180,7 +180,7 @@ def test_sections_from_a_registered_contributor_are_rendered_and_their_errors_ra
     def sections(context, size):
       calls.append((context.net.module == model, size, context.data.input_size))
       Image.new("RGB", (20, 10), (255, 0, 0)).save(context.path("analyses/occ.png"))
-      return [sections.Section(f"Occlusion {PAYLOAD}", "occlusion", [PAYLOAD],
+      return [content.Section(f"Occlusion {PAYLOAD}", "occlusion", [PAYLOAD],
                                [("analyses/occ.png", f"cap {PAYLOAD}")],
                                [(["a"], [[PAYLOAD]])])]
 

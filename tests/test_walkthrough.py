@@ -12,7 +12,7 @@ import pytest
 from zfnet_jax import deconv
 from zfnet_jax.analyses import walkthrough
 from zfnet_jax.nn import convert, models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 
 from helpers import (
   np_conv_down,
@@ -135,12 +135,12 @@ def test_report_section_walks_down_from_each_layers_strongest_unit(tmp_path):
   model, variables, x = tiny()
   images = np.stack([x, x[::-1] * 0.5, np.roll(x, 9, axis=1)])
   net = deconv.network(model)
-  data = sections.Data("fake", SIZE, SIZE, 1)
+  data = content.Data("fake", SIZE, SIZE, 1)
   options = walkthrough.validate(ml_collections.ConfigDict({"layers": ()}), net, data)
   assert options.layers == ("conv1", "conv2", "conv3", "conv4", "conv5")
   with pytest.raises(ValueError, match="unknown walkthrough layer 'conv7'"):
     walkthrough.validate(ml_collections.ConfigDict({"layers": ("conv7",)}), net, data)
-  context = sections.Context(net=net, variables=variables, images=images,
+  context = content.Context(net=net, variables=variables, images=images,
                              labels=np.array([0, 1, 2]), ids=np.array([5, 6, 7]),
                              pixel_mean=np.full((SIZE, SIZE, 1), 128, np.float32),
                              class_names=("a", "b", "c", "d"), out_dir=str(tmp_path),
@@ -326,7 +326,7 @@ def test_report_section_for_any_network(tmp_path):
   net, variables = plain_network()
   rng = np.random.default_rng(2)
   images = (rng.normal(size=(2, 32, 32, 1)) * 50).astype(np.float32)
-  context = sections.Context(net=net, variables=variables, images=images,
+  context = content.Context(net=net, variables=variables, images=images,
                              labels=np.array([0, 1]), ids=np.array([3, 4]),
                              pixel_mean=np.full((32, 32, 1), 128, np.float32),
                              class_names=("a", "b", "c"), out_dir=str(tmp_path),
@@ -342,7 +342,7 @@ def test_report_section_for_any_network(tmp_path):
 def test_report_section_for_torchvision_alexnet_from_fc6(tmp_path):
   """The walk-through figure of torchvision's AlexNet from fc6 (its average-pool stage)."""
   model, variables, x = imported_alexnet()
-  context = sections.Context(net=deconv.network(model), variables=variables, images=x[None],
+  context = content.Context(net=deconv.network(model), variables=variables, images=x[None],
                              labels=np.array([0]), ids=np.array([0]),
                              pixel_mean=np.zeros((TV_SIZE, TV_SIZE, 3), np.float32),
                              class_names=tuple("abcde"), out_dir=str(tmp_path),

@@ -20,10 +20,9 @@ from zfnet_jax import console, rundir
 from zfnet_jax.analyses import evolution
 from zfnet_jax.data import iterators, sources
 from zfnet_jax.nn import models
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 from zfnet_jax.report import comparisons, explore, report, visualize
-from zfnet_jax.training import checkpoints, ensemble, loop, runtime, weights
-from zfnet_jax.training import steps
+from zfnet_jax.training import checkpoints, ensemble, loop, runtime, steps, weights
 
 EXIT_PREEMPTED = runtime.EXIT_PREEMPTED
 TENSORBOARD_IMAGES = 64   # training examples behind the live Fig. 4 panels
@@ -69,7 +68,7 @@ def validate_report(config: ml_collections.ConfigDict,
   sources.validate(config.dataset)
   weights.check_source(config)   # the weights' own checks, before the data is read
   info = info or sources.dataset_info(config)
-  data = sections.Data(config.dataset.name, config.dataset.crop_size,
+  data = content.Data(config.dataset.name, config.dataset.crop_size,
                        config.dataset.resize_size, info.channels)
   return report.validate(config, weights.planned_model(config, info), data)
 

@@ -15,14 +15,14 @@ from ml_collections import config_flags
 
 from zfnet_jax import configs
 from zfnet_jax.analyses.transfer_tables import TABLES, _tables
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content
 
 
 def main(argv):
   del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   for name, (header, rows) in _tables(config, workdir, TABLES).items():
-    print(f"\n{name}:\n" + sections_lib.markdown_table(header, rows))
+    print(f"\n{name}:\n" + content.markdown_table(header, rows))
   print(f"Tables written to {os.path.join(workdir, 'transfer')}")
 
 if __name__ == "__main__":

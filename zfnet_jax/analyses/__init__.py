@@ -19,5 +19,5 @@
 Each takes a ``deconv.Network`` (or one of our models) with its variables and
 arrays, knows no config and no workdir, and contributes to the report through
 ``validate(options, net, data)`` and ``sections(context, options)``
-(``zfnet_jax.render.sections``); ``zfnet_jax.report.report`` lists them.
+(``zfnet_jax.render.content``); ``zfnet_jax.report.report`` lists them.
 """

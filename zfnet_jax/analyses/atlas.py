@@ -45,8 +45,7 @@ from jax import lax
 from zfnet_jax import console, deconv, xla
 from zfnet_jax.analyses import legibility as legibility_lib
 from zfnet_jax.nn import geometry, rules
-from zfnet_jax.render import figures
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures
 
 _EMPTY = np.iinfo(np.int32).max  # id of an empty slot while scanning (sorts last)
 
@@ -415,7 +414,7 @@ class Options:
   distinct_images: bool = True  # top-k images (paper); False: top-k units
 
 
-def validate(options, net, data: sections.Data) -> Options:
+def validate(options, net, data: content.Data) -> Options:
   """``config.report`` checked (types, ranges, rule, layers of the network) -> Options."""
   def pos_int(name, allow_all=False):
     v = options[name]
@@ -443,7 +442,7 @@ def validate(options, net, data: sections.Data) -> Options:
   return opts
 
 
-def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+def sections(context: content.Context, options: Options) -> list[content.Section]:
   """One section per layer: Fig. 2 panels (atlas_<layer>_<n>.png), the top-k table and
   its numbers (atlas_<layer>.npz, ``save``)."""
   atlas, result = build(context.net, context.variables, context.split_batches(),
@@ -454,7 +453,7 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
                         distinct_images=options.distinct_images)
   out = []
   for layer, a in atlas.items():
-    s = sections_lib.Section(f"Layer {layer}", f"layer-{layer}")
+    s = content.Section(f"Layer {layer}", f"layer-{layer}")
     topk = result.topk[layer]
     dead = int(np.sum(topk.values[:, 0] <= 0))
     save(a, context.path(f"atlas_{layer}.npz"), distinct_images=options.distinct_images,

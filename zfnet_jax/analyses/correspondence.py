@@ -51,8 +51,7 @@ import numpy as np
 from zfnet_jax import configs, deconv, rundir
 from zfnet_jax.analyses import common, occlusion
 from zfnet_jax.nn import geometry
-from zfnet_jax.render import figures
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures
 
 UNITS = ("source_pixels", "input_pixels", "input_fraction")
 
@@ -70,7 +69,7 @@ class Options:
   dataset: str | None = None
 
 
-def validate(options, net, data: sections_lib.Data) -> Options:
+def validate(options, net, data: content.Data) -> Options:
   """Resolved and validated options from ``config.analyses.correspondence`` plus ``fill``
   (the occlusion analysis's fill).  The box file is read and checked here when it is for
   ``data.name`` (or names no dataset)."""
@@ -274,7 +273,7 @@ def write_tables(results: dict, layers, prefix: str) -> None:
   """<prefix>.md (markdown) and <prefix>.csv (mean and std columns)."""
   header, rows = table(results, layers)
   with open(prefix + ".md", "w", encoding="utf-8") as f:
-    f.write(sections_lib.markdown_table(header, rows))
+    f.write(content.markdown_table(header, rows))
   with open(prefix + ".csv", "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
     w.writerow(["occluded"] + [f"{l}_{s}" for l in layers for s in ("mean", "std")])
@@ -298,10 +297,10 @@ def plot_boxes(displays: np.ndarray, ids, parts: dict[str, np.ndarray], path: st
   return figures.save_figure(fig, path)
 
 
-def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+def sections(context: content.Context, options: Options) -> list[content.Section]:
   """Table 1 on the box file's images: correspondence.md/.csv, correspondence_boxes.png,
   one Section (a note only when the box file is for another dataset)."""
-  sec = sections_lib.Section("Correspondence analysis", "correspondence")
+  sec = content.Section("Correspondence analysis", "correspondence")
   if options.boxes is None:
     this_run = context.data.name if context.data is not None else None
     sec.paragraphs.append(f"Skipped: the box file {options.boxes_path} is for dataset "

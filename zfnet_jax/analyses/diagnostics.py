@@ -40,8 +40,7 @@ import numpy as np
 from zfnet_jax import deconv
 from zfnet_jax.analyses import common
 from zfnet_jax.nn import geometry
-from zfnet_jax.render import figures
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +54,7 @@ class Options:
   second_layer: str = "conv2"    # its projections: aliasing
 
 
-def validate(options, net, data: sections_lib.Data) -> Options:
+def validate(options, net, data: content.Data) -> Options:
   """Validated options from ``config.analyses.diagnostics`` (its train_comparison,
   comparison_epochs and comparison_workdir are ``report.comparisons``', not read here)."""
   dead_filters(np.ones((1, 1, 1, 1)), options.dead_threshold)
@@ -216,7 +215,7 @@ def plot_projections(results: dict, path: str, cols: int = 8, layer: str = "conv
 ALIASING_IMAGES = 64   # at least this many images of the split for the aliasing indicator
 
 
-def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+def sections(context: content.Context, options: Options) -> list[content.Section]:
   """Fig. 6 for the context's network and each of ``context.comparisons``:
   diagnostics.npz, diagnostics.png, diagnostics_<second layer>.png, one Section."""
   o = options
@@ -247,7 +246,7 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
            f"{r['aliasing_mean']:.3f}" if "aliasing_mean" in r else "-"]
           for n, r in results.items()]
   num_images = 0 if images is None else len(images)
-  sec = sections_lib.Section(
+  sec = content.Section(
       "Architecture diagnostics", "diagnostics",
       paragraphs=[
           "Paper Fig. 6: AlexNet's 11x11/4 first layer gives filters mixing very high and very "

@@ -30,8 +30,7 @@ from PIL import Image
 
 from zfnet_jax import console, deconv, xla
 from zfnet_jax.nn import geometry
-from zfnet_jax.render import figures
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures
 
 TILE = 48  # side of a tile in pixels (receptive-field crops are resized to it)
 
@@ -87,7 +86,7 @@ def check(net, input_size: int, layers: Sequence[str], maps: Maps) -> None:
                           "evolution map")
 
 
-def validate(options, net, data: sections_lib.Data) -> Options:
+def validate(options, net, data: content.Data) -> Options:
   """Validated options from ``config.analyses.evolution`` (the TensorBoard maps too,
   when ``tensorboard_every_steps`` > 0)."""
   layers, size = tuple(options.layers), data.input_size
@@ -337,13 +336,13 @@ def plot_grid(epochs, tiles_: np.ndarray, maps, layer: str, path: str) -> str:
   return figures.save_figure(fig, path)
 
 
-def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+def sections(context: content.Context, options: Options) -> list[content.Section]:
   """Fig. 4 over ``context.checkpoints``: evolution_<layer>.png and evolution.npz
   (epochs (E,), num_examples searched, per layer: maps_<layer> (M,), <layer> tiles
   (E, M, t, t, C), ids_<layer> (E, M) training example ids, positions_<layer> (E, M, 2),
   values_<layer> (E, M))."""
   layers = list(options.layers)
-  sec = sections_lib.Section("Feature evolution", "evolution")
+  sec = content.Section("Feature evolution", "evolution")
   if not context.checkpoints:
     sec.paragraphs.append("No evolution checkpoints in this run (config.evolution_epochs).")
     return [sec]

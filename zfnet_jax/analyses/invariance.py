@@ -27,8 +27,7 @@ import numpy as np
 from zfnet_jax import deconv, xla
 from zfnet_jax.analyses import common
 from zfnet_jax.nn import geometry
-from zfnet_jax.render import figures
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures
 
 TRANSFORMS = ("translation", "scale", "rotation")
 UNITS = {"translation": "vertical shift (px)", "scale": "scale factor",
@@ -42,7 +41,7 @@ class Options:
   amounts: dict[str, np.ndarray]
 
 
-def validate(options, net, data: sections_lib.Data) -> Options:
+def validate(options, net, data: content.Data) -> Options:
   """Resolved and validated options from ``config.analyses.invariance``."""
   net = deconv.as_network(net)
   layers = tuple(options.layers)
@@ -189,7 +188,7 @@ def plot_examples(image: np.ndarray, mean, amounts_: dict[str, np.ndarray], path
   return figures.save_figure(fig, path)
 
 
-def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+def sections(context: content.Context, options: Options) -> list[content.Section]:
   """Fig. 5 for the analysed examples: invariance.npz, invariance_examples.png,
   invariance.png, one Section."""
   images, labels, ids = context.images, np.asarray(context.labels), np.asarray(context.ids)
@@ -205,7 +204,7 @@ def sections(context: sections_lib.Context, options: Options) -> list[sections_l
     rows.append([kind, f"{r['amounts'][0]:.3g}..{r['amounts'][-1]:.3g}"] +
                 [f"{r[f'normalised/{l}'].mean():.3f}" for l in layers] +
                 [f"{(r['top_class'] == labels[:, None]).mean():.2f}"])
-  return [sections_lib.Section(
+  return [content.Section(
       "Invariance", "invariance",
       paragraphs=[
           f"Images {', '.join(str(int(i)) for i in ids)} translated vertically, scaled about the "

@@ -40,8 +40,7 @@ import numpy as np
 from zfnet_jax import deconv, xla
 from zfnet_jax.analyses import common
 from zfnet_jax.nn import geometry
-from zfnet_jax.render import figures
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures
 
 
 @dataclasses.dataclass
@@ -54,7 +53,7 @@ class Settings:
   companion_examples: int = 0   # examples scanned for (c)'s other images (0 = none)
 
 
-def validate(options, net, data: sections.Data) -> Settings:
+def validate(options, net, data: content.Data) -> Settings:
   """Resolved and validated settings from ``config.analyses.occlusion``."""
   size = int(round(common.default_size(options.size, 56, data.input_size)))
   stride = int(round(common.default_size(options.stride, 8, data.input_size)))
@@ -310,13 +309,13 @@ def plot(result: dict, display: np.ndarray, projection: np.ndarray | None,
   return figures.save_figure(fig, path)
 
 
-def sections(context: sections_lib.Context, s: Settings) -> list[sections_lib.Section]:
+def sections(context: content.Context, s: Settings) -> list[content.Section]:
   """Fig. 7 for each analysed image: occlusion_<id>.npz and .png, one Section."""
   net, size = context.net, context.images.shape[1]
   field = net.receptive_fields(size).get(s.layer) if net.fields is not None else None
   fill = fill_image(s.fill, context.pixel_mean, context.images.shape[1:])
   fill_text = "the training mean, mid-grey" if s.fill < 0 else f"pixel value {s.fill:g}"
-  sec = sections_lib.Section(
+  sec = content.Section(
       "Occlusion sensitivity", "occlusion",
       paragraphs=[
           f"A square of {s.size}x{s.size} px (fill: {fill_text}) slides over each "

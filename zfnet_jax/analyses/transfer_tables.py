@@ -24,7 +24,7 @@ from zfnet_jax.analyses.transfer import (
 )
 from zfnet_jax.data import iterators
 from zfnet_jax.data.targets import TargetData, load_target
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content
 from zfnet_jax.training import train_state, weights
 
 
@@ -69,30 +69,30 @@ def transfer(net, variables, mean, data: TargetData, settings, input_size: int, 
                                        clip_radius), settings.dataset)
 
 
-def table_sections(directory: str, settings) -> list[sections_lib.Section]:
+def table_sections(directory: str, settings) -> list[content.Section]:
   """Report sections of the tables in ``directory`` (probes.csv, transfer.csv)."""
   out = []
   probes_csv, transfer_csv = (os.path.join(directory, f"{n}.csv") for n in ("probes", "transfer"))
   if os.path.exists(probes_csv):
-    out.append(sections_lib.Section(
+    out.append(content.Section(
         "Per-layer linear probes (Table 7)", "probes",
         [f"Features of each layer on {settings.dataset} (conv outputs max-pooled over a "
          f"{settings.pool_grid}x{settings.pool_grid} grid, standardised), classified by a "
          "linear SVM and a softmax; mean ± std over random folds. The paper's column is "
          f"{'Caltech-256 at 60' if settings.dataset == 'caltech256' else 'Caltech-101 at 30'} "
          "images per class with ImageNet features: compare the trend over layers."],
-        tables=[sections_lib.read_table(probes_csv)]))
+        tables=[content.read_table(probes_csv)]))
   if os.path.exists(transfer_csv):
-    section = sections_lib.Section(
+    section = content.Section(
         "Transfer: frozen features vs training from scratch (Sec. 5.2)", "transfer",
         [f"A new softmax on the frozen layers 1-7, against the same architecture trained from "
          f"a fresh initialisation on the same {settings.dataset} images."],
-        tables=[sections_lib.read_table(transfer_csv)])
+        tables=[content.read_table(transfer_csv)])
     ap_csv = os.path.join(directory, "per_class_ap.csv")
     if os.path.exists(ap_csv):
       section.paragraphs.append("Average precision of each class on the validation split "
                                 "(Table 6; the paper's is on the test server's split).")
-      section.tables.append(sections_lib.read_table(ap_csv))
+      section.tables.append(content.read_table(ap_csv))
     if os.path.exists(os.path.join(directory, "curve.png")):
       section.figures.append((os.path.join(os.path.basename(directory), "curve.png"),
                               "Score against training images per class, mean ± std over "
@@ -124,7 +124,7 @@ def write_tables(net, variables, mean, settings, input_size: int, resize_size: i
       transfer_curve(result, settings.dataset, os.path.join(directory, "curve.png"))
     write_json(result, settings.dataset, os.path.join(directory, "transfer.json"))
   for stem, (header, rows) in tables.items():
-    sections_lib.write_table(header, rows, directory, stem)
+    content.write_table(header, rows, directory, stem)
   return tables
 
 
@@ -154,14 +154,14 @@ class Options:
   clip_radius: float
 
 
-def validate(options, net, data: sections_lib.Data) -> Options:
+def validate(options, net, data: content.Data) -> Options:
   """``config.transfer`` plus ``clip_radius`` (added by the report), checked."""
   _check(options)
   probe_layers(net, data.input_size, options.layers)
   return Options(options, float(options.get("clip_radius", 0.1)))
 
 
-def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+def sections(context: content.Context, options: Options) -> list[content.Section]:
   """Table 7 probes and the Sec. 5.2 transfer of the report's network (transfer/*.csv)."""
   directory = context.path("transfer/probes.csv").rsplit(os.sep, 1)[0]
   write_tables(context.net, context.variables, context.pixel_mean, options.settings,

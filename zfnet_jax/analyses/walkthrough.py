@@ -17,8 +17,7 @@ import numpy as np
 from zfnet_jax import deconv
 from zfnet_jax.analyses import common
 from zfnet_jax.nn import geometry, models, torchvision
-from zfnet_jax.render import figures
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures
 
 COLUMNS = ("normalise", "unpool", "rectify", "filter")   # one row per layer group
 
@@ -29,7 +28,7 @@ class Options:
   layers: tuple[str, ...]
 
 
-def validate(options, net, data: sections_lib.Data) -> Options:
+def validate(options, net, data: content.Data) -> Options:
   """Validated options from ``config.analyses.walkthrough``; layers () = every conv layer."""
   net = deconv.as_network(net)
   layers = tuple(options.layers) or tuple(
@@ -138,10 +137,10 @@ def _show(ax, signal: np.ndarray, pixels: bool = False) -> None:
   figures.imshow(ax, img[..., 0] if img.shape[-1] == 1 else img, interpolation="nearest")
 
 
-def sections(context: sections_lib.Context, options: Options) -> list[sections_lib.Section]:
+def sections(context: content.Context, options: Options) -> list[content.Section]:
   """Fig. 1 for the strongest unit of each layer: walkthrough_<layer>.png and .npz."""
   net = context.net
-  sec = sections_lib.Section("The way down, stage by stage", "walkthrough")
+  sec = content.Section("The way down, stage by stage", "walkthrough")
   if not len(context.images):
     sec.paragraphs.append("No analysed images.")
     return [sec]

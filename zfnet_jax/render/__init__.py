@@ -1,2 +1,3 @@
-"""How results are shown: report sections as data (``sections``), static HTML pages
-(``pages``) and PNG figures (``figures``)."""
+"""How results are shown: what a report is made of, as data (``content``: sections, the
+context they are computed from, tables), static HTML pages (``pages``) and PNG figures
+(``figures``)."""

@@ -1,6 +1,6 @@
 """Static HTML pages made of Sections: the report and the visualize page.
 
-Both pages render ``zfnet_jax.render.sections.Section`` objects (data, never HTML)
+Both pages render ``zfnet_jax.render.content.Section`` objects (data, never HTML)
 through the Jinja2 templates of ``zfnet_jax/render/templates`` (``page.html.j2`` on
 ``base.html.j2``) with autoescaping on, so every piece of text from data,
 config or results is escaped.  A page carries no script, a
@@ -19,7 +19,7 @@ from typing import Sequence
 import jinja2
 import markupsafe
 
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content
 
 FOLD_LINES = 40      # longer text blocks and tables start folded (<details>)
 CSP = ("default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
@@ -49,7 +49,7 @@ def src(rel: str) -> str:
   return urllib.parse.quote(rel)
 
 
-def render(title: str, sections: Sequence[sections_lib.Section], note: str = "") -> str:
+def render(title: str, sections: Sequence[content.Section], note: str = "") -> str:
   """The page: a table of contents and one <section> per Section, all text escaped."""
   used = {"top", "contents"}
   view = [dict(title=str(s.title), anchor=anchor(s.anchor, used),

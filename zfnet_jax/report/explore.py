@@ -32,7 +32,7 @@ from zfnet_jax.render import figures
 from zfnet_jax.training import weights
 
 SAMPLES = ("china", "flower")   # scikit-learn's sample photographs
-RULES = ("deconvnet",) + tuple(r for r in rules.RULES if r != "deconvnet")   # as offered
+RULES = tuple(sorted(rules.RULES, key=lambda r: {"deconvnet": 0, "guided": 1}.get(r, 2)))
 MAX_UPLOAD = "10mb"
 
 

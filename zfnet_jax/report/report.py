@@ -1,7 +1,7 @@
 """The static HTML report of a run: <workdir>/report/index.html.
 
 One page plus its files, openable from disk.  Everything on it comes from the
-contributors of ``REGISTRY`` (``zfnet_jax.render.sections`` states the protocol): the
+contributors of ``REGISTRY`` (``zfnet_jax.render.content`` states the protocol): the
 run's results and curves, the Fig. 2 atlas of each layer (``atlas``), each
 analysis (``analyses/*``) and the transfer tables (``analyses.transfer_tables``).  The report
 validates every enabled contributor's options once, before any long work,
@@ -42,8 +42,7 @@ from zfnet_jax.analyses import (
 )
 from zfnet_jax.data import iterators, sources
 from zfnet_jax.nn import models, rules
-from zfnet_jax.render import figures, pages
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures, pages
 from zfnet_jax.report import comparisons
 from zfnet_jax.training import train_state, weights
 
@@ -59,9 +58,9 @@ class RunSections:
     del options, net, data
 
   @staticmethod
-  def sections(context: sections_lib.Context, options) -> list[sections_lib.Section]:
+  def sections(context: content.Context, options) -> list[content.Section]:
     del options
-    s = sections_lib.Section("Results and training curves", "results")
+    s = content.Section("Results and training curves", "results")
     if isinstance(context.results, Mapping):
       rows = [[k, v if isinstance(v, str) else json.dumps(v)]
               for k, v in _flatten(context.results)]
@@ -82,7 +81,7 @@ class RunSections:
     if kernel is not None:
       kernel = np.asarray(jax.device_get(kernel))
       figures.save_png(figures.filter_grid(kernel), context.path("filters_conv1.png"))
-      out.append(sections_lib.Section(
+      out.append(content.Section(
           "First-layer filters", "filters",
           figures=[("filters_conv1.png",
                     f"The {kernel.shape[-1]} conv1 filters ({kernel.shape[0]}x{kernel.shape[1]}"
@@ -107,7 +106,7 @@ class Entry:
   """A contributor of the report: ``options(config)`` is the only part of the
   config it sees; ``enabled(config)`` says whether it runs."""
   name: str
-  contributor: sections_lib.Contributor   # validate(options, net, data), sections(context, options)
+  contributor: content.Contributor   # validate(options, net, data), sections(context, options)
   options: Callable[[ml_collections.ConfigDict], Any]
   enabled: Callable[[ml_collections.ConfigDict], bool] = lambda config: True
   analysis: bool = False    # needs the analysed examples
@@ -144,7 +143,7 @@ REGISTRY: tuple[Entry, ...] = (
 CORE = ("run", "atlas")   # what ``render_report(extra_sections=False)`` shows
 
 
-def validate(config, net, data: sections_lib.Data, registry: Sequence[Entry] = REGISTRY
+def validate(config, net, data: content.Data, registry: Sequence[Entry] = REGISTRY
              ) -> list[tuple[Entry, Any]]:
   """[(entry, its validated options)] of every enabled contributor, in page order.
 
@@ -239,7 +238,7 @@ def render_report(config, workdir: str, model, variables,
     batches = lambda: ({**b, "label": relabel(b["image"])} for b in raw())
   pixel_mean = np.asarray(pixel_mean, np.float32)
   size, channels = pixel_mean.shape[0], pixel_mean.shape[-1]
-  data = sections_lib.Data(config.dataset.name, size, config.dataset.resize_size, channels)
+  data = content.Data(config.dataset.name, size, config.dataset.resize_size, channels)
   if not extra_sections:
     registry = [e for e in registry if e.name in CORE]
   if plan is None:
@@ -276,9 +275,9 @@ def render_report(config, workdir: str, model, variables,
 
 
 def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.ndarray,
-                  data: sections_lib.Data, out_dir: str, *, class_names=None, total=None,
+                  data: content.Data, out_dir: str, *, class_names=None, total=None,
                   progress: bool = True, analysed: bool = True,
-                  relabel: Callable | None = None) -> sections_lib.Context:
+                  relabel: Callable | None = None) -> content.Context:
   """The one Context of a report: the analysed examples are loaded only when an
   analysis runs; checkpoints and comparison models are loaded when asked for.
   ``relabel``: as in ``render_report``."""
@@ -308,7 +307,7 @@ def build_context(config, workdir: str, net, variables, batches, pixel_mean: np.
     except (ValueError, UnicodeDecodeError) as e:
       results = str(e)
   metrics, bad = rundir.read_metrics(rundir.path(workdir, rundir.METRICS))
-  return sections_lib.Context(
+  return content.Context(
       net=net, variables=variables, images=images, labels=labels, ids=example_ids,
       pixel_mean=pixel_mean, class_names=tuple(class_names or ()), out_dir=out_dir, data=data,
       rule=config.report.rule, seed=config.seed, batch_size=a.batch_size,
@@ -328,8 +327,8 @@ def _diagnostics_on(config) -> bool:
   return bool(config.analyses.enabled and config.analyses.diagnostics.enabled)
 
 
-def _overview(config, model, size, channels, class_names) -> sections_lib.Section:
-  s = sections_lib.Section("Model and configuration", "overview")
+def _overview(config, model, size, channels, class_names) -> content.Section:
+  s = content.Section("Model and configuration", "overview")
   s.paragraphs.append(f"{type(model).__name__} with input {size}x{size}x{channels}; "
                       f"dataset {config.dataset.name}.")
   if isinstance(model, models.PaperNet):

@@ -46,8 +46,7 @@ from zfnet_jax.analyses import atlas, common, occlusion
 from zfnet_jax.data import preprocessing as preprocessing_lib
 from zfnet_jax.data import sources
 from zfnet_jax.nn import rules
-from zfnet_jax.render import figures, pages
-from zfnet_jax.render import sections as sections_lib
+from zfnet_jax.render import content, figures, pages
 from zfnet_jax.training import weights
 
 AUTO = "auto"   # occlusion settings scaled from the paper's (56 px squares, stride 8 at 224)
@@ -243,10 +242,10 @@ def image(net, variables, pixels: np.ndarray, out_dir: str, *,
 
 
 def _prediction(feats, arrays, preprocessing, title, notes, top, name, out_dir
-                ) -> sections_lib.Section:
+                ) -> content.Section:
   """The input as the model sees it and its top classes (into ``arrays``)."""
   size, display = preprocessing.crop_size, arrays["display"]
-  section = sections_lib.Section(f"Prediction for {title}", "prediction", list(notes))
+  section = content.Section(f"Prediction for {title}", "prediction", list(notes))
   figures.save_png(figures.grid(display[None], 1, figures.tile_scale(size, 256)),
                    os.path.join(out_dir, "input.png"))
   section.figures.append(("input.png", f"The model's input: {size}x{size} px, "
@@ -264,7 +263,7 @@ def _prediction(feats, arrays, preprocessing, title, notes, top, name, out_dir
   return section
 
 
-def _layer(l, chosen, p, rf, act, display, rule, arrays, out_dir) -> sections_lib.Section:
+def _layer(l, chosen, p, rf, act, display, rule, arrays, out_dir) -> content.Section:
   """One layer's strongest maps: projections ``p`` (M, S, S, C) beside the patches their
   units see (``rf`` None: the whole image), into ``arrays`` and two panels."""
   channels, values, pos = chosen
@@ -292,7 +291,7 @@ def _layer(l, chosen, p, rf, act, display, rule, arrays, out_dir) -> sections_li
                    os.path.join(out_dir, f"{l}_projections.png"))
   what = (f"receptive field {rf.size} px, stride {rf.stride}" if rf is not None else
           "receptive fields unknown: whole image")
-  s = sections_lib.Section(f"Layer {l}", f"layer-{l}", [
+  s = content.Section(f"Layer {l}", f"layer-{l}", [
       f"The {m} feature maps of {l} with the strongest activation in this image, best first, "
       f"each at its strongest unit, projected to pixels with the {rule} rule (each scaled on "
       f"its own, zero = grey) beside the part of the image that unit sees ({what})."])
@@ -308,7 +307,7 @@ def _layer(l, chosen, p, rf, act, display, rule, arrays, out_dir) -> sections_li
 
 
 def _occlusion(net, variables, x, display, occ, preprocessing, rule, arrays, class_names,
-               name, out_dir) -> sections_lib.Section:
+               name, out_dir) -> content.Section:
   """Fig. 7 for the top class of the image ``x`` (1, S, S, C) (into ``arrays``)."""
   label = int(arrays["top_classes"][0])
   fill = np.zeros(x.shape[1:], np.float32) if occ.fill < 0 else np.broadcast_to(
@@ -323,7 +322,7 @@ def _occlusion(net, variables, x, display, occ, preprocessing, rule, arrays, cla
   pr = r["projection"][..., 0] if r["projection"].shape[-1] == 1 else r["projection"]
   occlusion.plot(r, disp, pr, class_names, os.path.join(out_dir, "occlusion.png"),
                  label_kind="top class")
-  return sections_lib.Section("Occlusion (Fig. 7)", "occlusion", [
+  return content.Section("Occlusion (Fig. 7)", "occlusion", [
       f"A {occ.size}x{occ.size} px square (the mean pixel) slides over the input on a "
       f"{occ.stride} px grid. Per position: (b) total activation of the {occ.layer} map "
       f"strongest on the whole image (map {int(r['channel'])}), (c) its projection, (d) the "
@@ -411,7 +410,7 @@ def run(config, workdir: str, spec: str) -> Batch:
   occ = None
   if v.occlusion:
     o = config.analyses.occlusion
-    occ = occlusion.validate(o, loaded.model, sections_lib.Data("", size, prep.resize_size,
+    occ = occlusion.validate(o, loaded.model, content.Data("", size, prep.resize_size,
                                                                 prep.channels))
   return images(loaded.model, loaded.variables, spec, os.path.join(workdir, "visualize"),
                 preprocessing=prep, class_names=loaded.class_names, layers=layers,

@@ -26,7 +26,7 @@ import time
 from typing import Any, Sequence
 
 from zfnet_jax import configs, rundir
-from zfnet_jax.render import sections
+from zfnet_jax.render import content
 
 RESULT_KEYS = ("top1_error", "top5_error", "top1_error_10crop", "top5_error_10crop",
                "train_top1_error", "num_eval_examples", "steps", "train_seconds")
@@ -211,6 +211,6 @@ def collect(planned: list[dict], root: str,
       v = (res or {}).get(k, "")
       cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
     rows.append(cells + [state])
-  sections.write_table(header, rows, root, "summary")
+  content.write_table(header, rows, root, "summary")
   return header, rows
 
