@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "benchmarks"))
 
 
+@pytest.mark.slow
 def test_torch_twin_computes_the_same_function():
   torch = pytest.importorskip("torch")
   import torch_ref  # pylint: disable=g-import-not-at-top
@@ -29,6 +30,7 @@ def test_torch_twin_computes_the_same_function():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke_runs_on_cpu(tmp_path):
   import gpu  # pylint: disable=g-import-not-at-top
   out = tmp_path / "gpu.json"

@@ -7,6 +7,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 
 from zfnet_jax import deconv
@@ -39,6 +40,7 @@ def train_steps(dtype, batches):
   return model, params0, jax.device_get(state), losses
 
 
+@pytest.mark.slow
 def test_train_steps_in_bf16_stay_finite_and_close_to_fp32():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, (STEPS, 8))
@@ -66,6 +68,7 @@ def test_train_steps_in_bf16_stay_finite_and_close_to_fp32():
   np.testing.assert_allclose(l16, l32, rtol=4 * U)   # float32 softmax of bf16 logits
 
 
+@pytest.mark.slow
 def test_projections_of_a_bf16_model():
   """The dtype of the images in, bf16 compute inside; conv1 close to float32."""
   m32 = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)

@@ -100,6 +100,7 @@ def test_dropout_only_in_training():
   assert zeros < 1.0
 
 
+@pytest.mark.slow
 def test_initialisation_scale():
   v = models.ZFNet(num_classes=10).init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
   k = np.asarray(v["params"]["conv2"]["kernel"])

@@ -89,6 +89,7 @@ def test_step_schedule():
   np.testing.assert_allclose([fn(0), fn(20), fn(40)], [.5, .25, 0.], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_device_equals_four_devices(fmnist_dir, tmp_path):
   assert len(jax.devices()) == 4
   c = small_config(fmnist_dir)
@@ -103,6 +104,7 @@ def test_one_device_equals_four_devices(fmnist_dir, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one, four)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_outputs(fmnist_dir, tmp_path):
   c = small_config(fmnist_dir, steps=6)
   c.model.dropout_rate = 0.5      # the dropout key must be restored too
@@ -197,6 +199,7 @@ def test_plateau_without_evaluation_during_training_is_a_config_error(fmnist_dir
   loop.validate(c, 4)
 
 
+@pytest.mark.slow
 def test_plateau_drops_rate_after_patience_and_survives_resume(fmnist_dir, tmp_path):
   """A rate too small to move a float32 weight: the validation error cannot improve, so
   after the first evaluation every one is bad and the rate drops x factor every
