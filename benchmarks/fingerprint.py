@@ -9,7 +9,8 @@ checkout CHECKOUT (so two commits can be compared from two worktrees), writes th
 and saves WORKDIR.json: a SHA-256 of every array behind the results (each checkpoint's
 restored TrainState, every ``.npy``/``.npz`` of the report: atlas, walk-through,
 occlusion, invariance, evolution, diagnostics), of every CSV and PNG, and of every JSON
-record with its times, paths and versions left out.  A refactoring that claims "no change
+record with its times, paths and versions left out (wall-time records and checkpoint
+manifests aside).  A refactoring that claims "no change
 of behaviour" must give the same file.
 """
 import hashlib
@@ -28,6 +29,11 @@ RUN = ["--config=quickstart", "--config.num_epochs=0.3", "--config.evolution_epo
 # Keys of JSON records that change from run to run (times, machine, paths).
 VOLATILE = re.compile(r"(time|second|_s$|date|utc|wall|elapsed|per_s|rate|speed|duration|host|"
                       r"path|dir|version|commit|machine|command|load)", re.I)
+
+
+# Files that differ from run to run by design: wall times per phase, and the checkpoints'
+# manifests (hashes of files that hold Orbax's timestamps; the states themselves count).
+SKIPPED = ("timings.json", "zfnet_checksums.json")
 
 
 def _sha(data: bytes) -> str:
@@ -71,7 +77,7 @@ def digest(workdir: str) -> dict[str, str]:
       elif f.endswith((".csv", ".png")):
         with open(path, "rb") as fh:
           out[key] = _sha(fh.read())
-      elif f.endswith(".json") and not f.startswith("zfnet_checksums"):
+      elif f.endswith(".json") and f not in SKIPPED:
         with open(path, encoding="utf-8") as fh:
           out[key] = _sha(json.dumps(_scrub(json.load(fh)), sort_keys=True).encode())
   return out
