@@ -1,6 +1,6 @@
 """Write constraints.txt: the versions of every package the suite and the README's
 figures were measured with (the project's dependencies in setup.cfg, with the test
-extras, TensorFlow's CPU build, plus the numerical core they pull in).
+extras and mutmut, TensorFlow's CPU build, plus the numerical core they pull in).
 
 To move to newer releases:
   python -m pip install -U -e '.[test]'    # without -c: the newest allowed by setup.cfg
@@ -21,7 +21,8 @@ def requirements() -> list[str]:
   cfg = configparser.ConfigParser()
   cfg.read(os.path.join(REPO, "setup.cfg"))
   lines = cfg["options"]["install_requires"].splitlines()
-  lines += cfg["options.extras_require"]["test"].splitlines()
+  for extra in ("test", "mutation"):
+    lines += cfg["options.extras_require"][extra].splitlines()
   names = [re.split(r"[<>=!~\[; ]", l.strip())[0] for l in lines if l.strip()]
   return list(dict.fromkeys(names + list(CORE)))
 

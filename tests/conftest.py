@@ -25,6 +25,21 @@ def pytest_runtest_makereport(item, call):
     report.longrepr = f"skipped in CI, where every test must run: {report.longrepr}"
 
 
+def pytest_collection_modifyitems(config, items):
+  """Under mutmut (benchmarks/mutation.py) a mutant's tests run fastest first, by the
+  durations mutmut measured: with -x, a killed mutant stops at its first failing test."""
+  del config
+  if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+    return
+  import json  # pylint: disable=import-outside-toplevel
+  try:
+    with open("mutmut-stats.json", encoding="utf-8") as f:     # mutmut runs in mutants/
+      seconds = json.load(f)["duration_by_test"]
+  except (OSError, ValueError, KeyError):
+    return
+  items.sort(key=lambda item: seconds.get(item.nodeid, float("inf")))
+
+
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
   """Path of a workdir with a finished tiny run: checkpoints at epochs 1, 2, 3, results.json,

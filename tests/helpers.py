@@ -287,6 +287,88 @@ def np_lrn(a, k, n, alpha, beta):
   return b, vjp
 
 
+# -- NumPy reference deconvnet of a PaperNet (one image, HWC, float64) ---------------
+
+# ZFNetLowRes's conv layers, (kernel, stride, pad), from its definition in the paper's
+# table scaled to small images (not read from the package).
+LOWRES_GEOMETRY = {"conv1": (7, 2, 0), "conv2": (5, 2, 0), "conv3": (3, 1, 1),
+                   "conv4": (3, 1, 1), "conv5": (3, 1, 1)}
+
+
+def np_forward(params, img, conv_geometry, norm_first=False):
+  """Forward of a PaperNet with contrast norm; records every step for the way down.
+  ``norm_first``: Krizhevsky's order in layers 1 and 2 (ReLU, normalise, max-pool)
+  instead of ZFNet's (ReLU, max-pool, normalise).
+
+  Returns (steps, {layer: activation}, {pool: number of windows with a tie}).
+  """
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+  steps, acts, ties, x = [], {}, {}, np.asarray(img, np.float64)
+
+  def mark(name, value):
+    acts[name] = value
+    steps.append(("mark", name))
+    return value
+
+  for name, (k, s, pad) in conv_geometry.items():
+    w, b = p[name]["kernel"], p[name]["bias"]
+    steps.append(("conv", x.shape[0], w, s, pad))
+    x = np_conv(x, w, b, s, pad)
+    steps.append(("relu", x))
+    x = mark(name, np.maximum(x, 0))
+    if name in ("conv1", "conv2", "conv5"):
+      i, n = name[-1], x.shape[0]
+
+      def normalise(x):
+        y, vjp = np_lrn(x, 2.0, 5, 1e-4, 0.75)
+        steps.append(("norm", vjp))
+        return mark(f"norm{i}", y)
+      if norm_first and name != "conv5":
+        x = normalise(x)
+      hi = -(-max(n - 3, 0) // 2) * 2 + 3 - n  # ceil mode: the last window fits
+      y, sw = np_pool(x, pad=((0, hi), (0, hi)))
+      ties[f"pool{i}"] = sum(int((x[a * 2:a * 2 + 3, c * 2:c * 2 + 3, ch] == y[a, c, ch]).sum() > 1)
+                             for a, c, ch in itertools.product(*map(range, y.shape)))
+      steps.append(("pool", x.shape, sw))
+      x = mark(f"pool{i}", y)
+      if not norm_first and name != "conv5":
+        x = normalise(x)
+  for name, pname in (("fc6", "fc6"), ("fc7", "fc7"), ("logits", "fc8")):
+    w, b = p[pname]["kernel"], p[pname]["bias"]
+    steps.append(("fc", x.shape, w))
+    x = x.reshape(-1) @ w + b
+    if name != "logits":
+      steps.append(("relu", x))
+      x = np.maximum(x, 0)
+    x = mark(name, x)
+  return steps, acts, ties
+
+
+def np_project(steps, acts, layer, channel, position, rule):
+  """Start from the selected activation's value, go down to the pixels."""
+  a = acts[layer]
+  a3 = a.reshape(1, 1, -1) if a.ndim == 1 else a
+  if position is None:
+    position = np.unravel_index(np.argmax(a3[..., channel]), a3.shape[:2])  # first max
+  r = np.zeros_like(a3)
+  r[position[0], position[1], channel] = a3[position[0], position[1], channel]
+  r = r.reshape(a.shape)
+  for step in reversed(steps[:steps.index(("mark", layer))]):
+    kind = step[0]
+    if kind == "relu":
+      r = np_relu_down(r, step[1], rule)
+    elif kind == "conv":
+      _, n, w, s, pad = step
+      r = np_conv_down(r, w, s, pad, n)
+    elif kind == "pool":
+      r = np_unpool(r, step[2], step[1])
+    elif kind == "norm":
+      r = step[1](r.copy())
+    elif kind == "fc":
+      r = (step[2] @ r).reshape(step[1])
+  return r
+
+
 def crop_to_field(image, rf, i, j):
   """(S, S, C) -> unit (i, j)'s receptive field as the atlas crops it: t = min(size, S)
   pixels a side, mid-grey outside the image; along each axis the t pixels that start at

@@ -61,16 +61,17 @@ def test_from_features_probes_once_per_size(monkeypatch):
   assert calls == [32]
 
 
-def _np_plain_backprop_c1(kernel, bias, image, channel):
-  """Plain-gradient projection of c1's strongest unit by hand: the gradient of one ReLU
-  unit of a VALID 5x5 conv is its kernel slice placed at the unit's window."""
+def _np_plain_backprop_c1(kernel, bias, image, channel, position=None):
+  """Plain-gradient projection of c1's strongest unit (or the unit at ``position``) by
+  hand: the gradient of one ReLU unit of a VALID 5x5 conv is its kernel slice placed at
+  the unit's window."""
   x = image[..., 0]
   k = kernel[..., 0, channel]
   act = np.zeros((28, 28))
   for i in range(28):
     for j in range(28):
       act[i, j] = max((x[i:i + 5, j:j + 5] * k).sum() + bias[channel], 0.0)
-  i, j = np.unravel_index(np.argmax(act), act.shape)
+  i, j = np.unravel_index(np.argmax(act), act.shape) if position is None else position
   out = np.zeros((32, 32))
   if act[i, j] > 0:
     out[i:i + 5, j:j + 5] = k * act[i, j]           # the one-hot cotangent holds the value
@@ -100,5 +101,31 @@ def test_project_fn_params_and_chunks():
       for chunk in (None, 2):
         np.testing.assert_allclose(got[name, chunk][n, ..., 0], want, rtol=1e-4,
                                    atol=1e-4 * np.abs(want).max())
+  # Chosen units: one position for all images, or one per image.
+  k, b = (np.asarray(variables["params"]["c1"][n]) for n in ("kernel", "bias"))
+  for pos in ((6, 20), np.array([[0, 0], [27, 27], [3, 14], [14, 3], [9, 9]])):
+    got = np.asarray(deconv.project_fn(fn, x, channel=chans, output="c1", rule="backprop",
+                                       params=variables, position=pos, chunk_size=2))
+    for n in range(5):
+      want = _np_plain_backprop_c1(k, b, x[n], chans[n], tuple(np.broadcast_to(pos, (5, 2))[n]))
+      np.testing.assert_allclose(got[n, ..., 0], want, rtol=1e-4,
+                                 atol=1e-4 * max(np.abs(want).max(), 1e-6))
   with pytest.raises(ValueError, match="chunk_size"):
     deconv.project_fn(fn, x, channel=0, output="c1", params=variables, chunk_size=0)
+
+
+def test_a_networks_defaults_are_the_deconvnet_and_no_progress_bar(capsys):
+  """``Network.project`` without rule or progress: the deconvnet, silent.  At c1 (conv +
+  ReLU, the unit active) the deconvnet's projection is the hand one of the gradient."""
+  net, variables = helpers.plain_network()
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (3, 32, 32, 1)), np.float32)
+  chans = np.array([2, 0, 3])
+  got = np.asarray(net.project(variables, x, layer="c1", channels=chans))
+  k, b = (np.asarray(variables["params"]["c1"][n]) for n in ("kernel", "bias"))
+  for n in range(3):
+    want = _np_plain_backprop_c1(k, b, x[n], chans[n])
+    np.testing.assert_allclose(got[n, ..., 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert capsys.readouterr().err == ""
+  assert net.param(variables, "c1").shape == (5, 5, 1, 4)
+  assert net.param((k, b), "c1") is None                       # pure-JAX params: no names
+  assert net.param(variables, "c9") is None

@@ -53,3 +53,26 @@ def test_gpu_script_stand_ins_without_tensorflow(monkeypatch):
   assert sys.modules["clu"].metric_writers is sys.modules["clu.metric_writers"]
   assert hasattr(sys.modules["ml_collections"], "ConfigDict")
   assert hasattr(sys.modules["clu.metric_writers"], "MetricWriter")   # train.py reads it
+
+
+def test_mutation_record_counts_and_samples_by_module():
+  """The sample: ceil(fraction x n) of each module, the same for a seed; the score:
+  killed (and timed out) over the mutants that are not listed as equivalent."""
+  import mutation  # pylint: disable=import-outside-toplevel
+  names = ([f"zfnet_jax.nn.rules.x_get__mutmut_{i}" for i in range(1, 11)]
+           + [f"zfnet_jax.nn.layers.xǁMaxPoolǁ__call____mutmut_{i}" for i in range(1, 4)])
+  assert mutation.module_of(names[-1]) == "zfnet_jax.nn.layers"
+  picked = mutation.sample(names, 0.25, seed=3)
+  assert picked == mutation.sample(names, 0.25, seed=3)
+  assert sum(n.startswith("zfnet_jax.nn.rules.") for n in picked) == 3      # ceil(2.5)
+  assert sum(n.startswith("zfnet_jax.nn.layers.") for n in picked) == 1     # ceil(0.75)
+  status = {names[0]: "killed", names[1]: "timeout", names[2]: "survived",
+            names[3]: "no tests", names[10]: "survived"}
+  rec = mutation.record(status, {names[2]: "why", names[5]: "not run"},
+                        [{"seconds": 1.5}, {"seconds": 2.0}], 13, 0.25, 3)
+  assert rec["seconds"] == 3.5
+  assert (rec["mutants"], rec["killed"], rec["equivalent"]) == (5, 2, 1)
+  assert rec["score"] == 0.5                                       # 2 of 4
+  assert rec["unexplained_survivors"] == sorted([names[3], names[10]])
+  assert rec["by_module"]["zfnet_jax.nn.layers"] == {"survived": 1}
+  assert rec["equivalent_mutants"] == {names[2]: "why"}

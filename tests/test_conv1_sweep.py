@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax.analyses import diagnostics
+from zfnet_jax.analyses import spectra
 from zfnet_jax.nn import geometry, models
 from zfnet_jax.studies import conv1_sweep, sweeps
 
@@ -45,22 +45,22 @@ def test_sinusoid_filters_land_in_their_band():
   (radius 0.177) mid, 2/16 = 1/8 exactly mid (edges belong to the upper band), 6/16 high."""
   filters = np.stack([_cos(16, 1), _cos(16, 3), _cos(16, 2, 2), _cos(16, 2), _cos(16, 6),
                       _cos(16, 1) + _cos(16, 6, amp=2.0)])
-  got = diagnostics.band_fractions(filters)
+  got = spectra.band_fractions(filters)
   expected = [[1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1],
               [0.2, 0, 0.8]]                                  # energies a^2 : b^2 = 1 : 4
   np.testing.assert_allclose(got, expected, atol=1e-12)
-  assert diagnostics.BAND_EDGES == (0.125, 0.25)              # 1/(2*4), 1/(2*2)
+  assert spectra.BAND_EDGES == (0.125, 0.25)              # 1/(2*4), 1/(2*2)
 
 
 def test_band_fractions_match_an_explicit_dft_with_padding():
   rng = np.random.default_rng(0)
   kernel = rng.normal(size=(7, 7, 1, 3))
-  got = diagnostics.band_fractions(np.moveaxis(kernel, -1, 0), fft_size=32)
+  got = spectra.band_fractions(np.moveaxis(kernel, -1, 0), fft_size=32)
   for i in range(3):
     np.testing.assert_allclose(got[i], _bands_by_dft(kernel[..., 0, i], (0.125, 0.25), 32),
                                atol=1e-10)
   with pytest.raises(ValueError, match=r"band edges \(0.3, 0.2\)"):
-    diagnostics.band_fractions(kernel[None, ..., 0], edges=(0.3, 0.2))
+    spectra.band_fractions(kernel[None, ..., 0], edges=(0.3, 0.2))
 
 
 def test_stride4_grid_raises_the_grid_energy_by_hand():
@@ -70,15 +70,15 @@ def test_stride4_grid_raises_the_grid_energy_by_hand():
   y, x = np.mgrid[:32, :32]
   lattice = ((y % 4 == 0) & (x % 4 == 0)).astype(float)[..., None]
   smooth = _cos(32, 3, amp=np.sqrt(120 / 1024))               # energy 60
-  got = diagnostics.grid_energy(np.stack([smooth, lattice, smooth + lattice]), 4)
+  got = spectra.grid_energy(np.stack([smooth, lattice, smooth + lattice]), 4)
   np.testing.assert_allclose(got, [0.0, 1.0, 0.5], atol=1e-12)
   # At stride 2 the grid is (0, 1/2), (1/2, 0), (1/2, 1/2): 3 of the lattice's 15 bins.
-  np.testing.assert_allclose(diagnostics.grid_energy(lattice[None], 2), [0.2], atol=1e-12)
-  np.testing.assert_allclose(diagnostics.grid_energy(lattice[None], 1), [0.0], atol=1e-12)
-  m = diagnostics.grid_mask(32, 4)
+  np.testing.assert_allclose(spectra.grid_energy(lattice[None], 2), [0.2], atol=1e-12)
+  np.testing.assert_allclose(spectra.grid_energy(lattice[None], 1), [0.0], atol=1e-12)
+  m = spectra.grid_mask(32, 4)
   assert m.sum() == 15 and m[8, 24] and not m[0, 0] and not m[4, 0]
   with pytest.raises(ValueError, match="stride 0"):
-    diagnostics.grid_mask(32, 0)
+    spectra.grid_mask(32, 0)
 
 
 def test_aliased_fraction_of_hand_built_filters():
@@ -90,44 +90,51 @@ def test_aliased_fraction_of_hand_built_filters():
   mid = _cos(16, 3)[..., None]                                   # (16, 16, 1, 1)
   mixed = (_cos(16, 1) + _cos(16, 6, amp=2.0))[..., None]
   for stride, want in ((1, 0.0), (2, 0.0), (4, 1.0)):
-    assert diagnostics.aliased_fraction(mid, delta, stride) == pytest.approx(want, abs=1e-12)
-  assert diagnostics.aliased_fraction(mixed, delta, 2) == pytest.approx(0.8, abs=1e-12)
+    assert spectra.aliased_fraction(mid, delta, stride) == pytest.approx(want, abs=1e-12)
+  assert spectra.aliased_fraction(mixed, delta, 2) == pytest.approx(0.8, abs=1e-12)
   y, x = np.mgrid[:16, :16]
   checker = ((-1.0) ** (x + y))[..., None, None]                # (1/2, 1/2): the Nyquist bin
-  assert diagnostics.aliased_fraction(checker, delta, 1) == 0.0
-  assert diagnostics.aliased_fraction(checker, delta, 2) == pytest.approx(1.0, abs=1e-12)
+  assert spectra.aliased_fraction(checker, delta, 1) == 0.0
+  assert spectra.aliased_fraction(checker, delta, 2) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_aliased_fraction_matches_a_looped_correlation():
-  """Random 2-channel filters and images: the stride-1 periodic cross-correlation by loops,
+  """Random 2-channel filters and 11 images: the stride-1 periodic cross-correlation by loops,
   then its energy outside max(|u|, |v|) < 1/(2s) (mean removed) over all of it."""
   rng = np.random.default_rng(1)
-  n, k = 12, 5
-  x = rng.normal(size=(3, n, n, 2))
-  w = rng.normal(size=(k, k, 2, 4))
-  resp = np.zeros((3, n, n, 4))
+  x = rng.normal(size=(11, 12, 12, 2))          # more than one chunk of 8 images
+  w = rng.normal(size=(5, 5, 2, 4))
+  for s in (2, 3, 4):
+    assert spectra.aliased_fraction(w, x, s) == pytest.approx(_aliased_by_loops(w, x, s),
+                                                               rel=1e-10)
+
+
+def _aliased_by_loops(w, x, s):
+  """The stride-1 periodic cross-correlation of images x (N, n, n, C) with filters w
+  (k, k, C, F) by loops, mean removed; its energy outside max(|u|, |v|) < 1/(2s) over
+  all of it."""
+  n, k = x.shape[1], w.shape[0]
+  resp = np.zeros(x.shape[:3] + (w.shape[-1],))
   for a in range(k):
     for b in range(k):
       resp += np.einsum("nijc,cf->nijf", np.roll(x, (-a, -b), axis=(1, 2)), w[a, b])
   resp -= resp.mean((1, 2), keepdims=True)
   p = np.abs(np.fft.fft2(resp, axes=(1, 2))) ** 2
   f = np.abs(np.fft.fftfreq(n))
-  for s in (2, 3, 4):
-    out = np.maximum(f[:, None], f[None, :]) >= 1 / (2 * s) - 1e-12
-    want = p[:, out].sum() / p.sum()
-    assert diagnostics.aliased_fraction(w, x, s) == pytest.approx(want, rel=1e-10)
+  out = np.maximum(f[:, None], f[None, :]) >= 1 / (2 * s) - 1e-12
+  return p[:, out].sum() / p.sum()
 
 
 def test_layer_costs_by_hand():
   """ZFNet at 224: conv1 7x7x3x96 (+96), 110^2 outputs; conv2 5x5x96x256 (+256), 26^2;
   AlexNet conv1 11x11x3x96, 55^2 outputs."""
-  zf = diagnostics.layer_costs(models.ZFNet(), 224, 3)
+  zf = spectra.layer_costs(models.ZFNet(), 224, 3)
   assert zf["conv1"] == {"params": 14208, "flops": 2 * 7 * 7 * 3 * 96 * 110 ** 2}
   assert zf["conv2"] == {"params": 614656, "flops": 2 * 5 * 5 * 96 * 256 * 26 ** 2}
-  alex = diagnostics.layer_costs(models.AlexNet(), 224, 3, ("conv1",))
+  alex = spectra.layer_costs(models.AlexNet(), 224, 3, ("conv1",))
   assert alex == {"conv1": {"params": 34944, "flops": 210_830_400}}
   with pytest.raises(ValueError, match="conv9"):
-    diagnostics.layer_costs(models.ZFNet(), 224, 3, ("conv9",))
+    spectra.layer_costs(models.ZFNet(), 224, 3, ("conv9",))
 
 
 def test_first_layer_measures_zero_filter_is_dead():
@@ -142,7 +149,7 @@ def test_first_layer_measures_zero_filter_is_dead():
   kernel[..., 2] = 0.0
   params["conv1"] = {**params["conv1"], "kernel": kernel}
   images = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 1))) * 50
-  m = diagnostics.first_layer_measures(model, {"params": params}, images, fft_size=32)
+  m = spectra.first_layer_measures(model, {"params": params}, images, fft_size=32)
   np.testing.assert_array_equal(m["dead"], [False, False, True, False])
   assert m["dead_fraction"] == 0.25
   live = [_bands_by_dft(kernel[..., 0, i], (0.125, 0.25), 32) for i in (0, 1, 3)]
@@ -151,7 +158,18 @@ def test_first_layer_measures_zero_filter_is_dead():
   assert (m["kernel_size"], m["stride"], m["pad"], m["conv1_out"]) == (7, 2, 0, 12)
   assert (m["conv1_params"], m["conv1_flops"]) == (7 * 7 * 4 + 4, 2 * 7 * 7 * 4 * 12 ** 2)
   assert (m["conv2_params"], m["conv2_flops"]) == (5 * 5 * 16 + 4, 2 * 5 * 5 * 16 * 2 ** 2)
-  assert 0 <= m["conv1_aliased"] <= 1 and 0 <= m["aliasing_grid"] <= 1
+  # The aliasing columns, at conv1's stride 2 (at stride 1 all three would be 0).
+  assert m["conv1_aliased"] == pytest.approx(
+      _aliased_by_loops(np.asarray(kernel, np.float64), images.astype(np.float64), 2), rel=1e-6)
+  proj = np.asarray(m["projections"], np.float64)   # (M, 28, 28, 1): mean over colour
+  p = np.abs(np.fft.fft2(proj[..., 0] - proj[..., 0].mean((1, 2), keepdims=True))) ** 2
+  p /= np.maximum(p.sum((1, 2), keepdims=True), 1e-300)   # a map with no signal: 0
+  grid = p[:, ::14, ::14].sum((1, 2)) - p[:, 0, 0]   # bins (i, j) * 28 / 2, DC aside
+  assert m["aliasing_grid"] == pytest.approx(grid.mean(), rel=1e-6) and grid.mean() > 0
+  f = np.fft.fftfreq(28)
+  high = np.hypot(f[:, None], f[None, :]) >= 0.25
+  assert m["aliasing_mean"] == pytest.approx(p[:, high].sum(1).mean(), rel=1e-6)
+  assert m["conv1_aliased"] > 0 and m["aliasing_mean"] > 0
 
 
 def test_matched_pad_by_hand():

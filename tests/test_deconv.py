@@ -1,7 +1,6 @@
 """The deconvnet against an independent NumPy reference (explicit loops), jax.grad,
 and hand-built CNNs in Linen, NNX and pure JAX."""
 import functools
-import itertools
 
 import flax.linen as nn
 import jax
@@ -14,87 +13,9 @@ from zfnet_jax import deconv
 from zfnet_jax.deconv import rewrite
 from zfnet_jax.nn import layers, models, rules
 
-from helpers import np_conv, np_conv_down, np_lrn, np_pool, np_relu_down, np_unpool
+from helpers import LOWRES_GEOMETRY, np_forward, np_project
 
 SIZE = 64
-
-
-# ----------------------------------------------------------------------------
-# NumPy reference deconvnet of a PaperNet (one image, HWC, float64).
-# ----------------------------------------------------------------------------
-
-def np_forward(params, img, conv_geometry, norm_first=False):
-  """Forward of a PaperNet with contrast norm; records every step for the way down.
-  ``norm_first``: Krizhevsky's order in layers 1 and 2 (ReLU, normalise, max-pool)
-  instead of ZFNet's (ReLU, max-pool, normalise).
-
-  Returns (steps, {layer: activation}, {pool: number of windows with a tie}).
-  """
-  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-  steps, acts, ties, x = [], {}, {}, np.asarray(img, np.float64)
-
-  def mark(name, value):
-    acts[name] = value
-    steps.append(("mark", name))
-    return value
-
-  for name, (k, s, pad) in conv_geometry.items():
-    w, b = p[name]["kernel"], p[name]["bias"]
-    steps.append(("conv", x.shape[0], w, s, pad))
-    x = np_conv(x, w, b, s, pad)
-    steps.append(("relu", x))
-    x = mark(name, np.maximum(x, 0))
-    if name in ("conv1", "conv2", "conv5"):
-      i, n = name[-1], x.shape[0]
-
-      def normalise(x):
-        y, vjp = np_lrn(x, 2.0, 5, 1e-4, 0.75)
-        steps.append(("norm", vjp))
-        return mark(f"norm{i}", y)
-      if norm_first and name != "conv5":
-        x = normalise(x)
-      hi = -(-max(n - 3, 0) // 2) * 2 + 3 - n  # ceil mode: the last window fits
-      y, sw = np_pool(x, pad=((0, hi), (0, hi)))
-      ties[f"pool{i}"] = sum(int((x[a * 2:a * 2 + 3, c * 2:c * 2 + 3, ch] == y[a, c, ch]).sum() > 1)
-                             for a, c, ch in itertools.product(*map(range, y.shape)))
-      steps.append(("pool", x.shape, sw))
-      x = mark(f"pool{i}", y)
-      if not norm_first and name != "conv5":
-        x = normalise(x)
-  for name, pname in (("fc6", "fc6"), ("fc7", "fc7"), ("logits", "fc8")):
-    w, b = p[pname]["kernel"], p[pname]["bias"]
-    steps.append(("fc", x.shape, w))
-    x = x.reshape(-1) @ w + b
-    if name != "logits":
-      steps.append(("relu", x))
-      x = np.maximum(x, 0)
-    x = mark(name, x)
-  return steps, acts, ties
-
-
-def np_project(steps, acts, layer, channel, position, rule):
-  """Start from the selected activation's value, go down to the pixels."""
-  a = acts[layer]
-  a3 = a.reshape(1, 1, -1) if a.ndim == 1 else a
-  if position is None:
-    position = np.unravel_index(np.argmax(a3[..., channel]), a3.shape[:2])  # first max
-  r = np.zeros_like(a3)
-  r[position[0], position[1], channel] = a3[position[0], position[1], channel]
-  r = r.reshape(a.shape)
-  for step in reversed(steps[:steps.index(("mark", layer))]):
-    kind = step[0]
-    if kind == "relu":
-      r = np_relu_down(r, step[1], rule)
-    elif kind == "conv":
-      _, n, w, s, pad = step
-      r = np_conv_down(r, w, s, pad, n)
-    elif kind == "pool":
-      r = np_unpool(r, step[2], step[1])
-    elif kind == "norm":
-      r = step[1](r.copy())
-    elif kind == "fc":
-      r = (step[2] @ r).reshape(step[1])
-  return r
 
 
 # ----------------------------------------------------------------------------
@@ -130,8 +51,7 @@ def tiny():
   return model, variables, jnp.asarray(x)
 
 
-GEOMETRY = {"conv1": (7, 2, 0), "conv2": (5, 2, 0), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
-            "conv5": (3, 1, 1)}
+GEOMETRY = LOWRES_GEOMETRY
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,6 +258,16 @@ def test_bad_arguments(kwargs, match):
     many["positions"] = [kwargs["position"]] * 2
   with pytest.raises(ValueError, match=match):
     deconv.project_many(model, variables, x, **many)
+
+
+def test_images_of_other_channels_are_refused_before_work():
+  model, variables, x = tiny()
+  with pytest.raises(ValueError, match=r"images have 1 channels; the model takes 3 "
+                                       r"\(shape \(2, 64, 64, 1\)\)"):
+    deconv.project(model, variables, x[..., :1], layer="conv1", channel=0)
+  with pytest.raises(ValueError, match=r"values up to 300; allowed: mean-subtracted pixels"):
+    deconv.project(model, variables, jnp.full_like(x, 300.0), layer="conv1", channel=0)
+  deconv.project(model, variables, jnp.full_like(x, 255.0), layer="conv1", channel=0)
 
 
 def test_to_image_and_receptive_patch():
@@ -561,3 +491,45 @@ def test_projection_runs_only_the_layers_below_and_compiles_once(layer, convolut
     again = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
     deconv.project(again, variables, x, layer=layer, channel=1, rule=rule)
   assert deconv.projection._project_batch._cache_size() == size
+
+
+def test_the_way_down_is_the_papers_order_of_steps():
+  """From fc6 of torchvision's AlexNet (no norm layers; its adaptive average pool between
+  pool5 and fc6) and from conv2 of ZFNet (ReLU, pool, then norm in layers 1 and 2): each
+  layer rectified then filtered, pools unpooled, norms undone, in reverse order."""
+  from zfnet_jax.deconv.projection import _plan   # pylint: disable=import-outside-toplevel
+  from zfnet_jax.nn import torchvision           # pylint: disable=import-outside-toplevel
+  tv = torchvision.TorchvisionAlexNet(num_classes=10)
+  conv = lambda n: [(n, "conv", "rectify"), (n, "conv", "filter")]
+  assert [(s.name, s.kind, step) for s, step in _plan(tv, 224, "fc6")] == (
+      [("fc6", "fc", "rectify"), ("fc6", "fc", "filter"), ("avgpool", "pool", "average"),
+       ("pool5", "pool", "unpool")] + conv("conv5") + conv("conv4") + conv("conv3")
+      + [("pool2", "pool", "unpool")] + conv("conv2") + [("pool1", "pool", "unpool")]
+      + conv("conv1"))
+  z = models.ZFNetLowRes(num_classes=3, conv_features=(4, 4, 4, 4, 4), fc_features=8)
+  assert [(s.name, step) for s, step in _plan(z, 64, "conv2")] == [
+      ("conv2", "rectify"), ("conv2", "filter"), ("norm1", "normalise"),
+      ("pool1", "unpool"), ("conv1", "rectify"), ("conv1", "filter")]
+
+
+def test_projection_of_a_bfloat16_model_is_near_float32():
+  """The same tiny ZFNet in float32 and bfloat16 (same weights): a conv2 projection
+  computed in bfloat16 comes back in the images' dtype, within bfloat16's rounding of the
+  float32 one (and not equal to it)."""
+  m32 = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5)
+  m16 = models.ZFNetLowRes(num_classes=4, conv_features=(3, 4, 4, 4, 3), fc_features=5,
+                           dtype=jnp.bfloat16)
+  _, variables, x = tiny()
+  x = x[1:2]
+  act = np.asarray(m32.apply(variables, x, method="features")["conv2"][0, ..., 2])
+  pos = np.unravel_index(np.argmax(act), act.shape)               # an active unit
+  p32 = np.asarray(deconv.project(m32, variables, x, layer="conv2", channel=2, position=pos))
+  p16 = deconv.project(m16, variables, x, layer="conv2", channel=2, position=pos)
+  # The same unit through the rewriter (any network's path).
+  by_fn = deconv.project_fn(lambda v, z: m16.apply(v, z, method="features"), x,
+                            output="conv2", channel=2, position=pos, params=variables)
+  assert p16.dtype == x.dtype and np.abs(p32).max() > 0
+  for got in (p16, by_fn):
+    np.testing.assert_allclose(np.asarray(got, np.float32), p32, atol=0.05 * np.abs(p32).max())
+  assert not np.array_equal(p16, p32)
+

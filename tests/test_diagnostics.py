@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zfnet_jax import configs, job
-from zfnet_jax.analyses import diagnostics
+from zfnet_jax.analyses import diagnostics, spectra
 from zfnet_jax.nn import models
 from zfnet_jax.render import content
 from zfnet_jax.report import comparisons
@@ -21,13 +21,13 @@ def test_dead_fraction_by_hand():
   kernel[..., 2] *= 0.01          # RMS ~ 0.01 of the others -> dead
   kernel[..., 5] = 0.0            # all zero -> dead
   kernel[..., 6] *= 0.2           # weak but alive at threshold 0.05
-  dead = diagnostics.dead_filters(kernel, 0.05)
+  dead = spectra.dead_filters(kernel, 0.05)
   np.testing.assert_array_equal(np.where(dead)[0], [2, 5])
   rms = np.sqrt((kernel ** 2).mean((0, 1, 2)))
-  np.testing.assert_allclose(diagnostics.filter_rms(kernel), rms)
-  assert diagnostics.dead_filters(kernel, 0.5).sum() == 3
+  np.testing.assert_allclose(spectra.filter_rms(kernel), rms)
+  assert spectra.dead_filters(kernel, 0.5).sum() == 3
   with pytest.raises(ValueError, match="1.5"):
-    diagnostics.dead_filters(kernel, 1.5)
+    spectra.dead_filters(kernel, 1.5)
 
 
 def test_radial_spectrum_of_hand_made_filters():
@@ -36,19 +36,19 @@ def test_radial_spectrum_of_hand_made_filters():
   const = np.ones((k, k, 1))
   checker = ((-1.0) ** (x + y))[..., None]                      # frequency (1/2, 1/2)
   wave = np.cos(2 * np.pi * x / 4)[..., None]                   # 1/4 cycles/px along columns
-  freqs, e = diagnostics.radial_spectrum(const[None])
+  freqs, e = spectra.radial_spectrum(const[None])
   np.testing.assert_allclose(freqs, np.arange(len(e)) / k)
   np.testing.assert_allclose(e[0], 1.0)
-  freqs, e = diagnostics.radial_spectrum(checker[None])
+  freqs, e = spectra.radial_spectrum(checker[None])
   np.testing.assert_allclose(e[round(np.sqrt(0.5) * k)], 1.0)    # corner: r = 0.707 -> bin 6
-  freqs, e = diagnostics.radial_spectrum(wave[None])
+  freqs, e = spectra.radial_spectrum(wave[None])
   np.testing.assert_allclose(e[2], 1.0, atol=1e-12)               # r = 1/4 = bin 2 of 8
   np.testing.assert_allclose(e.sum(), 1.0)
   # averaged over filters, each normalised: half DC, half at 1/4 (different amplitudes)
-  _, e = diagnostics.radial_spectrum(np.stack([3 * const, wave]))
+  _, e = spectra.radial_spectrum(np.stack([3 * const, wave]))
   np.testing.assert_allclose(e[[0, 2]], [0.5, 0.5], atol=1e-12)
   # zero-padding keeps the energy where it was, spread around it
-  freqs, e = diagnostics.radial_spectrum(wave[None], fft_size=32)
+  freqs, e = spectra.radial_spectrum(wave[None], fft_size=32)
   assert abs(freqs[np.argmax(e)] - 0.25) <= 1 / 32
 
 
@@ -58,9 +58,9 @@ def test_high_freq_fraction():
   sig = np.stack([np.ones((k, k)), (-1.0) ** (x + y), np.cos(2 * np.pi * x / 8),
                   np.ones((k, k)) + (-1.0) ** x])[..., None]
   # ones + (-1)^x: energy 64^2 at DC and 64^2 at (0, 1/2) -> half high
-  np.testing.assert_allclose(diagnostics.high_freq_fraction(sig, 0.25), [0, 1, 0, 0.5], atol=1e-12)
+  np.testing.assert_allclose(spectra.high_freq_fraction(sig, 0.25), [0, 1, 0, 0.5], atol=1e-12)
   with pytest.raises(ValueError, match="high_freq 0"):
-    diagnostics.high_freq_fraction(sig, 0.0)
+    spectra.high_freq_fraction(sig, 0.0)
 
 
 # -- on a hand-built CNN (not one of our models) -------------------------------------
@@ -86,15 +86,15 @@ def test_measure_of_a_hand_built_cnn_by_numpy():
   net, variables = _plain()
   cnn = helpers.PlainCNN()
   images = _images()
-  r = diagnostics.measure(net, variables, images, dead_threshold=0.05, fft_size=16,
-                          high_freq=0.25, rule="backprop", first_layer="c1", second_layer="c2")
+  r = spectra.measure(net, variables, images, dead_threshold=0.05, fft_size=16,
+                      high_freq=0.25, rule="backprop", first_layer="c1", second_layer="c2")
   kernel = np.asarray(variables["params"]["c1"]["kernel"], np.float64)   # (5, 5, 1, 4)
   rms = np.sqrt((kernel ** 2).sum((0, 1, 2)) / 25)
   np.testing.assert_array_equal(r["dead"], rms < 0.05 * rms.max())
   assert r["dead_fraction"] == 0.25
   # spectrum: each filter zero-padded to 16x16, |FFT|^2, normalised, binned by radius
   n = 16
-  spectra = []
+  per_filter = []
   for f in range(4):
     padded = np.zeros((n, n))
     padded[:5, :5] = kernel[:, :, 0, f]
@@ -105,8 +105,8 @@ def test_measure_of_a_hand_built_cnn_by_numpy():
       for w in range(n):
         fu, fw = (u if u < n / 2 else u - n) / n, (w if w < n / 2 else w - n) / n
         b[int(round(np.hypot(fu, fw) * n))] += p[u, w]
-    spectra.append(b)
-  want = np.mean(spectra, 0)
+    per_filter.append(b)
+  want = np.mean(per_filter, 0)
   np.testing.assert_allclose(r["spectrum"], want, atol=1e-12)
   np.testing.assert_allclose(r["frequencies"], np.arange(12) / 16)
   np.testing.assert_allclose(r["filter_high_freq"], want[4:].sum(), atol=1e-12)
@@ -128,9 +128,9 @@ def test_measure_of_a_hand_built_cnn_by_numpy():
     high = np.hypot(fr[:, None], fr[None, :]) >= 0.25
     np.testing.assert_allclose(r["aliasing"][m], p[high].sum() / p.sum(), atol=1e-5)
   np.testing.assert_allclose(r["aliasing_mean"], r["aliasing"].mean())
-  assert "aliasing" not in diagnostics.measure(net, variables, None, first_layer="c1")
+  assert "aliasing" not in spectra.measure(net, variables, None, first_layer="c1")
   with pytest.raises(ValueError, match="conv1"):
-    diagnostics.measure(net, variables, None)          # the plain CNN has no conv1
+    spectra.measure(net, variables, None)          # the plain CNN has no conv1
 
 
 def test_sections_of_a_hand_built_cnn(tmp_path):
@@ -157,7 +157,7 @@ def test_sections_of_a_hand_built_cnn(tmp_path):
   assert [r[0] for r in sec.tables[0][1]] == ["PlainCNN", "Other"]
   saved = np.load(tmp_path / "diagnostics.npz")
   assert saved["PlainCNN/dead_fraction"] == 0.25 and saved["Other/projections"].shape[0] == 6
-  want = diagnostics.measure(other, other_vars, base["images"], fft_size=16, first_layer="c1",
+  want = spectra.measure(other, other_vars, base["images"], fft_size=16, first_layer="c1",
                              second_layer="c2")
   np.testing.assert_allclose(saved["Other/spectrum"], want["spectrum"])
 

@@ -212,3 +212,32 @@ def test_missing_imagenet_tarballs_named(tmp_path):
   msg = str(e.value)
   assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
   assert str(tmp_path / "manual") in msg
+
+
+def test_preprocessing_matches_an_independent_resize_and_converts_channels(tmp_path):
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "c.png")
+  grey = preprocessing.read_image(str(tmp_path / "c.png"), 1)
+  assert grey.shape == (30, 50, 1) and grey.dtype == np.uint8
+  ref_grey = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]   # PIL's luminance
+  np.testing.assert_array_equal(grey, ref_grey)
+  assert preprocessing.read_image(str(tmp_path / "c.png"), 3).shape == (30, 50, 3)
+  mean = rng.normal(100, 10, (16, 16, 3)).astype(np.float32)
+  prep = preprocessing.Preprocessing(20, 16, 3, mean, std=np.array([2.0, 4.0, 8.0]))
+  x = prep(rgb)
+  # Reference: smaller side to 20 (30x50 -> 20x33) with jax.image.resize, centre 20x20, centre 16.
+  big = np.asarray(jax.image.resize(rgb.astype(np.float32), (20, 33, 3), "linear"))
+  ref = big[:, 6:26][2:18, 2:18]
+  np.testing.assert_allclose(x, (ref - mean) / np.array([2.0, 4.0, 8.0]), atol=1e-3)
+  np.testing.assert_allclose(prep.display(x), np.clip(ref / 255, 0, 1), atol=1e-5)
+
+
+def test_preprocessing_of_a_config_takes_its_sizes_and_the_training_mean():
+  c = configs.default_config()
+  c.dataset.resize_size, c.dataset.crop_size = 40, 32
+  mean = np.random.default_rng(0).normal(100, 5, (32, 32, 3)).astype(np.float32)
+  prep = preprocessing.preprocessing(c, mean)
+  assert (prep.resize_size, prep.crop_size, prep.channels, prep.std) == (40, 32, 3, 1.0)
+  np.testing.assert_array_equal(prep.mean, mean)
+

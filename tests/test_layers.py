@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zfnet_jax import configs
-from zfnet_jax.nn import layers, models
+from zfnet_jax.nn import layers, models, rules
 
 from helpers import np_lrn, np_pool, np_unpool
 
@@ -26,6 +26,8 @@ def test_relu_rules_by_hand():
     y, vjp = jax.vjp(lambda v: layers.relu(v, rule), x)
     np.testing.assert_array_equal(y, [0, 0, 0, 1, 2])
     np.testing.assert_array_equal(vjp(r)[0], expected)
+    # Each rule's own definition (the backprop layer takes JAX's ReLU gradient instead).
+    np.testing.assert_array_equal(rules.RULES[rule].backward(x, r), expected)
   with pytest.raises(ValueError, match="'sigmoid'.*backprop, deconvnet, guided"):
     layers.relu(x, "sigmoid")
 
@@ -67,10 +69,15 @@ def test_general_max_pool_any_padding_and_layout():
       y, jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pad))
   r = np.asarray(jax.random.normal(jax.random.PRNGKey(4), y.shape), np.float32)
   got = np.asarray(vjp(jnp.asarray(r))[0])
+  switches = np.asarray(layers.general_switches(jnp.asarray(x), dims, strides, pad))
   for ch in range(2):
     img = x[0, ch][..., None]
     out, sw = np_pool(img, pad=((1, 1), (1, 0)))
     np.testing.assert_array_equal(y[0, ch], out[..., 0])
+    # Switch = row-major offset in the window whose top-left is (2i - 1, 2j - 1).
+    i, j = np.indices(out.shape[:2])
+    np.testing.assert_array_equal(switches[0, ch],
+                                  (sw[..., 0, 0] - (2 * i - 1)) * 3 + sw[..., 0, 1] - (2 * j - 1))
     np.testing.assert_allclose(got[0, ch], np_unpool(r[0, ch][..., None], sw, img.shape)[..., 0],
                                rtol=1e-6, atol=1e-6)
 

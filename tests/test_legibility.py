@@ -71,6 +71,25 @@ def test_a_projection_that_draws_its_patch_scores_one_minus_the_baseline():
   np.testing.assert_allclose(np.mean(got.baseline), _baseline_ref(p, x, g), atol=1e-12)
   np.testing.assert_allclose(got.score, 1.0 - _baseline_ref(p, x, g), atol=1e-12)
   assert got.score > 0.7
+  assert got.as_dict() == {"score": round(1.0 - _baseline_ref(p, x, g), 4), "matched": 1.0,
+                           "baseline": round(_baseline_ref(p, x, g), 4), "units": 24}
+
+
+def test_a_unit_whose_shifts_meet_only_its_own_map_has_baseline_zero():
+  """4 units of maps 0, 0, 1, 1 and one shift (1): units 0 and 2 meet only their own map
+  (baseline 0, not NaN); unit 1 meets unit 2, unit 3 meets unit 0."""
+  x, _ = _patches(n=4)
+  p = np.random.default_rng(5).normal(size=x.shape)
+  got = legibility.legibility(p, x, np.array([0, 0, 1, 1]), num_shifts=1)
+  ep, ex = [_edges_loop(a).ravel() for a in p], [_edges_loop(a).ravel() for a in x]
+  want = [0.0, np.corrcoef(ep[1], ex[2])[0, 1], 0.0, np.corrcoef(ep[3], ex[0])[0, 1]]
+  np.testing.assert_allclose(got.baseline, want, atol=1e-12)
+  matched = [np.corrcoef(ep[i], ex[i])[0, 1] for i in range(4)]
+  np.testing.assert_allclose(got.matched, matched, atol=1e-12)
+  assert got.as_dict() == {"score": round(np.mean(matched) - np.mean(want), 4),
+                           "matched": round(np.mean(matched), 4),
+                           "baseline": round(np.mean(want), 4), "units": 4}
+  assert round(np.mean(matched), 5) != round(np.mean(matched), 4)   # 4 places, not 5
 
 
 def test_grain_scores_at_the_baseline_and_a_regression_shows():

@@ -214,6 +214,31 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, max
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize("initial_loss,quiet,diverges", [(0.5, 3.0, 4.7), (5.0, 6.0, 10.1)])
+def test_divergence_level_is_the_larger_of_first_loss_and_ln_classes(initial_loss, quiet,
+                                                                     diverges):
+  """Level = factor x max(first loss, ln 10): with factor 2, 2 ln 10 = 4.61 when the first
+  loss (0.5) is below ln 10, 10 when it (5.0) is above.  ``quiet`` is above the other
+  term's level and must pass; ``diverges`` is above this one and must stop."""
+  from types import SimpleNamespace
+  from zfnet_jax.training import progress
+  cfg = SimpleNamespace(divergence_factor=2.0, divergence_patience=1, max_loss=0.0,
+                        model=SimpleNamespace(name="m"))
+  run_ = SimpleNamespace(config=cfg, info=SimpleNamespace(num_classes=10), num_steps=100,
+                         workdir="/w")
+  mngr = SimpleNamespace(latest_step=lambda: 7)
+  p = progress._Progress(run_, 0, {"initial_loss": initial_loss})
+  try:
+    p.check_divergence(10, quiet, mngr)
+    assert not p.diverging
+    level = 2 * max(initial_loss, np.log(10))
+    with pytest.raises(FloatingPointError, match=f"step 20: loss {diverges:.4g} above "
+                       f"{level:.4g} .* last good checkpoint is step 7 in /w/checkpoints"):
+      p.check_divergence(20, diverges, mngr)
+  finally:
+    p.close()
+
+
 # -- 6. records after a resume -------------------------------------------------------------
 
 @pytest.mark.slow   # about 7 s of sleeps, two starts

@@ -227,7 +227,11 @@ RELU_SPELLINGS = {
     "jnp.clip(x, 0)": lambda a: jnp.clip(a, 0),
     "jnp.clip(x, 0, None)": lambda a: jnp.clip(a, 0, None),
     "lax.max(x, 0.0)": lambda a: jax.lax.max(a, 0.0),
+    "jnp.where(jit(logical_not)(x <= 0), x, 0)":     # a sign test negated inside a wrapper
+        lambda a: jnp.where(jax.jit(jnp.logical_not)(a <= 0), a, 0.0),
+    "jnp.maximum(x, Z), Z a captured array of zeros": lambda a: jnp.maximum(a, ZEROS),
 }
+ZEROS = np.zeros((4, 5, 5, 3), np.float32)         # sign_data's shape
 CLAMP_SPELLINGS = {
     "jnp.clip(x, 0, 6)": lambda a: jnp.clip(a, 0, 6),
     "jnp.minimum(jnp.maximum(x, 0), 6)": lambda a: jnp.minimum(jnp.maximum(a, 0), 6),
@@ -262,6 +266,8 @@ def test_every_relu_and_clamp_spelling_takes_the_rule(name):
     results[rule] = got = np.asarray(vjp(jnp.asarray(r))[0])
     np.testing.assert_allclose(got, want, rtol=0, atol=0, err_msg=f"{name} {rule}")
   assert np.abs(results["deconvnet"] - results["backprop"]).max() > 0.1   # the rule matters
+  _, vjp = jax.vjp(rewrite.deconvnet_transform(fn), jnp.asarray(x))       # default: deconvnet
+  np.testing.assert_array_equal(vjp(jnp.asarray(r))[0], results["deconvnet"])
 
 
 def np_reshape_max_pool(h, r, k):
@@ -362,3 +368,40 @@ def test_masks_and_stabilised_softmax_keep_their_gradients():
     g = jax.grad(lambda a: jnp.sum(jnp.sin(rewrite.deconvnet_transform(fn, "deconvnet")(a))))
     want = jax.grad(lambda a: jnp.sum(jnp.sin(fn(a))))
     np.testing.assert_allclose(g(jnp.asarray(x)), want(jnp.asarray(x)), rtol=1e-6, atol=1e-7)
+
+
+def test_with_probes_adds_each_probe_where_the_layer_is_read():
+  """a = x W1, b = relu(a) W2, c = relu(b): ``probed(x, eps)`` computes them with eps added
+  to a and b (in what is read on and returned), in the forward order a, b, c; the
+  probes' cotangents are the signals arriving at a and b."""
+  rng = np.random.default_rng(0)
+  w1, w2 = rng.normal(size=(3, 4)), rng.normal(size=(4, 2))
+  x, ea, eb = rng.normal(size=(5, 3)), rng.normal(size=(5, 4)), rng.normal(size=(5, 2))
+
+  def fn(z):
+    a = z @ w1
+    b = relu(a) @ w2
+    return {"c": relu(b), "a": a, "b": b}
+  probed, order, shapes = rewrite.with_probes(fn, x)
+  assert order == ["a", "b", "c"]
+  assert {n: s.shape for n, s in shapes.items()} == {"a": (5, 4), "b": (5, 2), "c": (5, 2)}
+  got = probed(x, {"a": ea, "b": eb})
+  a = x @ w1
+  b = np.maximum(a + ea, 0) @ w2
+  np.testing.assert_allclose(got["a"], a + ea, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["b"], b + eb, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["c"], np.maximum(b + eb, 0), rtol=1e-5, atol=1e-5)
+  zeros = {"a": np.zeros((5, 4)), "b": np.zeros((5, 2))}
+  _, vjp = jax.vjp(lambda e: probed(x, e)["c"], zeros)
+  r = rng.normal(size=(5, 2))
+  down = vjp(r)[0]
+  at_b = r * (np.maximum(a, 0) @ w2 > 0)                       # through c's ReLU
+  np.testing.assert_allclose(down["b"], at_b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(down["a"], (at_b @ w2.T) * (a > 0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_custom_jvp_without_source_info_has_no_name():
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  eqn = SimpleNamespace(params={"call_jaxpr": SimpleNamespace(debug_info=None)})
+  assert rewrite._jvp_name(eqn) is None   # pylint: disable=protected-access
+

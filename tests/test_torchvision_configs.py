@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from zfnet_jax import configs, deconv, job
+from zfnet_jax import configs, job
 from zfnet_jax.data import iterators, sources
 from zfnet_jax.nn import convert, torchvision
 from zfnet_jax.training import loop
@@ -58,6 +58,33 @@ def _main(*args, cwd):
   return subprocess.run([sys.executable, "-m", "zfnet_jax.main", *args], capture_output=True,
                         text=True, check=False, cwd=cwd, timeout=600,
                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def _torch_alexnet(weights_file):
+  """torchvision's AlexNet (written out, torch_nets) with the file's weights, eval mode,
+  its ReLUs the deconvnet's (forward max(x, 0); backward relu(R))."""
+  torch = pytest.importorskip("torch")
+  import torch_nets
+  from safetensors.numpy import load_file
+  net = torch_nets.TorchAlexNet(relu=torch_nets.DeconvReLUModule)
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in load_file(weights_file).items()})
+  return net.eval()
+
+
+def _torch_deconvnet(net, x_nhwc, layer, channel, position):
+  """(H, W, 3) deconvnet projection of one unit of ``net`` by torch autograd: max-pool
+  goes down through torch's own switches, from a one-hot holding the unit's value;
+  x is torchvision's normalised input (1, H, W, 3)."""
+  import torch
+  import torch_nets
+  xt = torch.tensor(np.asarray(x_nhwc, np.float32).transpose(0, 3, 1, 2), requires_grad=True)
+  seq, idx = torch_nets.ALEXNET_OUTPUTS[layer]
+  act = getattr(net, seq)[:idx + 1](xt)
+  ct = torch.zeros_like(act)
+  ct[0, channel, position[0], position[1]] = act[0, channel, position[0], position[1]].detach()
+  assert float(ct.abs().max()) > 0
+  (grad,) = torch.autograd.grad(act, xt, ct)
+  return grad[0].permute(1, 2, 0).numpy()
 
 
 def torchvision_input(pixels_minus_mean):
@@ -154,7 +181,8 @@ def test_flat_folder_is_one_unlabelled_class_in_every_split(tmp_path):
 def test_cli_visualize_two_photographs_with_imported_alexnet(weights, tmp_path):
   """--mode=visualize with experiments/torchvision_alexnet.py and a weights file, no training:
   both pages, ImageNet class names, and arrays.npz equal to torchvision's unfolded network
-  on normalised input (an independent route to the same numbers)."""
+  on normalised input, run by torch (an independent route to the same numbers)."""
+  torch = pytest.importorskip("torch")
   work = tmp_path / "w"
   r = _main(f"--config={REPO / 'experiments' / 'torchvision_alexnet.py'}",
             f"--config.pretrained={weights}", f"--workdir={work}", "--mode=visualize",
@@ -163,7 +191,7 @@ def test_cli_visualize_two_photographs_with_imported_alexnet(weights, tmp_path):
             *SMALL, cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   assert sorted(os.listdir(work)) == ["visualize"]            # nothing trained or saved
-  raw_model, raw = convert.from_torchvision(weights, "alexnet")
+  net = _torch_alexnet(weights)
   names = convert.imagenet_class_names()
   for name in ("china", "flower"):
     folder = work / "visualize" / name
@@ -171,8 +199,9 @@ def test_cli_visualize_two_photographs_with_imported_alexnet(weights, tmp_path):
     # The figures undo the preprocessing: display = (input + 255 * mean) / 255.
     np.testing.assert_allclose(z["display"], np.clip((z["input"] + 255 * MEAN) / 255, 0, 1),
                                atol=1e-5)
-    x = jnp.asarray(torchvision_input(z["input"][None]), jnp.float32)
-    logits = np.asarray(raw_model.apply(raw, x)[0], np.float64)
+    x = np.asarray(torchvision_input(z["input"][None]), np.float32)
+    with torch.no_grad():
+      logits = net(torch.from_numpy(x.transpose(0, 3, 1, 2)))[0].numpy().astype(np.float64)
     p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     np.testing.assert_allclose(z["probabilities"], p, rtol=1e-4, atol=1e-7)
     assert names[int(np.argmax(p))] in (folder / "index.html").read_text(encoding="utf-8")
@@ -180,8 +209,7 @@ def test_cli_visualize_two_photographs_with_imported_alexnet(weights, tmp_path):
       for k in range(2):
         c = int(z[f"{layer}/channels"][k])
         pos = tuple(int(v) for v in z[f"{layer}/positions"][k])
-        ref = np.asarray(deconv.project(raw_model, raw, x, layer=layer, channel=c,
-                                        position=pos))[0]
+        ref = _torch_deconvnet(net, x, layer, c, pos)
         # d/d(pixels) = d/d(normalised input) / (255 std): the folded conv1's chain rule.
         ref = ref / (255 * STD)
         np.testing.assert_allclose(z[f"{layer}/projections"][k], ref, rtol=1e-4,
@@ -194,16 +222,11 @@ def test_cli_visualize_two_photographs_with_imported_alexnet(weights, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["labelled", "flat"])
-def test_cli_report_over_a_folder_with_imported_alexnet(weights, tmp_path, layout):
-  """--mode=report over a labelled or a flat folder: the atlas and occlusion, images
-  labelled by the model's top class (the folder's classes are not ImageNet's), named
-  by ImageNet's names."""
-  if layout == "labelled":
-    files = {f"{cls}/{k}.jpg": (i, 60 * k) for i, cls in enumerate(("cat", "dog"))
-             for k in range(3)}
-  else:
-    files = {f"{k}.jpg": (k % 2, 60 * (k // 2)) for k in range(6)}
+def test_cli_report_over_a_folder_with_imported_alexnet(weights, tmp_path):
+  """--mode=report over a flat folder (a labelled one reads the same way once its split
+  is made: test_input_pipeline): the atlas and occlusion, images labelled by the model's
+  top class (the folder's classes are not ImageNet's), named by ImageNet's names."""
+  files = {f"{k}.jpg": (k % 2, 60 * (k // 2)) for k in range(6)}
   root = _folder(tmp_path / "photos", files)
   work = tmp_path / "w"
   r = _main(f"--config={REPO / 'experiments' / 'torchvision_alexnet.py'}",

@@ -60,25 +60,6 @@ def test_output_folder_names_are_unique():
   assert len(set(names)) == len(names)
 
 
-def test_preprocessing_matches_an_independent_resize_and_converts_channels(tmp_path):
-  rng = np.random.default_rng(0)
-  rgb = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
-  Image.fromarray(rgb).save(tmp_path / "c.png")
-  grey = preprocessing.read_image(str(tmp_path / "c.png"), 1)
-  assert grey.shape == (30, 50, 1) and grey.dtype == np.uint8
-  ref_grey = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]   # PIL's luminance
-  np.testing.assert_array_equal(grey, ref_grey)
-  assert preprocessing.read_image(str(tmp_path / "c.png"), 3).shape == (30, 50, 3)
-  mean = rng.normal(100, 10, (16, 16, 3)).astype(np.float32)
-  prep = preprocessing.Preprocessing(20, 16, 3, mean, std=np.array([2.0, 4.0, 8.0]))
-  x = prep(rgb)
-  # Reference: smaller side to 20 (30x50 -> 20x33) with jax.image.resize, centre 20x20, centre 16.
-  big = np.asarray(jax.image.resize(rgb.astype(np.float32), (20, 33, 3), "linear"))
-  ref = big[:, 6:26][2:18, 2:18]
-  np.testing.assert_allclose(x, (ref - mean) / np.array([2.0, 4.0, 8.0]), atol=1e-3)
-  np.testing.assert_allclose(prep.display(x), np.clip(ref / 255, 0, 1), atol=1e-5)
-
-
 def test_bad_inputs_are_reported_and_the_others_still_done(tiny, tmp_path):
   model, variables, prep = tiny
   bad = _bad_files(tmp_path / "in")
@@ -112,7 +93,7 @@ def test_bad_inputs_are_reported_and_the_others_still_done(tiny, tmp_path):
     visualize.images(model, variables, good, str(out), preprocessing=prep, num_maps=0)
 
 
-def test_arrays_equal_deconv_project_and_independent_references(tiny, tmp_path, capsys):
+def test_arrays_equal_independent_references(tiny, tmp_path, capsys):
   model, variables, prep = tiny
   small = tmp_path / "small.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 30), np.uint8)).save(small)
@@ -131,6 +112,7 @@ def test_arrays_equal_deconv_project_and_independent_references(tiny, tmp_path, 
   p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
   np.testing.assert_allclose(z["probabilities"], p, rtol=1e-5, atol=1e-9)
   assert list(z["top_classes"]) == list(np.argsort(-p)[:3])
+  steps, acts, _ = helpers.np_forward(variables["params"], x[0], helpers.LOWRES_GEOMETRY)
   for layer in ("conv1", "conv2", "conv5"):
     act = np.asarray(feats[layer][0])
     # The strongest maps, by a plain loop over maps.
@@ -141,10 +123,10 @@ def test_arrays_equal_deconv_project_and_independent_references(tiny, tmp_path, 
       assert tuple(z[f"{layer}/positions"][k]) == (i, j)
       assert z[f"{layer}/values"][k] == pytest.approx(act[i, j, c])
       np.testing.assert_allclose(z[f"{layer}/activations"][k], act[..., c], rtol=1e-5, atol=1e-5)
-      ref = deconv.project(model, variables, jnp.asarray(x), layer=layer, channel=int(c),
-                           position=(int(i), int(j)))
-      np.testing.assert_allclose(z[f"{layer}/projections"][k], np.asarray(ref)[0],
-                                 rtol=1e-5, atol=1e-6)
+      # The projection, by the NumPy loops of the deconvnet (float64).
+      ref = helpers.np_project(steps, acts, layer, int(c), (int(i), int(j)), "deconvnet")
+      np.testing.assert_allclose(z[f"{layer}/projections"][k], ref, rtol=1e-4,
+                                 atol=1e-5 * np.abs(ref).max())
       # The patch is the display image under the unit's receptive field (clipped crop).
       crop = deconv.receptive_patch(model, z["display"][None], layer, (i, j), clip=True)[0]
       t = z[f"{layer}/patches"].shape[1]
@@ -259,16 +241,17 @@ def test_cli_visualize_on_two_photographs_with_a_trained_model(tiny_workdir, tmp
   assert r.returncode == 2, r.stderr[-3000:]
   assert f"{tmp_path / 'in' / 'broken.png'}: corrupt or truncated" in r.stderr
   assert "1 of 3 inputs failed" in r.stderr
-  model = models.from_config(config.model, 10)
+  assert config.model.name == "ZFNetLowRes"       # the NumPy reference's network
   for name in ("china", "flower"):
     folder = work / "visualize" / name
     z = np.load(folder / "arrays.npz")
+    steps, acts, _ = helpers.np_forward(variables["params"], z["input"],
+                                        helpers.LOWRES_GEOMETRY)
     for layer in ("conv2", "conv5"):
       c, pos = int(z[f"{layer}/channels"][0]), tuple(int(v) for v in z[f"{layer}/positions"][0])
-      ref = deconv.project(model, variables, jnp.asarray(z["input"][None]), layer=layer,
-                           channel=c, position=pos)
-      np.testing.assert_allclose(z[f"{layer}/projections"][0], np.asarray(ref)[0], rtol=1e-4,
-                                 atol=1e-6)
+      ref = helpers.np_project(steps, acts, layer, c, pos, "deconvnet")
+      np.testing.assert_allclose(z[f"{layer}/projections"][0], ref, rtol=1e-4,
+                                 atol=1e-5 * np.abs(ref).max())
     if helpers.available(helpers.CHROMIUM, "Chromium"):
       seen = helpers.browser_check(str(folder), tmp_path, f"check-{name}.html")
       assert seen["alerts"] == [] and len(seen["images"]) == 1 + 2 * 5 + 1

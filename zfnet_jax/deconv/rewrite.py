@@ -97,7 +97,7 @@ class _Facts:
     return v in self.zeros
 
   def of(self, v) -> tuple:
-    """(zero, sign, indicator) of ``v``, to carry into an inlined sub-jaxpr."""
+    """(zero, sign, indicator) of ``v``, to carry into or out of an inlined sub-jaxpr."""
     if isinstance(v, xcore.Literal):
       return (self.is_zero(v), None, None)
     return (v in self.zeros, self.sign.get(v), self.indicator.get(v))
@@ -261,8 +261,12 @@ def _inline(eqn, invals, facts, rule):
     return _unreachable(eqn)
   sub = eqn.params[_INLINE[name]]
   sub_consts = sub.consts if isinstance(sub, xcore.ClosedJaxpr) else ()
-  return _eval_with_rule(_sub_jaxpr(sub), sub_consts, invals, rule,
-                         [facts.of(v) for v in eqn.invars])
+  found = []
+  out = _eval_with_rule(_sub_jaxpr(sub), sub_consts, invals, rule,
+                        [facts.of(v) for v in eqn.invars], found)
+  for v, val, f in zip(eqn.outvars, out, found):   # a sign test made inside counts outside
+    facts.bind(v, val, f)
+  return out
 
 
 def _unreachable(eqn):
@@ -283,7 +287,7 @@ _HANDLERS = {"max": _max, "min": _min, "select_n": _select_n, "mul": _mul,
              "reduce_window": _reduce_window, "custom_jvp_call": _custom_jvp_call}
 
 
-def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
+def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None, out_facts=None):
   """Evaluate ``jaxpr`` with ReLUs and max-pools replaced by the rule versions.
 
   ReLU patterns: max(x, 0) / max(0, x) (jax.nn.relu, jnp.maximum, jnp.clip(x, 0)),
@@ -292,7 +296,8 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
   jnp.where(~(x < 0), x, 0), ...) and x * (x > 0) (or x >= 0).  A select or product
   on x's own sign test that is no ReLU (leaky ReLU, ELU, x * (x < 0)) and min(x, 0)
   raise ``UnsupportedConstructError``.  Facts about vars (``_Facts``) follow values
-  into inlined sub-jaxprs.  ``in_facts``: one (zero, sign, indicator) per invar.
+  into inlined sub-jaxprs and back out.  ``in_facts``: one (zero, sign, indicator) per
+  invar; ``out_facts``, a list, receives those of the outvars.
   """
   facts = _Facts()
   for v, c in zip(jaxpr.constvars, consts):
@@ -310,6 +315,8 @@ def _eval_with_rule(jaxpr, consts, args, rule, in_facts=None):
       facts.track(eqn, invals)
     for v, val in zip(eqn.outvars, out):
       facts.env[v] = val
+  if out_facts is not None:
+    out_facts.extend(map(facts.of, jaxpr.outvars))
   return [facts.read(v) for v in jaxpr.outvars]
 
 

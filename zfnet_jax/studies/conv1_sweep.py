@@ -5,7 +5,7 @@ first layer's (kernel, stride) varied.  ``collect`` reads every finished
 workdir of it and writes, under the sweep's root:
 
   conv1_measures.json     the record: machine, date, command, and per run its
-                          overrides, results.json and ``diagnostics.first_layer_measures``
+                          overrides, results.json and ``spectra.first_layer_measures``
   conv1_report/           index.html (its own page), conv1_table.md, conv1_vs_stride.png
                           (mid-band share and aliasing against the stride),
                           conv1_filters.png (the filter grids side by side), filters.npz
@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from zfnet_jax import rundir
-from zfnet_jax.analyses import diagnostics
+from zfnet_jax.analyses import spectra
 from zfnet_jax.data import iterators
 from zfnet_jax.nn import geometry
 from zfnet_jax.render import content, figures, pages
@@ -32,7 +32,7 @@ from zfnet_jax.training import checkpoints, weights
 NUM_IMAGES = 64          # eval images for the aliasing measures (conv1 response, conv2 projections)
 RECORD = "conv1_measures.json"
 REPORT = "conv1_report"
-# Scalars of ``diagnostics.first_layer_measures`` kept in the record.
+# Scalars of ``spectra.first_layer_measures`` kept in the record.
 MEASURES = ("kernel_size", "stride", "pad", "conv1_out", "dead_fraction", "filter_low",
             "filter_mid", "filter_high", "conv1_aliased", "aliasing_grid", "aliasing_mean",
             "conv1_params", "conv1_flops", "conv2_params", "conv2_flops")
@@ -64,7 +64,7 @@ def workdir_measures(workdir: str, num_images: int = NUM_IMAGES) -> tuple[dict, 
   loaded = weights.load_model(config, workdir)
   images = iterators.load_examples(loaded.config, workdir, num=num_images)[0]
   d = loaded.config.analyses.diagnostics
-  m = diagnostics.first_layer_measures(
+  m = spectra.first_layer_measures(
       loaded.model, loaded.variables, images, dead_threshold=d.dead_threshold,
       fft_size=d.fft_size, high_freq=d.high_freq, rule=loaded.config.report.rule)
   measures = {k: (float(m[k]) if isinstance(m[k], (float, np.floating)) else int(m[k]))
@@ -169,7 +169,7 @@ def plot_vs_stride(record: dict, path: str) -> str:
     ax.set_xticklabels([str(s) for s in sorted({s for _, s in groups})])
     ax.set_xlabel("conv1 stride (px)")
     ax.legend(fontsize=7)
-  lo, hi = diagnostics.BAND_EDGES
+  lo, hi = spectra.BAND_EDGES
   axes[0].set_ylabel(f"share of filter energy at {lo:g}..{hi:g} cycles/px")
   axes[0].set_title("mid-frequency share of conv1 filters (live ones)", fontsize=9)
   axes[1].set_ylabel("share of energy")
@@ -208,7 +208,7 @@ def write_report(record: dict, kernels: dict[str, np.ndarray], out_dir: str) -> 
   np.savez_compressed(os.path.join(out_dir, "filters.npz"), **kernels)
   plot_vs_stride(record, os.path.join(out_dir, "conv1_vs_stride.png"))
   plot_filters(kernels, os.path.join(out_dir, "conv1_filters.png"))
-  lo, hi = diagnostics.BAND_EDGES
+  lo, hi = spectra.BAND_EDGES
   n = {r["measures"]["num_images"] for r in record["runs"]}
   sec = content.Section(
       "First layer: kernel and stride", "conv1-sweep",
@@ -254,6 +254,6 @@ def collect(planned: Sequence[dict], root: str, command: str = "",
   if not runs:
     return None
   record = {"machine": rundir.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": command, "band_edges": list(diagnostics.BAND_EDGES), "runs": runs}
+            "command": command, "band_edges": list(spectra.BAND_EDGES), "runs": runs}
   rundir.write_text(os.path.join(root, RECORD), json.dumps(record, indent=1, default=str))
   return write_report(record, kernels, os.path.join(root, REPORT))
