@@ -139,8 +139,9 @@ def test_max_argmax_equals_numpy(h):
   assert pos[0, 0] == 2 * 5 + 1 and pos[1, 1] == 0
 
 
-@pytest.mark.parametrize("distinct", [True, False])
-@pytest.mark.parametrize("batch_size,k", [(8, 9), (16, 4)])  # k < batch: maps are preselected
+@pytest.mark.parametrize("batch_size,k,distinct", [
+    (8, 9, True), (8, 9, False), (16, 4, True),           # k < batch: maps are preselected
+    pytest.param(16, 4, False, marks=pytest.mark.slow)])
 def test_streaming_top_k_equals_brute_force_sort(data, batch_size, k, distinct):
   images, ids, labels = data
   model = _model()

@@ -291,3 +291,11 @@ def test_the_normalisation_users_are_told_to_use_is_torchvisions():
   assert convert.TORCHVISION_MEAN == (0.485, 0.456, 0.406)
   assert convert.TORCHVISION_STD == (0.229, 0.224, 0.225)
   np.testing.assert_allclose(convert.PIXEL_MEAN, (123.675, 116.28, 103.53), rtol=1e-12)
+
+
+def test_bfloat16_torch_tensors_become_float32_arrays():
+  t = torch.tensor([1.5, -2.25, 3.0], dtype=torch.bfloat16)
+  got = convert._to_numpy(t)                      # pylint: disable=protected-access
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, [1.5, -2.25, 3.0])
+

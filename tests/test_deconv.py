@@ -219,7 +219,8 @@ def test_project_many_matches_project_and_keeps_order():
     want = deconv.project(model, variables, imgs[r:r + 1], layer=layer[r], channel=channels[r],
                           position=tuple(positions[r]), rule="guided")
     np.testing.assert_allclose(got[r], want[0], rtol=1e-5, atol=1e-7)
-  strongest = deconv.project_many(model, variables, x, layer="conv5", channels=[1, 1])
+  strongest = deconv.project_many(model, variables, x, layer="conv5", channels=[1, 1],
+                                  chunk_size=1)
   np.testing.assert_allclose(strongest, deconv.project(model, variables, x, layer="conv5", channel=1),
                              rtol=1e-5, atol=1e-7)
 

@@ -26,10 +26,19 @@ def test_relu_rules_by_hand():
     y, vjp = jax.vjp(lambda v: layers.relu(v, rule), x)
     np.testing.assert_array_equal(y, [0, 0, 0, 1, 2])
     np.testing.assert_array_equal(vjp(r)[0], expected)
-    # Each rule's own definition (the backprop layer takes JAX's ReLU gradient instead).
-    np.testing.assert_array_equal(rules.RULES[rule].backward(x, r), expected)
   with pytest.raises(ValueError, match="'sigmoid'.*backprop, deconvnet, guided"):
     layers.relu(x, "sigmoid")
+
+
+def test_each_rules_backward_is_its_definition():
+  """R * 1[X > 0]; relu(R); R * 1[X > 0] * 1[R > 0] (the backprop layer itself takes
+  JAX's ReLU gradient, so only this checks its rule object)."""
+  x = jnp.array([-2.0, -0.5, 0.0, 0.5, 2.0])
+  r = jnp.array([1.0, -1.0, 1.0, -1.0, 3.0])
+  want = {"backprop": [0, 0, 0, -1, 3], "deconvnet": [1, 0, 1, 0, 3], "guided": [0, 0, 0, 0, 3]}
+  assert list(rules.RULES) == list(want)
+  for name, expected in want.items():
+    np.testing.assert_array_equal(rules.RULES[name].backward(x, r), expected)
 
 
 @pytest.mark.parametrize("size", [7, 8, 15, 2, 1])
@@ -69,17 +78,25 @@ def test_general_max_pool_any_padding_and_layout():
       y, jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, strides, pad))
   r = np.asarray(jax.random.normal(jax.random.PRNGKey(4), y.shape), np.float32)
   got = np.asarray(vjp(jnp.asarray(r))[0])
-  switches = np.asarray(layers.general_switches(jnp.asarray(x), dims, strides, pad))
   for ch in range(2):
     img = x[0, ch][..., None]
     out, sw = np_pool(img, pad=((1, 1), (1, 0)))
     np.testing.assert_array_equal(y[0, ch], out[..., 0])
-    # Switch = row-major offset in the window whose top-left is (2i - 1, 2j - 1).
+    np.testing.assert_allclose(got[0, ch], np_unpool(r[0, ch][..., None], sw, img.shape)[..., 0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_general_switches_are_each_windows_first_maximum():
+  """NCHW with top/left padding: the switch is the row-major offset of the first maximum
+  (loops) in the window whose top-left is (2i - 1, 2j - 1)."""
+  x = tied_input(jax.random.PRNGKey(3), (1, 2, 9, 9))
+  dims, strides, pad = (1, 1, 3, 3), (1, 1, 2, 2), ((0, 0), (0, 0), (1, 1), (1, 0))
+  switches = np.asarray(layers.general_switches(jnp.asarray(x), dims, strides, pad))
+  for ch in range(2):
+    out, sw = np_pool(x[0, ch][..., None], pad=((1, 1), (1, 0)))
     i, j = np.indices(out.shape[:2])
     np.testing.assert_array_equal(switches[0, ch],
                                   (sw[..., 0, 0] - (2 * i - 1)) * 3 + sw[..., 0, 1] - (2 * j - 1))
-    np.testing.assert_allclose(got[0, ch], np_unpool(r[0, ch][..., None], sw, img.shape)[..., 0],
-                               rtol=1e-6, atol=1e-6)
 
 
 def test_general_max_pool_without_ties_equals_jax_gradient():

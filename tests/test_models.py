@@ -153,8 +153,10 @@ def test_from_config():
   assert isinstance(m, models.AlexNet) and m.fc_features == 2048 and m.num_classes == 17
 
 
-@pytest.mark.parametrize("kernel,stride,pad,size", [(5, 1, 1, 28), (7, 1, 4, 28), (11, 4, 0, 64),
-                                                    (9, 2, 3, 64)])
+@pytest.mark.parametrize("kernel,stride,pad,size", [
+    (5, 1, 1, 28), (9, 2, 3, 64),
+    pytest.param(7, 1, 4, 28, marks=pytest.mark.slow),
+    pytest.param(11, 4, 0, 64, marks=pytest.mark.slow)])
 def test_conv1_geometry_from_config(kernel, stride, pad, size):
   """config.model.conv1_* set the first layer: sizes by cuda-convnet's rule by hand,
   parameter count by hand, and the receptive fields still equal brute force."""

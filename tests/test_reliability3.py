@@ -406,3 +406,38 @@ def test_checkpoint_format_version_and_old_checkpoints(trained, tmp_path, capsys
                meta_change=lambda m: dict(m, format_version=checkpoints.FORMAT_VERSION + 1))
   _, _, _, step, note = weights.load_latest(wd)
   assert step == EVERY and "format version 3 is newer" in note
+
+
+def test_only_closed_event_loop_errors_are_dropped_and_the_filter_is_installed_once(
+    monkeypatch):
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoints._quiet_closed_event_loops()      # pylint: disable=protected-access
+  installed = sys.unraisablehook
+  checkpoints._quiet_closed_event_loops()      # pylint: disable=protected-access
+  assert sys.unraisablehook is installed
+  errors = [RuntimeError("Event loop is closed"), RuntimeError("other"),
+            ValueError("Event loop is closed")]
+  for e in errors:
+    sys.unraisablehook(SimpleNamespace(exc_value=e))
+  assert [u.exc_value for u in seen] == errors[1:]
+
+
+def test_another_librarys_error_is_cut_after_200_characters():
+  line = "x" * 200
+  assert checkpoints._short(RuntimeError(line + "\nmore")) == "RuntimeError: " + line   # pylint: disable=protected-access
+  assert checkpoints._short(RuntimeError(line + "y")) == f"RuntimeError: {line}..."      # pylint: disable=protected-access
+  assert checkpoints._short(checkpoints.Damaged(line + "y")) == f"Damaged: {line}y"      # pylint: disable=protected-access
+
+
+def test_of_two_changes_only_the_one_that_changes_shapes_is_refused(trained, tmp_path):
+  cfg = trained[0]
+  wd = copy_run(trained, tmp_path)
+  c = config_of(cfg)
+  c.model.fc_features, c.log_every_steps = 32, 5
+  with pytest.raises(ValueError, match=r"config change model.fc_features \(16 -> 32\) is "
+                                       r"incompatible") as e:
+    checkpoints.check_resume(c, wd, checkpoints.load_dataset_info(wd))
+  assert "log_every_steps" not in str(e.value)
+

@@ -230,6 +230,8 @@ RELU_SPELLINGS = {
     "jnp.where(jit(logical_not)(x <= 0), x, 0)":     # a sign test negated inside a wrapper
         lambda a: jnp.where(jax.jit(jnp.logical_not)(a <= 0), a, 0.0),
     "jnp.maximum(x, Z), Z a captured array of zeros": lambda a: jnp.maximum(a, ZEROS),
+    "x * (x > 0).astype(int32).astype(x.dtype)":     # an indicator converted twice
+        lambda a: a * (a > 0).astype(jnp.int32).astype(a.dtype),
 }
 ZEROS = np.zeros((4, 5, 5, 3), np.float32)         # sign_data's shape
 CLAMP_SPELLINGS = {
