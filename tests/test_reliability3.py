@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from zfnet_jax import rundir
+from zfnet_jax import console, rundir
 from zfnet_jax.data import iterators, sources
 from zfnet_jax.nn import models
 from zfnet_jax.training import checkpoints, loop, steps, train_state, weights
@@ -413,9 +413,9 @@ def test_only_closed_event_loop_errors_are_dropped_and_the_filter_is_installed_o
   from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  checkpoints._quiet_closed_event_loops()      # pylint: disable=protected-access
+  console.quiet_closed_event_loops()
   installed = sys.unraisablehook
-  checkpoints._quiet_closed_event_loops()      # pylint: disable=protected-access
+  console.quiet_closed_event_loops()
   assert sys.unraisablehook is installed
   errors = [RuntimeError("Event loop is closed"), RuntimeError("other"),
             ValueError("Event loop is closed")]

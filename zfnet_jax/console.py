@@ -170,6 +170,26 @@ class Watchdog:
             "checkpoint", warn=True)
 
 
+def is_closed_event_loop(value) -> bool:
+  """TensorStore's "Event loop is closed", which Orbax's threads report after a failed
+  restore or save."""
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def quiet_closed_event_loops() -> None:
+  """Drop the "Event loop is closed" errors reported as unraisable (a traceback each on
+  stderr); others pass on.  Installed once, however often called."""
+  previous = sys.unraisablehook
+  if getattr(previous, "zfnet_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not is_closed_event_loop(unraisable.exc_value):
+      previous(unraisable)
+  hook.zfnet_quiet = True
+  sys.unraisablehook = hook
+
+
 def quiet_libraries(verbose: bool) -> None:
   """A command's logging: the libraries' INFO chatter (Orbax, JAX) off unless ``verbose``,
   and a full disk said once by the run rather than by each of Orbax's threads and tasks
@@ -184,20 +204,16 @@ def quiet_libraries(verbose: bool) -> None:
         lambda r: r.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in r.pathname)
   logging.get_absl_handler().addFilter(
       lambda r: not any(t in r.getMessage() for t in ("No space left", "os_error_code='28'")))
-  closed = lambda kind, value: kind is RuntimeError and str(value) == "Event loop is closed"
   full = lambda value: (getattr(value, "errno", None) == errno.ENOSPC or
                         "No space left" in str(value))
-  hook, unraisable, in_thread = sys.excepthook, sys.unraisablehook, threading.excepthook
+  hook, in_thread = sys.excepthook, threading.excepthook
 
   def quiet(kind, value, tb):
-    if not closed(kind, value):
+    if not is_closed_event_loop(value):
       hook(kind, value, tb)
 
-  def quiet_unraisable(u):   # TensorStore's callbacks after a failed save report here
-    if not closed(u.exc_type, u.exc_value):
-      unraisable(u)
-
   def quiet_thread(args):    # Orbax's save threads, once the run has said the disk is full
-    if not (closed(args.exc_type, args.exc_value) or full(args.exc_value)):
+    if not (is_closed_event_loop(args.exc_value) or full(args.exc_value)):
       in_thread(args)
-  sys.excepthook, sys.unraisablehook, threading.excepthook = quiet, quiet_unraisable, quiet_thread
+  sys.excepthook, threading.excepthook = quiet, quiet_thread
+  quiet_closed_event_loops()   # TensorStore's callbacks after a failed save report here

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 
 import jax
@@ -147,21 +146,6 @@ def _short(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}"
 
 
-def _quiet_closed_event_loops() -> None:
-  """Drop the "Event loop is closed" RuntimeErrors that Orbax's reader threads report as
-  unraisable (a traceback each on stderr) after a failed restore; others pass on."""
-  previous = sys.unraisablehook
-  if getattr(previous, "zfnet_quiet", False):
-    return
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      previous(unraisable)
-  hook.zfnet_quiet = True
-  sys.unraisablehook = hook
-
-
 def _first_good(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
   """(state, meta, step, [(damaged step, one-line reason)]) of the newest step that
   restores, newest first; each damaged step is reported in one ``warning:`` line.  ValueError
@@ -169,7 +153,7 @@ def _first_good(mngr: ocp.CheckpointManager, abstract_state, ckpt_dir: str):
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None
-  _quiet_closed_event_loops()
+  console.quiet_closed_event_loops()
   damaged = []
   for step in steps:
     try:
