@@ -23,7 +23,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # TensorFlow's CPU build (tf.data, TensorBoard logs) unless a TensorFlow is already there.
 extras=()
-python -c "import tensorflow" 2>/dev/null || extras+=(cpu)
+python -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is None)" ||
+  extras+=(cpu)
 [ "${1:-}" = "--test" ] && extras+=(test)
 spec=.
 [ ${#extras[@]} -gt 0 ] && spec=".[$(IFS=,; echo "${extras[*]}")]"

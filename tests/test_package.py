@@ -137,7 +137,8 @@ def test_wheel_in_a_fresh_venv_visualizes_and_trains_from_an_empty_folder(tmp_pa
           "--config.analyses.invariance.rotation_step=120.0",
           "--config.analyses.diagnostics.train_comparison=False",
           "--config.analyses.evolution.tensorboard_every_steps=0",
-          "--config.analyses.evolution.max_examples=16", "--config.transfer.folds=1",
+          "--config.analyses.evolution.max_examples=16", "--config.transfer.in_report=True",
+          "--config.transfer.folds=1",
           "--config.transfer.train_per_class=(10,)", "--config.transfer.scratch_steps=2"]
   if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
     pytest.fail("Debian's dataset-fashion-mnist is not installed (launch/install.sh does it)")
