@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart: install, train the low-resolution ZFNet on offline
 # Fashion-MNIST, then write the visual report.  Usage: launch/quickstart.sh [WORKDIR]
-# 10 min 20 s - 11 min 19 s from a fresh clone on a 2-core AMD EPYC, packages cached
+# 9 min 34 s - 9 min 47 s from a fresh clone on a 2-core AMD EPYC, packages cached
 # (benchmarks/results/quickstart_runs.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."

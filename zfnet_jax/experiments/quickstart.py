@@ -3,10 +3,10 @@ r"""The embedded default: low-resolution ZFNet on offline Fashion-MNIST.
 Command:
   python -m zfnet_jax.main --config=experiments/quickstart.py --workdir=/tmp/quickstart
 Reads the IDX files of Debian's dataset-fashion-mnist package (no download).
-Expected runtime: about 7 min 50 s of training and evaluation on a 2-core AMD EPYC (10
+Expected runtime: about 7 min 52 s of training and evaluation on a 2-core AMD EPYC (10
 epochs at about 10 steps/s on one CPU device), then 31 s for the AlexNet comparison and
-1 min 39 s for the report with the digits transfer: 10 min 20 s - 11 min 19 s in all with
-the install step, measured 2026-12-07 beside a nice-19 JAX process (docs/results/quickstart/,
+57 s for the report: 9 min 34 s - 9 min 47 s in all with the install step,
+measured 2026-12-07 beside a nice-19 JAX process (docs/results/quickstart/,
 benchmarks/results/quickstart_runs.json).
 Measured result: test top-1 error 0.0875 (centre crop), 0.0845 (10 crops).
 """
